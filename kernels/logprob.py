@@ -1,0 +1,413 @@
+"""Fused LM-head log-prob and entropy without the [tokens x vocab] logits.
+
+For hidden h [N, d], LM head W [V, d], optional bias b [V] and temperature T the logits are
+z = (h W^T + b) / T.  We return log p(target) = z_t - logsumexp(z) and, on request, the entropy
+H = logsumexp(z) - E_p[z], both in fp32.  Gradients with respect to z:
+
+    d logp / dz_j = [j == t] - p_j          d H / dz_j = -p_j (z_j - E_p[z])
+
+so the backward only needs logsumexp and E_p[z] per row (saved by the forward) and recomputes z
+tile by tile.  Two implementations share that math:
+
+* Triton (CUDA, or CPU under TRITON_INTERPRET=1): the forward streams vocab tiles with an online
+  logsumexp, split over the vocab for parallelism and merged on the host; the backward recomputes
+  each [rows x vocab] tile once and atomically adds its share of grad_h and grad_W.
+* torch: row chunks sized so that a chunk's logits stay under a fixed budget.  Used on CPU and as
+  the reference the tests hold the kernel to.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._common import HAS_TRITON, check_floating, interpreting, resolve_impl
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+# torch path: bytes of fp32 logits one row chunk may hold (several temporaries of this size live at once).
+TORCH_CHUNK_BYTES = 32 << 20
+# Triton backward on half inputs: fp32 workspaces for grad_h and grad_W rows (bounds extra memory).
+WORKSPACE_H_BYTES = 40 << 20
+WORKSPACE_W_BYTES = 16 << 20
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _logits_tile(
+        h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_h, stride_w, inv_temp,
+        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+        UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    ):
+        acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_D):
+            ks = k0 + tl.arange(0, BLOCK_D)
+            kmask = ks < D
+            h = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :],
+                        mask=row_mask[:, None] & kmask[None, :], other=0.0)
+            w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :],
+                        mask=col_mask[:, None] & kmask[None, :], other=0.0)
+            if UPCAST:  # the interpreter computes bf16 dots wrongly: do them in fp32 there
+                h = h.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PREC)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        return acc * inv_temp
+
+    @triton.jit
+    def _logprob_fwd_kernel(
+        h_ptr, w_ptr, b_ptr, tgt_ptr, part_ptr,
+        N, V, D, stride_h, stride_w, inv_temp, cols_per_split,
+        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+        UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    ):
+        # One program: BLOCK_N rows x one vocab split.  Writes the split's running max m, sum of
+        # exp(z - m), sum of exp(z - m) * z and the target logit (0 if the target is elsewhere).
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        n_splits = tl.num_programs(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1)
+        m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+        s = tl.zeros((BLOCK_N,), tl.float32)
+        t = tl.zeros((BLOCK_N,), tl.float32)
+        zt = tl.zeros((BLOCK_N,), tl.float32)
+        v_start = pid_s * cols_per_split
+        v_end = tl.minimum(v_start + cols_per_split, V)
+        for v0 in range(v_start, v_end, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            col_mask = cols < v_end
+            z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_h, stride_w,
+                             inv_temp, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PREC)
+            z = tl.where(col_mask[None, :], z, float("-inf"))
+            m_new = tl.maximum(m, tl.max(z, axis=1))
+            alpha = tl.exp(m - m_new)
+            e = tl.exp(z - m_new[:, None])
+            s = s * alpha + tl.sum(e, axis=1)
+            t = t * alpha + tl.sum(e * tl.where(col_mask[None, :], z, 0.0), axis=1)  # no 0 * -inf
+            zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+            m = m_new
+        base = part_ptr + pid_s * N + rows
+        stride_q = n_splits * N
+        tl.store(base, m, mask=row_mask)
+        tl.store(base + stride_q, s, mask=row_mask)
+        tl.store(base + 2 * stride_q, t, mask=row_mask)
+        tl.store(base + 3 * stride_q, zt, mask=row_mask)
+
+    @triton.jit
+    def _logprob_bwd_kernel(
+        h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, ez_ptr, glp_ptr, gent_ptr,
+        gh_ptr, gw_ptr, gb_ptr,
+        n_rows, n_cols, D, stride_h, stride_w, stride_gh, stride_gw, inv_temp,
+        HAS_BIAS: tl.constexpr, HAS_ENT_GRAD: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+        UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    ):
+        # Pointers arrive offset to the current row/vocab chunk; gh/gw/gb are fp32 accumulators
+        # indexed from the chunk start.
+        pid_n = tl.program_id(0)
+        pid_v = tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        row_mask = rows < n_rows
+        col_mask = cols < n_cols
+        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_h, stride_w,
+                         inv_temp, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PREC)
+        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+        glp = tl.load(glp_ptr + rows, mask=row_mask, other=0.0)
+        tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1)
+        valid = row_mask[:, None] & col_mask[None, :]
+        p = tl.where(valid, tl.exp(z - lse[:, None]), 0.0)
+        dz = tl.where(cols[None, :] == tgt[:, None], glp[:, None], 0.0) - glp[:, None] * p
+        if HAS_ENT_GRAD:
+            ez = tl.load(ez_ptr + rows, mask=row_mask, other=0.0)
+            gent = tl.load(gent_ptr + rows, mask=row_mask, other=0.0)
+            dz -= gent[:, None] * p * (z - ez[:, None])
+        dz = tl.where(valid, dz * inv_temp, 0.0)
+        if HAS_BIAS:
+            tl.atomic_add(gb_ptr + cols, tl.sum(dz, axis=0), mask=col_mask)
+        if UPCAST:
+            dzc = dz
+        else:  # tensor cores take the input dtype; accumulation stays fp32
+            dzc = dz.to(h_ptr.dtype.element_ty)
+        for k0 in range(0, D, BLOCK_D):
+            ks = k0 + tl.arange(0, BLOCK_D)
+            kmask = ks < D
+            h = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :],
+                        mask=row_mask[:, None] & kmask[None, :], other=0.0)
+            w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :],
+                        mask=col_mask[:, None] & kmask[None, :], other=0.0)
+            if UPCAST:
+                h = h.to(tl.float32)
+                w = w.to(tl.float32)
+            gh = tl.dot(dzc, w, input_precision=DOT_PREC)
+            tl.atomic_add(gh_ptr + rows[:, None] * stride_gh + ks[None, :], gh,
+                          mask=row_mask[:, None] & kmask[None, :])
+            gw = tl.dot(tl.trans(dzc), h, input_precision=DOT_PREC)
+            tl.atomic_add(gw_ptr + cols[:, None] * stride_gw + ks[None, :], gw,
+                          mask=col_mask[:, None] & kmask[None, :])
+
+
+def _block_sizes(D: int) -> tuple[int, int, int]:
+    if interpreting():  # small tiles keep the interpreter quick
+        return 16, 32, 32
+    block_d = 64 if D >= 64 else max(16, triton.next_power_of_2(D))
+    return 64, 128, block_d
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs ask for fp32 answers: no tf32 rounding of the logits.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _triton_forward(h, w, b, targets, inv_temp):
+    N, D = h.shape
+    V = w.shape[0]
+    BN, BV, BD = _block_sizes(D)
+    n_blocks = triton.cdiv(N, BN)
+    # Split the vocab so that small batches still fill the GPU; each split is whole tiles.
+    if h.is_cuda:
+        sms = torch.cuda.get_device_properties(h.device).multi_processor_count
+        want = max(1, (2 * sms + n_blocks - 1) // n_blocks)
+    else:
+        want = 2  # exercise the split merge in interpreter tests
+    tiles = triton.cdiv(V, BV)
+    splits = max(1, min(want, tiles))
+    cols_per_split = triton.cdiv(tiles, splits) * BV
+    splits = triton.cdiv(V, cols_per_split)
+    part = torch.empty((4, splits, N), device=h.device, dtype=torch.float32)
+    _logprob_fwd_kernel[(n_blocks, splits)](
+        h, w, b if b is not None else h, targets, part,
+        N, V, D, h.stride(0), w.stride(0), inv_temp, cols_per_split,
+        HAS_BIAS=b is not None, BLOCK_N=BN, BLOCK_V=BV, BLOCK_D=BD,
+        UPCAST=interpreting(), DOT_PREC=_dot_precision(h.dtype),
+    )
+    m, s, t, zt = part.unbind(0)
+    m_all = m.max(dim=0).values
+    scale = torch.exp(m - m_all)
+    s_all = (s * scale).sum(0)
+    lse = m_all + torch.log(s_all)
+    ez = (t * scale).sum(0) / s_all
+    return zt.sum(0) - lse, lse - ez, lse, ez
+
+
+def _chunk_rows(total: int, budget_bytes: int, row_bytes: int, multiple: int) -> int:
+    rows = max(multiple, budget_bytes // max(row_bytes, 1) // multiple * multiple)
+    return min(total, rows)
+
+
+def _triton_backward(h, w, b, targets, lse, ez, g_lp, g_ent, inv_temp):
+    N, D = h.shape
+    V = w.shape[0]
+    BN, BV, BD = _block_sizes(D)
+    fp32 = h.dtype == torch.float32
+    # fp32 inputs: accumulate straight into the gradients.  Half inputs: accumulate each
+    # (row chunk, vocab chunk) in bounded fp32 workspaces, then round once into the gradient.
+    grad_h = torch.zeros_like(h) if fp32 else torch.empty_like(h)
+    grad_w = torch.zeros_like(w)
+    grad_b = torch.zeros(V, device=h.device, dtype=torch.float32) if b is not None else None
+    n_chunk = N if fp32 else _chunk_rows(N, WORKSPACE_H_BYTES, 4 * D, BN)
+    v_chunk = V if fp32 else _chunk_rows(V, WORKSPACE_W_BYTES, 4 * D, BV)
+    ws_h = None if fp32 else torch.empty((n_chunk, D), device=h.device, dtype=torch.float32)
+    ws_w = None if fp32 else torch.empty((v_chunk, D), device=h.device, dtype=torch.float32)
+    has_ent = g_ent is not None
+    for n0 in range(0, N, n_chunk):
+        n1 = min(N, n0 + n_chunk)
+        gh = grad_h[n0:n1] if fp32 else ws_h[: n1 - n0].zero_()
+        for v0 in range(0, V, v_chunk):
+            v1 = min(V, v0 + v_chunk)
+            gw = grad_w[v0:v1] if fp32 else ws_w[: v1 - v0].zero_()
+            grid = (triton.cdiv(n1 - n0, BN), triton.cdiv(v1 - v0, BV))
+            _logprob_bwd_kernel[grid](
+                h[n0:n1], w[v0:v1], b[v0:v1] if b is not None else h, targets[n0:n1] - v0,
+                lse[n0:n1], ez[n0:n1], g_lp[n0:n1], g_ent[n0:n1] if has_ent else g_lp[n0:n1],
+                gh, gw, grad_b[v0:v1] if b is not None else gh,
+                n1 - n0, v1 - v0, D, h.stride(0), w.stride(0), gh.stride(0), gw.stride(0), inv_temp,
+                HAS_BIAS=b is not None, HAS_ENT_GRAD=has_ent, BLOCK_N=BN, BLOCK_V=BV, BLOCK_D=BD,
+                UPCAST=interpreting(), DOT_PREC=_dot_precision(h.dtype),
+            )
+            if not fp32:
+                grad_w[v0:v1] += gw
+        if not fp32:
+            grad_h[n0:n1] = gh
+    return grad_h, grad_w, grad_b
+
+
+# --------------------------------------------------------------------------------------------
+# torch path (CPU, and the reference)
+# --------------------------------------------------------------------------------------------
+def _torch_logits(h_rows, w32, b32, inv_temp):
+    z = h_rows.float() @ w32.t()
+    if b32 is not None:
+        z += b32
+    return z.mul_(inv_temp)
+
+
+def _torch_chunk(N: int, V: int) -> int:
+    return max(1, min(N, TORCH_CHUNK_BYTES // (4 * V)))
+
+
+def _torch_forward(h, w, b, targets, inv_temp):
+    N = h.shape[0]
+    V = w.shape[0]
+    w32 = w.float()
+    b32 = b.float() if b is not None else None
+    logp = torch.empty(N, device=h.device, dtype=torch.float32)
+    lse = torch.empty_like(logp)
+    ez = torch.empty_like(logp)
+    step = _torch_chunk(N, V)
+    safe_t = targets.clamp(0, V - 1)
+    for n0 in range(0, N, step):
+        n1 = min(N, n0 + step)
+        z = _torch_logits(h[n0:n1], w32, b32, inv_temp)
+        m = z.max(dim=1, keepdim=True).values
+        e = torch.exp(z - m)  # one exp serves logsumexp and E_p[z]
+        s = e.sum(1)
+        lse_c = m.squeeze(1) + torch.log(s)
+        lse[n0:n1] = lse_c
+        ez[n0:n1] = (e.mul_(z)).sum(1) / s
+        logp[n0:n1] = z.gather(1, safe_t[n0:n1, None]).squeeze(1) - lse_c
+    return logp, lse - ez, lse, ez
+
+
+def _torch_backward(h, w, b, targets, lse, ez, g_lp, g_ent, inv_temp):
+    N, D = h.shape
+    V = w.shape[0]
+    w32 = w.float()
+    b32 = b.float() if b is not None else None
+    grad_h = torch.empty_like(h)
+    grad_w = torch.zeros((V, D), device=h.device, dtype=torch.float32)
+    grad_b = torch.zeros(V, device=h.device, dtype=torch.float32) if b is not None else None
+    step = _torch_chunk(N, V)
+    safe_t = targets.clamp(0, V - 1)
+    for n0 in range(0, N, step):
+        n1 = min(N, n0 + step)
+        z = _torch_logits(h[n0:n1], w32, b32, inv_temp)
+        p = torch.exp(z - lse[n0:n1, None])
+        if g_ent is not None:
+            # dz = -g_lp p - g_ent p (z - E[z]) + g_lp onehot
+            dz = z.sub_(ez[n0:n1, None]).mul_(g_ent[n0:n1, None]).add_(g_lp[n0:n1, None]).mul_(p).neg_()
+        else:
+            dz = p.mul_(-g_lp[n0:n1, None])
+        dz.scatter_add_(1, safe_t[n0:n1, None], g_lp[n0:n1, None])
+        dz.mul_(inv_temp)
+        grad_h[n0:n1] = dz @ w32
+        grad_w.addmm_(dz.t(), h[n0:n1].float())
+        if grad_b is not None:
+            grad_b += dz.sum(0)
+    return grad_h, grad_w.to(w.dtype), grad_b
+
+
+# --------------------------------------------------------------------------------------------
+# autograd and the public function
+# --------------------------------------------------------------------------------------------
+class _FusedLogprob(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, ignore, temperature, impl):
+        inv_temp = 1.0 / temperature
+        fwd = _triton_forward if impl == "triton" else _torch_forward
+        logp, entropy, lse, ez = fwd(hidden, weight, bias, targets, inv_temp)
+        logp = logp.masked_fill_(ignore, 0.0)
+        entropy = entropy.masked_fill_(ignore, 0.0)
+        ctx.save_for_backward(hidden, weight, bias, targets, ignore, lse, ez)
+        ctx.inv_temp = inv_temp
+        ctx.impl = impl
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent):
+        hidden, weight, bias, targets, ignore, lse, ez = ctx.saved_tensors
+        keep = ~ignore
+        g_lp = (g_lp if g_lp is not None else torch.zeros_like(lse)).float() * keep
+        g_ent = g_ent.float() * keep if g_ent is not None else None
+        bwd = _triton_backward if ctx.impl == "triton" else _torch_backward
+        grad_h, grad_w, grad_b = bwd(hidden, weight, bias, targets, lse, ez, g_lp, g_ent, ctx.inv_temp)
+        if grad_b is not None:
+            grad_b = grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None
+
+
+def _validate(hidden, weight, targets, bias, temperature):
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_floating(name, t)
+    if hidden.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"hidden must be [N, d] and weight [V, d]; got {tuple(hidden.shape)} and "
+                         f"{tuple(weight.shape)}")
+    N, D = hidden.shape
+    V, Dw = weight.shape
+    if D != Dw:
+        raise ValueError(f"hidden has d={D} but weight has d={Dw}")
+    if N == 0:
+        raise ValueError("empty batch: hidden has no rows")
+    if V == 0 or D == 0:
+        raise ValueError(f"weight must be non-empty, got shape {tuple(weight.shape)}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
+    if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int64, torch.int32):
+        raise TypeError("targets must be an int64 or int32 tensor")
+    if targets.shape != (N,):
+        raise ValueError(f"targets must have shape ({N},), got {tuple(targets.shape)}")
+    devices = {hidden.device, weight.device, targets.device}
+    if bias is not None:
+        check_floating("bias", bias)
+        if bias.shape != (V,):
+            raise ValueError(f"bias must have shape ({V},), got {tuple(bias.shape)}")
+        devices.add(bias.device)
+    if len(devices) > 1:
+        raise ValueError(f"hidden, weight, targets and bias must be on one device, got {sorted(map(str, devices))}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+
+
+def fused_logprob(hidden, weight, targets, *, bias=None, temperature=1.0, with_entropy=False,
+                  ignore_index=-100, impl="auto"):
+    """log softmax((hidden @ weight.T + bias) / temperature)[target] per row, never building [N, V].
+
+    hidden [N, d], weight [V, d] (the LM head), targets [N] -> fp32 log-probs [N]; with
+    ``with_entropy`` also the fp32 entropy [N] of the same distribution.  Differentiable in hidden,
+    weight and bias.  Rows whose target is ``ignore_index`` give 0 and pass no gradient.
+    ``impl``: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (chunked, bounded memory)
+    or "auto" (Triton on CUDA tensors, torch elsewhere).
+    """
+    _validate(hidden, weight, targets, bias, temperature)
+    impl = resolve_impl(impl, hidden)
+    V = weight.shape[0]
+    targets = targets.long()
+    ignore = targets == ignore_index
+    bad = (~ignore) & ((targets < 0) | (targets >= V))
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise ValueError(f"targets must lie in [0, {V}) or equal ignore_index={ignore_index}; "
+                         f"row {first} has {int(targets[first])}")
+    hidden = hidden.contiguous()
+    weight = weight.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    logp, entropy = _FusedLogprob.apply(hidden, weight, bias, targets.masked_fill(ignore, 0), ignore,
+                                        float(temperature), impl)
+    return (logp, entropy) if with_entropy else logp
+
+
+def logprob_reference(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100):
+    """Plain full-logits log-prob and entropy in fp64: the ground truth for tests."""
+    z = hidden.double() @ weight.double().t()
+    if bias is not None:
+        z = z + bias.double()
+    z = z / temperature
+    logq = torch.log_softmax(z, dim=-1)
+    ignore = targets == ignore_index
+    safe = targets.masked_fill(ignore, 0).long()
+    logp = logq.gather(1, safe[:, None]).squeeze(1).masked_fill(ignore, 0.0)
+    entropy = -(logq.exp() * logq).sum(-1).masked_fill(ignore, 0.0)
+    return logp, entropy

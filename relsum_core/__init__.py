@@ -1,0 +1,3 @@
+"""relsum: relevance-trained product summaries for cross-encoder search rankers."""
+
+__version__ = "0.1.0"
