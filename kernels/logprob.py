@@ -365,7 +365,8 @@ def _validate(hidden, weight, targets, bias, temperature):
             raise ValueError(f"bias must have shape ({V},), got {tuple(bias.shape)}")
         devices.add(bias.device)
     if len(devices) > 1:
-        raise ValueError(f"hidden, weight, targets and bias must be on one device, got {sorted(map(str, devices))}")
+        raise ValueError("hidden, weight, targets and bias must be on one device, got "
+                         f"{sorted(map(str, devices))}")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
 

@@ -1,0 +1,206 @@
+import pytest
+import torch
+
+import relsum_kernels.logprob as lp_mod
+from relsum_kernels import fused_logprob, logprob_reference
+
+from conftest import rel_err, triton_device
+
+# Relative-norm tolerances against fp64.  Outputs are fp32 always; gradients come back in the
+# input dtype, so half inputs carry its rounding.
+TOL_OUT = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4}
+TOL_GRAD = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _inputs(N, D, V, dtype, *, bias=True, ignored=(), device="cpu"):
+    h = torch.randn(N, D, device=device).to(dtype).requires_grad_()
+    w = (torch.randn(V, D, device=device) / D**0.5 * 3).to(dtype).requires_grad_()
+    b = torch.randn(V, device=device).to(dtype).requires_grad_() if bias else None
+    t = torch.randint(0, V, (N,), device=device)
+    for i in ignored:
+        t[i] = -100
+    return h, w, b, t
+
+
+def _reference_grads(h, w, b, t, temperature, g_lp, g_ent):
+    hr = h.detach().double().requires_grad_()
+    wr = w.detach().double().requires_grad_()
+    br = b.detach().double().requires_grad_() if b is not None else None
+    lr, er = logprob_reference(hr, wr, t, bias=br, temperature=temperature)
+    loss = (lr * g_lp.double()).sum()
+    if g_ent is not None:
+        loss = loss + (er * g_ent.double()).sum()
+    loss.backward()
+    return lr, er, hr.grad, wr.grad, (br.grad if br is not None else None)
+
+
+def _check(impl, dtype, N, D, V, *, temperature=1.0, bias=True, ignored=(), with_entropy=True):
+    device = triton_device() if impl == "triton" else "cpu"
+    h, w, b, t = _inputs(N, D, V, dtype, bias=bias, ignored=ignored, device=device)
+    g_lp = torch.randn(N, device=device)
+    g_ent = torch.randn(N, device=device) if with_entropy else None
+    out = fused_logprob(h, w, t, bias=b, temperature=temperature, with_entropy=with_entropy, impl=impl)
+    logp, ent = out if with_entropy else (out, None)
+    assert logp.dtype == torch.float32 and logp.shape == (N,)
+    loss = (logp * g_lp).sum() + ((ent * g_ent).sum() if with_entropy else 0)
+    loss.backward()
+    lr, er, ghr, gwr, gbr = _reference_grads(h, w, b, t, temperature, g_lp, g_ent)
+    assert rel_err(logp, lr) < TOL_OUT[dtype]
+    if with_entropy:
+        assert ent.dtype == torch.float32
+        assert rel_err(ent, er) < TOL_OUT[dtype]
+    assert h.grad.dtype == dtype and w.grad.dtype == dtype
+    assert rel_err(h.grad, ghr) < TOL_GRAD[dtype]
+    assert rel_err(w.grad, gwr) < TOL_GRAD[dtype]
+    if bias:
+        assert rel_err(b.grad, gbr) < TOL_GRAD[dtype]
+    for i in ignored:
+        assert logp[i].item() == 0.0
+        assert torch.all(h.grad[i] == 0)
+        if with_entropy:
+            assert ent[i].item() == 0.0
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_values_and_grads_odd_shapes(impl, dtype):
+    # V=301 is no multiple of any block, d=48 no power of two; T != 1; one row ignored.
+    _check(impl, dtype, N=37, D=48, V=301, temperature=0.7, ignored=(3, 20))
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_single_row(impl):
+    _check(impl, torch.float32, N=1, D=48, V=301, temperature=1.3)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("with_entropy", [True, False])
+def test_no_bias(impl, with_entropy):
+    _check(impl, torch.float32, N=19, D=32, V=257, bias=False, with_entropy=with_entropy)
+
+
+def test_all_rows_ignored_gives_zero_and_no_gradient():
+    h, w, b, t = _inputs(4, 16, 50, torch.float32)
+    t[:] = -100
+    logp, ent = fused_logprob(h, w, t, bias=b, with_entropy=True, impl="torch")
+    (logp.sum() + ent.sum()).backward()
+    assert torch.all(logp == 0) and torch.all(ent == 0)
+    assert torch.all(h.grad == 0) and torch.all(w.grad == 0) and torch.all(b.grad == 0)
+
+
+def test_custom_ignore_index():
+    h, w, b, t = _inputs(5, 16, 50, torch.float32)
+    t[1] = 7
+    logp = fused_logprob(h, w, t, ignore_index=7, impl="torch")
+    assert logp[1].item() == 0.0 and logp[0].item() != 0.0
+
+
+def test_torch_path_chunks_match(monkeypatch):
+    # Force many row chunks: results must not depend on the chunking.
+    h, w, b, t = _inputs(50, 24, 200, torch.float32, ignored=(0,))
+    full = fused_logprob(h, w, t, bias=b, with_entropy=True, impl="torch")
+    monkeypatch.setattr(lp_mod, "TORCH_CHUNK_BYTES", 4 * 200 * 7)
+    assert lp_mod._torch_chunk(50, 200) == 7
+    chunked = fused_logprob(h, w, t, bias=b, with_entropy=True, impl="torch")
+    for a, c in zip(full, chunked):
+        assert torch.allclose(a, c, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_triton_backward_workspace_chunks(monkeypatch, dtype):
+    # Half inputs accumulate in bounded fp32 workspaces; force several row and vocab chunks.
+    monkeypatch.setattr(lp_mod, "WORKSPACE_H_BYTES", 16 * 48 * 4)
+    monkeypatch.setattr(lp_mod, "WORKSPACE_W_BYTES", 64 * 48 * 4)
+    _check("triton", dtype, N=40, D=48, V=150, temperature=0.9, ignored=(5,))
+
+
+def test_triton_and_torch_agree():
+    h, w, b, t = _inputs(33, 40, 333, torch.float32, ignored=(2,))
+    g = torch.randn(33)
+    outs, grads = [], []
+    for impl in ("torch", "triton"):
+        hh = h.detach().clone().requires_grad_()
+        lp, ent = fused_logprob(hh, w.detach(), t, bias=b.detach(), with_entropy=True, impl=impl)
+        (lp * g + ent).sum().backward()
+        outs.append((lp, ent))
+        grads.append(hh.grad)
+    assert rel_err(outs[1][0], outs[0][0]) < 1e-6
+    assert rel_err(outs[1][1], outs[0][1]) < 1e-6
+    assert rel_err(grads[1], grads[0]) < 1e-5
+
+
+def test_auto_uses_torch_on_cpu():
+    h, w, b, t = _inputs(3, 16, 40, torch.float32)
+    a = fused_logprob(h, w, t, impl="auto")
+    c = fused_logprob(h, w, t, impl="torch")
+    assert torch.equal(a, c)
+
+
+# ---------------------------------------------------------------------------------- bad input
+def _ok():
+    return torch.randn(4, 16), torch.randn(30, 16), torch.randint(0, 30, (4,))
+
+
+def test_error_mismatched_d():
+    h, w, t = _ok()
+    with pytest.raises(ValueError, match="d=16 but weight has d=8"):
+        fused_logprob(h, torch.randn(30, 8), t)
+
+
+def test_error_targets_shape():
+    h, w, t = _ok()
+    with pytest.raises(ValueError, match="targets must have shape"):
+        fused_logprob(h, w, t[:3])
+
+
+def test_error_targets_out_of_range():
+    h, w, t = _ok()
+    t[2] = 30
+    with pytest.raises(ValueError, match=r"\[0, 30\).*row 2 has 30"):
+        fused_logprob(h, w, t)
+    t[2] = -1
+    with pytest.raises(ValueError, match="row 2 has -1"):
+        fused_logprob(h, w, t)
+
+
+def test_error_non_floating_hidden():
+    h, w, t = _ok()
+    with pytest.raises(TypeError, match="hidden must be float32, float16 or bfloat16"):
+        fused_logprob(h.long(), w, t)
+
+
+def test_error_float_targets():
+    h, w, t = _ok()
+    with pytest.raises(TypeError, match="targets must be an int64 or int32"):
+        fused_logprob(h, w, t.float())
+
+
+def test_error_dtype_mismatch():
+    h, w, t = _ok()
+    with pytest.raises(TypeError, match="share a dtype"):
+        fused_logprob(h, w.half(), t)
+
+
+def test_error_devices_differ():
+    h, w, t = _ok()
+    with pytest.raises(ValueError, match="one device"):
+        fused_logprob(h, w.to("meta"), t)
+
+
+def test_error_empty_batch():
+    _, w, _ = _ok()
+    with pytest.raises(ValueError, match="empty batch"):
+        fused_logprob(torch.randn(0, 16), w, torch.zeros(0, dtype=torch.long))
+
+
+def test_error_bad_rank_bias_temperature_impl():
+    h, w, t = _ok()
+    with pytest.raises(ValueError, match=r"hidden must be \[N, d\]"):
+        fused_logprob(h[None], w, t)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        fused_logprob(h, w, t, bias=torch.randn(29))
+    with pytest.raises(ValueError, match="temperature"):
+        fused_logprob(h, w, t, temperature=0.0)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        fused_logprob(h, w, t, impl="cuda")

@@ -1,0 +1,136 @@
+import math
+
+import pytest
+import torch
+
+from relsum_core.losses import dpo_loss, grpo_loss, kl_k3, masked_mean, sequence_logprob
+
+
+def test_kl_k3_hand_value_and_zero_at_equality():
+    logp = torch.tensor([math.log(0.5), math.log(0.3)])
+    ref = torch.tensor([math.log(0.25), math.log(0.3)])
+    # delta = log(0.25/0.5) = -log 2: exp(delta) - delta - 1 = 0.5 + log 2 - 1
+    expected = torch.tensor([0.5 + math.log(2) - 1, 0.0])
+    assert torch.allclose(kl_k3(logp, ref), expected, atol=1e-6)
+
+
+def test_masked_mean_empty_mask_is_zero():
+    assert masked_mean(torch.ones(2, 3), torch.zeros(2, 3)).item() == 0.0
+
+
+def test_on_policy_loss_is_minus_mean_advantage():
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.1, -9.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    adv = torch.tensor([1.0, -2.0])
+    loss, m = grpo_loss(logp, None, adv, mask, loss_type="dapo")
+    # 3 tokens at A=1 and 2 tokens at A=-2 -> -(3*1 + 2*(-2)) / 5
+    assert loss.item() == pytest.approx(1 / 5)
+    loss.backward()
+    # d loss / d logp = -A / 5 on live tokens (ratio 1), 0 on the masked one
+    assert torch.allclose(logp.grad, torch.tensor([[-0.2, -0.2, -0.2], [0.4, 0.4, 0.0]]))
+    assert m["clip_fraction"].item() == 0.0
+
+
+def test_aggregations_hand_worked():
+    logp = torch.zeros(2, 4)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]])
+    adv = torch.tensor([1.0, 3.0])
+    # per-token loss = -A on live tokens: row0 four tokens of -1, row1 one token of -3
+    dapo, _ = grpo_loss(logp, None, adv, mask, loss_type="dapo")
+    grpo, _ = grpo_loss(logp, None, adv, mask, loss_type="grpo")
+    dr, _ = grpo_loss(logp, None, adv, mask, loss_type="dr_grpo")
+    dr8, _ = grpo_loss(logp, None, adv, mask, loss_type="dr_grpo", max_completion_length=8)
+    norm, _ = grpo_loss(logp, None, adv, mask, loss_type="dapo", token_normalizer=10)
+    assert dapo.item() == pytest.approx(-7 / 5)
+    assert grpo.item() == pytest.approx((-1 + -3) / 2)
+    assert dr.item() == pytest.approx(-7 / (2 * 4))
+    assert dr8.item() == pytest.approx(-7 / (2 * 8))
+    assert norm.item() == pytest.approx(-7 / 10)
+
+
+def test_clipping_hand_worked():
+    # ratio 1.5 with A=+1 clips at 1.2; ratio 0.5 with A=-1 clips at 0.8 (loss 0.8);
+    # ratio 0.5 with A=+1 is not clipped (loss -0.5); ratio 1.5 with A=-1 not clipped (loss 1.5).
+    old = torch.zeros(4, 1)
+    logp = torch.log(torch.tensor([[1.5], [0.5], [0.5], [1.5]])).requires_grad_()
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    mask = torch.ones(4, 1)
+    loss, m = grpo_loss(logp, old, adv, mask, loss_type="grpo", epsilon_low=0.2, epsilon_high=0.2)
+    assert loss.item() == pytest.approx((-1.2 + 0.8 - 0.5 + 1.5) / 4)
+    assert m["clip_fraction"].item() == pytest.approx(0.5)
+    assert m["clip_ratio_high"].item() == pytest.approx(0.25)
+    assert m["clip_ratio_low"].item() == pytest.approx(0.25)
+    loss.backward()
+    # clipped tokens pass no gradient; unclipped ones -A * ratio / 4
+    assert torch.allclose(logp.grad.squeeze(1), torch.tensor([0.0, 0.0, -0.5 / 4, 1.5 / 4]), atol=1e-6)
+
+
+def test_asymmetric_clip_high():
+    old = torch.zeros(1, 1)
+    logp = torch.log(torch.tensor([[1.25]]))
+    loss, _ = grpo_loss(logp, old, torch.tensor([1.0]), torch.ones(1, 1), epsilon_low=0.2, epsilon_high=0.28)
+    assert loss.item() == pytest.approx(-1.25)  # inside the wider upper bound
+
+
+def test_kl_and_entropy_terms():
+    logp = torch.log(torch.tensor([[0.5, 0.5]]))
+    ref = torch.log(torch.tensor([[0.25, 0.5]]))
+    ent = torch.tensor([[2.0, 4.0]])
+    mask = torch.tensor([[1, 0]])
+    loss, m = grpo_loss(logp, None, torch.tensor([0.0]), mask, ref_logp=ref, beta=0.1,
+                        entropy=ent, entropy_coef=0.01)
+    kl0 = 0.5 + math.log(2) - 1
+    assert m["kl"].item() == pytest.approx(kl0, rel=1e-5)
+    assert m["entropy"].item() == pytest.approx(2.0)
+    assert loss.item() == pytest.approx(0.1 * kl0 - 0.01 * 2.0, rel=1e-5)
+
+
+def test_grpo_loss_bad_input():
+    logp = torch.zeros(2, 3)
+    mask = torch.ones(2, 3)
+    with pytest.raises(ValueError, match="loss_type"):
+        grpo_loss(logp, None, torch.zeros(2), mask, loss_type="ppo")
+    with pytest.raises(ValueError, match="mask must have shape"):
+        grpo_loss(logp, None, torch.zeros(2), torch.ones(2, 2))
+    with pytest.raises(ValueError, match="advantages must be"):
+        grpo_loss(logp, None, torch.zeros(3), mask)
+    with pytest.raises(ValueError, match="needs ref_logp"):
+        grpo_loss(logp, None, torch.zeros(2), mask, beta=0.1)
+    with pytest.raises(ValueError, match="empty batch"):
+        grpo_loss(torch.zeros(0, 3), None, torch.zeros(0), torch.ones(0, 3))
+
+
+def test_sequence_logprob():
+    tok = torch.tensor([[-1.0, -2.0, -5.0]])
+    assert sequence_logprob(tok, torch.tensor([[1, 1, 0]])).item() == -3.0
+
+
+def test_dpo_hand_worked():
+    pc, pr = torch.tensor([-10.0]), torch.tensor([-12.0])
+    rc, rr = torch.tensor([-11.0]), torch.tensor([-11.0])
+    loss, m = dpo_loss(pc, pr, rc, rr, beta=0.5)
+    # margin = 2, loss = -log sigmoid(1) = log(1 + e^-1)
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-1.0)))
+    assert m["reward_chosen"].item() == pytest.approx(0.5)
+    assert m["reward_rejected"].item() == pytest.approx(-0.5)
+    assert m["reward_accuracy"].item() == 1.0
+    smooth, _ = dpo_loss(pc, pr, rc, rr, beta=0.5, label_smoothing=0.1)
+    assert smooth.item() == pytest.approx(0.9 * math.log1p(math.exp(-1)) + 0.1 * math.log1p(math.exp(1)))
+
+
+def test_dpo_gradient_pushes_chosen_up():
+    pc = torch.tensor([-5.0], requires_grad=True)
+    pr = torch.tensor([-5.0], requires_grad=True)
+    loss, _ = dpo_loss(pc, pr, torch.tensor([-5.0]), torch.tensor([-5.0]), beta=1.0)
+    loss.backward()
+    assert pc.grad.item() == pytest.approx(-0.5) and pr.grad.item() == pytest.approx(0.5)
+
+
+def test_dpo_bad_input():
+    x = torch.zeros(2)
+    with pytest.raises(ValueError, match="ref_rejected must have shape"):
+        dpo_loss(x, x, x, torch.zeros(3))
+    with pytest.raises(ValueError, match="non-empty"):
+        dpo_loss(torch.zeros(0), torch.zeros(0), torch.zeros(0), torch.zeros(0))
+    with pytest.raises(ValueError, match="beta"):
+        dpo_loss(x, x, x, x, beta=0.0)
