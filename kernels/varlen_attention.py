@@ -1,0 +1,308 @@
+"""Bidirectional attention over a packed (varlen) token stream, forward only.
+
+Sequences of different lengths sit back to back in one stream of ``total_tokens`` rows; sequence b
+owns rows ``cu_seqlens[b]:cu_seqlens[b + 1]`` (the flash-attention varlen convention).  Each token
+attends to every token of its own sequence and to nothing else:
+
+    out[t, h] = softmax_j(scale * q[t, h] . k[j, h]) v[j, h]      over j in seq(t)
+
+Two implementations:
+
+* Triton (CUDA, or CPU under TRITON_INTERPRET=1): one program per (sequence, head, query tile),
+  flash-style online softmax over the key tiles of that sequence, fp32 accumulation.  No padding
+  is ever materialised; programs whose query tile lies past their sequence's end exit at once.
+* torch: sequences sorted by length and grouped into a few length buckets; each bucket is padded
+  to its own longest sequence and goes through one ``scaled_dot_product_attention`` call with a
+  key-padding mask, and the rows are scattered back.  Used on CPU.
+
+``varlen_attention_reference`` is the plain per-sequence fp64 softmax the tests hold both to.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._common import HAS_TRITON, check_floating, interpreting, resolve_impl
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+MAX_HEAD_DIM = 128
+# torch path: a bucket longer than (shortest + max(slack, shortest * ratio)) starts a new bucket,
+# which bounds the padding to ~25% while keeping the number of SDPA calls small (~7 for 24..512).
+BUCKET_RATIO = 0.25
+BUCKET_SLACK = 8
+# torch path: elements of B * H * L * L one SDPA call may cover, in case a backend materialises scores.
+TORCH_SCORE_ELEMS = 1 << 25
+
+_LOG2E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernel
+# --------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _varlen_attn_fwd_kernel(
+        q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr,
+        n_heads, head_dim, qk_scale,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        UPCAST: tl.constexpr, DOT_IEEE: tl.constexpr,
+    ):
+        # Axis 0 is (sequence, head): it may exceed 65535, which only axis 0 allows.
+        pid_bh = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        b = pid_bh // n_heads
+        h = pid_bh % n_heads
+        start32 = tl.load(cu_ptr + b).to(tl.int32)
+        seqlen = tl.load(cu_ptr + b + 1).to(tl.int32) - start32
+        m0 = pid_m * BLOCK_M
+        if m0 >= seqlen:  # the grid is sized for max_seqlen; shorter sequences need fewer tiles
+            return
+        start = start32.to(tl.int64)  # row offsets times strides can pass 2**31 on big streams
+
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_mask = offs_m < seqlen
+        d_mask = offs_d < head_dim
+
+        q_base = q_ptr + start * stride_qt + h * stride_qh
+        k_base = k_ptr + start * stride_kt + h * stride_kh
+        v_base = v_ptr + start * stride_vt + h * stride_vh
+        q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :],
+                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        if UPCAST:  # the interpreter computes bf16 dots wrongly: do them in fp32 there
+            q = q.to(tl.float32)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for n0 in range(0, seqlen, BLOCK_N):
+            cols = n0 + offs_n
+            n_mask = cols < seqlen
+            kt = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None],
+                         mask=d_mask[:, None] & n_mask[None, :], other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :],
+                        mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+            if UPCAST:
+                kt = kt.to(tl.float32)
+                v = v.to(tl.float32)
+            if DOT_IEEE:
+                s = tl.dot(q, kt, input_precision="ieee")
+            else:
+                s = tl.dot(q, kt)
+            # Every key tile holds at least one real key (n0 < seqlen), so rows never go all -inf.
+            s = tl.where(n_mask[None, :], s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None]
+            if DOT_IEEE:
+                acc = tl.dot(p, v, acc, input_precision="ieee")
+            else:  # tensor cores take p in the value dtype; accumulation stays fp32
+                acc = tl.dot(p.to(v.dtype), v, acc)
+            m_i = m_new
+        acc = acc / l_i[:, None]
+        o_base = o_ptr + start * stride_ot + h * stride_oh
+        tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :],
+                 acc.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+def _triton_config(max_seqlen: int, head_dim: int) -> dict:
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if interpreting():  # small tiles keep the interpreter quick and exercise tile edges
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, num_warps=4, num_stages=1)
+    block_m = 128 if (max_seqlen >= 256 and head_dim <= 64) else 64
+    return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=block_d, num_warps=4 if block_m == 64 else 8,
+                num_stages=2)
+
+
+def _triton_varlen(q, k, v, cu_seqlens, max_seqlen, scale):
+    T, H, D = q.shape
+    batch = cu_seqlens.numel() - 1
+    out = torch.empty((T, H, D), device=q.device, dtype=q.dtype)
+    cfg = _triton_config(max_seqlen, D)
+    upcast = interpreting()
+    grid = (batch * H, triton.cdiv(max_seqlen, cfg["BLOCK_M"]))
+    _varlen_attn_fwd_kernel[grid](
+        q, k, v, out, cu_seqlens,
+        H, D, scale * _LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1),
+        UPCAST=upcast, DOT_IEEE=upcast or q.dtype == torch.float32, **cfg,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# torch path: length buckets, one SDPA call each
+# --------------------------------------------------------------------------------------------
+def _length_buckets(sorted_lens: list[int]) -> list[tuple[int, int]]:
+    """[i0, i1) ranges over ascending lengths, each padded to its last (longest) length."""
+    out = []
+    i0 = 0
+    n = len(sorted_lens)
+    while i0 < n:
+        limit = sorted_lens[i0] + max(BUCKET_SLACK, int(sorted_lens[i0] * BUCKET_RATIO))
+        i1 = i0 + 1
+        while i1 < n and sorted_lens[i1] <= limit:
+            i1 += 1
+        out.append((i0, i1))
+        i0 = i1
+    return out
+
+
+def _torch_varlen(q, k, v, cu_host: list[int], scale):
+    T, H, D = q.shape
+    dev = q.device
+    out = torch.empty((T, H, D), device=dev, dtype=q.dtype)
+    # CPU half SDPA is slow and loose; compute there in fp32 and round once at the end.
+    cdt = torch.float32 if (dev.type == "cpu" and q.dtype == torch.float16) else q.dtype
+    cu = torch.tensor(cu_host, dtype=torch.int64)
+    lens = cu[1:] - cu[:-1]
+    lens_sorted, order = torch.sort(lens, stable=True)
+    starts_sorted = cu[:-1][order]
+    lens_list = lens_sorted.tolist()
+    first = next((i for i, n in enumerate(lens_list) if n > 0), len(lens_list))  # skip empty sequences
+    for i0, i1 in _length_buckets(lens_list[first:]):
+        i0 += first
+        i1 += first
+        L = lens_list[i1 - 1]
+        uniform = lens_list[i0] == L
+        step = max(1, TORCH_SCORE_ELEMS // (H * L * L))
+        for c0 in range(i0, i1, step):
+            c1 = min(i1, c0 + step)
+            ln = lens_sorted[c0:c1]
+            st = starts_sorted[c0:c1]
+            ar = torch.arange(L)
+            valid = ar[None, :] < ln[:, None]
+            # Padded slots read their sequence's first row: any real row works, the mask hides it.
+            idx = torch.where(valid, st[:, None] + ar[None, :], st[:, None]).to(dev)
+            qb = q[idx].to(cdt).transpose(1, 2)  # [B, H, L, D]
+            kb = k[idx].to(cdt).transpose(1, 2)
+            vb = v[idx].to(cdt).transpose(1, 2)
+            mask = None if uniform else valid.to(dev)[:, None, None, :]
+            ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
+            ob = ob.transpose(1, 2)  # [B, L, H, D]
+            if uniform:
+                out[idx.reshape(-1)] = ob.reshape(-1, H, D).to(q.dtype)
+            else:
+                vd = valid.to(dev)
+                out[idx[vd]] = ob[vd].to(q.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# validation and the public functions
+# --------------------------------------------------------------------------------------------
+def _capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _check_cu_seqlens(cu_seqlens, total: int, device, *, allow_empty_seqs: bool) -> list[int] | None:
+    """Shape/dtype/device checks always; value checks need a host copy (returned), so they are
+    skipped while a CUDA graph is being captured (returns None)."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be int32 (or int64), got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1:
+        raise ValueError(f"cu_seqlens must be 1-D [batch + 1], got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.numel() < 2:
+        raise ValueError("empty batch: cu_seqlens needs at least 2 entries [0, ..., total_tokens]")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the tokens are on {device}")
+    if _capturing(cu_seqlens):
+        return None
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {cu[0]}")
+    if cu[-1] != total:
+        raise ValueError(f"cu_seqlens must end at total_tokens={total}, got {cu[-1]}")
+    lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    bad = next((i for i, n in enumerate(lens) if n < 0 or (n == 0 and not allow_empty_seqs)), None)
+    if bad is not None:
+        what = "non-decreasing" if allow_empty_seqs else "strictly increasing (no empty sequences)"
+        raise ValueError(f"cu_seqlens must be {what}: cu_seqlens[{bad}]={cu[bad]}, "
+                         f"cu_seqlens[{bad + 1}]={cu[bad + 1]}")
+    return cu
+
+
+def _validate(q, k, v, cu_seqlens, max_seqlen, softmax_scale):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_floating(name, t)
+    if q.dim() != 3:
+        raise ValueError(f"q must be [total_tokens, n_heads, head_dim], got shape {tuple(q.shape)}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k and v must share a shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    T, H, D = q.shape
+    if T == 0:
+        raise ValueError("empty batch: q has no tokens")
+    if H == 0 or D == 0:
+        raise ValueError(f"n_heads and head_dim must be positive, got shape {tuple(q.shape)}")
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be <= {MAX_HEAD_DIM}, got {D}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1:
+        raise ValueError(f"max_seqlen must be a positive int, got {max_seqlen!r}")
+    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float))
+                                          and math.isfinite(softmax_scale)):
+        raise ValueError(f"softmax_scale must be a finite number or None, got {softmax_scale!r}")
+    return _check_cu_seqlens(cu_seqlens, T, q.device, allow_empty_seqs=True)
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, softmax_scale=None, impl="auto"):
+    """Bidirectional attention within each packed sequence.
+
+    q, k, v: [total_tokens, n_heads, head_dim] (fp32/fp16/bf16, one dtype and device; any token and
+    head strides, head_dim contiguous is best), head_dim <= 128.  cu_seqlens: int32 [batch + 1],
+    0 = cu_seqlens[0] <= ... <= cu_seqlens[-1] = total_tokens.  max_seqlen: an int >= the longest
+    sequence (it sizes the Triton grid).  softmax_scale defaults to 1/sqrt(head_dim).  Returns
+    [total_tokens, n_heads, head_dim] in q's dtype.  ``impl``: "triton", "torch" or "auto" (Triton
+    on CUDA tensors, torch elsewhere).  Value checks of cu_seqlens copy it to the host, except while
+    a CUDA graph is being captured (then the caller vouches for it).
+    """
+    cu_host = _validate(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+    impl = resolve_impl(impl, q)
+    D = q.shape[2]
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
+    if cu_host is not None:
+        longest = max(b - a for a, b in zip(cu_host[:-1], cu_host[1:]))
+        if longest > max_seqlen:
+            raise ValueError(f"max_seqlen={max_seqlen} is below the longest sequence ({longest})")
+    if impl == "torch":
+        if cu_host is None:
+            raise RuntimeError("impl='torch' needs host lengths and cannot run under CUDA-graph capture")
+        return _torch_varlen(q, k, v, cu_host, scale)
+    # The kernel addresses head_dim with unit stride.
+    q, k, v = (t if t.stride(2) == 1 else t.contiguous() for t in (q, k, v))
+    return _triton_varlen(q, k, v, cu_seqlens, max_seqlen, scale)
+
+
+def varlen_attention_reference(q, k, v, cu_seqlens, *, softmax_scale=None):
+    """Plain per-sequence softmax attention in fp64 (returns fp64): the ground truth for tests."""
+    D = q.shape[-1]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
+    cu = cu_seqlens.tolist()
+    for a, b in zip(cu[:-1], cu[1:]):
+        if b == a:
+            continue
+        qs, ks, vs = (t[a:b].double().transpose(0, 1) for t in (q, k, v))  # [H, L, D]
+        p = torch.softmax(qs @ ks.transpose(1, 2) * scale, dim=-1)
+        out[a:b] = (p @ vs).transpose(0, 1)
+    return out
