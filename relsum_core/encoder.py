@@ -1,0 +1,116 @@
+"""Padding-free (packed) forward of a BERT-family cross-encoder.
+
+All sequences of a batch are concatenated into one token stream described by ``cu_seqlens``; every
+matrix product runs on real tokens only.  On CUDA the attention, bias+GELU, residual+LayerNorm and the
+[CLS] scoring head are the Triton kernels of ``relsum_kernels``; on CPU the same functions take their
+torch paths (attention as a few padded SDPA calls over length buckets).
+
+The module *shares* its parameters with the Hugging Face model it is built from, so fine-tuning either
+one updates both and ``save`` of the HF model always writes what ``forward`` computes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import relsum_kernels as K
+
+
+class PackedBertEncoder(nn.Module):
+    """BERT encoder + pooler + 1-label classifier over a packed token stream.
+
+    Build with :meth:`from_hf` from a ``BertForSequenceClassification`` (num_labels=1); the HF modules
+    are registered here, not copied.
+    """
+
+    def __init__(self, bert: nn.Module, classifier: nn.Linear, config) -> None:
+        super().__init__()
+        if getattr(config, "position_embedding_type", "absolute") != "absolute":
+            raise ValueError(
+                f"only absolute position embeddings are supported, got {config.position_embedding_type!r}"
+            )
+        if getattr(config, "is_decoder", False):
+            raise ValueError("a decoder (causal) BERT is not a cross-encoder")
+        if bert.pooler is None:
+            raise ValueError("the BERT model has no pooler; cross-encoder scoring needs one")
+        if classifier.out_features != 1:
+            raise ValueError(f"the classifier must have one output, got {classifier.out_features}")
+        self.embeddings = bert.embeddings
+        self.layers = bert.encoder.layer
+        self.pooler = bert.pooler
+        self.classifier = classifier
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.eps = config.layer_norm_eps
+        self.act = config.hidden_act
+        self._fused_cache: dict[int, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def from_hf(cls, model: nn.Module) -> PackedBertEncoder:
+        """From a ``BertForSequenceClassification`` with one label."""
+        if not (hasattr(model, "bert") and hasattr(model, "classifier")):
+            raise TypeError(f"expected a BertForSequenceClassification, got {type(model).__name__}")
+        return cls(model.bert, model.classifier, model.config)
+
+    def _qkv(self, i: int, attn) -> tuple[torch.Tensor, torch.Tensor]:
+        # One [3H, H] GEMM beats three [H, H] ones; the fused copy is cached for inference and rebuilt
+        # whenever a source parameter changes (its version counter moves), so training stays correct.
+        params = (attn.query.weight, attn.key.weight, attn.value.weight, attn.query.bias, attn.key.bias,
+                  attn.value.bias)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return torch.cat(params[:3]), torch.cat(params[3:])
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        hit = self._fused_cache.get(i)
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                hit = (key, torch.cat(params[:3]), torch.cat(params[3:]))
+            self._fused_cache[i] = hit
+        return hit[1], hit[2]
+
+    def _act(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        if self.act == "gelu":
+            return K.bias_gelu(x, bias)
+        from transformers.activations import ACT2FN
+
+        return ACT2FN[self.act](x + bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+    ) -> torch.Tensor:
+        """input_ids, token_type_ids, position_ids: [T]; cu_seqlens: int32 [B+1] -> fp32 scores [B]."""
+        emb = self.embeddings
+        ln = emb.LayerNorm
+        x = emb.word_embeddings(input_ids) + emb.token_type_embeddings(token_type_ids)
+        h = K.residual_layernorm(x, emb.position_embeddings(position_ids), ln.weight, ln.bias, eps=ln.eps)
+        T = h.shape[0]
+        hidden = h.shape[1]
+        scale = 1.0 / math.sqrt(self.head_dim)
+        for i, layer in enumerate(self.layers):
+            attn = layer.attention.self
+            w_qkv, b_qkv = self._qkv(i, attn)
+            qkv = F.linear(h, w_qkv, b_qkv).view(T, 3, self.num_heads, self.head_dim)
+            q, k, v = qkv.unbind(1)  # views of one buffer: the torch path gathers them in one go
+            ctx = K.varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=scale)
+            out = layer.attention.output
+            a = F.linear(ctx.reshape(T, hidden), out.dense.weight)
+            h = K.residual_layernorm(
+                a, h, out.LayerNorm.weight, out.LayerNorm.bias, eps=out.LayerNorm.eps, x_bias=out.dense.bias
+            )
+            inter = layer.intermediate.dense
+            mid = self._act(F.linear(h, inter.weight), inter.bias)
+            o = layer.output
+            y = F.linear(mid, o.dense.weight)
+            h = K.residual_layernorm(
+                y, h, o.LayerNorm.weight, o.LayerNorm.bias, eps=o.LayerNorm.eps, x_bias=o.dense.bias
+            )
+        pd = self.pooler.dense
+        return K.cls_score(h, cu_seqlens, pd.weight, pd.bias, self.classifier.weight, self.classifier.bias)
