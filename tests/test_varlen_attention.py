@@ -1,0 +1,244 @@
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from relsum_kernels import varlen_attention, varlen_attention_reference
+
+from conftest import rel_err, triton_device
+
+# The package re-exports the function under the module's name, so fetch the module itself.
+va_mod = importlib.import_module("relsum_kernels.varlen_attention")
+
+# Relative-norm tolerances against fp64: outputs come back in the input dtype (bf16 keeps 8 bits).
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+IMPLS = ["triton", "torch"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny shapes gain nothing from intra-op threads, and on a shared, busy CPU the OpenMP
+    # hand-offs of thousands of small ops cost seconds.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cu(lens, device="cpu"):
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lens).cumsum(0)
+    return cu.to(device)
+
+
+def _i32(values):
+    return torch.tensor(values, dtype=torch.int32)
+
+
+def _qkv(lens, H, D, dtype, device="cpu"):
+    T = sum(lens)
+    return tuple(torch.randn(T, H, D, device=device).to(dtype) for _ in range(3))
+
+
+def _device(impl):
+    return triton_device() if impl == "triton" else "cpu"
+
+
+def _check(impl, lens, H, D, dtype, *, scale=None):
+    dev = _device(impl)
+    q, k, v = _qkv(lens, H, D, dtype, dev)
+    cu = _cu(lens, dev)
+    out = varlen_attention(q, k, v, cu, max(lens), softmax_scale=scale, impl=impl)
+    assert out.shape == q.shape and out.dtype == dtype and out.device == q.device
+    ref = varlen_attention_reference(q, k, v, cu, softmax_scale=scale)
+    err = rel_err(out, ref)
+    assert err < TOL[dtype], f"{impl} {dtype} lens={lens} D={D}: rel err {err:.2e}"
+    return out, ref
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [32, 64])
+def test_ragged_batch_matches_reference(impl, dtype, D):
+    # 1 and tile-edge lengths (16, 17, 33 around the interpreter's 16/32 tiles), one empty sequence.
+    _check(impl, [1, 17, 33, 5, 0, 40, 16], 2, D, dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_sequences_up_to_512(impl, dtype):
+    _check(impl, [512, 1, 300, 7], 1, 16, dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("D", [16, 20, 128])
+def test_other_head_dims(impl, D):
+    # 20 is not a power of two: the kernel masks the head dim.
+    _check(impl, [3, 19, 1], 2, D, torch.float32)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_single_sequence(impl):
+    _check(impl, [77], 3, 32, torch.float32)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_all_length_one_is_identity_on_v(impl):
+    dev = _device(impl)
+    q, k, v = _qkv([1] * 5, 2, 32, torch.float32, dev)
+    out = varlen_attention(q, k, v, _cu([1] * 5, dev), 1, impl=impl)
+    torch.testing.assert_close(out, v, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_custom_scale_and_loose_max_seqlen(impl):
+    lens = [9, 30, 2]
+    dev = _device(impl)
+    q, k, v = _qkv(lens, 2, 32, torch.float32, dev)
+    cu = _cu(lens, dev)
+    # max_seqlen above the true maximum only sizes the grid bigger.
+    out = varlen_attention(q, k, v, cu, 64, softmax_scale=0.5, impl=impl)
+    ref = varlen_attention_reference(q, k, v, cu, softmax_scale=0.5)
+    assert rel_err(out, ref) < 1e-5
+    assert rel_err(out, varlen_attention_reference(q, k, v, cu)) > 1e-2  # the scale mattered
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_strided_views_of_fused_qkv(impl):
+    lens = [5, 33, 12]
+    dev = _device(impl)
+    H, D = 2, 32
+    qkv = torch.randn(sum(lens), 3, H, D, device=dev)
+    q, k, v = qkv.unbind(1)  # token stride 3*H*D: no copies needed
+    cu = _cu(lens, dev)
+    out = varlen_attention(q, k, v, cu, 33, impl=impl)
+    ref = varlen_attention_reference(q, k, v, cu)
+    assert rel_err(out, ref) < 1e-5
+    # Non-unit head_dim stride works too (copied internally on the Triton path).
+    qt = torch.randn(sum(lens), H, D, device=dev).transpose(0, 1).contiguous().transpose(0, 1)
+    qd = torch.randn(sum(lens), D, H, device=dev).transpose(1, 2)
+    out2 = varlen_attention(qt, k, qd, cu, 33, impl=impl)
+    assert rel_err(out2, varlen_attention_reference(qt, k, qd, cu)) < 1e-5
+
+
+def test_sequences_do_not_leak():
+    # Changing one sequence's keys must leave every other sequence's output untouched.
+    lens = [4, 9, 6]
+    q, k, v = _qkv(lens, 2, 32, torch.float32)
+    cu = _cu(lens)
+    for impl in IMPLS:
+        a = varlen_attention(q, k, v, cu, 9, impl=impl)
+        k2 = k.clone()
+        k2[4:13] += 5.0
+        b = varlen_attention(q, k2, v, cu, 9, impl=impl)
+        assert torch.equal(a[:4], b[:4]) and torch.equal(a[13:], b[13:])
+        assert not torch.allclose(a[4:13], b[4:13])
+
+
+def test_torch_path_buckets_instead_of_looping(monkeypatch):
+    # 600 sequences of lengths 1..64 must take a handful of SDPA calls, not one per sequence.
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(va_mod.F, "scaled_dot_product_attention", counting)
+    lens = torch.randint(1, 65, (600,)).tolist()
+    q, k, v = _qkv(lens, 1, 16, torch.float32)
+    cu = _cu(lens)
+    out = varlen_attention(q, k, v, cu, max(lens), impl="torch")
+    assert 1 < len(calls) <= 15, len(calls)
+    assert sum(s[0] for s in calls) == 600
+    assert rel_err(out, varlen_attention_reference(q, k, v, cu)) < 1e-5
+
+
+def test_torch_path_chunks_big_buckets(monkeypatch):
+    monkeypatch.setattr(va_mod, "TORCH_SCORE_ELEMS", 2 * 40 * 40)
+    lens = [40] * 7 + [38, 3]
+    _check("torch", lens, 1, 16, torch.float32)
+
+
+def test_length_buckets_bound_padding():
+    lens = sorted(torch.randint(1, 513, (1000,)).tolist())
+    buckets = va_mod._length_buckets(lens)
+    assert buckets[0][0] == 0 and buckets[-1][1] == len(lens)
+    assert all(a[1] == b[0] for a, b in zip(buckets[:-1], buckets[1:]))
+    for i0, i1 in buckets:
+        lo, hi = lens[i0], lens[i1 - 1]
+        assert hi <= lo + max(va_mod.BUCKET_SLACK, int(lo * va_mod.BUCKET_RATIO))
+    assert len(buckets) <= 30
+
+
+def test_auto_uses_torch_on_cpu():
+    lens = [3, 8]
+    q, k, v = _qkv(lens, 2, 32, torch.float32)
+    cu = _cu(lens)
+    assert torch.equal(varlen_attention(q, k, v, cu, 8), varlen_attention(q, k, v, cu, 8, impl="torch"))
+
+
+def test_int64_cu_seqlens_accepted():
+    lens = [3, 8]
+    q, k, v = _qkv(lens, 2, 32, torch.float32)
+    out = varlen_attention(q, k, v, _cu(lens).long(), 8, impl="triton")
+    assert rel_err(out, varlen_attention_reference(q, k, v, _cu(lens))) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "make, exc, match",
+    [
+        (lambda q, k, v, cu: (q, k, v, _i32([1, 4, 10]), 6), ValueError, "start at 0"),
+        (lambda q, k, v, cu: (q, k, v, _i32([0, 4, 9]), 6), ValueError, "end at"),
+        (lambda q, k, v, cu: (q, k, v, _i32([0, 7, 4, 10]), 7), ValueError, "non-decreasing"),
+        (lambda q, k, v, cu: (q, k, v, cu.float(), 6), TypeError, "int32"),
+        (lambda q, k, v, cu: (q, k, v, cu[None], 6), ValueError, "1-D"),
+        (lambda q, k, v, cu: (q, k, v, _i32([0]), 6), ValueError, "empty batch"),
+        (lambda q, k, v, cu: (q, k, v, [0, 4, 10], 6), TypeError, "cu_seqlens must be a torch.Tensor"),
+        (lambda q, k, v, cu: (q, k, v, cu, 5), ValueError, "below the longest"),
+        (lambda q, k, v, cu: (q, k, v, cu, 0), ValueError, "max_seqlen"),
+        (lambda q, k, v, cu: (q, k, v, cu, 6.0), ValueError, "max_seqlen"),
+        (lambda q, k, v, cu: (q, k.half(), v, cu, 6), TypeError, "share a dtype"),
+        (lambda q, k, v, cu: (q, k[:, :1], v, cu, 6), ValueError, "share a shape"),
+        (lambda q, k, v, cu: (q[:, 0], k[:, 0], v[:, 0], cu, 6), ValueError, "total_tokens, n_heads"),
+        (lambda q, k, v, cu: (q.long(), k, v, cu, 6), TypeError, "float32, float16 or bfloat16"),
+        (lambda q, k, v, cu: (q[:0], k[:0], v[:0], torch.zeros(2, dtype=torch.int32), 1), ValueError,
+         "empty batch"),
+    ],
+)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bad_inputs_raise(make, exc, match, impl):
+    q, k, v = _qkv([4, 6], 2, 32, torch.float32)
+    args = make(q, k, v, _cu([4, 6]))
+    with pytest.raises(exc, match=match):
+        varlen_attention(*args, impl=impl)
+
+
+def test_head_dim_limit_and_bad_impl():
+    q, k, v = _qkv([4, 6], 1, 256, torch.float32)
+    with pytest.raises(ValueError, match="head_dim must be <= 128"):
+        varlen_attention(q, k, v, _cu([4, 6]), 6)
+    q, k, v = _qkv([4, 6], 1, 32, torch.float32)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        varlen_attention(q, k, v, _cu([4, 6]), 6, impl="flash")
+    with pytest.raises(ValueError, match="softmax_scale"):
+        varlen_attention(q, k, v, _cu([4, 6]), 6, softmax_scale=float("nan"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_mismatch_raises():
+    q, k, v = _qkv([4, 6], 2, 32, torch.float32, "cuda")
+    with pytest.raises(ValueError, match="cu_seqlens is on"):
+        varlen_attention(q, k, v, _cu([4, 6]), 6)
+    with pytest.raises(ValueError, match="one device"):
+        varlen_attention(q, k.cpu(), v, _cu([4, 6], "cuda"), 6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_triton_matches_torch_sdpa_on_larger_batch(dtype):
+    lens = torch.randint(24, 97, (256,)).tolist() + [512, 1]
+    _check("triton", lens, 12, 32, dtype)
+    _check("torch", lens, 12, 64, dtype)
