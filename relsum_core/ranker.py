@@ -1,0 +1,555 @@
+"""Cross-encoder ranking API on the packed encoder: ``CrossEncoder`` (batch scoring, save/load) and
+``Reranker`` (online: one query against many candidates, shape buckets and CUDA graphs on GPU).
+
+Input rule (one for every entry point): a pair is ``[CLS] query [SEP] doc [SEP]``, token types 0 for
+``[CLS] query [SEP]`` and 1 for ``doc [SEP]``, positions restarting at 0 for each pair.  Truncation is
+doc-first and deterministic: the query keeps its first ``min(64, max_length - 3)`` tokens, the doc keeps
+its first ``max_length - 3 - len(query tokens kept)`` tokens.  Empty strings are allowed: an empty
+query or doc contributes no tokens (an empty pair is ``[CLS] [SEP] [SEP]``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .encoder import PackedBertEncoder
+
+QUERY_MAX_TOKENS = 64
+BERT_FAMILY = ("bert",)
+SETTINGS_FILE = "relsum_ranker.json"  # max_length and query budget, next to the HF files
+SPECIAL_TOKENS = 3  # [CLS], [SEP], [SEP]
+
+
+# --------------------------------------------------------------------------------------------
+# tokenising and packing
+# --------------------------------------------------------------------------------------------
+def truncate_pair(q_ids: Sequence[int], d_ids: Sequence[int], max_length: int,
+                  query_max_tokens: int = QUERY_MAX_TOKENS) -> tuple[list[int], list[int]]:
+    """The module's truncation rule on token ids without specials: query first-k, doc gets the rest."""
+    budget = max_length - SPECIAL_TOKENS
+    q = list(q_ids[: min(query_max_tokens, budget)])
+    d = list(d_ids[: budget - len(q)])
+    return q, d
+
+
+class PackedBatch:
+    """Host-side packed batch: int64 ids / token types / positions [T], int32 cu_seqlens [B+1]."""
+
+    def __init__(self, seqs: Sequence[tuple[list[int], int]]):
+        lens = np.fromiter((len(ids) for ids, _ in seqs), dtype=np.int64, count=len(seqs))
+        if len(lens) == 0 or lens.min() < 1:
+            raise ValueError("a packed batch needs at least one sequence and no empty sequences")
+        total = int(lens.sum())
+        cu = np.zeros(len(lens) + 1, dtype=np.int64)
+        np.cumsum(lens, out=cu[1:])
+        pos = np.arange(total, dtype=np.int64) - np.repeat(cu[:-1], lens)
+        first_type1 = np.repeat(np.fromiter((nf for _, nf in seqs), dtype=np.int64, count=len(seqs)), lens)
+        ids = np.fromiter(itertools.chain.from_iterable(ids for ids, _ in seqs), dtype=np.int64, count=total)
+        self.lens = lens.tolist()
+        self.input_ids = torch.from_numpy(ids)
+        self.token_type_ids = torch.from_numpy((pos >= first_type1).astype(np.int64))
+        self.position_ids = torch.from_numpy(pos)
+        self.cu_seqlens = torch.from_numpy(cu.astype(np.int32))
+        self.max_seqlen = int(lens.max())
+
+
+def _check_text(x, what: str) -> str:
+    if not isinstance(x, str):
+        raise TypeError(f"{what} must be a str, got {type(x).__name__}")
+    return x
+
+
+def _check_pairs(pairs) -> list[tuple[str, str]]:
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
+        raise TypeError(f"pairs must be a list of (query, doc) pairs, got {type(pairs).__name__}")
+    if len(pairs) == 0:
+        raise ValueError("pairs is empty: nothing to score")
+    if len(pairs) == 2 and all(isinstance(p, str) for p in pairs):
+        raise TypeError("pairs must be a list of (query, doc) pairs; wrap a single pair in a list")
+    out = []
+    for i, p in enumerate(pairs):
+        if isinstance(p, (str, bytes)) or not isinstance(p, Sequence) or len(p) != 2:
+            raise TypeError(f"pairs[{i}] must be a (query, doc) pair, got {p!r:.80}")
+        out.append((_check_text(p[0], f"pairs[{i}][0] (query)"), _check_text(p[1], f"pairs[{i}][1] (doc)")))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------
+def _read_config(path: Path) -> dict:
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory (CrossEncoder loads local checkpoints only)")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ValueError(f"{path} has no config.json: not a Hugging Face checkpoint (model_type unknown)")
+    with open(cfg_file, encoding="utf-8") as f:
+        cfg = json.load(f)
+    model_type = cfg.get("model_type")
+    if model_type not in BERT_FAMILY:
+        raise ValueError(
+            f"{path}: model_type {model_type!r} is not BERT-family; CrossEncoder supports model_type "
+            f"{' / '.join(repr(t) for t in BERT_FAMILY)} (BertModel or BertForSequenceClassification)"
+        )
+    archs = cfg.get("architectures") or []
+    n_labels = len(cfg["id2label"]) if "id2label" in cfg else cfg.get("num_labels")
+    if any(a.endswith("ForSequenceClassification") for a in archs) and n_labels not in (None, 1):
+        raise ValueError(f"{path}: a sequence classifier with {n_labels} labels; a cross-encoder needs one")
+    return cfg
+
+
+def _init_head(model: nn.Module, missing: Sequence[str], seed: int) -> list[str]:
+    """Seeded init of a new scoring head: weights ~ N(0, initializer_range), biases 0."""
+    gen = torch.Generator().manual_seed(seed)
+    std = model.config.initializer_range
+    done = []
+    for name, mod in (("bert.pooler.dense", model.bert.pooler.dense), ("classifier", model.classifier)):
+        if any(k.startswith(name + ".") for k in missing):
+            with torch.no_grad():
+                w = torch.randn(mod.weight.shape, generator=gen, dtype=torch.float32) * std
+                mod.weight.copy_(w)
+                mod.bias.zero_()
+            done.append(name)
+    return done
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class CrossEncoder:
+    """A BERT-family cross-encoder scoring (query, doc) pairs with the padding-free packed encoder.
+
+    ``model`` is a Hugging Face ``BertForSequenceClassification`` with one label (kept as the source of
+    truth for the weights: the packed encoder shares its parameters); ``tokenizer`` its tokenizer.
+    Defaults: device CUDA when available else CPU, dtype float32, ``max_length`` the model's
+    ``max_position_embeddings``.  See the module docstring for the pair layout and truncation rule.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, *, device=None, dtype=None, max_length: int | None = None,
+                 query_max_tokens: int = QUERY_MAX_TOKENS):
+        cfg = model.config
+        if getattr(cfg, "model_type", None) not in BERT_FAMILY:
+            raise ValueError(f"model_type {getattr(cfg, 'model_type', None)!r} is not BERT-family")
+        if getattr(model, "num_labels", None) != 1:
+            raise ValueError(f"a cross-encoder needs a one-label classifier, got {model.num_labels} labels")
+        if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
+            raise ValueError("the tokenizer has no [CLS]/[SEP] tokens")
+        limit = cfg.max_position_embeddings
+        max_length = limit if max_length is None else int(max_length)
+        if not SPECIAL_TOKENS <= max_length <= limit:
+            raise ValueError(f"max_length must be in [{SPECIAL_TOKENS}, {limit}] for this model, "
+                             f"got {max_length}")
+        if query_max_tokens < 0:
+            raise ValueError(f"query_max_tokens must be >= 0, got {query_max_tokens}")
+        self.device = torch.device(device) if device is not None else _default_device()
+        self.dtype = dtype if dtype is not None else torch.float32
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.query_max_tokens = query_max_tokens
+        self.encoder = PackedBertEncoder.from_hf(self.model)
+        # A model with a single token type (type_vocab_size 1) gets type 0 everywhere.
+        self._two_types = cfg.type_vocab_size >= 2
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_pretrained(cls, path, *, device=None, dtype=None, max_length: int | None = None,
+                        head_seed: int = 0) -> CrossEncoder:
+        """Load a local HF BERT checkpoint: a one-label ``BertForSequenceClassification``, or a bare
+        ``BertModel`` (or any BERT without a classifier), which gets a new scoring head: classifier
+        (and pooler, if absent) weights ~ N(0, initializer_range) drawn from ``torch.Generator`` seeded
+        with ``head_seed``, biases zero.  Never downloads.  Raises ValueError for a checkpoint that is
+        not BERT-family (naming its model_type) or a classifier with more than one label."""
+        from transformers import AutoTokenizer, BertForSequenceClassification
+
+        path = Path(path)
+        _read_config(path)
+        model, info = BertForSequenceClassification.from_pretrained(
+            path, num_labels=1, output_loading_info=True, local_files_only=True, dtype=torch.float32
+        )
+        _init_head(model, info.get("missing_keys", ()), head_seed)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        settings = {}
+        if (path / SETTINGS_FILE).is_file():
+            with open(path / SETTINGS_FILE, encoding="utf-8") as f:
+                settings = json.load(f)
+        if max_length is None:
+            max_length = settings.get("max_length")
+        return cls(model, tokenizer, device=device, dtype=dtype, max_length=max_length,
+                   query_max_tokens=settings.get("query_max_tokens", QUERY_MAX_TOKENS))
+
+    @classmethod
+    def from_model(cls, hf_model: nn.Module, tokenizer, *, device=None, dtype=None,
+                   max_length: int | None = None, head_seed: int = 0) -> CrossEncoder:
+        """Wrap an in-memory model: a one-label ``BertForSequenceClassification`` (used as is, shared), or
+        a ``BertModel`` (shared) under a new seeded scoring head as in :meth:`from_pretrained`."""
+        from transformers import BertForSequenceClassification, BertModel
+
+        if isinstance(hf_model, BertModel):
+            cfg = hf_model.config.__class__.from_dict(hf_model.config.to_dict())
+            cfg.num_labels = 1
+            cfg.architectures = ["BertForSequenceClassification"]
+            wrapped = BertForSequenceClassification(cfg)
+            wrapped.bert = hf_model
+            if hf_model.pooler is None:
+                raise ValueError("the BertModel has no pooler (add_pooling_layer=False); cannot score")
+            _init_head(wrapped, ["classifier.weight"], head_seed)
+            hf_model = wrapped
+        elif not isinstance(hf_model, BertForSequenceClassification):
+            raise TypeError(
+                "from_model needs a BertModel or BertForSequenceClassification, "
+                f"got {type(hf_model).__name__}"
+            )
+        return cls(hf_model, tokenizer, device=device, dtype=dtype, max_length=max_length)
+
+    # ---------------------------------------------------------------- tokenising
+    def encode_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], int]]:
+        """Token ids with specials per pair and the index where token type 1 starts (after the rule)."""
+        pairs = _check_pairs(pairs)
+        tok = self.tokenizer
+        q_ids = tok([q for q, _ in pairs], add_special_tokens=False)["input_ids"]
+        d_ids = tok([d for _, d in pairs], add_special_tokens=False)["input_ids"]
+        cls_id, sep_id = tok.cls_token_id, tok.sep_token_id
+        out = []
+        for qi, di in zip(q_ids, d_ids):
+            q, d = truncate_pair(qi, di, self.max_length, self.query_max_tokens)
+            ids = [cls_id, *q, sep_id, *d, sep_id]
+            out.append((ids, len(q) + 2 if self._two_types else len(ids)))
+        return out
+
+    def _batches(self, lens: Sequence[int], batch_size: int, max_tokens: int) -> list[list[int]]:
+        """Indices grouped longest-first into batches of <= batch_size pairs and <= max_tokens tokens."""
+        order = sorted(range(len(lens)), key=lambda i: (-lens[i], i))
+        batches, cur, cur_tokens = [], [], 0
+        for i in order:
+            if cur and (len(cur) == batch_size or cur_tokens + lens[i] > max_tokens):
+                batches.append(cur)
+                cur, cur_tokens = [], 0
+            cur.append(i)
+            cur_tokens += lens[i]
+        if cur:
+            batches.append(cur)
+        return batches
+
+    @torch.inference_mode()
+    def score_packed(self, batch: PackedBatch) -> torch.Tensor:
+        """fp32 scores [B] (on the model's device) of one packed batch."""
+        dev = self.device
+        nb = dev.type == "cuda"
+        return self.encoder(
+            batch.input_ids.to(dev, non_blocking=nb),
+            batch.token_type_ids.to(dev, non_blocking=nb),
+            batch.position_ids.to(dev, non_blocking=nb),
+            batch.cu_seqlens.to(dev, non_blocking=nb),
+            batch.max_seqlen,
+        )
+
+    # ---------------------------------------------------------------- public scoring
+    def predict(self, pairs: Sequence[tuple[str, str]], batch_size: int = 128,
+                show_progress_bar: bool = False, *, max_tokens: int = 16384) -> np.ndarray:
+        """Scores (raw logits, float32 numpy [len(pairs)]) of (query, doc) pairs, in input order.
+
+        Pairs are packed without padding, longest first, ``batch_size`` pairs and at most ``max_tokens``
+        tokens per forward.  Raises ValueError on an empty list, TypeError on non-string texts.
+        """
+        encoded = self.encode_pairs(pairs)
+        return self.score_encoded(encoded, batch_size, show_progress_bar, max_tokens=max_tokens)
+
+    def score_encoded(self, encoded: Sequence[tuple[list[int], int]], batch_size: int = 128,
+                      show_progress_bar: bool = False, *, max_tokens: int = 16384) -> np.ndarray:
+        """:meth:`predict` on the output of :meth:`encode_pairs` (token ids already cut by the rule)."""
+        if len(encoded) == 0:
+            raise ValueError("pairs is empty: nothing to score")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if max_tokens < self.max_length:
+            raise ValueError(f"max_tokens ({max_tokens}) must be >= max_length ({self.max_length})")
+        lens = [len(ids) for ids, _ in encoded]
+        scores = np.empty(len(encoded), dtype=np.float32)
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(encoded), disable=not show_progress_bar, desc="scoring", unit="pair") as bar:
+            for idx in self._batches(lens, batch_size, max_tokens):
+                s = self.score_packed(PackedBatch([encoded[i] for i in idx]))
+                scores[idx] = s.float().cpu().numpy()
+                bar.update(len(idx))
+        return scores
+
+    def rank(self, query: str, docs: Sequence[str], top_k: int | None = None, return_documents: bool = False,
+             batch_size: int = 128) -> list[dict]:
+        """``[{"corpus_id", "score"(, "text")}]`` sorted by score, highest first (ties: lower corpus_id
+        first), cut to ``top_k`` when given."""
+        _check_text(query, "query")
+        docs = _check_docs(docs)
+        scores = self.predict([(query, d) for d in docs], batch_size=batch_size)
+        return _ranked(scores, docs, top_k, return_documents)
+
+    # ---------------------------------------------------------------- saving
+    def save(self, path) -> Path:
+        """Write an HF checkpoint (config, safetensors, tokenizer, plus relsum_ranker.json with the input
+        settings) that ``AutoModelForSequenceClassification.from_pretrained`` loads with num_labels=1.
+        Written into a temporary sibling directory first and renamed into place, so readers never see
+        a half-written checkpoint."""
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(f"{path} exists and is not a directory")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            with open(tmp / SETTINGS_FILE, "w", encoding="utf-8") as f:
+                json.dump({"max_length": self.max_length, "query_max_tokens": self.query_max_tokens}, f)
+            if path.exists():
+                # A directory cannot be atomically replaced by rename; swap it out, then delete it.
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+                os.replace(path, old / path.name)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+
+def _check_docs(docs) -> list[str]:
+    if isinstance(docs, (str, bytes)) or not isinstance(docs, Sequence):
+        raise TypeError(f"candidates must be a list of strings, got {type(docs).__name__}")
+    if len(docs) == 0:
+        raise ValueError("the candidate list is empty: nothing to rank")
+    return [_check_text(d, f"candidates[{i}]") for i, d in enumerate(docs)]
+
+
+def _ranked(scores: np.ndarray, docs: Sequence[str], top_k: int | None, return_documents: bool) -> list[dict]:
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    order = np.argsort(-scores, kind="stable")
+    if top_k is not None:
+        order = order[:top_k]
+    out = []
+    for i in order.tolist():
+        r = {"corpus_id": i, "score": float(scores[i])}
+        if return_documents:
+            r["text"] = docs[i]
+        out.append(r)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# online reranking
+# --------------------------------------------------------------------------------------------
+def _geometric(lo: int, hi: int, ratio: float) -> tuple[int, ...]:
+    out, x = [], float(lo)
+    while int(x) < hi:
+        v = int(math.ceil(x))
+        if not out or v > out[-1]:
+            out.append(v)
+        x *= ratio
+    out.append(hi)
+    return tuple(out)
+
+
+def _round_up(n: int, buckets: Sequence[int]) -> int | None:
+    for b in buckets:
+        if b >= n:
+            return b
+    return None
+
+
+class BucketLayout:
+    """Where a packed batch of ``lens`` goes in a bucket of fixed shape (tokens, sequences, max_seqlen).
+
+    Real sequences come first; the padding tokens form ``n_dummy`` extra sequences (each non-empty, at
+    most ``max_seqlen`` long) whose scores are dropped.  At least one dummy is always present, so every
+    bucket shape keeps one spare sequence slot.
+    """
+
+    def __init__(self, tokens: int, seqs: int, max_seqlen: int, dummy_lens: list[int]):
+        self.tokens, self.seqs, self.max_seqlen, self.dummy_lens = tokens, seqs, max_seqlen, dummy_lens
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        return (self.tokens, self.seqs, self.max_seqlen)
+
+
+def plan_bucket(lens: Sequence[int], token_buckets: Sequence[int], seq_buckets: Sequence[int],
+                seqlen_buckets: Sequence[int]) -> BucketLayout | None:
+    """Smallest bucket shape that holds ``lens`` plus >= 1 dummy sequence; None if none does."""
+    T, B = sum(lens), len(lens)
+    S = _round_up(max(lens), seqlen_buckets)
+    if S is None:
+        return None
+    need_tokens = T + 1
+    for _ in range(64):
+        Tb = _round_up(need_tokens, token_buckets)
+        if Tb is None:
+            return None
+        pad = Tb - T
+        Bb = _round_up(B + math.ceil(pad / S), seq_buckets)
+        if Bb is None:
+            return None
+        n_dummy = Bb - B
+        if n_dummy <= pad:  # every dummy sequence gets at least one token
+            base, extra = divmod(pad, n_dummy)
+            return BucketLayout(Tb, Bb, S, [base + (i < extra) for i in range(n_dummy)])
+        need_tokens = T + n_dummy
+    return None
+
+
+class _Graph:
+    """One captured forward for one bucket shape, with its static input buffer and output."""
+
+    def __init__(self, graph, inputs: torch.Tensor, scores: torch.Tensor):
+        self.graph, self.inputs, self.scores = graph, inputs, scores
+
+
+class Reranker:
+    """Online reranking: the model stays resident; one query with N candidates is scored as one packed
+    batch per chunk of at most ``max_tokens`` tokens / ``max_candidates`` candidates.
+
+    On CUDA (``cuda_graphs`` default True there) each chunk is laid out in a bucket shape (total tokens,
+    sequence count and max_seqlen rounded up to a few sizes, padding tokens as dummy sequences) and the
+    forward for that shape is captured once as a CUDA graph, so a query costs one host-to-device copy
+    and one graph launch per chunk.  Graphs share one memory pool; replays are sequential (a lock
+    serialises calls).  Weights are snapshotted into the graphs: graphs are dropped and recaptured when
+    any parameter changes in place (its version counter) or on :meth:`clear`.  On CPU the packed torch
+    path runs directly (``use_buckets=True`` forces the bucket layout, for tests).
+    """
+
+    def __init__(self, cross_encoder: CrossEncoder, *, max_tokens: int = 65536, max_candidates: int = 1024,
+                 bucket_ratio: float = 2 ** 0.5, cuda_graphs: bool | None = None,
+                 use_buckets: bool | None = None):
+        self.ce = cross_encoder
+        dev = cross_encoder.device
+        self.cuda_graphs = (dev.type == "cuda") if cuda_graphs is None else bool(cuda_graphs)
+        if self.cuda_graphs and dev.type != "cuda":
+            raise ValueError("cuda_graphs=True needs the model on a CUDA device")
+        self.use_buckets = self.cuda_graphs if use_buckets is None else bool(use_buckets)
+        if self.cuda_graphs and not self.use_buckets:
+            raise ValueError("CUDA graphs need fixed shapes: use_buckets must stay on")
+        L = cross_encoder.max_length
+        self.max_tokens = max_tokens
+        self.max_candidates = max_candidates
+        self.token_buckets = _geometric(256, max_tokens, bucket_ratio)
+        self.seqlen_buckets = tuple(b for b in (64, 128, 256, 512) if b < L) + (L,)
+        # Enough sequence slots for max_candidates real ones plus the dummies padding needs.
+        top = max_candidates + 1 + math.ceil(max_tokens / self.seqlen_buckets[0])
+        self.seq_buckets = _geometric(8, top, 2.0)
+        if max_tokens < self.seq_buckets[-1] + L:
+            raise ValueError(f"max_tokens={max_tokens} is too small for max_candidates={max_candidates}")
+        self._graphs: dict[tuple[int, int, int], _Graph] = {}
+        self._pool = None
+        self._weights_key = None
+        self._lock = threading.Lock()
+
+    # ---------------------------------------------------------------- scoring
+    def score(self, query: str, candidates: Sequence[str]) -> np.ndarray:
+        """float32 scores of (query, candidate) in candidate order."""
+        _check_text(query, "query")
+        docs = _check_docs(candidates)
+        return self.score_encoded(self.ce.encode_pairs([(query, d) for d in docs]))
+
+    def score_encoded(self, encoded: Sequence[tuple[list[int], int]]) -> np.ndarray:
+        """:meth:`score` on the output of :meth:`CrossEncoder.encode_pairs` (no tokenising here)."""
+        if len(encoded) == 0:
+            raise ValueError("the candidate list is empty: nothing to rank")
+        scores = np.empty(len(encoded), dtype=np.float32)
+        with self._lock:
+            for idx in self._chunks([len(ids) for ids, _ in encoded]):
+                scores[idx] = self._score_chunk([encoded[i] for i in idx])
+        return scores
+
+    def rerank(self, query: str, candidates: Sequence[str], top_k: int | None = None,
+               return_documents: bool = False) -> list[dict]:
+        """Like :meth:`CrossEncoder.rank`."""
+        docs = _check_docs(candidates)
+        return _ranked(self.score(query, docs), docs, top_k, return_documents)
+
+    def clear(self) -> None:
+        """Drop all captured graphs (they hold the weights' addresses and their own memory)."""
+        with self._lock:
+            self._graphs.clear()
+            self._pool = None
+
+    def _chunks(self, lens: Sequence[int]) -> list[list[int]]:
+        # Leave room for the dummy sequences the bucket layout adds (at most one per sequence slot), so
+        # every chunk has a bucket.
+        return self.ce._batches(lens, self.max_candidates, self.max_tokens - self.seq_buckets[-1])
+
+    def _score_chunk(self, seqs: list[tuple[list[int], int]]) -> np.ndarray:
+        B = len(seqs)
+        if not self.use_buckets:
+            return self.ce.score_packed(PackedBatch(seqs)).float().cpu().numpy()
+        layout = plan_bucket([len(ids) for ids, _ in seqs], self.token_buckets, self.seq_buckets,
+                             self.seqlen_buckets)
+        if layout is None:  # cannot happen for chunks cut by _chunks; keep the exact path as a guard
+            return self.ce.score_packed(PackedBatch(seqs)).float().cpu().numpy()
+        pad_id = self.ce.tokenizer.pad_token_id or 0
+        batch = PackedBatch(seqs + [([pad_id] * n, n) for n in layout.dummy_lens])
+        batch.max_seqlen = layout.max_seqlen
+        if not self.cuda_graphs:
+            return self.ce.score_packed(batch)[:B].float().cpu().numpy()
+        return self._replay(layout, batch)[:B]
+
+    # ---------------------------------------------------------------- CUDA graphs
+    def _host_buffer(self, batch: PackedBatch) -> torch.Tensor:
+        # One int64 buffer [ids | types | positions | cu_seqlens] -> a single host-to-device copy.
+        return torch.cat([batch.input_ids, batch.token_type_ids, batch.position_ids,
+                          batch.cu_seqlens.to(torch.int64)]).pin_memory()
+
+    def _forward_static(self, inputs: torch.Tensor, layout: BucketLayout) -> torch.Tensor:
+        T = layout.tokens
+        ids, types, pos = inputs[:T], inputs[T:2 * T], inputs[2 * T:3 * T]
+        cu = inputs[3 * T:].to(torch.int32)
+        return self.ce.encoder(ids, types, pos, cu, layout.max_seqlen)
+
+    def _current_weights_key(self):
+        return tuple((p.data_ptr(), p._version) for p in self.ce.model.parameters())
+
+    def _replay(self, layout: BucketLayout, batch: PackedBatch) -> np.ndarray:
+        key = self._current_weights_key()
+        if key != self._weights_key:
+            self._graphs.clear()
+            self._pool = None
+            self._weights_key = key
+        host = self._host_buffer(batch)
+        g = self._graphs.get(layout.key)
+        if g is None:
+            g = self._capture(layout, host)
+            self._graphs[layout.key] = g
+        g.inputs.copy_(host, non_blocking=True)
+        g.graph.replay()
+        return g.scores.float().cpu().numpy()
+
+    @torch.inference_mode()
+    def _capture(self, layout: BucketLayout, host: torch.Tensor) -> _Graph:
+        dev = self.ce.device
+        # Static inputs live outside the graph pool so no other graph's replay can overwrite them.
+        inputs = host.to(dev)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compiles/autotunes the Triton kernels and fills the fused-QKV cache
+                self._forward_static(inputs, layout)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            scores = self._forward_static(inputs, layout)
+        return _Graph(graph, inputs, scores)
