@@ -1,0 +1,126 @@
+"""Packed cross-encoder attention: relsum's varlen kernels against padded SDPA and torch's varlen.
+
+CPU (always): the torch path of ``varlen_attention`` (length buckets, one SDPA call each) against
+one SDPA call over the batch padded to its longest pair, on a small mixed-length batch.
+
+CUDA (skipped without it): bf16, 1024 pairs of 24-96 and of 128-512 tokens at MiniLM (12 heads x 32)
+and BERT-base (12 x 64): the Triton kernel, torch SDPA padded (key-padding mask, as HF sdpa runs it),
+and ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10; skipped when absent).
+
+The padded baselines get their padded tensors for free (an HF model is padded end to end); the
+packed paths start from the packed stream.  Times land in the pytest-benchmark report; shapes and
+tokens/s in ``extra_info``.  Run: ``pytest benchmarks/test_bench_encoder_kernels.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from relsum_kernels import varlen_attention
+
+CUDA = torch.cuda.is_available()
+MODELS = {"minilm": (12, 32), "bert-base": (12, 64)}
+LENGTHS = [(24, 96), (128, 512)]
+
+
+def _batch(n_pairs, lo, hi, heads, head_dim, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lo, hi + 1, (n_pairs,), generator=g)
+    cu = torch.zeros(n_pairs + 1, dtype=torch.int32)
+    cu[1:] = lens.cumsum(0)
+    T = int(cu[-1])
+    qkv = torch.randn(T, 3, heads, head_dim, generator=g).to(device=device, dtype=dtype)
+    return lens, cu.to(device), qkv
+
+
+def _padded(lens, qkv, heads, head_dim):
+    """[B, H, L, D] q, k, v and the [B, 1, 1, L] key mask, built outside the timed region."""
+    B, L = len(lens), int(lens.max())
+    dev = qkv.device
+    padded = torch.zeros(B, L, 3, heads, head_dim, device=dev, dtype=qkv.dtype)
+    valid = (torch.arange(L)[None, :] < lens[:, None]).to(dev)
+    padded[valid] = qkv
+    q, k, v = (padded[:, :, i].transpose(1, 2).contiguous() for i in range(3))
+    return q, k, v, valid[:, None, None, :]
+
+
+def _record(benchmark, *, method, model, lens, heads, head_dim, dtype, device):
+    T = int(lens.sum())
+    median = benchmark.stats.stats.median
+    benchmark.extra_info.update(
+        method=method, model=model, device=device, dtype=str(dtype).removeprefix("torch."),
+        pairs=len(lens), lengths=f"{int(lens.min())}-{int(lens.max())}", tokens=T,
+        padded_tokens=len(lens) * int(lens.max()), heads=heads, head_dim=head_dim,
+        tokens_per_s=T / median, median_ms=median * 1e3,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# CPU: small mixed-length batch
+# --------------------------------------------------------------------------------------------
+CPU_PAIRS = 64
+CPU_LENGTHS = (24, 160)
+
+
+@pytest.mark.parametrize("method", ["relsum_torch_buckets", "sdpa_padded"])
+def test_cpu_attention(benchmark, method):
+    heads, head_dim = MODELS["minilm"]
+    lens, cu, qkv = _batch(CPU_PAIRS, *CPU_LENGTHS, heads, head_dim, torch.float32, "cpu")
+    max_len = int(lens.max())
+    if method == "relsum_torch_buckets":
+        q, k, v = qkv.unbind(1)
+        fn = lambda: varlen_attention(q, k, v, cu, max_len, impl="torch")
+    else:
+        q, k, v, mask = _padded(lens, qkv, heads, head_dim)
+        fn = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    benchmark.group = "encoder-attention-cpu"
+    benchmark.pedantic(fn, rounds=10, warmup_rounds=2, iterations=1)
+    _record(benchmark, method=method, model="minilm", lens=lens, heads=heads, head_dim=head_dim,
+            dtype=torch.float32, device="cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA: 1024 pairs, bf16
+# --------------------------------------------------------------------------------------------
+def _varlen_attn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("method", ["relsum_triton", "sdpa_padded", "torch_varlen_attn"])
+@pytest.mark.parametrize("lengths", LENGTHS, ids=lambda r: f"{r[0]}-{r[1]}")
+@pytest.mark.parametrize("model", list(MODELS))
+def test_cuda_attention(benchmark, model, lengths, method):
+    heads, head_dim = MODELS[model]
+    dtype = torch.bfloat16
+    lens, cu, qkv = _batch(1024, *lengths, heads, head_dim, dtype, "cuda")
+    max_len = int(lens.max())
+    q, k, v = qkv.unbind(1)
+    if method == "relsum_triton":
+        run = lambda: varlen_attention(q, k, v, cu, max_len, impl="triton")
+    elif method == "sdpa_padded":
+        qp, kp, vp, mask = _padded(lens, qkv, heads, head_dim)
+        run = lambda: F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask)
+    else:
+        varlen_attn = _varlen_attn()
+        if varlen_attn is None:
+            pytest.skip("torch.nn.attention.varlen.varlen_attn needs torch >= 2.10")
+        qc, kc, vc = (t.contiguous() for t in (q, k, v))
+        run = lambda: varlen_attn(qc, kc, vc, cu, cu, max_len, max_len)
+
+    def fn():
+        run()
+        torch.cuda.synchronize()
+
+    for _ in range(3):  # compile / autotune / allocator warm-up outside the timed rounds
+        fn()
+    benchmark.group = f"encoder-attention-cuda-{model}-{lengths[0]}-{lengths[1]}"
+    benchmark.pedantic(fn, rounds=30, warmup_rounds=2, iterations=1)
+    _record(benchmark, method=method, model=model, lens=lens, heads=heads, head_dim=head_dim,
+            dtype=dtype, device=torch.cuda.get_device_name())
