@@ -133,9 +133,11 @@ class CrossEncoder:
     """A BERT-family cross-encoder scoring (query, doc) pairs with the padding-free packed encoder.
 
     ``model`` is a Hugging Face ``BertForSequenceClassification`` with one label (kept as the source of
-    truth for the weights: the packed encoder shares its parameters); ``tokenizer`` its tokenizer.
-    Defaults: device CUDA when available else CPU, dtype float32, ``max_length`` the model's
-    ``max_position_embeddings``.  See the module docstring for the pair layout and truncation rule.
+    truth for the weights: the packed encoder shares its parameters, so a model being fine-tuned can be
+    scored at any time; its train/eval mode is left alone, the packed forward never applies dropout);
+    ``tokenizer`` its tokenizer.  ``device`` / ``dtype`` move the model (in place) when given, else it
+    stays where it is.  ``max_length`` defaults to the model's ``max_position_embeddings``.  See the
+    module docstring for the pair layout and truncation rule.
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, device=None, dtype=None, max_length: int | None = None,
@@ -154,9 +156,11 @@ class CrossEncoder:
                              f"got {max_length}")
         if query_max_tokens < 0:
             raise ValueError(f"query_max_tokens must be >= 0, got {query_max_tokens}")
-        self.device = torch.device(device) if device is not None else _default_device()
-        self.dtype = dtype if dtype is not None else torch.float32
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        if device is not None or dtype is not None:
+            model = model.to(device=device, dtype=dtype)
+        w = model.classifier.weight
+        self.device, self.dtype = w.device, w.dtype
+        self.model = model
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.query_max_tokens = query_max_tokens
@@ -168,11 +172,14 @@ class CrossEncoder:
     @classmethod
     def from_pretrained(cls, path, *, device=None, dtype=None, max_length: int | None = None,
                         head_seed: int = 0) -> CrossEncoder:
-        """Load a local HF BERT checkpoint: a one-label ``BertForSequenceClassification``, or a bare
+        """Load a local HF BERT checkpoint onto ``device`` (default CUDA if available, else CPU) in ``dtype``
+        (default float32), in eval mode: a one-label ``BertForSequenceClassification``, or a bare
         ``BertModel`` (or any BERT without a classifier), which gets a new scoring head: classifier
         (and pooler, if absent) weights ~ N(0, initializer_range) drawn from ``torch.Generator`` seeded
-        with ``head_seed``, biases zero.  Never downloads.  Raises ValueError for a checkpoint that is
-        not BERT-family (naming its model_type) or a classifier with more than one label."""
+        with ``head_seed``, biases zero.  Never downloads.  ``max_length`` defaults to the one in the
+        checkpoint's relsum_ranker.json, else the model's ``max_position_embeddings``.  Raises ValueError
+        for a checkpoint that is not BERT-family (naming its model_type) or a classifier with more than
+        one label."""
         from transformers import AutoTokenizer, BertForSequenceClassification
 
         path = Path(path)
@@ -188,7 +195,8 @@ class CrossEncoder:
                 settings = json.load(f)
         if max_length is None:
             max_length = settings.get("max_length")
-        return cls(model, tokenizer, device=device, dtype=dtype, max_length=max_length,
+        return cls(model.eval(), tokenizer, device=device or _default_device(), dtype=dtype or torch.float32,
+                   max_length=max_length,
                    query_max_tokens=settings.get("query_max_tokens", QUERY_MAX_TOKENS))
 
     @classmethod
@@ -220,8 +228,8 @@ class CrossEncoder:
         """Token ids with specials per pair and the index where token type 1 starts (after the rule)."""
         pairs = _check_pairs(pairs)
         tok = self.tokenizer
-        q_ids = tok([q for q, _ in pairs], add_special_tokens=False)["input_ids"]
-        d_ids = tok([d for _, d in pairs], add_special_tokens=False)["input_ids"]
+        q_ids = tok([q for q, _ in pairs], add_special_tokens=False, verbose=False)["input_ids"]
+        d_ids = tok([d for _, d in pairs], add_special_tokens=False, verbose=False)["input_ids"]
         cls_id, sep_id = tok.cls_token_id, tok.sep_token_id
         out = []
         for qi, di in zip(q_ids, d_ids):

@@ -1,0 +1,109 @@
+"""Packed BERT encoder against Hugging Face's padded forward, one sequence at a time."""
+
+import copy
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from relsum_core.encoder import PackedBertEncoder
+
+
+def tiny_model(**overrides) -> BertForSequenceClassification:
+    cfg = dict(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+               intermediate_size=96, max_position_embeddings=512, num_labels=1)
+    cfg.update(overrides)
+    model = BertForSequenceClassification(BertConfig(**cfg)).eval()
+    model.set_attn_implementation("eager")
+    # Random LayerNorm/bias values, so a mis-wired parameter cannot hide behind ones and zeros.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def packed_inputs(lens, vocab=120, split=None):
+    seqs = [torch.randint(1, vocab, (n,)) for n in lens]
+    types = []
+    for n in lens:
+        k = max(1, n // 3) if split is None else split
+        k = min(k, n)
+        types.append(torch.cat([torch.zeros(k, dtype=torch.long), torch.ones(n - k, dtype=torch.long)]))
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lens).cumsum(0)
+    pos = torch.cat([torch.arange(n) for n in lens])
+    return seqs, types, torch.cat(seqs), torch.cat(types), pos, cu
+
+
+def hf_scores(model, seqs, types):
+    with torch.no_grad():
+        out = [model(input_ids=s[None], token_type_ids=t[None]).logits[:, 0] for s, t in zip(seqs, types)]
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("lens", [[1], [7], [1, 2, 17, 64, 3, 128, 5], [512, 31, 200]])
+def test_packed_matches_hf_per_sequence(lens):
+    model = tiny_model()
+    enc = PackedBertEncoder.from_hf(model)
+    seqs, types, ids, tt, pos, cu = packed_inputs(lens)
+    with torch.inference_mode():
+        got = enc(ids, tt, pos, cu, max(lens))
+    ref = hf_scores(model, seqs, types)
+    assert got.dtype == torch.float32 and got.shape == (len(lens),)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+
+
+def test_scores_do_not_depend_on_batch_neighbours():
+    model = tiny_model()
+    enc = PackedBertEncoder.from_hf(model)
+    lens = [40, 9, 77]
+    _, _, ids, tt, pos, cu = packed_inputs(lens)
+    with torch.inference_mode():
+        together = enc(ids, tt, pos, cu, 77)
+        alone = enc(ids[40:49], tt[40:49], pos[40:49], torch.tensor([0, 9], dtype=torch.int32), 9)
+    torch.testing.assert_close(together[1:2], alone, rtol=0, atol=1e-6)
+
+
+def test_fused_qkv_cache_follows_weight_updates():
+    model = tiny_model()
+    enc = PackedBertEncoder.from_hf(model)
+    seqs, types, ids, tt, pos, cu = packed_inputs([12, 30])
+    with torch.inference_mode():
+        before = enc(ids, tt, pos, cu, 30)
+    with torch.no_grad():
+        v = model.bert.encoder.layer[1].attention.self.value.weight
+        v.add_(torch.randn_like(v))
+    with torch.inference_mode():
+        after = enc(ids, tt, pos, cu, 30)
+    assert (after - before).abs().max() > 1e-4  # the edit must be seen...
+    torch.testing.assert_close(after, hf_scores(model, seqs, types), rtol=0, atol=1e-5)  # ...exactly
+
+
+def test_parameters_are_shared_and_trainable():
+    model = tiny_model()
+    enc = PackedBertEncoder.from_hf(model)
+    q = model.bert.encoder.layer[0].attention.self.query.weight
+    assert enc.layers[0].attention.self.query.weight is q
+    _, _, ids, tt, pos, cu = packed_inputs([5, 11])
+    enc(ids, tt, pos, cu, 11).sum().backward()
+    for p in (model.bert.encoder.layer[0].attention.self.query.weight, model.classifier.weight,
+              model.bert.embeddings.word_embeddings.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_non_gelu_activation_uses_torch_fallback():
+    model = tiny_model(hidden_act="gelu_new")
+    seqs, types, ids, tt, pos, cu = packed_inputs([6, 20])
+    with torch.inference_mode():
+        got = PackedBertEncoder.from_hf(model)(ids, tt, pos, cu, 20)
+    torch.testing.assert_close(got, hf_scores(model, seqs, types), rtol=0, atol=1e-5)
+
+
+def test_rejects_unsupported_models():
+    with pytest.raises(ValueError, match="absolute position"):
+        PackedBertEncoder.from_hf(tiny_model(position_embedding_type="relative_key"))
+    with pytest.raises(ValueError, match="one output"):
+        PackedBertEncoder.from_hf(tiny_model(num_labels=3))
+    with pytest.raises(TypeError, match="BertForSequenceClassification"):
+        PackedBertEncoder.from_hf(copy.deepcopy(tiny_model()).bert)
