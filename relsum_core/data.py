@@ -1,0 +1,232 @@
+"""Catalog and relevance-judgment loading (ESCI-style files) and the split of queries.
+
+A data directory holds ``products.jsonl`` or ``products.jsonl.gz`` (one JSON object a line with
+``product_id``, ``title`` and optionally ``description``, ``bullet_points``, ``brand``, ``color``)
+and ``judgments.csv`` (columns ``query_id``, ``query``, ``product_id`` and ``grade`` 0..3 and/or
+``esci_label`` E/S/C/I).  Every malformed row raises :class:`DataError` naming file and line: a
+silently dropped judgment changes every metric computed downstream.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+# ESCI's labels and the integer grades the judgments file carries beside them.
+ESCI_GRADES = {"E": 3, "S": 2, "C": 1, "I": 0}
+MAX_GRADE = 3
+
+CATALOG_NAMES = ("products.jsonl.gz", "products.jsonl")
+JUDGMENTS_NAME = "judgments.csv"
+
+
+class DataError(ValueError):
+    """A catalog or judgments file that cannot be read as documented."""
+
+
+@dataclass(frozen=True)
+class Product:
+    product_id: str
+    title: str
+    description: str = ""
+    bullets: tuple[str, ...] = ()
+    brand: str = ""
+    color: str = ""
+
+
+@dataclass(frozen=True)
+class Judgment:
+    query_id: str
+    query: str
+    product_id: str
+    grade: int  # 0..3, E=3 S=2 C=1 I=0
+    label: str | None = None  # the ESCI letter when the file has one
+
+
+def bundled_data_dir() -> Path:
+    """The ESCI-150q copy shipped inside the package (works from an installed wheel too)."""
+    path = resources.files("relsum_core").joinpath("bundled", "esci_150q")
+    if not isinstance(path, Path):  # a zipped install: the data must be extracted to be read by path
+        raise DataError(f"bundled data is not on the file system ({path}); install relsum unzipped")
+    return path
+
+
+def _catalog_path(data_dir: Path) -> Path:
+    for name in CATALOG_NAMES:
+        if (data_dir / name).is_file():
+            return data_dir / name
+    raise DataError(f"{data_dir}: no catalog file (expected one of {', '.join(CATALOG_NAMES)})")
+
+
+def _text_field(row: dict, key: str, where: str) -> str:
+    value = row.get(key, "")
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _bullets(value, where: str) -> tuple[str, ...]:
+    # ESCI ships bullets as one newline-separated string; other dumps use a list.
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        lines = value.split("\n")
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        lines = value
+    else:
+        raise DataError(f"{where}: 'bullet_points' must be a string or a list of strings")
+    return tuple(line for line in lines if line.strip())
+
+
+def load_catalog(path: str | Path | None = None) -> dict[str, Product]:
+    """Products by id from a JSONL(.gz) file or a data directory; default: the bundled copy."""
+    path = Path(path) if path is not None else bundled_data_dir()
+    if path.is_dir():
+        path = _catalog_path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    products: dict[str, Product] = {}
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{where}: expected a JSON object")
+                pid = row.get("product_id")
+                if not isinstance(pid, str) or not pid.strip():
+                    raise DataError(f"{where}: missing or empty 'product_id'")
+                title = row.get("title")
+                if not isinstance(title, str) or not title.strip():
+                    raise DataError(f"{where}: product {pid!r} has a missing or empty 'title'")
+                if pid in products:
+                    raise DataError(f"{where}: duplicate product_id {pid!r}")
+                products[pid] = Product(
+                    product_id=pid,
+                    title=title,
+                    description=_text_field(row, "description", where),
+                    bullets=_bullets(row.get("bullet_points"), where),
+                    brand=_text_field(row, "brand", where),
+                    color=_text_field(row, "color", where),
+                )
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read catalog ({e})") from e
+    if not products:
+        raise DataError(f"{path}: catalog is empty")
+    return products
+
+
+def _grade(row: dict, where: str) -> tuple[int, str | None]:
+    raw_grade = (row.get("grade") or "").strip()
+    label = (row.get("esci_label") or "").strip().upper() or None
+    if label is not None and label not in ESCI_GRADES:
+        raise DataError(f"{where}: esci_label {label!r} is not one of E, S, C, I")
+    if raw_grade:
+        try:
+            grade = int(raw_grade)
+        except ValueError:
+            raise DataError(f"{where}: grade {raw_grade!r} is not an integer") from None
+        if not 0 <= grade <= MAX_GRADE:
+            raise DataError(f"{where}: grade {grade} is outside 0..{MAX_GRADE}")
+        if label is not None and ESCI_GRADES[label] != grade:
+            raise DataError(
+                f"{where}: grade {grade} disagrees with esci_label {label} ({ESCI_GRADES[label]})"
+            )
+        return grade, label
+    if label is not None:
+        return ESCI_GRADES[label], label
+    raise DataError(f"{where}: row has neither a grade nor an esci_label")
+
+
+def load_judgments(
+    path: str | Path | None = None, catalog: dict[str, Product] | None = None
+) -> list[Judgment]:
+    """Judgments in file order from a CSV file or a data directory; default: the bundled copy.
+
+    With ``catalog`` given, a judgment naming a product the catalog lacks is an error.
+    """
+    path = Path(path) if path is not None else bundled_data_dir()
+    if path.is_dir():
+        path = path / JUDGMENTS_NAME
+    judgments: list[Judgment] = []
+    seen: set[tuple[str, str]] = set()
+    query_text: dict[str, str] = {}
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            columns = set(reader.fieldnames or ())
+            missing = {"query_id", "query", "product_id"} - columns
+            if missing:
+                raise DataError(f"{path}:1: header lacks column(s) {', '.join(sorted(missing))}")
+            if not columns & {"grade", "esci_label"}:
+                raise DataError(f"{path}:1: header needs a 'grade' or an 'esci_label' column")
+            for row in reader:
+                where = f"{path}:{reader.line_num}"
+                if None in row:
+                    raise DataError(f"{where}: more fields than the header names")
+                qid = (row.get("query_id") or "").strip()
+                query = (row.get("query") or "").strip()
+                pid = (row.get("product_id") or "").strip()
+                if not qid or not query or not pid:
+                    raise DataError(f"{where}: empty query_id, query or product_id")
+                grade, label = _grade(row, where)
+                if catalog is not None and pid not in catalog:
+                    raise DataError(f"{where}: product {pid!r} is not in the catalog")
+                if query_text.setdefault(qid, query) != query:
+                    raise DataError(f"{where}: query_id {qid} was {query_text[qid]!r}, now {query!r}")
+                if (qid, pid) in seen:
+                    raise DataError(f"{where}: product {pid!r} judged twice for query_id {qid}")
+                seen.add((qid, pid))
+                judgments.append(Judgment(qid, query, pid, grade, label))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: cannot read judgments ({e})") from e
+    if not judgments:
+        raise DataError(f"{path}: no judgments")
+    return judgments
+
+
+def load_dataset(data_dir: str | Path | None = None) -> tuple[dict[str, Product], list[Judgment]]:
+    """Catalog and judgments of one data directory, cross-checked; default: the bundled copy."""
+    data_dir = Path(data_dir) if data_dir is not None else bundled_data_dir()
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: not a directory")
+    catalog = load_catalog(data_dir)
+    return catalog, load_judgments(data_dir, catalog)
+
+
+def group_by_query(judgments: Iterable[Judgment]) -> dict[str, list[Judgment]]:
+    """Judgments per query id, queries and candidates in first-seen order."""
+    groups: dict[str, list[Judgment]] = {}
+    for j in judgments:
+        groups.setdefault(j.query_id, []).append(j)
+    return groups
+
+
+def split_queries(
+    query_ids: Sequence[str], val_fraction: float = 0.2, seed: int = 0
+) -> tuple[list[str], list[str]]:
+    """Deterministic (train, validation) split of distinct query ids.
+
+    The ids are sorted before the seeded shuffle, so the split depends on the set of ids and the
+    seed only, not on file order.  Validation gets ``round(val_fraction * n)`` queries, at least one.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    ids = sorted(set(query_ids))
+    if len(ids) < 2:
+        raise ValueError(f"need at least 2 distinct queries to split, got {len(ids)}")
+    random.Random(seed).shuffle(ids)
+    n_val = min(len(ids) - 1, max(1, round(val_fraction * len(ids))))
+    return sorted(ids[n_val:]), sorted(ids[:n_val])
