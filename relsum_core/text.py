@@ -1,0 +1,104 @@
+"""Product text and token budgets: the one rule every ranker, baseline and summary uses.
+
+The rule::
+
+    text = title                                   if the attribute budget is 0 or there are none
+    text = title + " | " + attributes[:budget]     otherwise
+
+* ``attributes`` are the bullets, then the description, each line whitespace-normalised (runs of
+  spaces, tabs and line breaks inside a line become one space, empty lines dropped) and joined
+  with ``"\\n"``.
+* Budgets count tokens of a given tokenizer (no special tokens).  Cuts fall on token boundaries:
+  the text kept ends where the last kept token ends in the original string, so re-tokenising the
+  cut text gives no more tokens than the budget.
+* The title is kept whole up to its own cap (``title_tokens``, default 64) and does not use the
+  attribute budget; the separator does not count either.
+
+A summarizer's output replaces ``attributes`` under the same rule, so a ranker trained on
+``title | attribute prefix`` sees the shape it will later score.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from relsum_core.data import Product
+
+SEPARATOR = " | "
+TITLE_TOKENS = 64
+
+_SPACE = re.compile(r"\s+")
+
+
+def normalise(text: str) -> str:
+    return _SPACE.sub(" ", text).strip()
+
+
+def attributes_text(product: Product) -> str:
+    """Bullets then description, one normalised line each, newline-joined."""
+    lines = [normalise(b) for b in product.bullets]
+    lines += [normalise(line) for line in product.description.split("\n")]
+    return "\n".join(line for line in lines if line)
+
+
+def cut_to_tokens(text: str, tokenizer, max_tokens: int) -> str:
+    """The longest prefix of ``text`` ending on a token boundary with at most ``max_tokens`` tokens."""
+    if max_tokens < 0:
+        raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+    if max_tokens == 0 or not text:
+        return ""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    if len(offsets) <= max_tokens:
+        return text
+    return text[: offsets[max_tokens - 1][1]].rstrip()
+
+
+def join_title(title: str, attributes: str) -> str:
+    return f"{title}{SEPARATOR}{attributes}" if attributes else title
+
+
+def product_text(product: Product, tokenizer, attr_tokens: int, title_tokens: int = TITLE_TOKENS) -> str:
+    """``title | attributes`` cut to budgets; ``attr_tokens=0`` gives the title alone."""
+    title = cut_to_tokens(normalise(product.title), tokenizer, title_tokens)
+    return join_title(title, cut_to_tokens(attributes_text(product), tokenizer, attr_tokens))
+
+
+class PrefixSampler:
+    """Training text: title + a uniformly random prefix of 0..max_attr_tokens attribute tokens.
+
+    Uniform lengths, 0 included, teach the ranker to score a bare title and every budget up to
+    the maximum alike.  Each product's title and attributes are tokenised once and cached, so a
+    sample costs a slice, not a tokenizer call.
+    """
+
+    def __init__(self, tokenizer, max_attr_tokens: int, title_tokens: int = TITLE_TOKENS, seed: int = 0):
+        if max_attr_tokens < 0:
+            raise ValueError(f"max_attr_tokens must be >= 0, got {max_attr_tokens}")
+        self.tokenizer = tokenizer
+        self.max_attr_tokens = max_attr_tokens
+        self.title_tokens = title_tokens
+        self.rng = random.Random(seed)
+        self._cache: dict[str, tuple[str, str, list[int]]] = {}
+
+    def _parts(self, product: Product) -> tuple[str, str, list[int]]:
+        parts = self._cache.get(product.product_id)
+        if parts is None:
+            title = cut_to_tokens(normalise(product.title), self.tokenizer, self.title_tokens)
+            attrs = cut_to_tokens(attributes_text(product), self.tokenizer, self.max_attr_tokens)
+            ends = []
+            if attrs:
+                enc = self.tokenizer(attrs, add_special_tokens=False, return_offsets_mapping=True)
+                ends = [end for _, end in enc["offset_mapping"]]
+            parts = self._cache[product.product_id] = (title, attrs, ends)
+        return parts
+
+    def text(self, product: Product, attr_tokens: int) -> str:
+        """Same result as ``product_text`` with this sampler's caps, from the cache."""
+        title, attrs, ends = self._parts(product)
+        n = min(attr_tokens, len(ends))
+        return join_title(title, attrs[: ends[n - 1]].rstrip() if n > 0 else "")
+
+    def sample(self, product: Product) -> str:
+        return self.text(product, self.rng.randint(0, self.max_attr_tokens))
