@@ -21,6 +21,7 @@ Two implementations:
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -172,6 +173,53 @@ def _fused_qkv_rows(q, k, v):
     return q.as_strided((T, 3 * hd), (3 * hd, 1))
 
 
+def _bucket_plan(cu_host: list[int], H: int, device) -> list[tuple]:
+    """Per SDPA call: (B, L, gather rows [B*L], scatter rows [B*L] (T = dump row), key mask or None)."""
+    T = cu_host[-1]
+    cu = torch.tensor(cu_host, dtype=torch.int64)
+    lens = cu[1:] - cu[:-1]
+    lens_sorted, order = torch.sort(lens, stable=True)
+    starts_sorted = cu[:-1][order]
+    lens_list = lens_sorted.tolist()
+    first = next((i for i, n in enumerate(lens_list) if n > 0), len(lens_list))  # skip empty sequences
+    plan = []
+    for i0, i1 in _length_buckets(lens_list[first:]):
+        i0 += first
+        i1 += first
+        L = lens_list[i1 - 1]
+        uniform = lens_list[i0] == L
+        step = max(1, TORCH_SCORE_ELEMS // (H * L * L))
+        for c0 in range(i0, i1, step):
+            c1 = min(i1, c0 + step)
+            ln = lens_sorted[c0:c1]
+            st = starts_sorted[c0:c1]
+            ar = torch.arange(L)
+            valid = ar[None, :] < ln[:, None]
+            # Padded slots read their sequence's first row (any real row works, the mask hides it)
+            # and write to the dump row.
+            rows_in = st[:, None] + ar[None, :]
+            idx = torch.where(valid, rows_in, st[:, None]).reshape(-1).to(device)
+            dst = idx if uniform else torch.where(valid, rows_in, T).reshape(-1).to(device)
+            mask = None if uniform else valid.to(device)[:, None, None, :]
+            plan.append((c1 - c0, L, idx, dst, mask))
+    return plan
+
+
+# The last plan, keyed by the host list object that _host_list hands back for an unchanged
+# cu_seqlens: every layer of one encoder forward reuses it.
+_PLAN_CACHE: tuple = (None, None, None)
+
+
+def _cached_plan(cu_host: list[int], H: int, device) -> list[tuple]:
+    global _PLAN_CACHE
+    key, key_hd, plan = _PLAN_CACHE
+    if key is cu_host and key_hd == (H, device):
+        return plan
+    plan = _bucket_plan(cu_host, H, device)
+    _PLAN_CACHE = (cu_host, (H, device), plan)
+    return plan
+
+
 def _torch_varlen(q, k, v, cu_host: list[int], scale):
     T, H, D = q.shape
     dev = q.device
@@ -182,45 +230,36 @@ def _torch_varlen(q, k, v, cu_host: list[int], scale):
     out = torch.empty((T + 1, H * D), device=dev, dtype=q.dtype)
     # CPU half SDPA is slow and loose; compute there in fp32 and round once at the end.
     cdt = torch.float32 if (dev.type == "cpu" and q.dtype == torch.float16) else q.dtype
-    cu = torch.tensor(cu_host, dtype=torch.int64)
-    lens = cu[1:] - cu[:-1]
-    lens_sorted, order = torch.sort(lens, stable=True)
-    starts_sorted = cu[:-1][order]
-    lens_list = lens_sorted.tolist()
-    first = next((i for i, n in enumerate(lens_list) if n > 0), len(lens_list))  # skip empty sequences
-    for i0, i1 in _length_buckets(lens_list[first:]):
-        i0 += first
-        i1 += first
-        L = lens_list[i1 - 1]
-        uniform = lens_list[i0] == L
-        step = max(1, TORCH_SCORE_ELEMS // (H * L * L))
-        for c0 in range(i0, i1, step):
-            c1 = min(i1, c0 + step)
-            B = c1 - c0
-            ln = lens_sorted[c0:c1]
-            st = starts_sorted[c0:c1]
-            ar = torch.arange(L)
-            valid = ar[None, :] < ln[:, None]
-            # Padded slots read their sequence's first row (any real row works, the mask hides it)
-            # and write to the dump row.
-            rows_in = st[:, None] + ar[None, :]
-            idx = torch.where(valid, rows_in, st[:, None]).reshape(-1).to(dev)
-            dst = idx if uniform else torch.where(valid, rows_in, T).reshape(-1).to(dev)
-            if qkv is not None:
-                g = qkv.index_select(0, idx).view(B, L, 3, H, D).to(cdt)
-                qb, kb, vb = (g[:, :, i].transpose(1, 2) for i in range(3))  # [B, H, L, D]
-            else:
-                qb, kb, vb = (r.index_select(0, idx).view(B, L, H, D).to(cdt).transpose(1, 2) for r in rows)
-            mask = None if uniform else valid.to(dev)[:, None, None, :]
-            ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
-            ob = ob.transpose(1, 2).reshape(B * L, H * D).to(q.dtype)  # [B*L, H*D]
-            out.index_copy_(0, dst, ob)
+    for B, L, idx, dst, mask in _cached_plan(cu_host, H, dev):
+        if qkv is not None:
+            g = qkv.index_select(0, idx).view(B, L, 3, H, D).to(cdt)
+            qb, kb, vb = (g[:, :, i].transpose(1, 2) for i in range(3))  # [B, H, L, D]
+        else:
+            qb, kb, vb = (r.index_select(0, idx).view(B, L, H, D).to(cdt).transpose(1, 2) for r in rows)
+        ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
+        ob = ob.transpose(1, 2).reshape(B * L, H * D).to(q.dtype)  # a view: SDPA returns [B, L, H, D] memory
+        out.index_copy_(0, dst, ob)
     return out[:T].view(T, H, D)
 
 
 # --------------------------------------------------------------------------------------------
 # validation and the public functions
 # --------------------------------------------------------------------------------------------
+# The last cu_seqlens seen and its host copy: an encoder passes one cu_seqlens to every layer, and
+# on CUDA each .tolist() is a device sync that would stall the launch queue once per layer.
+_HOST_CACHE: tuple = (None, -1, None)
+
+
+def _host_list(cu_seqlens: torch.Tensor) -> list[int]:
+    global _HOST_CACHE
+    ref, version, values = _HOST_CACHE
+    if ref is not None and ref() is cu_seqlens and cu_seqlens._version == version:
+        return values
+    values = cu_seqlens.tolist()
+    _HOST_CACHE = (weakref.ref(cu_seqlens), cu_seqlens._version, values)
+    return values
+
+
 def _capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
@@ -240,7 +279,7 @@ def _check_cu_seqlens(cu_seqlens, total: int, device, *, allow_empty_seqs: bool)
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the tokens are on {device}")
     if _capturing(cu_seqlens):
         return None
-    cu = cu_seqlens.tolist()
+    cu = _host_list(cu_seqlens)
     if cu[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {cu[0]}")
     if cu[-1] != total:

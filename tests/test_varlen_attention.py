@@ -177,6 +177,25 @@ def test_length_buckets_bound_padding():
     assert len(buckets) <= 30
 
 
+def test_host_copy_is_cached_until_cu_seqlens_changes():
+    # One host copy per cu_seqlens serves every layer; an in-place edit must be seen again.
+    lens = [3, 8, 5]
+    q, k, v = _qkv(lens, 2, 32, torch.float32)
+    cu = _cu(lens)
+    first = va_mod._host_list(cu)
+    assert va_mod._host_list(cu) is first
+    a = varlen_attention(q, k, v, cu, 8, impl="torch")
+    assert torch.equal(a, varlen_attention(q, k, v, cu, 8, impl="torch"))
+    cu[1] = 6  # lengths 6, 5, 5: same total, different split
+    assert va_mod._host_list(cu) is not first
+    for impl in IMPLS:
+        out = varlen_attention(q, k, v, cu, 8, impl=impl)
+        assert rel_err(out, varlen_attention_reference(q, k, v, cu)) < 1e-5
+    cu[1] = 12  # now decreasing: the stale copy must not hide it
+    with pytest.raises(ValueError, match="non-decreasing"):
+        varlen_attention(q, k, v, cu, 8)
+
+
 def test_auto_uses_torch_on_cpu():
     lens = [3, 8]
     q, k, v = _qkv(lens, 2, 32, torch.float32)
