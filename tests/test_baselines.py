@@ -1,0 +1,40 @@
+import numpy as np
+import pytest
+
+from relsum_core.baselines import CosineScorer, bm25_scores
+from relsum_core.metrics import ndcg_at_k
+from relsum_core.trainers.ranker import default_base
+
+
+def test_bm25_prefers_matching_terms():
+    docs = ["Red running shoes for men", "Blue cotton kitchen towels", "Running socks, red"]
+    s = bm25_scores("red running shoes", docs)
+    assert s.shape == (3,)
+    assert s[0] > s[2] > s[1] == 0.0
+
+
+def test_bm25_no_match_ties_and_empty():
+    s = bm25_scores("zebra", ["red shoe", "blue towel"])
+    assert s.tolist() == [0.0, 0.0]  # NDCG then averages the tie instead of trusting input order
+    assert ndcg_at_k(s, [0, 3], 10) == pytest.approx(ndcg_at_k(s, [3, 0], 10))
+    assert bm25_scores("the of", ["red shoe"]).tolist() == [0.0]  # stop words only
+    assert bm25_scores("red", []).shape == (0,)
+
+
+@pytest.fixture(scope="module")
+def cosine():
+    return CosineScorer.from_pretrained(default_base())
+
+
+def test_cosine_embeddings_are_unit_and_order_kept(cosine):
+    texts = ["red running shoes", "stainless steel kitchen towel rack", "a"]
+    e = cosine.embed(texts, batch_size=2)
+    assert e.shape == (3, 384)
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(cosine.embed(texts[1:2])[0], e[1], atol=1e-5)  # padding does not leak
+
+
+def test_cosine_ranks_related_text_first(cosine):
+    s = cosine.scores("running shoes", ["Nike men's running shoe", "Cotton kitchen towels, 6 pack"])
+    assert s[0] > s[1]
+    assert cosine.scores("q", []).shape == (0,)
