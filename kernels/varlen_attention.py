@@ -170,11 +170,15 @@ def _fused_qkv_rows(q, k, v):
     step = hd * q.element_size()
     if k.data_ptr() - q.data_ptr() != step or v.data_ptr() - k.data_ptr() != step or q.stride(0) != 3 * hd:
         return None
+    base = q.untyped_storage().data_ptr()
+    if k.untyped_storage().data_ptr() != base or v.untyped_storage().data_ptr() != base:
+        return None
     return q.as_strided((T, 3 * hd), (3 * hd, 1))
 
 
-def _bucket_plan(cu_host: list[int], H: int, device) -> list[tuple]:
-    """Per SDPA call: (B, L, gather rows [B*L], scatter rows [B*L] (T = dump row), key mask or None)."""
+def _bucket_plan(cu_host: list[int], H: int, device) -> tuple[torch.Tensor, list[tuple]]:
+    """All gather rows (one index_select serves every bucket) and, per SDPA call, (B, L, offset
+    into the gathered rows, scatter rows [B*L] (T = dump row), key mask or None)."""
     T = cu_host[-1]
     cu = torch.tensor(cu_host, dtype=torch.int64)
     lens = cu[1:] - cu[:-1]
@@ -183,6 +187,8 @@ def _bucket_plan(cu_host: list[int], H: int, device) -> list[tuple]:
     lens_list = lens_sorted.tolist()
     first = next((i for i, n in enumerate(lens_list) if n > 0), len(lens_list))  # skip empty sequences
     plan = []
+    gathers = []
+    offset = 0
     for i0, i1 in _length_buckets(lens_list[first:]):
         i0 += first
         i1 += first
@@ -198,11 +204,13 @@ def _bucket_plan(cu_host: list[int], H: int, device) -> list[tuple]:
             # Padded slots read their sequence's first row (any real row works, the mask hides it)
             # and write to the dump row.
             rows_in = st[:, None] + ar[None, :]
-            idx = torch.where(valid, rows_in, st[:, None]).reshape(-1).to(device)
-            dst = idx if uniform else torch.where(valid, rows_in, T).reshape(-1).to(device)
+            idx = torch.where(valid, rows_in, st[:, None]).reshape(-1)
+            dst = idx if uniform else torch.where(valid, rows_in, T).reshape(-1)
             mask = None if uniform else valid.to(device)[:, None, None, :]
-            plan.append((c1 - c0, L, idx, dst, mask))
-    return plan
+            gathers.append(idx)
+            plan.append((c1 - c0, L, offset, dst.to(device), mask))
+            offset += idx.numel()
+    return torch.cat(gathers).to(device), plan
 
 
 # The last plan, keyed by the host list object that _host_list hands back for an unchanged
@@ -210,7 +218,7 @@ def _bucket_plan(cu_host: list[int], H: int, device) -> list[tuple]:
 _PLAN_CACHE: tuple = (None, None, None)
 
 
-def _cached_plan(cu_host: list[int], H: int, device) -> list[tuple]:
+def _cached_plan(cu_host: list[int], H: int, device) -> tuple[torch.Tensor, list[tuple]]:
     global _PLAN_CACHE
     key, key_hd, plan = _PLAN_CACHE
     if key is cu_host and key_hd == (H, device):
@@ -230,14 +238,22 @@ def _torch_varlen(q, k, v, cu_host: list[int], scale):
     out = torch.empty((T + 1, H * D), device=dev, dtype=q.dtype)
     # CPU half SDPA is slow and loose; compute there in fp32 and round once at the end.
     cdt = torch.float32 if (dev.type == "cpu" and q.dtype == torch.float16) else q.dtype
-    for B, L, idx, dst, mask in _cached_plan(cu_host, H, dev):
+    # One gather for all buckets (each parallel op costs a thread hand-off on CPU); bucket slices
+    # of the gathered rows are views.
+    idx_all, plan = _cached_plan(cu_host, H, dev)
+    if qkv is not None:
+        gathered = qkv.index_select(0, idx_all).to(cdt)
+    else:
+        gathered = [r.index_select(0, idx_all).to(cdt) for r in rows]
+    for B, L, off, dst, mask in plan:
+        n = B * L
         if qkv is not None:
-            g = qkv.index_select(0, idx).view(B, L, 3, H, D).to(cdt)
+            g = gathered[off:off + n].view(B, L, 3, H, D)
             qb, kb, vb = (g[:, :, i].transpose(1, 2) for i in range(3))  # [B, H, L, D]
         else:
-            qb, kb, vb = (r.index_select(0, idx).view(B, L, H, D).to(cdt).transpose(1, 2) for r in rows)
+            qb, kb, vb = (t[off:off + n].view(B, L, H, D).transpose(1, 2) for t in gathered)
         ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
-        ob = ob.transpose(1, 2).reshape(B * L, H * D).to(q.dtype)  # a view: SDPA returns [B, L, H, D] memory
+        ob = ob.transpose(1, 2).reshape(n, H * D).to(q.dtype)  # a view: SDPA returns [B, L, H, D] memory
         out.index_copy_(0, dst, ob)
     return out[:T].view(T, H, D)
 
