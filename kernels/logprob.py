@@ -12,8 +12,9 @@ tile by tile.  Two implementations share that math:
 * Triton (CUDA, or CPU under TRITON_INTERPRET=1): the forward streams vocab tiles with an online
   logsumexp, split over the vocab for parallelism and merged on the host; the backward recomputes
   each [rows x vocab] tile once and atomically adds its share of grad_h and grad_W.
-* torch: row chunks sized so that a chunk's logits stay under a fixed budget.  Used on CPU and as
-  the reference the tests hold the kernel to.
+* torch: [rows x vocab-chunk] blocks whose logits stay under a fixed budget, with the same online
+  logsumexp over vocab chunks.  Used on CPU; `logprob_reference` (full fp64 logits) is the ground
+  truth both are tested against.
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-# torch path: bytes of fp32 logits one row chunk may hold (several temporaries of this size live at once).
+# torch path: bytes of fp32 logits one chunk may hold (two temporaries of this size live at once),
+# rows per block, and the narrowest vocab chunk worth a matmul.
 TORCH_CHUNK_BYTES = 32 << 20
+TORCH_ROW_BLOCK = 8192
+TORCH_MIN_COLS = 256
 # Triton backward on half inputs: fp32 workspaces for grad_h and grad_W rows (bounds extra memory).
 WORKSPACE_H_BYTES = 40 << 20
 WORKSPACE_W_BYTES = 16 << 20
@@ -169,7 +173,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _triton_forward(h, w, b, targets, inv_temp):
+def _triton_forward(h, w, b, targets, inv_temp, need_ez=True):
+    # E_p[z] costs one multiply-add per logit next to the matmul: always computed.
     N, D = h.shape
     V = w.shape[0]
     BN, BV, BD = _block_sizes(D)
@@ -245,37 +250,54 @@ def _triton_backward(h, w, b, targets, lse, ez, g_lp, g_ent, inv_temp):
 # --------------------------------------------------------------------------------------------
 # torch path (CPU, and the reference)
 # --------------------------------------------------------------------------------------------
-def _torch_logits(h_rows, w32, b32, inv_temp):
-    z = h_rows.float() @ w32.t()
+def _torch_blocks(N: int, V: int):
+    """Row blocks x vocab chunks.  Chunking the vocab lets each chunk write its grad_W rows once;
+    only grad_h [rows, d] accumulates, which is small beside the [V, d] head."""
+    rows = min(N, TORCH_ROW_BLOCK)
+    cols = min(V, max(TORCH_MIN_COLS, TORCH_CHUNK_BYTES // (4 * rows)))
+    for n0 in range(0, N, rows):
+        yield n0, min(N, n0 + rows), [(v0, min(V, v0 + cols)) for v0 in range(0, V, cols)]
+
+
+def _torch_logits(h_rows, w32, b32, v0, v1, inv_temp):
+    z = h_rows @ w32[v0:v1].t()
     if b32 is not None:
-        z += b32
-    return z.mul_(inv_temp)
+        z += b32[v0:v1]
+    if inv_temp != 1.0:
+        z.mul_(inv_temp)
+    return z
 
 
-def _torch_chunk(N: int, V: int) -> int:
-    return max(1, min(N, TORCH_CHUNK_BYTES // (4 * V)))
-
-
-def _torch_forward(h, w, b, targets, inv_temp):
+def _torch_forward(h, w, b, targets, inv_temp, need_ez=True):
     N = h.shape[0]
     V = w.shape[0]
     w32 = w.float()
     b32 = b.float() if b is not None else None
     logp = torch.empty(N, device=h.device, dtype=torch.float32)
     lse = torch.empty_like(logp)
-    ez = torch.empty_like(logp)
-    step = _torch_chunk(N, V)
-    safe_t = targets.clamp(0, V - 1)
-    for n0 in range(0, N, step):
-        n1 = min(N, n0 + step)
-        z = _torch_logits(h[n0:n1], w32, b32, inv_temp)
-        m = z.max(dim=1, keepdim=True).values
-        e = torch.exp(z - m)  # one exp serves logsumexp and E_p[z]
-        s = e.sum(1)
-        lse_c = m.squeeze(1) + torch.log(s)
-        lse[n0:n1] = lse_c
-        ez[n0:n1] = (e.mul_(z)).sum(1) / s
-        logp[n0:n1] = z.gather(1, safe_t[n0:n1, None]).squeeze(1) - lse_c
+    ez = torch.zeros_like(logp)
+    for n0, n1, chunks in _torch_blocks(N, V):
+        h32 = h[n0:n1].float()
+        tgt = targets[n0:n1]
+        m = torch.full((n1 - n0,), float("-inf"), device=h.device)
+        s = torch.zeros_like(m)
+        t = torch.zeros_like(m)
+        zt = torch.zeros_like(m)
+        for v0, v1 in chunks:  # online logsumexp (and E_p[z]) across vocab chunks
+            z = _torch_logits(h32, w32, b32, v0, v1, inv_temp)
+            m_new = torch.maximum(m, z.amax(dim=1))
+            alpha = torch.exp(m - m_new)
+            e = (z - m_new[:, None]).exp_()
+            s = s * alpha + e.sum(1)
+            if need_ez:
+                t = t * alpha + e.mul_(z).sum(1)
+            m = m_new
+            here = (tgt >= v0) & (tgt < v1)
+            zt += torch.where(here, z.gather(1, (tgt - v0).clamp(0, v1 - v0 - 1)[:, None]).squeeze(1), 0.0)
+        lse[n0:n1] = m + torch.log(s)
+        logp[n0:n1] = zt - lse[n0:n1]
+        if need_ez:
+            ez[n0:n1] = t / s
     return logp, lse - ez, lse, ez
 
 
@@ -285,25 +307,32 @@ def _torch_backward(h, w, b, targets, lse, ez, g_lp, g_ent, inv_temp):
     w32 = w.float()
     b32 = b.float() if b is not None else None
     grad_h = torch.empty_like(h)
+    # grad_W rows are written once per vocab chunk unless several row blocks add into them.
     grad_w = torch.zeros((V, D), device=h.device, dtype=torch.float32)
     grad_b = torch.zeros(V, device=h.device, dtype=torch.float32) if b is not None else None
-    step = _torch_chunk(N, V)
-    safe_t = targets.clamp(0, V - 1)
-    for n0 in range(0, N, step):
-        n1 = min(N, n0 + step)
-        z = _torch_logits(h[n0:n1], w32, b32, inv_temp)
-        p = torch.exp(z - lse[n0:n1, None])
-        if g_ent is not None:
-            # dz = -g_lp p - g_ent p (z - E[z]) + g_lp onehot
-            dz = z.sub_(ez[n0:n1, None]).mul_(g_ent[n0:n1, None]).add_(g_lp[n0:n1, None]).mul_(p).neg_()
-        else:
-            dz = p.mul_(-g_lp[n0:n1, None])
-        dz.scatter_add_(1, safe_t[n0:n1, None], g_lp[n0:n1, None])
-        dz.mul_(inv_temp)
-        grad_h[n0:n1] = dz @ w32
-        grad_w.addmm_(dz.t(), h[n0:n1].float())
-        if grad_b is not None:
-            grad_b += dz.sum(0)
+    # Fold 1/T into the per-row factors: dL/dlogits = dL/dz * (1/T).
+    g_lp = g_lp * inv_temp
+    g_ent = g_ent * inv_temp if g_ent is not None else None
+    for n0, n1, chunks in _torch_blocks(N, V):
+        h32 = h[n0:n1].float()
+        gl = g_lp[n0:n1, None]
+        tgt = targets[n0:n1]
+        gh = torch.zeros((n1 - n0, D), device=h.device, dtype=torch.float32)
+        for v0, v1 in chunks:
+            z = _torch_logits(h32, w32, b32, v0, v1, inv_temp)
+            if g_ent is not None:
+                # dz = g_lp onehot - p (g_lp + g_ent (z - E[z]))
+                p = (z - lse[n0:n1, None]).exp_()
+                dz = z.sub_(ez[n0:n1, None]).mul_(g_ent[n0:n1, None]).add_(gl).mul_(p).neg_()
+            else:
+                dz = z.sub_(lse[n0:n1, None]).exp_().mul_(-gl)
+            here = ((tgt >= v0) & (tgt < v1)).nonzero().squeeze(1)
+            dz[here, tgt[here] - v0] += gl[here, 0]
+            gh.addmm_(dz, w32[v0:v1])
+            grad_w[v0:v1].addmm_(dz.t(), h32)
+            if grad_b is not None:
+                grad_b[v0:v1] += dz.sum(0)
+        grad_h[n0:n1] = gh
     return grad_h, grad_w.to(w.dtype), grad_b
 
 
@@ -312,14 +341,15 @@ def _torch_backward(h, w, b, targets, lse, ez, g_lp, g_ent, inv_temp):
 # --------------------------------------------------------------------------------------------
 class _FusedLogprob(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ignore, temperature, impl):
+    def forward(ctx, hidden, weight, bias, targets, ignore, temperature, with_entropy, impl):
         inv_temp = 1.0 / temperature
         fwd = _triton_forward if impl == "triton" else _torch_forward
-        logp, entropy, lse, ez = fwd(hidden, weight, bias, targets, inv_temp)
+        logp, entropy, lse, ez = fwd(hidden, weight, bias, targets, inv_temp, with_entropy)
         logp = logp.masked_fill_(ignore, 0.0)
-        entropy = entropy.masked_fill_(ignore, 0.0)
+        entropy = entropy.masked_fill_(ignore | (not with_entropy), 0.0)
         ctx.save_for_backward(hidden, weight, bias, targets, ignore, lse, ez)
         ctx.inv_temp = inv_temp
+        ctx.with_entropy = with_entropy
         ctx.impl = impl
         return logp, entropy
 
@@ -328,12 +358,12 @@ class _FusedLogprob(torch.autograd.Function):
         hidden, weight, bias, targets, ignore, lse, ez = ctx.saved_tensors
         keep = ~ignore
         g_lp = (g_lp if g_lp is not None else torch.zeros_like(lse)).float() * keep
-        g_ent = g_ent.float() * keep if g_ent is not None else None
+        g_ent = g_ent.float() * keep if (g_ent is not None and ctx.with_entropy) else None
         bwd = _triton_backward if ctx.impl == "triton" else _torch_backward
         grad_h, grad_w, grad_b = bwd(hidden, weight, bias, targets, lse, ez, g_lp, g_ent, ctx.inv_temp)
         if grad_b is not None:
             grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
 def _validate(hidden, weight, targets, bias, temperature):
@@ -396,7 +426,7 @@ def fused_logprob(hidden, weight, targets, *, bias=None, temperature=1.0, with_e
     if bias is not None:
         bias = bias.contiguous()
     logp, entropy = _FusedLogprob.apply(hidden, weight, bias, targets.masked_fill(ignore, 0), ignore,
-                                        float(temperature), impl)
+                                        float(temperature), bool(with_entropy), impl)
     return (logp, entropy) if with_entropy else logp
 
 

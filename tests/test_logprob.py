@@ -96,15 +96,25 @@ def test_custom_ignore_index():
     assert logp[1].item() == 0.0 and logp[0].item() != 0.0
 
 
-def test_torch_path_chunks_match(monkeypatch):
-    # Force many row chunks: results must not depend on the chunking.
+@pytest.mark.parametrize("row_block", [1000, 7])
+def test_torch_path_chunks_match(monkeypatch, row_block):
+    # Force many vocab chunks (and row blocks): results must not depend on the chunking.
     h, w, b, t = _inputs(50, 24, 200, torch.float32, ignored=(0,))
-    full = fused_logprob(h, w, t, bias=b, with_entropy=True, impl="torch")
-    monkeypatch.setattr(lp_mod, "TORCH_CHUNK_BYTES", 4 * 200 * 7)
-    assert lp_mod._torch_chunk(50, 200) == 7
-    chunked = fused_logprob(h, w, t, bias=b, with_entropy=True, impl="torch")
-    for a, c in zip(full, chunked):
-        assert torch.allclose(a, c, atol=1e-6)
+    g = torch.randn(50)
+    outs = []
+    for chunked in (False, True):
+        if chunked:
+            monkeypatch.setattr(lp_mod, "TORCH_CHUNK_BYTES", 4 * min(50, row_block) * 30)
+            monkeypatch.setattr(lp_mod, "TORCH_MIN_COLS", 1)
+            monkeypatch.setattr(lp_mod, "TORCH_ROW_BLOCK", row_block)
+        hh, ww, bb = (x.detach().clone().requires_grad_() for x in (h, w, b))
+        lp, ent = fused_logprob(hh, ww, t, bias=bb, with_entropy=True, impl="torch")
+        (lp * g + ent).sum().backward()
+        outs.append((lp, ent, hh.grad, ww.grad, bb.grad))
+    blocks = list(lp_mod._torch_blocks(50, 200))
+    assert len(blocks[0][2]) > 3 and (row_block == 1000 or len(blocks) > 3)
+    for a, c in zip(*outs):
+        assert torch.allclose(a, c, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
