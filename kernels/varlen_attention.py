@@ -213,7 +213,7 @@ def _bucket_plan(cu_host: list[int], H: int, device) -> tuple[torch.Tensor, list
     return torch.cat(gathers).to(device), plan
 
 
-# The last plan, keyed by the host list object that _host_list hands back for an unchanged
+# The last plan, keyed by the host list object that _host_seqlens hands back for an unchanged
 # cu_seqlens: every layer of one encoder forward reuses it.
 _PLAN_CACHE: tuple = (None, None, None)
 
@@ -266,21 +266,32 @@ def _torch_varlen(q, k, v, cu_host: list[int], scale):
 _HOST_CACHE: tuple = (None, -1, None)
 
 
-def _host_list(cu_seqlens: torch.Tensor) -> list[int]:
+class _HostSeqlens:
+    """cu_seqlens on the host, with the facts validation needs computed once."""
+
+    def __init__(self, values: list[int]):
+        self.values = values
+        lens = [b - a for a, b in zip(values[:-1], values[1:])]
+        self.longest = max(lens)
+        self.first_negative = next((i for i, n in enumerate(lens) if n < 0), None)
+        self.first_empty = next((i for i, n in enumerate(lens) if n <= 0), None)
+
+
+def _host_seqlens(cu_seqlens: torch.Tensor) -> _HostSeqlens:
     global _HOST_CACHE
-    ref, version, values = _HOST_CACHE
+    ref, version, host = _HOST_CACHE
     if ref is not None and ref() is cu_seqlens and cu_seqlens._version == version:
-        return values
-    values = cu_seqlens.tolist()
-    _HOST_CACHE = (weakref.ref(cu_seqlens), cu_seqlens._version, values)
-    return values
+        return host
+    host = _HostSeqlens(cu_seqlens.tolist())
+    _HOST_CACHE = (weakref.ref(cu_seqlens), cu_seqlens._version, host)
+    return host
 
 
 def _capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _check_cu_seqlens(cu_seqlens, total: int, device, *, allow_empty_seqs: bool) -> list[int] | None:
+def _check_cu_seqlens(cu_seqlens, total: int, device, *, allow_empty_seqs: bool) -> _HostSeqlens | None:
     """Shape/dtype/device checks always; value checks need a host copy (returned), so they are
     skipped while a CUDA graph is being captured (returns None)."""
     if not isinstance(cu_seqlens, torch.Tensor):
@@ -295,18 +306,18 @@ def _check_cu_seqlens(cu_seqlens, total: int, device, *, allow_empty_seqs: bool)
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the tokens are on {device}")
     if _capturing(cu_seqlens):
         return None
-    cu = _host_list(cu_seqlens)
+    host = _host_seqlens(cu_seqlens)
+    cu = host.values
     if cu[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {cu[0]}")
     if cu[-1] != total:
         raise ValueError(f"cu_seqlens must end at total_tokens={total}, got {cu[-1]}")
-    lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
-    bad = next((i for i, n in enumerate(lens) if n < 0 or (n == 0 and not allow_empty_seqs)), None)
+    bad = host.first_negative if allow_empty_seqs else host.first_empty
     if bad is not None:
         what = "non-decreasing" if allow_empty_seqs else "strictly increasing (no empty sequences)"
         raise ValueError(f"cu_seqlens must be {what}: cu_seqlens[{bad}]={cu[bad]}, "
                          f"cu_seqlens[{bad + 1}]={cu[bad + 1]}")
-    return cu
+    return host
 
 
 def _validate(q, k, v, cu_seqlens, max_seqlen, softmax_scale):
@@ -349,18 +360,16 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, softmax_scale=None, imp
     on CUDA tensors, torch elsewhere).  Value checks of cu_seqlens copy it to the host, except while
     a CUDA graph is being captured (then the caller vouches for it).
     """
-    cu_host = _validate(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+    host = _validate(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+    if host is not None and host.longest > max_seqlen:
+        raise ValueError(f"max_seqlen={max_seqlen} is below the longest sequence ({host.longest})")
     impl = resolve_impl(impl, q)
     D = q.shape[2]
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
-    if cu_host is not None:
-        longest = max(b - a for a, b in zip(cu_host[:-1], cu_host[1:]))
-        if longest > max_seqlen:
-            raise ValueError(f"max_seqlen={max_seqlen} is below the longest sequence ({longest})")
     if impl == "torch":
-        if cu_host is None:
+        if host is None:
             raise RuntimeError("impl='torch' needs host lengths and cannot run under CUDA-graph capture")
-        return _torch_varlen(q, k, v, cu_host, scale)
+        return _torch_varlen(q, k, v, host.values, scale)
     # The kernel addresses head_dim with unit stride.
     q, k, v = (t if t.stride(2) == 1 else t.contiguous() for t in (q, k, v))
     return _triton_varlen(q, k, v, cu_seqlens, max_seqlen, scale)

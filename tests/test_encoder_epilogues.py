@@ -81,11 +81,12 @@ def test_bias_gelu_tails_and_batched_shape(impl):
     assert (F.gelu(x, approximate="tanh").double().cpu() - ref.cpu()).abs().max().item() > 1e-5
 
 
-def test_bias_gelu_mixed_bias_dtype_and_strided_input():
-    x = torch.randn(20, 64)[:, :48]  # row stride 64: handled without a copy
-    b = torch.randn(48, dtype=torch.float64).float().half()
-    for impl in IMPLS:
-        assert rel_err(bias_gelu(x, b, impl=impl), bias_gelu_reference(x, b)) < 1e-6
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bias_gelu_mixed_bias_dtype_and_strided_input(impl):
+    dev = _device(impl)
+    x = torch.randn(20, 64, device=dev)[:, :48]  # row stride 64: handled without a copy
+    b = torch.randn(48, device=dev).half()
+    assert rel_err(bias_gelu(x, b, impl=impl), bias_gelu_reference(x, b)) < 1e-6
 
 
 @pytest.mark.parametrize(
@@ -159,11 +160,11 @@ def test_residual_layernorm_half_activations_fp32_params(impl):
     assert rel_err(y, residual_layernorm_reference(x, r, w, b, x_bias=xb)) < TOL[torch.bfloat16]
 
 
-def test_residual_layernorm_single_row_single_feature():
-    for impl in IMPLS:
-        x, r, w, b, _ = _ln_inputs(1, 1, torch.float32, "cpu")
-        y = residual_layernorm(x, r, w, b, impl=impl)
-        torch.testing.assert_close(y, b[None, :])  # one feature: normalised value is 0
+@pytest.mark.parametrize("impl", IMPLS)
+def test_residual_layernorm_single_row_single_feature(impl):
+    x, r, w, b, _ = _ln_inputs(1, 1, torch.float32, _device(impl))
+    y = residual_layernorm(x, r, w, b, impl=impl)
+    torch.testing.assert_close(y, b[None, :])  # one feature: normalised value is 0
 
 
 @pytest.mark.parametrize(

@@ -127,18 +127,19 @@ def test_strided_views_of_fused_qkv(impl):
     assert rel_err(out2, varlen_attention_reference(qt, k, qd, cu)) < 1e-5
 
 
-def test_sequences_do_not_leak():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sequences_do_not_leak(impl):
     # Changing one sequence's keys must leave every other sequence's output untouched.
     lens = [4, 9, 6]
-    q, k, v = _qkv(lens, 2, 32, torch.float32)
-    cu = _cu(lens)
-    for impl in IMPLS:
-        a = varlen_attention(q, k, v, cu, 9, impl=impl)
-        k2 = k.clone()
-        k2[4:13] += 5.0
-        b = varlen_attention(q, k2, v, cu, 9, impl=impl)
-        assert torch.equal(a[:4], b[:4]) and torch.equal(a[13:], b[13:])
-        assert not torch.allclose(a[4:13], b[4:13])
+    dev = _device(impl)
+    q, k, v = _qkv(lens, 2, 32, torch.float32, dev)
+    cu = _cu(lens, dev)
+    a = varlen_attention(q, k, v, cu, 9, impl=impl)
+    k2 = k.clone()
+    k2[4:13] += 5.0
+    b = varlen_attention(q, k2, v, cu, 9, impl=impl)
+    assert torch.equal(a[:4], b[:4]) and torch.equal(a[13:], b[13:])
+    assert not torch.allclose(a[4:13], b[4:13])
 
 
 def test_torch_path_buckets_instead_of_looping(monkeypatch):
@@ -177,23 +178,36 @@ def test_length_buckets_bound_padding():
     assert len(buckets) <= 30
 
 
-def test_host_copy_is_cached_until_cu_seqlens_changes():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_host_copy_is_cached_until_cu_seqlens_changes(impl):
     # One host copy per cu_seqlens serves every layer; an in-place edit must be seen again.
     lens = [3, 8, 5]
-    q, k, v = _qkv(lens, 2, 32, torch.float32)
-    cu = _cu(lens)
-    first = va_mod._host_list(cu)
-    assert va_mod._host_list(cu) is first
-    a = varlen_attention(q, k, v, cu, 8, impl="torch")
-    assert torch.equal(a, varlen_attention(q, k, v, cu, 8, impl="torch"))
+    dev = _device(impl)
+    q, k, v = _qkv(lens, 2, 32, torch.float32, dev)
+    cu = _cu(lens, dev)
+    first = va_mod._host_seqlens(cu)
+    assert va_mod._host_seqlens(cu) is first
+    a = varlen_attention(q, k, v, cu, 8, impl=impl)
+    assert torch.equal(a, varlen_attention(q, k, v, cu, 8, impl=impl))
     cu[1] = 6  # lengths 6, 5, 5: same total, different split
-    assert va_mod._host_list(cu) is not first
-    for impl in IMPLS:
-        out = varlen_attention(q, k, v, cu, 8, impl=impl)
-        assert rel_err(out, varlen_attention_reference(q, k, v, cu)) < 1e-5
+    assert va_mod._host_seqlens(cu) is not first
+    out = varlen_attention(q, k, v, cu, 8, impl=impl)
+    assert rel_err(out, varlen_attention_reference(q, k, v, cu)) < 1e-5
     cu[1] = 12  # now decreasing: the stale copy must not hide it
     with pytest.raises(ValueError, match="non-decreasing"):
-        varlen_attention(q, k, v, cu, 8)
+        varlen_attention(q, k, v, cu, 8, impl=impl)
+
+
+def test_fused_qkv_detection():
+    qkv = torch.randn(10, 3, 2, 4)
+    q, k, v = qkv.unbind(1)
+    rows = va_mod._fused_qkv_rows(q, k, v)
+    assert rows is not None and torch.equal(rows, qkv.reshape(10, 24))
+    assert va_mod._fused_qkv_rows(*qkv[3:].unbind(1)) is not None  # a slice of the stream too
+    assert va_mod._fused_qkv_rows(q.clone(), k, v) is None
+    assert va_mod._fused_qkv_rows(q, v, k) is None
+    kv = torch.randn(10, 2, 2, 4)
+    assert va_mod._fused_qkv_rows(q, *kv.unbind(1)) is None
 
 
 def test_auto_uses_torch_on_cpu():
@@ -205,9 +219,12 @@ def test_auto_uses_torch_on_cpu():
 
 def test_int64_cu_seqlens_accepted():
     lens = [3, 8]
-    q, k, v = _qkv(lens, 2, 32, torch.float32)
-    out = varlen_attention(q, k, v, _cu(lens).long(), 8, impl="triton")
-    assert rel_err(out, varlen_attention_reference(q, k, v, _cu(lens))) < 1e-5
+    dev = _device("triton")
+    q, k, v = _qkv(lens, 2, 32, torch.float32, dev)
+    for impl in IMPLS:
+        q, k, v = (t.to(_device(impl)) for t in (q, k, v))
+        out = varlen_attention(q, k, v, _cu(lens, q.device).long(), 8, impl=impl)
+        assert rel_err(out, varlen_attention_reference(q, k, v, _cu(lens))) < 1e-5
 
 
 @pytest.mark.parametrize(
