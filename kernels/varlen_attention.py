@@ -213,18 +213,18 @@ def _bucket_plan(cu_host: list[int], H: int, device) -> tuple[torch.Tensor, list
     return torch.cat(gathers).to(device), plan
 
 
-# The last plan, keyed by the host list object that _host_seqlens hands back for an unchanged
-# cu_seqlens: every layer of one encoder forward reuses it.
+# The last plan, keyed by the host offsets (compared by value: a few microseconds): every layer of
+# one encoder forward reuses it.
 _PLAN_CACHE: tuple = (None, None, None)
 
 
 def _cached_plan(cu_host: list[int], H: int, device) -> tuple[torch.Tensor, list[tuple]]:
     global _PLAN_CACHE
     key, key_hd, plan = _PLAN_CACHE
-    if key is cu_host and key_hd == (H, device):
+    if key_hd == (H, device) and key == cu_host:
         return plan
     plan = _bucket_plan(cu_host, H, device)
-    _PLAN_CACHE = (cu_host, (H, device), plan)
+    _PLAN_CACHE = (list(cu_host), (H, device), plan)
     return plan
 
 
@@ -279,11 +279,15 @@ class _HostSeqlens:
 
 def _host_seqlens(cu_seqlens: torch.Tensor) -> _HostSeqlens:
     global _HOST_CACHE
-    ref, version, host = _HOST_CACHE
-    if ref is not None and ref() is cu_seqlens and cu_seqlens._version == version:
-        return host
+    # Inference tensors have no version counter, so an in-place edit could not be seen: no cache.
+    tracked = not cu_seqlens.is_inference()
+    if tracked:
+        ref, version, host = _HOST_CACHE
+        if ref is not None and ref() is cu_seqlens and cu_seqlens._version == version:
+            return host
     host = _HostSeqlens(cu_seqlens.tolist())
-    _HOST_CACHE = (weakref.ref(cu_seqlens), cu_seqlens._version, host)
+    if tracked:
+        _HOST_CACHE = (weakref.ref(cu_seqlens), cu_seqlens._version, host)
     return host
 
 

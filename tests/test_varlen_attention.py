@@ -198,6 +198,23 @@ def test_host_copy_is_cached_until_cu_seqlens_changes(impl):
         varlen_attention(q, k, v, cu, 8, impl=impl)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_inference_mode_tensors(impl):
+    # Inference tensors carry no version counter: every call must read cu_seqlens afresh.
+    lens = [3, 8, 5]
+    dev = _device(impl)
+    with torch.inference_mode():
+        q, k, v = _qkv(lens, 2, 32, torch.float32, dev)
+        cu = _cu(lens, dev)
+        for first_len in (3, 6):  # same total, different split the second time
+            cu[1] = first_len
+            out = varlen_attention(q, k, v, cu, 8, impl=impl)
+            assert rel_err(out, varlen_attention_reference(q, k, v, cu)) < 1e-5
+        cu[1] = 12
+        with pytest.raises(ValueError, match="non-decreasing"):
+            varlen_attention(q, k, v, cu, 8, impl=impl)
+
+
 def test_fused_qkv_detection():
     qkv = torch.randn(10, 3, 2, 4)
     q, k, v = qkv.unbind(1)
