@@ -305,22 +305,28 @@ def test_cuda_triton_matches_torch_sdpa_on_larger_batch(dtype):
 # CPU-only CI still catches what only the GPU compiler rejects (dot shapes, dtypes, layouts).
 SM90_COMPILE = textwrap.dedent("""
     import importlib
+    import torch
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
     va = importlib.import_module("relsum_kernels.varlen_attention")
     strides = ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
                "stride_ot", "stride_oh")
-    configs = (("bf16", 64, 64, 4), ("bf16", 32, 128, 8), ("fp16", 128, 64, 4), ("fp32", 32, 64, 4))
-    for dt, D, BM, nw in configs:
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    # The configurations varlen_attention launches on a GPU.
+    cases = ((torch.bfloat16, 32, 96), (torch.bfloat16, 64, 512), (torch.float16, 128, 512),
+             (torch.float32, 64, 96))
+    for dtype, D, max_seqlen in cases:
+        dt = names[dtype]
+        cfg = va._triton_config(max_seqlen, D, dtype)
+        opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+        consts = {**cfg, "UPCAST": False, "DOT_IEEE": dtype == torch.float32}
         sig = {"q_ptr": "*" + dt, "k_ptr": "*" + dt, "v_ptr": "*" + dt, "o_ptr": "*" + dt, "cu_ptr": "*i32",
                "n_heads": "i32", "head_dim": "i32", "qk_scale": "fp32", **{s: "i32" for s in strides},
-               "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr",
-               "UPCAST": "constexpr", "DOT_IEEE": "constexpr"}
-        consts = {"BLOCK_M": BM, "BLOCK_N": 64, "BLOCK_D": D, "UPCAST": False, "DOT_IEEE": dt == "fp32"}
+               **{c: "constexpr" for c in consts}}
         k = compile(ASTSource(va._varlen_attn_fwd_kernel, sig, constexprs=consts),
-                    target=GPUTarget("cuda", 90, 32), options=dict(num_warps=nw, num_stages=2))
+                    target=GPUTarget("cuda", 90, 32), options=opts)
         assert len(k.asm["cubin"]) > 0
-        print("compiled", dt, D, BM)
+        print("compiled", dt, D, cfg, opts)
 """)
 
 
