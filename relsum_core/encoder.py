@@ -2,8 +2,9 @@
 
 All sequences of a batch are concatenated into one token stream described by ``cu_seqlens``; every
 matrix product runs on real tokens only.  On CUDA the attention, bias+GELU, residual+LayerNorm and the
-[CLS] scoring head are the Triton kernels of ``relsum_kernels``; on CPU the same functions take their
-torch paths (attention as a few padded SDPA calls over length buckets).
+[CLS] scoring head are the Triton kernels of ``relsum_kernels``, the dense layers cuBLAS GEMMs whose
+bias the next kernel fuses; on CPU attention and the head take the kernels' torch paths (attention as a
+few padded SDPA calls over length buckets) and the dense biases go into the GEMMs (addmm) instead.
 
 The module *shares* its parameters with the Hugging Face model it is built from, so fine-tuning either
 one updates both and ``save`` of the HF model always writes what ``forward`` computes.
@@ -45,9 +46,11 @@ class PackedBertEncoder(nn.Module):
         self.classifier = classifier
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
-        self.eps = config.layer_norm_eps
         self.act = config.hidden_act
         self._fused_cache: dict[int, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+        # "auto": kernels on CUDA, addmm-fused torch on CPU.  "triton" / "torch" force the kernel
+        # formulation with that implementation (tests run the CUDA wiring on CPU this way).
+        self.impl = "auto"
 
     @classmethod
     def from_hf(cls, model: nn.Module) -> PackedBertEncoder:
@@ -71,12 +74,31 @@ class PackedBertEncoder(nn.Module):
             self._fused_cache[i] = hit
         return hit[1], hit[2]
 
-    def _act(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        if self.act == "gelu":
-            return K.bias_gelu(x, bias)
+    def _kernel_epilogues(self, x: torch.Tensor) -> bool:
+        return self.impl != "auto" or x.is_cuda
+
+    def _dense_act(self, x: torch.Tensor, dense: nn.Linear) -> torch.Tensor:
+        if not self._kernel_epilogues(x):
+            # CPU: the bias rides in the GEMM (addmm) for free; a separate bias pass costs ~5%.
+            y = F.linear(x, dense.weight, dense.bias)
+            return F.gelu(y) if self.act == "gelu" else self._hf_act(y)
+        y = F.linear(x, dense.weight)
+        if self.act != "gelu":
+            return self._hf_act(y + dense.bias)
+        return K.bias_gelu(y, dense.bias, impl=self.impl)
+
+    def _hf_act(self, y: torch.Tensor) -> torch.Tensor:
         from transformers.activations import ACT2FN
 
-        return ACT2FN[self.act](x + bias)
+        return ACT2FN[self.act](y)
+
+    def _dense_residual_ln(self, x: torch.Tensor, dense: nn.Linear, residual: torch.Tensor, ln: nn.LayerNorm):
+        if not self._kernel_epilogues(x):
+            y = F.linear(x, dense.weight, dense.bias).add_(residual)
+            return F.layer_norm(y, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+        y = F.linear(x, dense.weight)
+        return K.residual_layernorm(y, residual, ln.weight, ln.bias, eps=ln.eps, x_bias=dense.bias,
+                                    impl=self.impl)
 
     def forward(
         self,
@@ -90,7 +112,8 @@ class PackedBertEncoder(nn.Module):
         emb = self.embeddings
         ln = emb.LayerNorm
         x = emb.word_embeddings(input_ids) + emb.token_type_embeddings(token_type_ids)
-        h = K.residual_layernorm(x, emb.position_embeddings(position_ids), ln.weight, ln.bias, eps=ln.eps)
+        h = K.residual_layernorm(x, emb.position_embeddings(position_ids), ln.weight, ln.bias, eps=ln.eps,
+                                 impl=self.impl)
         T = h.shape[0]
         hidden = h.shape[1]
         scale = 1.0 / math.sqrt(self.head_dim)
@@ -99,18 +122,11 @@ class PackedBertEncoder(nn.Module):
             w_qkv, b_qkv = self._qkv(i, attn)
             qkv = F.linear(h, w_qkv, b_qkv).view(T, 3, self.num_heads, self.head_dim)
             q, k, v = qkv.unbind(1)  # views of one buffer: the torch path gathers them in one go
-            ctx = K.varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=scale)
+            ctx = K.varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=scale, impl=self.impl)
             out = layer.attention.output
-            a = F.linear(ctx.reshape(T, hidden), out.dense.weight)
-            h = K.residual_layernorm(
-                a, h, out.LayerNorm.weight, out.LayerNorm.bias, eps=out.LayerNorm.eps, x_bias=out.dense.bias
-            )
-            inter = layer.intermediate.dense
-            mid = self._act(F.linear(h, inter.weight), inter.bias)
-            o = layer.output
-            y = F.linear(mid, o.dense.weight)
-            h = K.residual_layernorm(
-                y, h, o.LayerNorm.weight, o.LayerNorm.bias, eps=o.LayerNorm.eps, x_bias=o.dense.bias
-            )
+            h = self._dense_residual_ln(ctx.reshape(T, hidden), out.dense, h, out.LayerNorm)
+            mid = self._dense_act(h, layer.intermediate.dense)
+            h = self._dense_residual_ln(mid, layer.output.dense, h, layer.output.LayerNorm)
         pd = self.pooler.dense
-        return K.cls_score(h, cu_seqlens, pd.weight, pd.bias, self.classifier.weight, self.classifier.bias)
+        return K.cls_score(h, cu_seqlens, pd.weight, pd.bias, self.classifier.weight, self.classifier.bias,
+                           impl=self.impl)

@@ -185,8 +185,13 @@ class CrossEncoder:
         path = Path(path)
         _read_config(path)
         model, info = BertForSequenceClassification.from_pretrained(
-            path, num_labels=1, output_loading_info=True, local_files_only=True, dtype=torch.float32
+            path, num_labels=1, output_loading_info=True, local_files_only=True, dtype=torch.float32,
+            ignore_mismatched_sizes=True,  # so a multi-output head is reported here, clearly
         )
+        mismatched = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())]
+        if mismatched:
+            raise ValueError(f"{path}: weights {sorted(mismatched)} do not fit a one-label cross-encoder "
+                             "(a classifier with several labels?)")
         _init_head(model, info.get("missing_keys", ()), head_seed)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         settings = {}
@@ -420,10 +425,11 @@ def plan_bucket(lens: Sequence[int], token_buckets: Sequence[int], seq_buckets: 
 
 
 class _Graph:
-    """One captured forward for one bucket shape, with its static input buffer and output."""
+    """One captured forward for one bucket shape: pinned host staging buffer, static device input
+    buffer (both int64 [ids | types | positions | cu_seqlens]) and the static output."""
 
-    def __init__(self, graph, inputs: torch.Tensor, scores: torch.Tensor):
-        self.graph, self.inputs, self.scores = graph, inputs, scores
+    def __init__(self, graph, host: torch.Tensor, inputs: torch.Tensor, scores: torch.Tensor):
+        self.graph, self.host, self.inputs, self.scores = graph, host, inputs, scores
 
 
 class Reranker:
@@ -511,14 +517,23 @@ class Reranker:
         batch = PackedBatch(seqs + [([pad_id] * n, n) for n in layout.dummy_lens])
         batch.max_seqlen = layout.max_seqlen
         if not self.cuda_graphs:
-            return self.ce.score_packed(batch)[:B].float().cpu().numpy()
+            # Same single-buffer layout and forward that the graphs capture, run eagerly.
+            host = self._fill(torch.empty(3 * layout.tokens + layout.seqs + 1, dtype=torch.int64), batch)
+            with torch.inference_mode():
+                scores = self._forward_static(host.to(self.ce.device), layout)
+            return scores[:B].float().cpu().numpy()
         return self._replay(layout, batch)[:B]
 
     # ---------------------------------------------------------------- CUDA graphs
-    def _host_buffer(self, batch: PackedBatch) -> torch.Tensor:
-        # One int64 buffer [ids | types | positions | cu_seqlens] -> a single host-to-device copy.
-        return torch.cat([batch.input_ids, batch.token_type_ids, batch.position_ids,
-                          batch.cu_seqlens.to(torch.int64)]).pin_memory()
+    @staticmethod
+    def _fill(host: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        # One buffer for all inputs -> a single host-to-device copy per query chunk.
+        T = batch.input_ids.numel()
+        host[:T] = batch.input_ids
+        host[T:2 * T] = batch.token_type_ids
+        host[2 * T:3 * T] = batch.position_ids
+        host[3 * T:] = batch.cu_seqlens
+        return host
 
     def _forward_static(self, inputs: torch.Tensor, layout: BucketLayout) -> torch.Tensor:
         T = layout.tokens
@@ -535,18 +550,21 @@ class Reranker:
             self._graphs.clear()
             self._pool = None
             self._weights_key = key
-        host = self._host_buffer(batch)
         g = self._graphs.get(layout.key)
         if g is None:
-            g = self._capture(layout, host)
+            g = self._capture(layout, batch)
             self._graphs[layout.key] = g
-        g.inputs.copy_(host, non_blocking=True)
+        # The staging buffer is free again: the previous replay's result was read back synchronously.
+        self._fill(g.host, batch)
+        g.inputs.copy_(g.host, non_blocking=True)
         g.graph.replay()
         return g.scores.float().cpu().numpy()
 
     @torch.inference_mode()
-    def _capture(self, layout: BucketLayout, host: torch.Tensor) -> _Graph:
+    def _capture(self, layout: BucketLayout, batch: PackedBatch) -> _Graph:
         dev = self.ce.device
+        n = 3 * layout.tokens + layout.seqs + 1
+        host = self._fill(torch.empty(n, dtype=torch.int64).pin_memory(), batch)
         # Static inputs live outside the graph pool so no other graph's replay can overwrite them.
         inputs = host.to(dev)
         if self._pool is None:
@@ -560,4 +578,4 @@ class Reranker:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             scores = self._forward_static(inputs, layout)
-        return _Graph(graph, inputs, scores)
+        return _Graph(graph, host, inputs, scores)

@@ -44,8 +44,20 @@ def hf_scores(model, seqs, types):
 
 @pytest.mark.parametrize("lens", [[1], [7], [1, 2, 17, 64, 3, 128, 5], [512, 31, 200]])
 def test_packed_matches_hf_per_sequence(lens):
+    _check_against_hf(lens, "auto")
+
+
+# "torch" / "triton" run the CUDA wiring (bias fused into the epilogue kernels) on CPU, Triton through
+# its interpreter; "auto" on CPU is the addmm-fused torch formulation.
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_kernel_wiring_matches_hf(impl):
+    _check_against_hf([1, 33, 70, 2], impl)
+
+
+def _check_against_hf(lens, impl):
     model = tiny_model()
     enc = PackedBertEncoder.from_hf(model)
+    enc.impl = impl
     seqs, types, ids, tt, pos, cu = packed_inputs(lens)
     with torch.inference_mode():
         got = enc(ids, tt, pos, cu, max(lens))

@@ -197,6 +197,13 @@ def test_multi_label_classifier_rejected(tmp_path, tiny):
         CrossEncoder.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="one-label"):
         CrossEncoder(multi, tiny.tokenizer)
+    # Without architectures/id2label in the config, the head's weight shape still gives it away.
+    cfg_file = tmp_path / "config.json"
+    raw = {k: v for k, v in json.loads(cfg_file.read_text()).items()
+           if k not in ("architectures", "id2label", "label2id")}
+    cfg_file.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="do not fit a one-label cross-encoder"):
+        CrossEncoder.from_pretrained(tmp_path)
 
 
 def test_bad_max_length(tiny):
@@ -335,3 +342,17 @@ def test_reranker_guards(tiny):
         Reranker(tiny, cuda_graphs=True)
     with pytest.raises(ValueError, match="too small"):
         Reranker(tiny, max_tokens=256, max_candidates=1024)
+
+
+def test_reranker_bucket_layout_through_triton_kernels(tiny):
+    """The exact single-buffer inputs and bucket shapes the CUDA graphs capture, run through the Triton
+    kernels (interpreter on CPU): dummy sequences and a rounded-up max_seqlen leave real scores alone."""
+    rng = random.Random(3)
+    cands = [text(rng, rng.randint(0, 40)) for _ in range(6)]
+    ref = tiny.predict([("lego", c) for c in cands])
+    tiny.encoder.impl = "triton"
+    try:
+        got = Reranker(tiny, use_buckets=True, max_tokens=4096, max_candidates=8).score("lego", cands)
+    finally:
+        tiny.encoder.impl = "auto"
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)

