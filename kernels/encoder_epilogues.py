@@ -114,6 +114,27 @@ if HAS_TRITON:
 
 
 # --------------------------------------------------------------------------------------------
+# launch configurations (GPU ones chosen to compile for sm_90 without register spills, ptxas -v)
+# --------------------------------------------------------------------------------------------
+def _gelu_config() -> dict:
+    if interpreting():
+        return dict(BLOCK_T=16, BLOCK_F=64, num_warps=4)
+    return dict(BLOCK_T=16, BLOCK_F=256, num_warps=4)
+
+
+def _ln_config(H: int) -> dict:
+    block_h = triton.next_power_of_2(H)
+    block_t = max(1, min(16, 4096 // block_h))  # ~4096 elements a program
+    return dict(BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4 if block_h * block_t <= 4096 else 8)
+
+
+def _cls_config() -> dict:
+    if interpreting():
+        return dict(BLOCK_B=16, BLOCK_J=32, BLOCK_K=32, num_warps=4)
+    return dict(BLOCK_B=16, BLOCK_J=64, BLOCK_K=32, num_warps=4)
+
+
+# --------------------------------------------------------------------------------------------
 # validation helpers
 # --------------------------------------------------------------------------------------------
 def _check_tensor(name, t, *, dims=None):
@@ -159,13 +180,9 @@ def bias_gelu(x, bias, *, impl="auto"):
     x2 = _rows(x)
     T, Fd = x2.shape
     y = torch.empty((T, Fd), device=x.device, dtype=x.dtype)
-    if interpreting():
-        bt, bf, nw = 16, 64, 4
-    else:
-        bt, bf, nw = 16, 256, 4
-    grid = (triton.cdiv(T, bt), triton.cdiv(Fd, bf))
-    _bias_gelu_kernel[grid](x2, bias.contiguous(), y, T, Fd, x2.stride(0), y.stride(0),
-                            BLOCK_T=bt, BLOCK_F=bf, num_warps=nw)
+    cfg = _gelu_config()
+    grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(Fd, cfg["BLOCK_F"]))
+    _bias_gelu_kernel[grid](x2, bias.contiguous(), y, T, Fd, x2.stride(0), y.stride(0), **cfg)
     return y.reshape(x.shape)
 
 
@@ -219,13 +236,10 @@ def residual_layernorm(x, residual, weight, bias, *, eps=1e-12, impl="auto", x_b
     r2 = _rows(residual)
     T = x2.shape[0]
     y = torch.empty((T, H), device=x.device, dtype=x.dtype)
-    block_h = triton.next_power_of_2(H)
-    block_t = max(1, min(16, 4096 // block_h))
-    nw = 4 if block_h * block_t <= 4096 else 8
-    _residual_ln_kernel[(triton.cdiv(T, block_t),)](
+    cfg = _ln_config(H)
+    _residual_ln_kernel[(triton.cdiv(T, cfg["BLOCK_T"]),)](
         x2, x_bias.contiguous() if x_bias is not None else x2, r2, weight.contiguous(), bias.contiguous(),
-        y, T, H, x2.stride(0), r2.stride(0), y.stride(0), float(eps),
-        HAS_XB=x_bias is not None, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=nw,
+        y, T, H, x2.stride(0), r2.stride(0), y.stride(0), float(eps), HAS_XB=x_bias is not None, **cfg,
     )
     return y.reshape(x.shape)
 
@@ -286,18 +300,14 @@ def cls_score(hidden, cu_seqlens, pooler_w, pooler_b, cls_w, cls_b, *, impl="aut
         return pooled @ cls_w.float() + cls_b.float()
     hidden = _rows(hidden)
     pooler_w = _rows(pooler_w)
-    if interpreting():
-        bb, bj, bk, nw = 16, 32, 32, 4
-    else:
-        bb, bj, bk, nw = 16, 64, 64, 4
+    cfg = _cls_config()
     upcast = interpreting() or hidden.dtype != pooler_w.dtype
-    n_j = triton.cdiv(H, bj)
+    n_j = triton.cdiv(H, cfg["BLOCK_J"])
     part = torch.empty((n_j, B), device=hidden.device, dtype=torch.float32)
-    _cls_score_kernel[(triton.cdiv(B, bb), n_j)](
+    _cls_score_kernel[(triton.cdiv(B, cfg["BLOCK_B"]), n_j)](
         hidden, cu_seqlens, pooler_w, pooler_b.contiguous(), cls_w.contiguous(), cls_b, part, B, H,
         hidden.stride(0), pooler_w.stride(0),
-        BLOCK_B=bb, BLOCK_J=bj, BLOCK_K=bk, UPCAST=upcast,
-        DOT_IEEE=upcast or hidden.dtype == torch.float32, num_warps=nw,
+        UPCAST=upcast, DOT_IEEE=upcast or hidden.dtype == torch.float32, **cfg,
     )
     return part[0] if n_j == 1 else part.sum(0)
 
