@@ -365,8 +365,11 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, softmax_scale=None, imp
     0 = cu_seqlens[0] <= ... <= cu_seqlens[-1] = total_tokens.  max_seqlen: an int >= the longest
     sequence (it sizes the Triton grid).  softmax_scale defaults to 1/sqrt(head_dim).  Returns
     [total_tokens, n_heads, head_dim] in q's dtype.  ``impl``: "triton", "torch" or "auto" (Triton
-    on CUDA tensors, torch elsewhere).  Value checks of cu_seqlens copy it to the host, except while
-    a CUDA graph is being captured (then the caller vouches for it).
+    on CUDA tensors, torch elsewhere).  Value checks of cu_seqlens copy it to the host (a device
+    sync on CUDA), except while a CUDA graph is being captured (then the caller vouches for it).
+    The copy is reused while the same cu_seqlens tensor is passed unchanged (its version counter),
+    so an encoder pays it once per forward, not once per layer; inference-mode tensors have no
+    version counter and are read every call.
     """
     host = _validate(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
     if host is not None and host.longest > max_seqlen:
