@@ -279,25 +279,29 @@ def _torch_forward(h, w, b, targets, inv_temp, need_ez=True):
     for n0, n1, chunks in _torch_blocks(N, V):
         h32 = h[n0:n1].float()
         tgt = targets[n0:n1]
-        m = torch.full((n1 - n0,), float("-inf"), device=h.device)
-        s = torch.zeros_like(m)
-        t = torch.zeros_like(m)
-        zt = torch.zeros_like(m)
-        for v0, v1 in chunks:  # online logsumexp (and E_p[z]) across vocab chunks
+        run_lse = torch.full((n1 - n0,), float("-inf"), device=h.device)
+        run_ez = torch.zeros_like(run_lse)
+        zt = torch.zeros_like(run_lse)
+        for v0, v1 in chunks:  # merge per-chunk logsumexp (and E_p[z]) across the vocab
             z = _torch_logits(h32, w32, b32, v0, v1, inv_temp)
-            m_new = torch.maximum(m, z.amax(dim=1))
-            alpha = torch.exp(m - m_new)
-            e = (z - m_new[:, None]).exp_()
-            s = s * alpha + e.sum(1)
-            if need_ez:
-                t = t * alpha + e.mul_(z).sum(1)
-            m = m_new
             here = (tgt >= v0) & (tgt < v1)
             zt += torch.where(here, z.gather(1, (tgt - v0).clamp(0, v1 - v0 - 1)[:, None]).squeeze(1), 0.0)
-        lse[n0:n1] = m + torch.log(s)
-        logp[n0:n1] = zt - lse[n0:n1]
+            m_c = z.amax(dim=1)
+            if need_ez:
+                e = (z - m_c[:, None]).exp_()
+                s_c = e.sum(1)
+                ez_c = e.mul_(z).sum(1) / s_c  # E[z] under this chunk's softmax
+            else:  # z is not needed again: exponentiate in place
+                s_c = z.sub_(m_c[:, None]).exp_().sum(1)
+            lse_c = m_c + torch.log(s_c)
+            new_lse = torch.logaddexp(run_lse, lse_c)
+            if need_ez:
+                run_ez = run_ez * torch.exp(run_lse - new_lse) + ez_c * torch.exp(lse_c - new_lse)
+            run_lse = new_lse
+        lse[n0:n1] = run_lse
+        logp[n0:n1] = zt - run_lse
         if need_ez:
-            ez[n0:n1] = t / s
+            ez[n0:n1] = run_ez
     return logp, lse - ez, lse, ez
 
 
@@ -307,31 +311,41 @@ def _torch_backward(h, w, b, targets, lse, ez, g_lp, g_ent, inv_temp):
     w32 = w.float()
     b32 = b.float() if b is not None else None
     grad_h = torch.empty_like(h)
-    # grad_W rows are written once per vocab chunk unless several row blocks add into them.
     grad_w = torch.zeros((V, D), device=h.device, dtype=torch.float32)
     grad_b = torch.zeros(V, device=h.device, dtype=torch.float32) if b is not None else None
-    # Fold 1/T into the per-row factors: dL/dlogits = dL/dz * (1/T).
-    g_lp = g_lp * inv_temp
-    g_ent = g_ent * inv_temp if g_ent is not None else None
+    # dL/dlogits = g_lp onehot - p (g_lp + g_ent (z - E[z])), times 1/T.  Per-row factors are
+    # applied to the small [rows, d] matmul operands instead of the [rows, vocab] chunk, and the
+    # one-hot part is a gather / index_add, so a chunk needs only exp(z - lse) (plus one pass with
+    # entropy).
+    a = (g_lp if g_ent is None else g_lp - g_ent * ez) * inv_temp
     for n0, n1, chunks in _torch_blocks(N, V):
         h32 = h[n0:n1].float()
-        gl = g_lp[n0:n1, None]
         tgt = targets[n0:n1]
-        gh = torch.zeros((n1 - n0, D), device=h.device, dtype=torch.float32)
+        g = g_lp[n0:n1] * inv_temp
+        a_rows = a[n0:n1, None]
+        h_neg = h32 * -a_rows if g_ent is None else -h32
+        gh = g[:, None] * w32[tgt]
+        neg_lse = -lse[n0:n1, None]
         for v0, v1 in chunks:
-            z = _torch_logits(h32, w32, b32, v0, v1, inv_temp)
-            if g_ent is not None:
-                # dz = g_lp onehot - p (g_lp + g_ent (z - E[z]))
-                p = (z - lse[n0:n1, None]).exp_()
-                dz = z.sub_(ez[n0:n1, None]).mul_(g_ent[n0:n1, None]).add_(gl).mul_(p).neg_()
+            if g_ent is None:
+                # p = exp(z - lse), with -lse folded into the matmul; the row factor -a rides on
+                # h_neg and on the small q @ W product.
+                q = torch.addmm(neg_lse, h32, w32[v0:v1].t(), alpha=inv_temp)
+                if b32 is not None:
+                    q.add_(b32[v0:v1], alpha=inv_temp)
+                q.exp_()
+                gh.addcmul_(q @ w32[v0:v1], a_rows, value=-1.0)
             else:
-                dz = z.sub_(lse[n0:n1, None]).exp_().mul_(-gl)
-            here = ((tgt >= v0) & (tgt < v1)).nonzero().squeeze(1)
-            dz[here, tgt[here] - v0] += gl[here, 0]
-            gh.addmm_(dz, w32[v0:v1])
-            grad_w[v0:v1].addmm_(dz.t(), h32)
+                z = _torch_logits(h32, w32, b32, v0, v1, inv_temp)
+                p = (z - lse[n0:n1, None]).exp_()
+                q = z.mul_(g_ent[n0:n1, None] * inv_temp).add_(a_rows).mul_(p)  # p (a + b z) = -dz
+                gh.sub_(q @ w32[v0:v1])
+            grad_w[v0:v1].addmm_(q.t(), h_neg)
             if grad_b is not None:
-                grad_b[v0:v1] += dz.sum(0)
+                grad_b[v0:v1] -= q.t() @ a_rows.squeeze(1) if g_ent is None else q.sum(0)
+        grad_w.index_add_(0, tgt, g[:, None] * h32)
+        if grad_b is not None:
+            grad_b.index_add_(0, tgt, g)
         grad_h[n0:n1] = gh
     return grad_h, grad_w.to(w.dtype), grad_b
 

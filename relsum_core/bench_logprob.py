@@ -103,18 +103,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_step(step: Step, device: torch.device, *, warmup: int = 1, repeats: int = 5) -> list[float]:
-    """Wall seconds of each repeat after warm-up, device-synchronised."""
+def time_step(step: Step, device: torch.device, *, warmup: int = 1,
+              repeats: int = 5) -> tuple[list[float], list[float]]:
+    """Wall seconds and process CPU seconds of each repeat after warm-up, device-synchronised.
+    CPU seconds are the steadier figure on a shared machine: other processes inflate wall time."""
     for _ in range(warmup):
         step()
     _sync(device)
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         _sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return wall, cpu
 
 
 _libc = None
@@ -168,7 +171,7 @@ def run(n: int, d: int, v: int, *, dtype=torch.float32, device: str = "cpu", rep
     grad_bytes = h.numel() * h.element_size() + w.numel() * w.element_size()
     rows = []
     for name, step in variants(h, w, t, adv, with_compile=with_compile).items():
-        times = time_step(step, dev, repeats=repeats)
+        times, cpu_times = time_step(step, dev, repeats=repeats)
         # Measure memory after the timed runs: allocator caches and compilation are warm by then.
         h.grad = w.grad = None
         extra = peak_extra_bytes(step, dev, grad_bytes)
@@ -177,6 +180,7 @@ def run(n: int, d: int, v: int, *, dtype=torch.float32, device: str = "cpu", rep
             "n": n, "d": d, "v": v, "dtype": str(dtype).replace("torch.", ""),
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             "median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times),
+            "median_cpu_ms": 1e3 * statistics.median(cpu_times),
             "repeats": repeats, "peak_extra_mib": extra / 2**20,
         })
     return rows
@@ -184,15 +188,16 @@ def run(n: int, d: int, v: int, *, dtype=torch.float32, device: str = "cpu", rep
 
 def format_table(rows: list[dict]) -> str:
     base = {(r["n"], r["d"], r["v"]): r for r in rows if r["variant"] == "naive_fp32"}
-    lines = ["| variant | N, d, V | dtype | median ms | vs naive time | peak extra MiB "
-             "| vs naive memory |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | N, d, V | dtype | median ms | vs naive time | median CPU ms | vs naive CPU "
+             "| peak extra MiB | vs naive memory |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b = base.get((r["n"], r["d"], r["v"]))
         tr = f"{r['median_ms'] / b['median_ms']:.2f}x" if b else "-"
+        cr = f"{r['median_cpu_ms'] / b['median_cpu_ms']:.2f}x" if b else "-"
         mr = f"{r['peak_extra_mib'] / b['peak_extra_mib']:.3f}x" if b and b["peak_extra_mib"] > 0 else "-"
         lines.append(f"| {r['variant']} | {r['n']}, {r['d']}, {r['v']} | {r['dtype']} | {r['median_ms']:.1f} "
-                     f"| {tr} | {r['peak_extra_mib']:.1f} | {mr} |")
+                     f"| {tr} | {r['median_cpu_ms']:.1f} | {cr} | {r['peak_extra_mib']:.1f} | {mr} |")
     return "\n".join(lines)
 
 
