@@ -15,7 +15,7 @@ PRELUDE = textwrap.dedent("""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
-    def compile_sm90(fn, sig, consts, num_warps=4, num_stages=2):
+    def compile_sm90(fn, sig, consts, num_warps=4, num_stages=3):  # Triton's launch defaults
         sig = {**sig, **{k: "constexpr" for k in consts}}
         k = compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                     options=dict(num_warps=num_warps, num_stages=num_stages))

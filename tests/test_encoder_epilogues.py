@@ -1,12 +1,9 @@
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
+from sm90 import compile_offline, needs_offline_compiler
 
 from relsum_kernels import (
     bias_gelu,
@@ -296,53 +293,29 @@ def test_device_mismatches_raise():
         residual_layernorm(h, h.cpu(), torch.ones(16, device="cuda"), torch.zeros(16, device="cuda"))
 
 
-# Compiles the real (non-interpreted) kernels to sm_90 cubins with triton's bundled ptxas, so a
-# CPU-only CI still catches what only the GPU compiler rejects.
-SM90_COMPILE = textwrap.dedent("""
-    import importlib
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile
-    ep = importlib.import_module("relsum_kernels.encoder_epilogues")
-
-    def go(fn, sig, cfg, **consts):
-        # cfg: the launch configuration the wrapper uses on a GPU.
-        cfg = dict(cfg)
-        opts = dict(num_warps=cfg.pop("num_warps"))
-        consts = {**cfg, **consts}
-        sig = {**sig, **{k: "constexpr" for k in consts}}
-        k = compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32), options=opts)
-        assert len(k.asm["cubin"]) > 0
-        print("compiled", fn.__name__, consts)
-
-    for dt in ("bf16", "fp32"):
-        go(ep._bias_gelu_kernel, {"x_ptr": "*" + dt, "b_ptr": "*" + dt, "y_ptr": "*" + dt, "T": "i32",
-           "Fdim": "i32", "stride_x": "i32", "stride_y": "i32"}, ep._gelu_config())
-        for H in (384, 768, 4096):
-            go(ep._residual_ln_kernel, {"x_ptr": "*" + dt, "xb_ptr": "*" + dt, "r_ptr": "*" + dt,
-               "w_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*" + dt, "T": "i32", "H": "i32",
-               "stride_x": "i32", "stride_r": "i32", "stride_y": "i32", "eps": "fp32"}, ep._ln_config(H),
-               HAS_XB=True)
-        for wdt in sorted({dt, "fp32"}):
-            up = wdt != dt
-            go(ep._cls_score_kernel, {"h_ptr": "*" + dt, "cu_ptr": "*i32", "pw_ptr": "*" + wdt,
-               "pb_ptr": "*" + wdt, "cw_ptr": "*" + wdt, "cb_ptr": "*" + wdt, "part_ptr": "*fp32", "B": "i32",
-               "H": "i32", "stride_h": "i32", "stride_pw": "i32"}, ep._cls_config(),
-               UPCAST=up, DOT_IEEE=up or dt == "fp32")
-""")
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tests compile and run the kernels for real")
+@needs_offline_compiler
 def test_kernels_compile_for_sm90():
-    try:
-        import triton.backends.nvidia as nv
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"no offline CUDA compiler in this triton install: {e}")
-    if not os.path.exists(os.path.join(os.path.dirname(nv.__file__), "bin", "ptxas")):
-        pytest.skip("triton's bundled ptxas is missing")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", SM90_COMPILE], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
-    assert res.stdout.count("compiled") == 11
+    out = compile_offline("""
+        ep = importlib.import_module("relsum_kernels.encoder_epilogues")
+
+        def go(fn, sig, cfg, **consts):
+            cfg = dict(cfg)  # the launch configuration the wrapper uses on a GPU
+            nw = cfg.pop("num_warps")
+            compile_sm90(fn, sig, {**cfg, **consts}, num_warps=nw)
+
+        for dt in ("bf16", "fp32"):
+            go(ep._bias_gelu_kernel, {"x_ptr": "*" + dt, "b_ptr": "*" + dt, "y_ptr": "*" + dt, "T": "i32",
+               "Fdim": "i32", "stride_x": "i32", "stride_y": "i32"}, ep._gelu_config())
+            for H in (384, 768, 4096):
+                go(ep._residual_ln_kernel, {"x_ptr": "*" + dt, "xb_ptr": "*" + dt, "r_ptr": "*" + dt,
+                   "w_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*" + dt, "T": "i32", "H": "i32",
+                   "stride_x": "i32", "stride_r": "i32", "stride_y": "i32", "eps": "fp32"}, ep._ln_config(H),
+                   HAS_XB=True)
+            for wdt in sorted({dt, "fp32"}):
+                up = wdt != dt
+                go(ep._cls_score_kernel, {"h_ptr": "*" + dt, "cu_ptr": "*i32", "pw_ptr": "*" + wdt,
+                   "pb_ptr": "*" + wdt, "cw_ptr": "*" + wdt, "cb_ptr": "*" + wdt, "part_ptr": "*fp32",
+                   "B": "i32", "H": "i32", "stride_h": "i32", "stride_pw": "i32"}, ep._cls_config(),
+                   UPCAST=up, DOT_IEEE=up or dt == "fp32")
+    """)
+    assert out.count("compiled") == 11

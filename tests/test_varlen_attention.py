@@ -1,12 +1,9 @@
 import importlib
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
+from sm90 import compile_offline, needs_offline_compiler
 
 from relsum_kernels import varlen_attention, varlen_attention_reference
 
@@ -301,47 +298,26 @@ def test_cuda_triton_matches_torch_sdpa_on_larger_batch(dtype):
     _check("torch", lens, 12, 64, dtype)
 
 
-# Compiles the real (non-interpreted) kernel to an sm_90 cubin with triton's bundled ptxas, so a
-# CPU-only CI still catches what only the GPU compiler rejects (dot shapes, dtypes, layouts).
-SM90_COMPILE = textwrap.dedent("""
-    import importlib
-    import torch
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile
-    va = importlib.import_module("relsum_kernels.varlen_attention")
-    strides = ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
-               "stride_ot", "stride_oh")
-    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-    # The configurations varlen_attention launches on a GPU.
-    cases = ((torch.bfloat16, 32, 96), (torch.bfloat16, 64, 512), (torch.float16, 128, 512),
-             (torch.float32, 64, 96))
-    for dtype, D, max_seqlen in cases:
-        dt = names[dtype]
-        cfg = va._triton_config(max_seqlen, D, dtype)
-        opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
-        consts = {**cfg, "UPCAST": False, "DOT_IEEE": dtype == torch.float32}
-        sig = {"q_ptr": "*" + dt, "k_ptr": "*" + dt, "v_ptr": "*" + dt, "o_ptr": "*" + dt, "cu_ptr": "*i32",
-               "n_heads": "i32", "head_dim": "i32", "qk_scale": "fp32", **{s: "i32" for s in strides},
-               **{c: "constexpr" for c in consts}}
-        k = compile(ASTSource(va._varlen_attn_fwd_kernel, sig, constexprs=consts),
-                    target=GPUTarget("cuda", 90, 32), options=opts)
-        assert len(k.asm["cubin"]) > 0
-        print("compiled", dt, D, cfg, opts)
-""")
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tests compile and run the kernel for real")
+@needs_offline_compiler
 def test_kernel_compiles_for_sm90():
-    try:
-        import triton.backends.nvidia as nv
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"no offline CUDA compiler in this triton install: {e}")
-    if not os.path.exists(os.path.join(os.path.dirname(nv.__file__), "bin", "ptxas")):
-        pytest.skip("triton's bundled ptxas is missing")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", SM90_COMPILE], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
-    assert res.stdout.count("compiled") == 4
+    out = compile_offline("""
+        import torch
+        va = importlib.import_module("relsum_kernels.varlen_attention")
+        strides = ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
+                   "stride_ot", "stride_oh")
+        names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+        # The configurations varlen_attention launches on a GPU.
+        cases = ((torch.bfloat16, 32, 96), (torch.bfloat16, 64, 512), (torch.float16, 128, 512),
+                 (torch.float32, 64, 96))
+        for dtype, D, max_seqlen in cases:
+            dt = names[dtype]
+            cfg = va._triton_config(max_seqlen, D, dtype)
+            nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
+            sig = {"q_ptr": "*" + dt, "k_ptr": "*" + dt, "v_ptr": "*" + dt, "o_ptr": "*" + dt,
+                   "cu_ptr": "*i32", "n_heads": "i32", "head_dim": "i32", "qk_scale": "fp32",
+                   **{s: "i32" for s in strides}}
+            compile_sm90(va._varlen_attn_fwd_kernel, sig,
+                         {**cfg, "UPCAST": False, "DOT_IEEE": dtype == torch.float32},
+                         num_warps=nw, num_stages=ns)
+    """)
+    assert out.count("compiled") == 4
