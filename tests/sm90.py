@@ -10,8 +10,14 @@ import textwrap
 import pytest
 import torch
 
-PRELUDE = textwrap.dedent("""
+PRELUDE = textwrap.dedent(r"""
     import importlib
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton.backends.nvidia as nv
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
@@ -20,6 +26,15 @@ PRELUDE = textwrap.dedent("""
         k = compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                     options=dict(num_warps=num_warps, num_stages=num_stages))
         assert len(k.asm["cubin"]) > 0
+        # Register spills go to local memory and cost far more than they look: none allowed.
+        ptxas = os.path.join(os.path.dirname(nv.__file__), "bin", "ptxas")
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(k.asm["ptx"])
+        report = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                                capture_output=True, text=True, check=True).stderr
+        os.unlink(f.name)
+        spills = [int(x) for x in re.findall(r"(\d+) bytes spill stores", report)]
+        assert spills and max(spills) == 0, f"{fn.__name__} {consts}: {report}"
         print("compiled", fn.__name__, consts)
 """)
 
