@@ -257,18 +257,16 @@ class CrossEncoder:
             batches.append(cur)
         return batches
 
-    @torch.inference_mode()
     def score_packed(self, batch: PackedBatch) -> torch.Tensor:
         """fp32 scores [B] (on the model's device) of one packed batch."""
         dev = self.device
-        nb = dev.type == "cuda"
-        return self.encoder(
-            batch.input_ids.to(dev, non_blocking=nb),
-            batch.token_type_ids.to(dev, non_blocking=nb),
-            batch.position_ids.to(dev, non_blocking=nb),
-            batch.cu_seqlens.to(dev, non_blocking=nb),
-            batch.max_seqlen,
-        )
+        # Copied outside inference mode on purpose: the kernels cache the host copy of a normal
+        # cu_seqlens across layers (an inference tensor has no version counter, so it is re-read,
+        # one device sync per layer).
+        inputs = [t.to(dev) for t in (batch.input_ids, batch.token_type_ids, batch.position_ids,
+                                       batch.cu_seqlens)]
+        with torch.inference_mode():
+            return self.encoder(*inputs, batch.max_seqlen)
 
     # ---------------------------------------------------------------- public scoring
     def predict(self, pairs: Sequence[tuple[str, str]], batch_size: int = 128,
