@@ -153,12 +153,14 @@ class StrongPeer(torch.nn.Module):
     """Padding-free BERT in plain PyTorch: packed tokens, a varlen attention op, everything else
     torch ops (meant to be wrapped in ``torch.compile``).  Reads the HF model's weights."""
 
-    def __init__(self, hf: BertForSequenceClassification, attention: str = "torch_varlen"):
+    def __init__(self, hf: BertForSequenceClassification, attention="torch_varlen"):
         super().__init__()
         self.hf = hf
         cfg = hf.config
         self.h, self.d = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
-        if attention == "torch_varlen":
+        if callable(attention):  # (q, k, v, cu_seqlens, max_seqlen) -> out, e.g. for a CPU dry run
+            self.attn = attention
+        elif attention == "torch_varlen":
             from torch.nn.attention.varlen import varlen_attn
 
             self.attn = lambda q, k, v, cu, m: varlen_attn(q, k, v, cu, cu, m, m)
@@ -227,9 +229,9 @@ GPU_VARIANTS = ["relsum", "hf_eager_padded", "hf_sdpa_padded", "hf_sdpa_sorted",
                 "peer_varlen_attn_compile", "peer_flash_attn_compile"]
 
 
-def _gpu_fn(method, ce, hf, enc, batches_of):
+def _gpu_fn(method, ce, hf, enc, batches_of, dev="cuda"):
     """A callable scoring ``enc`` (host token ids) with ``method``; returns fp32 scores on the host."""
-    dev = torch.device("cuda")
+    dev = torch.device(dev)
     n = len(enc)
     if method == "relsum":
         batch = PackedBatch(enc)  # host token ids; score_packed copies them over each run
@@ -334,3 +336,32 @@ def test_cuda_rerank_latency(benchmark, gpu_models, shape, row, method):
     _record(benchmark, method=method, shape=shape, n_pairs=n, tokens=sum(lens),
             padded_tokens=n * max(lens) if method.startswith("hf_") else None,
             device=torch.cuda.get_device_name(), dtype=torch.bfloat16, source="token ids")
+
+
+def test_cpu_dry_run_of_gpu_variants():
+    """The CUDA variants' wiring (padded HF batches with token types, the strong peer's forward) checked
+    on CPU against ours, so a GPU session cannot time a mis-built baseline."""
+    from relsum_kernels import varlen_attention
+
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    hf = BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2,
+                                                  num_attention_heads=4, intermediate_size=128,
+                                                  num_labels=1)).eval()
+    with torch.no_grad():
+        hf.classifier.weight.normal_()
+    ce = CrossEncoder.from_model(hf, tok)
+    enc = ce.encode_pairs(make_pairs(tok, [(20, 24, 96), (4, 128, 300)], seed=1))
+    lens = [len(ids) for ids, _ in enc]
+
+    def batches_of(sort):
+        idx = sorted(range(len(enc)), key=lambda i: lens[i]) if sort else list(range(len(enc)))
+        return [idx[i:i + 8] for i in range(0, len(idx), 8)]
+
+    ours = _gpu_fn("relsum", ce, hf, enc, batches_of, dev="cpu")()
+    assert np.ptp(ours) > 1e-3
+    for method in ("hf_eager_padded", "hf_sdpa_padded", "hf_sdpa_sorted"):
+        np.testing.assert_allclose(_gpu_fn(method, ce, hf, enc, batches_of, dev="cpu")(), ours, atol=1e-5)
+    peer = StrongPeer(hf, lambda q, k, v, cu, m: varlen_attention(q, k, v, cu, m))
+    with torch.inference_mode():
+        np.testing.assert_allclose(peer(*_device_batch(enc, "cpu")).numpy(), ours, atol=1e-5)
