@@ -273,8 +273,11 @@ class CrossEncoder:
                 show_progress_bar: bool = False, *, max_tokens: int = 16384) -> np.ndarray:
         """Scores (raw logits, float32 numpy [len(pairs)]) of (query, doc) pairs, in input order.
 
-        Pairs are packed without padding, longest first, ``batch_size`` pairs and at most ``max_tokens``
-        tokens per forward.  Raises ValueError on an empty list, TypeError on non-string texts.
+        Each pair is ``[CLS] query [SEP] doc [SEP]``, cut doc-first: the query keeps its first
+        ``min(64, max_length - 3)`` tokens, the doc its first ``max_length - 3 - kept query tokens``.
+        Empty strings are valid (scored as empty text).  Pairs are packed without padding, longest
+        first, ``batch_size`` pairs and at most ``max_tokens`` tokens per forward.  Raises ValueError on
+        an empty list, TypeError on non-string texts or a bare (query, doc) tuple.
         """
         encoded = self.encode_pairs(pairs)
         return self.score_encoded(encoded, batch_size, show_progress_bar, max_tokens=max_tokens)
