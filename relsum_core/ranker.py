@@ -528,12 +528,14 @@ class Reranker:
     # ---------------------------------------------------------------- CUDA graphs
     @staticmethod
     def _fill(host: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        # One buffer for all inputs -> a single host-to-device copy per query chunk.
+        # One buffer for all inputs -> a single host-to-device copy per query chunk.  Filled through
+        # numpy: a plain memcpy, where torch's threaded copy can stall on a busy host.
         T = batch.input_ids.numel()
-        host[:T] = batch.input_ids
-        host[T:2 * T] = batch.token_type_ids
-        host[2 * T:3 * T] = batch.position_ids
-        host[3 * T:] = batch.cu_seqlens
+        h = host.numpy()
+        h[:T] = batch.input_ids.numpy()
+        h[T:2 * T] = batch.token_type_ids.numpy()
+        h[2 * T:3 * T] = batch.position_ids.numpy()
+        h[3 * T:] = batch.cu_seqlens.numpy()
         return host
 
     def _forward_static(self, inputs: torch.Tensor, layout: BucketLayout) -> torch.Tensor:
