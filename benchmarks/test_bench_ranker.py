@@ -11,8 +11,10 @@ already on the host (tokenising is not timed, as in the anchors):
   stream, Triton kernels), HF eager / sdpa padded / sdpa length-sorted (micro-batches of 128), the
   strong peer (packed tokens, ``torch.nn.attention.varlen.varlen_attn``, ``torch.compile`` of the rest)
   eager and compiled, and the same with flash-attn's ``flash_attn_varlen_func`` when installed;
-* latency, one query with 100 / 1000 candidates: ours through ``Reranker`` (shape buckets + CUDA
-  graphs), HF eager / sdpa with the candidates in one padded batch, the strong peer.
+* latency, one query with 100 / 1000 candidates: ours through ``Reranker.score_encoded`` (shape
+  buckets + CUDA graphs; host packing, the bucket layout and the host-to-device copy are timed), HF
+  eager / sdpa with the candidates in one padded batch and the strong peer on a packed batch, both
+  already on the device (their input building is not timed, so the comparison favours them).
 
 Nothing here asserts a time; scores of ours are checked against HF so a broken path cannot post a
 number.  Pairs/s, tokens/s and the padded token count go to ``benchmark.extra_info``.
