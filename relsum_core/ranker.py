@@ -442,8 +442,8 @@ class Reranker:
     forward for that shape is captured once as a CUDA graph, so a query costs one host-to-device copy
     and one graph launch per chunk.  Graphs share one memory pool; replays are sequential (a lock
     serialises calls).  Weights are snapshotted into the graphs: graphs are dropped and recaptured when
-    any parameter changes in place (its version counter) or on :meth:`clear`.  On CPU the packed torch
-    path runs directly (``use_buckets=True`` forces the bucket layout, for tests).
+    any parameter changes in place or moves (version counter, address), and on :meth:`clear`.  On CPU
+    the packed torch path runs directly (``use_buckets=True`` forces the bucket layout, for tests).
     """
 
     def __init__(self, cross_encoder: CrossEncoder, *, max_tokens: int = 65536, max_candidates: int = 1024,
@@ -470,6 +470,7 @@ class Reranker:
         self._graphs: dict[tuple[int, int, int], _Graph] = {}
         self._pool = None
         self._weights_key = None
+        self._params = list(cross_encoder.model.parameters())  # walking the module tree costs ~0.5 ms
         self._lock = threading.Lock()
 
     # ---------------------------------------------------------------- scoring
@@ -496,10 +497,12 @@ class Reranker:
         return _ranked(self.score(query, docs), docs, top_k, return_documents)
 
     def clear(self) -> None:
-        """Drop all captured graphs (they hold the weights' addresses and their own memory)."""
+        """Drop all captured graphs (they hold the weights' addresses and their own memory); call it after
+        replacing modules of the model (in-place edits and moves are noticed without it)."""
         with self._lock:
             self._graphs.clear()
             self._pool = None
+            self._params = list(self.ce.model.parameters())
 
     def _chunks(self, lens: Sequence[int]) -> list[list[int]]:
         # Leave room for the dummy sequences the bucket layout adds (at most one per sequence slot), so
@@ -545,7 +548,7 @@ class Reranker:
         return self.ce.encoder(ids, types, pos, cu, layout.max_seqlen)
 
     def _current_weights_key(self):
-        return tuple((p.data_ptr(), p._version) for p in self.ce.model.parameters())
+        return tuple((p.data_ptr(), p._version) for p in self._params)
 
     def _replay(self, layout: BucketLayout, batch: PackedBatch) -> np.ndarray:
         key = self._current_weights_key()
