@@ -342,6 +342,13 @@ def test_reranker_guards(tiny):
         Reranker(tiny, cuda_graphs=True)
     with pytest.raises(ValueError, match="too small"):
         Reranker(tiny, max_tokens=256, max_candidates=1024)
+    # Captured graphs bake in weight addresses: an in-place edit must change the key that drops them.
+    rr = Reranker(tiny)
+    before = rr._current_weights_key()
+    w = tiny.model.bert.encoder.layer[0].output.dense.bias
+    with torch.no_grad():
+        w.add_(0.0)
+    assert rr._current_weights_key() != before
 
 
 def test_reranker_bucket_layout_through_triton_kernels(tiny):
