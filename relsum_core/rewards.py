@@ -1,0 +1,165 @@
+"""Rewards for summaries, computed by the frozen ranker: what the summary does for search.
+
+For a product p with title t and a sampled summary s, the ranker sees ``t | s`` (the rule of
+`relsum_core.text`).  Components, each logged on its own:
+
+* relevance: mean over p's judged queries q of ``w(grade) * sigmoid(score(q, t | s))``; grade
+  weights push the summary towards the queries p is relevant for and away from the ones it is not
+  (defaults E +1, S +0.5, C 0, I -1).
+* ranking: mean over p's judged queries of the NDCG@k change of q's candidate list when p's text
+  is ``t | s`` instead of ``t`` alone, every other candidate kept at its title-only score.
+* budget: ``-max(0, length - K) / K`` for a summary of ``length`` tokens and budget K.
+* faithfulness: share of the summary's content words that occur in p's own text (a guard against
+  attributes the product does not have).
+
+``total = sum(weight_c * component_c)``.  Every ranker call of a batch goes through one
+``scorer(pairs)`` call (e.g. ``CrossEncoder.predict``), and title-only scores are cached per query.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from relsum_core.data import Judgment, Product
+from relsum_core.metrics import ndcg_at_k
+from relsum_core.text import attributes_text, join_title, normalise
+
+Scorer = Callable[[list[tuple[str, str]]], np.ndarray]
+COMPONENTS = ("relevance", "ranking", "budget", "faithfulness")
+
+_WORD = re.compile(r"[a-z0-9]+")
+# Function words carry no attribute; leaving them out keeps faithfulness about content.
+STOPWORDS = frozenset(
+    "a an the and or of for with in on at to by from as is are be it its this that these those "
+    "your you our we it's into over under up out no not than then so very can will".split())
+
+
+def content_words(text: str) -> list[str]:
+    return [w for w in _WORD.findall(text.lower()) if w not in STOPWORDS and (len(w) > 1 or w.isdigit())]
+
+
+@dataclass
+class RewardConfig:
+    relevance: float = 1.0
+    ranking: float = 1.0
+    budget: float = 0.5
+    faithfulness: float = 0.5
+    budget_tokens: int = 32
+    ndcg_k: int = 10
+    grade_weights: Mapping[int, float] = field(default_factory=lambda: {3: 1.0, 2: 0.5, 1: 0.0, 0: -1.0})
+
+    def __post_init__(self):
+        if self.budget_tokens <= 0:
+            raise ValueError(f"budget_tokens must be > 0, got {self.budget_tokens}")
+        if self.ndcg_k < 1:
+            raise ValueError(f"ndcg_k must be >= 1, got {self.ndcg_k}")
+
+
+class RankerReward:
+    """Scores batches of (product, summary) with the frozen ranker; see the module docstring."""
+
+    def __init__(self, scorer: Scorer, catalog: Mapping[str, Product], judgments: Sequence[Judgment],
+                 config: RewardConfig | None = None):
+        self.scorer = scorer
+        self.catalog = catalog
+        self.config = config or RewardConfig()
+        self.by_query: dict[str, list[Judgment]] = defaultdict(list)
+        self.by_product: dict[str, list[Judgment]] = defaultdict(list)
+        for j in judgments:
+            if j.product_id not in catalog:
+                raise ValueError(f"judgment for query {j.query_id} names unknown product {j.product_id}")
+            self.by_query[j.query_id].append(j)
+            self.by_product[j.product_id].append(j)
+        self._title_scores: dict[str, np.ndarray] = {}
+
+    def title(self, product_id: str) -> str:
+        return normalise(self.catalog[product_id].title)
+
+    def _ensure_title_scores(self, query_ids: set[str]) -> None:
+        todo = sorted(q for q in query_ids if q not in self._title_scores)
+        if not todo:
+            return
+        pairs = [(j.query, self.title(j.product_id)) for q in todo for j in self.by_query[q]]
+        scores = np.asarray(self.scorer(pairs), dtype=np.float64)
+        at = 0
+        for q in todo:
+            n = len(self.by_query[q])
+            self._title_scores[q] = scores[at: at + n]
+            at += n
+
+    def __call__(self, product_ids: Sequence[str], summaries: Sequence[str],
+                 lengths: Sequence[int]) -> dict[str, np.ndarray]:
+        """Components and ``total`` for each sample, as float arrays of len(product_ids)."""
+        if not (len(product_ids) == len(summaries) == len(lengths)):
+            raise ValueError("product_ids, summaries and lengths must be equally long")
+        if not product_ids:
+            raise ValueError("empty batch: no summaries to reward")
+        cfg = self.config
+        for pid in product_ids:
+            if pid not in self.catalog:
+                raise ValueError(f"unknown product {pid}")
+            if not self.by_product[pid]:
+                raise ValueError(f"product {pid} has no judged query to reward against")
+        self._ensure_title_scores({j.query_id for pid in product_ids for j in self.by_product[pid]})
+
+        pairs = [(j.query, join_title(self.title(pid), normalise(s)))
+                 for pid, s in zip(product_ids, summaries) for j in self.by_product[pid]]
+        scores = np.asarray(self.scorer(pairs), dtype=np.float64)
+        out = {c: np.zeros(len(product_ids)) for c in COMPONENTS}
+        at = 0
+        for i, (pid, summary, length) in enumerate(zip(product_ids, summaries, lengths)):
+            rel, rank = [], []
+            for j in self.by_product[pid]:
+                s = scores[at]
+                at += 1
+                rel.append(cfg.grade_weights.get(j.grade, 0.0) / (1.0 + math.exp(-s)))
+                rank.append(self._ndcg_delta(j, s))
+            out["relevance"][i] = float(np.mean(rel))
+            deltas = [d for d in rank if not math.isnan(d)]
+            out["ranking"][i] = float(np.mean(deltas)) if deltas else 0.0
+            out["budget"][i] = -max(0, int(length) - cfg.budget_tokens) / cfg.budget_tokens
+            out["faithfulness"][i] = self.faithfulness(pid, summary)
+        out["total"] = sum(getattr(cfg, c) * out[c] for c in COMPONENTS)
+        return out
+
+    def _ndcg_delta(self, j: Judgment, new_score: float) -> float:
+        cands = self.by_query[j.query_id]
+        base = self._title_scores[j.query_id]
+        grades = [c.grade for c in cands]
+        idx = next(i for i, c in enumerate(cands) if c.product_id == j.product_id)
+        changed = base.copy()
+        changed[idx] = new_score
+        k = self.config.ndcg_k
+        return ndcg_at_k(changed, grades, k) - ndcg_at_k(base, grades, k)
+
+    def faithfulness(self, product_id: str, summary: str) -> float:
+        words = content_words(summary)
+        if not words:
+            return 0.0
+        p = self.catalog[product_id]
+        own = set(content_words(f"{p.title}\n{attributes_text(p)}\n{p.brand}\n{p.color}"))
+        return sum(w in own for w in words) / len(words)
+
+
+def group_advantages(rewards: np.ndarray | Sequence[float], group_size: int, *, scale: bool = True,
+                     eps: float = 1e-4) -> np.ndarray:
+    """GRPO advantages: each reward minus its group's mean, over the group's std when ``scale``.
+
+    ``rewards`` holds consecutive groups of ``group_size`` samples of the same prompt.  The std is
+    the unbiased one (as in TRL); a group whose rewards are all equal gets advantages 0.
+    """
+    r = np.asarray(rewards, dtype=np.float64)
+    if group_size < 1 or r.ndim != 1 or r.size == 0 or r.size % group_size:
+        raise ValueError(f"need a non-empty 1-D reward array whose length is a multiple of group_size="
+                         f"{group_size}, got shape {r.shape}")
+    g = r.reshape(-1, group_size)
+    adv = g - g.mean(axis=1, keepdims=True)
+    if scale and group_size > 1:
+        adv = adv / (g.std(axis=1, ddof=1, keepdims=True) + eps)
+    return adv.reshape(-1)

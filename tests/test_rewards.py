@@ -1,0 +1,106 @@
+import math
+
+import numpy as np
+import pytest
+
+from relsum_core.data import Judgment, Product
+from relsum_core.metrics import ndcg_at_k
+from relsum_core.rewards import RankerReward, RewardConfig, content_words, group_advantages
+
+
+def overlap_scorer(calls):
+    """Score = number of query words in the doc: hand-checkable, and it records every call."""
+    def score(pairs):
+        calls.append(list(pairs))
+        return np.array([float(len(set(q.split()) & set(d.lower().replace("|", " ").split())))
+                         for q, d in pairs])
+    return score
+
+
+CATALOG = {
+    "a": Product("a", "Acme bottle", bullets=("stainless steel", "holds water")),
+    "b": Product("b", "Bolt shirt", bullets=("cotton",)),
+    "c": Product("c", "Cozy blanket", description="fleece throw"),
+}
+JUDGED = [
+    Judgment("q1", "steel water bottle", "a", 3),
+    Judgment("q1", "steel water bottle", "b", 0),
+    Judgment("q1", "steel water bottle", "c", 0),
+    Judgment("q2", "fleece blanket", "c", 3),
+]
+
+
+def _reward(**cfg):
+    calls = []
+    return RankerReward(overlap_scorer(calls), CATALOG, JUDGED, RewardConfig(**cfg)), calls
+
+
+def test_relevance_uses_sigmoid_and_grade_weights():
+    r, _ = _reward()
+    out = r(["a", "b"], ["steel water", "steel water"], [2, 2])
+    # "a" title+summary holds "bottle steel water" -> 3 overlaps, grade 3 weight +1
+    assert out["relevance"][0] == pytest.approx(1 / (1 + math.exp(-3)))
+    # "b" is irrelevant (weight -1) to the same query: the same summary is punished
+    assert out["relevance"][1] == pytest.approx(-1 / (1 + math.exp(-2)))
+
+
+def test_ranking_is_ndcg_delta_with_other_candidates_fixed():
+    r, _ = _reward()
+    out = r(["a"], ["steel water"], [2])
+    # title-only scores for q1: a "Acme bottle" -> 1, b -> 0, c -> 0; a already ranks first, so
+    # making it score 3 cannot raise NDCG.
+    assert out["ranking"][0] == pytest.approx(0.0)
+    out = r(["b"], ["steel water bottle"], [3])
+    base = ndcg_at_k([1, 0, 0], [3, 0, 0], 10)
+    worse = ndcg_at_k([1, 3, 0], [3, 0, 0], 10)  # the irrelevant b now outranks a
+    assert out["ranking"][0] == pytest.approx(worse - base) and worse < base
+
+
+def test_budget_penalty_and_faithfulness():
+    r, _ = _reward(budget_tokens=4)
+    out = r(["c", "c"], ["fleece throw, warm", "fleece"], [6, 3])
+    assert out["budget"].tolist() == [pytest.approx(-0.5), 0.0]
+    # content words of the first: fleece throw warm -> 2 of 3 in the product's text
+    assert out["faithfulness"][0] == pytest.approx(2 / 3)
+    assert out["faithfulness"][1] == 1.0
+    assert r.faithfulness("c", "the and of") == 0.0  # no content words at all
+
+
+def test_total_is_the_weighted_sum_and_one_ranker_call_per_batch():
+    r, calls = _reward(relevance=2.0, ranking=0.0, budget=1.0, faithfulness=0.25)
+    out = r(["a", "c", "a"], ["steel", "fleece", "blue"], [1, 1, 40])
+    expect = 2.0 * out["relevance"] + 1.0 * out["budget"] + 0.25 * out["faithfulness"]
+    assert np.allclose(out["total"], expect)
+    # one call for the title-only scores of q1 and q2, one for the batch: a and a judged for q1,
+    # c for q1 and q2
+    assert len(calls) == 2 and len(calls[1]) == 4
+    r(["b"], ["x"], [1])
+    assert len(calls) == 3  # title-only scores are cached
+
+
+def test_content_words():
+    words = content_words("The 2 Stainless-steel bottles, for kids!")
+    assert words == ["2", "stainless", "steel", "bottles", "kids"]
+
+
+def test_reward_bad_input():
+    r, _ = _reward()
+    with pytest.raises(ValueError, match="empty batch"):
+        r([], [], [])
+    with pytest.raises(ValueError, match="equally long"):
+        r(["a"], ["x", "y"], [1])
+    with pytest.raises(ValueError, match="unknown product"):
+        r(["zzz"], ["x"], [1])
+    with pytest.raises(ValueError, match="unknown product"):
+        RankerReward(overlap_scorer([]), CATALOG, [Judgment("q", "x", "nope", 1)])
+    with pytest.raises(ValueError, match="budget_tokens"):
+        RewardConfig(budget_tokens=0)
+
+
+def test_group_advantages_hand_worked():
+    adv = group_advantages([1.0, 3.0, 5.0, 2.0, 2.0, 2.0], 3)
+    # group 1: mean 3, unbiased std 2 -> (-1, 0, 1); group 2: all equal -> 0
+    assert np.allclose(adv, [-1, 0, 1, 0, 0, 0], atol=1e-4)
+    assert np.allclose(group_advantages([1.0, 3.0], 2, scale=False), [-1, 1])
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        group_advantages([1.0, 2.0, 3.0], 2)
