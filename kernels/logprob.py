@@ -368,6 +368,7 @@ class _FusedLogprob(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, targets, ignore, lse, ez)
         ctx.inv_temp = inv_temp
         ctx.with_entropy = with_entropy
+        ctx.set_materialize_grads(False)  # an unused entropy output then costs no backward work
         ctx.impl = impl
         return logp, entropy
 

@@ -241,3 +241,33 @@ def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int = SUMMAR
     texts = [tokenizer.decode(ids[m.bool()], skip_special_tokens=True).strip()
              for ids, m in zip(completion_ids, completion_mask)]
     return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, texts)
+
+
+# ---------------------------------------------------------------------------------- log-probs
+def completion_logprobs(model, rollouts: Rollouts, *, temperature: float = 1.0, with_entropy: bool = False,
+                        impl: str = "auto"):
+    """Per-token log-probs [B, T] (and entropies) of the sampled completions under ``model``.
+
+    One forward of prompt + completion through the decoder; only the hidden states that predict
+    completion tokens reach the LM head, through `fused_logprob`, so no [tokens x vocab] logits
+    exist and prompt positions never enter the loss.  Masked positions (after a row's stop token)
+    give 0 and no gradient.
+    """
+    from relsum_kernels import fused_logprob
+
+    if getattr(model.config, "final_logit_softcapping", None):
+        raise ValueError("models with logit soft-capping are not supported by the fused LM head")
+    head = model.get_output_embeddings()
+    ids = torch.cat([rollouts.prompt_ids, rollouts.completion_ids], dim=1)
+    mask = torch.cat([rollouts.prompt_mask, rollouts.completion_mask], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+    P = rollouts.prompt_ids.shape[1]
+    B, T = rollouts.completion_ids.shape
+    h = hidden[:, P - 1: P + T - 1].reshape(B * T, -1)
+    targets = rollouts.completion_ids.masked_fill(rollouts.completion_mask == 0, -100).reshape(-1)
+    out = fused_logprob(h, head.weight.to(h.dtype), targets, bias=getattr(head, "bias", None),
+                        temperature=temperature, with_entropy=with_entropy, impl=impl)
+    if with_entropy:
+        return out[0].view(B, T), out[1].view(B, T)
+    return out.view(B, T)

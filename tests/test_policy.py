@@ -141,3 +141,31 @@ def test_default_smollm2_converts_once_and_summarises(tmp_path_factory, monkeypa
     p = _product(title="Kindle Paperwhite waterproof 8 GB", bullets=["300 ppi glare-free display"])
     r = sample(model, tok, [build_prompt(p, tok)], max_new_tokens=12, temperature=0.0)
     assert r.texts[0] and r.completion_ids.shape[1] <= 12
+
+
+def test_completion_logprobs_match_full_logits_and_mask(tiny_policy_dir):
+    from relsum_core.policy import completion_logprobs
+
+    model, tok = load_policy(tiny_policy_dir)
+    prompts = [build_prompt(_product(title="dog food", bullets=()), tok), build_prompt(_product(), tok)]
+    r = sample(model, tok, prompts, max_new_tokens=6, temperature=1.0, seed=3)
+    r.completion_mask[0, 3:] = 0  # pretend row 0 stopped after 3 tokens
+    logp, ent = completion_logprobs(model, r, temperature=0.8, with_entropy=True)
+    # reference: HF full logits over prompt + completion
+    ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
+    mask = torch.cat([r.prompt_mask, r.completion_mask], 1)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits
+    P = r.prompt_ids.shape[1]
+    logq = torch.log_softmax(logits[:, P - 1:-1].double() / 0.8, -1)
+    ref = logq.gather(-1, r.completion_ids[..., None]).squeeze(-1) * r.completion_mask
+    ref_ent = -(logq.exp() * logq).sum(-1) * r.completion_mask
+    assert torch.allclose(logp.double(), ref, atol=1e-5) and torch.allclose(ent.double(), ref_ent, atol=1e-5)
+    assert torch.all(logp[0, 3:] == 0)
+    # gradient flows only from live completion tokens: masked ones add nothing
+    model.zero_grad()
+    logp.sum().backward()
+    g_live = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    logp2 = completion_logprobs(model, r, temperature=0.8)
+    (logp2 * r.completion_mask).sum().backward()
+    assert torch.allclose(model.lm_head.weight.grad, g_live, rtol=1e-5, atol=1e-7)
