@@ -7,36 +7,6 @@ from relsum_core import policy
 from relsum_core.data import Product
 from relsum_core.policy import PolicyLoadError, build_prompt, load_policy, sample
 
-WORDS = ("red blue cotton shirt size large small pack of two steel bottle water kids dog food "
-         "chicken organic list the searchable attributes this product as a short comma-separated "
-         "brand material quantity features compatibility at most tokens no sentences product type").split()
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> "
-                 "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
-
-
-@pytest.fixture(scope="module")
-def tiny_policy_dir(tmp_path_factory):
-    """A random 2-layer Llama and a word-level tokenizer with a chat template, saved like a hub folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
-    vocab = {t: i for i, t in enumerate(specials + sorted(set(WORDS + ["user", "assistant", ":", ",", "."])))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
-                                   eos_token="<|im_end|>")
-    fast.chat_template = CHAT_TEMPLATE
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<pad>"], tie_word_embeddings=True)
-    model = LlamaForCausalLM(cfg)
-    path = tmp_path_factory.mktemp("tiny_policy")
-    model.save_pretrained(path)
-    fast.save_pretrained(path)
-    return path
-
 
 def _product(pid="p1", title="red cotton shirt", bullets=("size large", "pack of two"), description=""):
     return Product(product_id=pid, title=title, description=description, bullets=list(bullets))

@@ -1,0 +1,248 @@
+"""GRPO training of the summarizer against the frozen ranker (``relsum train --algo grpo``).
+
+A step: draw ``products_per_step`` training products, sample ``group_size`` summaries of each,
+reward them with the ranker (`relsum_core.rewards`), normalise rewards within each product's group,
+and take one clipped policy-gradient step with a k3 KL penalty to the frozen initial policy.
+Log-probs of policy and reference come from `fused_logprob` on the LM head: no [tokens x vocab]
+logits.  One update per batch of rollouts, so the ratio's denominator is the rollout policy itself
+(``old_logp = logp.detach()``), as in TRL with one iteration.
+
+Output directory::
+
+    checkpoint/     policy (HF folder) + trainer.pt (optimizer, scheduler, step, RNG): resume point
+    metrics.jsonl   event "train" per step, "eval" per evaluation, "samples" with example summaries
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from relsum_core.data import load_dataset, split_queries
+from relsum_core.io import JsonlLog, atomic_write_dir
+from relsum_core.losses import grpo_loss
+from relsum_core.policy import Rollouts, build_prompt, completion_logprobs, load_policy, sample
+from relsum_core.rewards import COMPONENTS, RankerReward, RewardConfig, group_advantages
+
+
+@dataclass
+class GRPOConfig:
+    out: str
+    ranker: str  # frozen cross-encoder checkpoint (e.g. the best/ of train-ranker)
+    policy: str | None = None  # HF causal LM folder; None = packaged SmolLM2-135M-Instruct
+    data: str | None = None  # None = bundled ESCI-150q
+    steps: int = 50
+    products_per_step: int = 4
+    group_size: int = 4
+    grad_accum: int = 1  # micro-batches per step (memory); the step's loss is the same
+    lr: float = 1e-5
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    beta: float = 0.04
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.28
+    entropy_coef: float = 0.0
+    loss_type: str = "dapo"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    budget: int = 32  # summary tokens asked for and sampled at most
+    max_product_tokens: int = 128
+    val_fraction: float = 0.2
+    eval_products: int = 16
+    eval_every: int = 10
+    save_every: int = 10
+    seed: int = 0
+    device: str | None = None
+    progress: bool = True
+    reward_relevance: float = 1.0
+    reward_ranking: float = 1.0
+    reward_budget: float = 0.5
+    reward_faithfulness: float = 0.5
+
+    def __post_init__(self):
+        if self.budget <= 0:
+            raise ValueError(f"budget must be > 0 tokens, got {self.budget}")
+        for name in ("steps", "products_per_step", "group_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if (self.products_per_step * self.group_size) % self.grad_accum:
+            raise ValueError("products_per_step * group_size must be divisible by grad_accum")
+
+
+def _split_products(catalog, judgments, cfg: GRPOConfig) -> tuple[list[str], list[str]]:
+    """Training and validation products, by the query split (a product goes where its queries go)."""
+    queries = sorted({j.query_id for j in judgments})
+    train_q, val_q = split_queries(queries, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    val_q = set(val_q)
+    train, val = set(), set()
+    for j in judgments:
+        (val if j.query_id in val_q else train).add(j.product_id)
+    train -= val  # a product judged for a validation query never trains
+    if not train:
+        raise ValueError("no training products after the query split")
+    return sorted(train), sorted(val)
+
+
+def _rollout_slice(r: Rollouts, idx: slice) -> Rollouts:
+    return Rollouts(r.prompt_ids[idx], r.prompt_mask[idx], r.completion_ids[idx], r.completion_mask[idx],
+                    r.texts[idx])
+
+
+class GRPOTrainer:
+    def __init__(self, cfg: GRPOConfig):
+        from relsum_core.ranker import CrossEncoder
+
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.catalog, self.judgments = load_dataset(cfg.data)
+        self.train_ids, self.val_ids = _split_products(self.catalog, self.judgments, cfg)
+        self.ranker = CrossEncoder.from_pretrained(cfg.ranker, device=self.device)
+        self.reward = RankerReward(
+            self.ranker.predict, self.catalog, self.judgments,
+            RewardConfig(relevance=cfg.reward_relevance, ranking=cfg.reward_ranking, budget=cfg.reward_budget,
+                         faithfulness=cfg.reward_faithfulness, budget_tokens=cfg.budget))
+        resume = self.out / "checkpoint"
+        resuming = (resume / "trainer.pt").is_file()
+        self.policy, self.tok = load_policy(resume if resuming else cfg.policy, device=self.device)
+        self.ref = None
+        if cfg.beta != 0.0:
+            # The reference is the initial policy, also after a resume.
+            self.ref = (load_policy(cfg.policy, device=self.device)[0] if resuming
+                        else copy.deepcopy(self.policy))
+            self.ref.eval().requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+        self.step = 0
+        if resuming:
+            state = torch.load(resume / "trainer.pt", map_location="cpu", weights_only=False)
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            self.step = state["step"]
+
+    # ---------------------------------------------------------------------------------- pieces
+    def _prompts(self, product_ids: list[str]) -> list[str]:
+        return [build_prompt(self.catalog[p], self.tok, budget=self.cfg.budget,
+                             max_product_tokens=self.cfg.max_product_tokens) for p in product_ids]
+
+    def _step_products(self, step: int) -> list[str]:
+        # Seeded by step, so a resumed run draws what the uninterrupted one would have.
+        rng = random.Random(self.cfg.seed * 1_000_003 + step)
+        return rng.sample(self.train_ids, min(self.cfg.products_per_step, len(self.train_ids)))
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        products = self._step_products(self.step)
+        pids = [p for p in products for _ in range(cfg.group_size)]
+        self.policy.eval()
+        rollouts = sample(self.policy, self.tok, self._prompts(pids), max_new_tokens=cfg.budget,
+                          temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed * 7919 + self.step)
+        t1 = time.perf_counter()
+        rewards = self.reward(pids, rollouts.texts, rollouts.lengths.tolist())
+        adv = torch.tensor(group_advantages(rewards["total"], cfg.group_size), dtype=torch.float32,
+                           device=self.device)
+        t2 = time.perf_counter()
+
+        self.policy.train()
+        n = len(pids)
+        micro = n // cfg.grad_accum
+        tokens = float(rollouts.completion_mask.sum().clamp_min(1))
+        metrics_acc: dict[str, float] = {}
+        for k in range(cfg.grad_accum):
+            sl = slice(k * micro, (k + 1) * micro)
+            r = _rollout_slice(rollouts, sl)
+            ref_logp = None
+            if self.ref is not None:
+                with torch.no_grad():
+                    ref_logp = completion_logprobs(self.ref, r, temperature=cfg.temperature)
+            logp, ent = completion_logprobs(self.policy, r, temperature=cfg.temperature, with_entropy=True)
+            loss, m = grpo_loss(
+                logp, None, adv[sl], r.completion_mask, ref_logp=ref_logp, beta=cfg.beta,
+                epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, entropy=ent,
+                entropy_coef=cfg.entropy_coef, loss_type=cfg.loss_type, max_completion_length=cfg.budget,
+                # token mean over the whole step, whatever the micro-batching
+                token_normalizer=tokens if cfg.loss_type == "dapo" else None)
+            if cfg.loss_type != "dapo":
+                loss = loss / cfg.grad_accum
+            loss.backward()
+            share = r.completion_mask.sum().item() / tokens
+            for key, v in m.items():
+                metrics_acc[key] = metrics_acc.get(key, 0.0) + float(v) * (share if key != "loss" else 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        self.step += 1
+        row = {
+            "step": self.step, "lr": self.sched.get_last_lr()[0], "grad_norm": float(grad_norm),
+            "reward": float(rewards["total"].mean()),
+            **{f"reward_{c}": float(rewards[c].mean()) for c in COMPONENTS},
+            "summary_tokens": float(rollouts.lengths.float().mean()),
+            "new_tokens_per_s": tokens / max(t1 - t0, 1e-9),
+            "time_sample_s": t1 - t0, "time_reward_s": t2 - t1, "time_update_s": t3 - t2,
+            **metrics_acc,
+        }
+        return row
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Greedy summaries of a fixed set of validation products; mean reward and components."""
+        ids = self.val_ids[: self.cfg.eval_products]
+        if not ids:
+            return {}
+        self.policy.eval()
+        r = sample(self.policy, self.tok, self._prompts(ids), max_new_tokens=self.cfg.budget, temperature=0.0)
+        rewards = self.reward(ids, r.texts, r.lengths.tolist())
+        return {"step": self.step, "reward": float(rewards["total"].mean()),
+                **{f"reward_{c}": float(rewards[c].mean()) for c in COMPONENTS},
+                "summary_tokens": float(r.lengths.float().mean()),
+                "samples": [{"product_id": p, "title": self.catalog[p].title, "summary": s}
+                            for p, s in zip(ids, r.texts)]}
+
+    def save(self) -> Path:
+        def fill(tmp: Path) -> None:
+            self.policy.save_pretrained(tmp)
+            self.tok.save_pretrained(tmp)
+            torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                        "step": self.step, "config": asdict(self.cfg)}, tmp / "trainer.pt")
+
+        return atomic_write_dir(self.out / "checkpoint", fill)
+
+    def train(self) -> dict:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        log = JsonlLog(self.out / "metrics.jsonl", append=self.step > 0)
+        if self.step == 0:
+            log.write("config", **asdict(cfg))
+            log.write("eval", **self.evaluate())
+        last = {}
+        with tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, desc="grpo") as bar:
+            while self.step < cfg.steps:
+                last = self.train_step()
+                log.write("train", **last)
+                bar.update(1)
+                bar.set_postfix(reward=f"{last['reward']:.3f}", kl=f"{last.get('kl', 0.0):.4f}")
+                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                    log.write("eval", **self.evaluate())
+                if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                    self.save()
+        log.close()
+        return last
+
+
+def train_grpo(cfg: GRPOConfig) -> dict:
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    return GRPOTrainer(cfg).train()

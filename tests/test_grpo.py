@@ -1,0 +1,99 @@
+import csv
+import json
+
+import pytest
+import torch
+
+from relsum_core.trainers.grpo import GRPOConfig, GRPOTrainer, train_grpo
+
+PRODUCTS = [
+    ("p1", "red cotton shirt", ["size large", "pack of two"]),
+    ("p2", "blue cotton shirt", ["size small"]),
+    ("p3", "steel water bottle", ["kids", "pack of two"]),
+    ("p4", "organic dog food", ["chicken"]),
+    ("p5", "kids water bottle", ["blue", "steel"]),
+    ("p6", "dog food chicken", ["organic", "pack"]),
+]
+JUDGMENTS = [  # query_id, query, product_id, grade
+    ("q1", "red shirt", "p1", 3), ("q1", "red shirt", "p2", 1),
+    ("q2", "water bottle", "p3", 3), ("q2", "water bottle", "p5", 2),
+    ("q3", "dog food", "p4", 3), ("q3", "dog food", "p6", 0),
+]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    with open(d / "products.jsonl", "w") as f:
+        for pid, title, bullets in PRODUCTS:
+            f.write(json.dumps({"product_id": pid, "title": title, "description": "",
+                                "bullet_points": "\n".join(bullets)}) + "\n")
+    with open(d / "judgments.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["query_id", "query", "product_id", "grade"])
+        w.writerows(JUDGMENTS)
+    return d
+
+
+def _cfg(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir, **kw):
+    base = dict(out=str(tmp_path / "run"), ranker=str(tiny_ranker_dir), policy=str(tiny_policy_dir),
+                data=str(data_dir), steps=2, products_per_step=2, group_size=3, budget=6,
+                max_product_tokens=16, val_fraction=0.34, eval_products=2, eval_every=1, save_every=1,
+                lr=1e-3, warmup_steps=1, beta=0.1, progress=False, device="cpu")
+    base.update(kw)
+    return GRPOConfig(**base)
+
+
+def test_grpo_run_logs_every_component_and_checkpoints(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir):
+    cfg = _cfg(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir)
+    last = train_grpo(cfg)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    train = [r for r in rows if r["event"] == "train"]
+    evals = [r for r in rows if r["event"] == "eval"]
+    assert [r["step"] for r in train] == [1, 2] and len(evals) == 3  # before training and after each step
+    for key in ("reward", "reward_relevance", "reward_ranking", "reward_budget", "reward_faithfulness", "kl",
+                "entropy", "clip_fraction", "summary_tokens", "new_tokens_per_s", "time_sample_s",
+                "time_reward_s", "time_update_s", "grad_norm"):
+        assert key in last and last[key] == last[key], key  # present and not NaN
+    assert evals[-1]["samples"] and all("summary" in s for s in evals[-1]["samples"])
+    ckpt = tmp_path / "run" / "checkpoint"
+    assert (ckpt / "trainer.pt").is_file() and (ckpt / "config.json").is_file()
+    # the first update moves the policy away from the reference: KL > 0 at step 2
+    assert train[1]["kl"] > 0
+
+
+def test_validation_products_never_train(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir):
+    t = GRPOTrainer(_cfg(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir))
+    assert t.val_ids and not set(t.val_ids) & set(t.train_ids)
+    assert set(t.train_ids) | set(t.val_ids) == {p[0] for p in PRODUCTS}
+
+
+def test_resume_gives_the_same_next_step(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir):
+    straight = GRPOTrainer(_cfg(tmp_path / "a", data_dir, tiny_policy_dir, tiny_ranker_dir, steps=2))
+    straight.train()
+    first = GRPOTrainer(_cfg(tmp_path / "b", data_dir, tiny_policy_dir, tiny_ranker_dir, steps=1))
+    first.train()
+    resumed = GRPOTrainer(_cfg(tmp_path / "b", data_dir, tiny_policy_dir, tiny_ranker_dir, steps=2))
+    assert resumed.step == 1
+    resumed.train()
+    for (name, a), b in zip(straight.policy.named_parameters(), resumed.policy.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    lines = (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines if json.loads(x)["event"] == "train"] == [1, 2]
+
+
+def test_grad_accum_matches_one_batch(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir):
+    one = GRPOTrainer(_cfg(tmp_path / "a", data_dir, tiny_policy_dir, tiny_ranker_dir, grad_accum=1))
+    two = GRPOTrainer(_cfg(tmp_path / "b", data_dir, tiny_policy_dir, tiny_ranker_dir, grad_accum=2))
+    m1, m2 = one.train_step(), two.train_step()
+    assert m1["reward"] == pytest.approx(m2["reward"])
+    assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-4)
+    for a, b in zip(one.policy.parameters(), two.policy.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_bad_config(tmp_path):
+    with pytest.raises(ValueError, match="budget must be > 0"):
+        GRPOConfig(out=str(tmp_path), ranker="x", budget=0)
+    with pytest.raises(ValueError, match="divisible by grad_accum"):
+        GRPOConfig(out=str(tmp_path), ranker="x", products_per_step=3, group_size=1, grad_accum=2)
