@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from relsum_core.trainers.grpo import GRPOConfig, GRPOTrainer, train_grpo
+from relsum_core.trainers.summarizer import SummarizerConfig, SummarizerTrainer, train_summarizer
 
 PRODUCTS = [
     ("p1", "red cotton shirt", ["size large", "pack of two"]),
@@ -41,12 +41,12 @@ def _cfg(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir, **kw):
                 max_product_tokens=16, val_fraction=0.34, eval_products=2, eval_every=1, save_every=1,
                 lr=1e-3, warmup_steps=1, beta=0.1, progress=False, device="cpu")
     base.update(kw)
-    return GRPOConfig(**base)
+    return SummarizerConfig(**base)
 
 
 def test_grpo_run_logs_every_component_and_checkpoints(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir):
     cfg = _cfg(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir)
-    last = train_grpo(cfg)
+    last = train_summarizer(cfg)
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     train = [r for r in rows if r["event"] == "train"]
     evals = [r for r in rows if r["event"] == "eval"]
@@ -63,17 +63,17 @@ def test_grpo_run_logs_every_component_and_checkpoints(tmp_path, data_dir, tiny_
 
 
 def test_validation_products_never_train(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir):
-    t = GRPOTrainer(_cfg(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir))
+    t = SummarizerTrainer(_cfg(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir))
     assert t.val_ids and not set(t.val_ids) & set(t.train_ids)
     assert set(t.train_ids) | set(t.val_ids) == {p[0] for p in PRODUCTS}
 
 
 def test_resume_gives_the_same_next_step(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir):
-    straight = GRPOTrainer(_cfg(tmp_path / "a", data_dir, tiny_policy_dir, tiny_ranker_dir, steps=2))
+    straight = SummarizerTrainer(_cfg(tmp_path / "a", data_dir, tiny_policy_dir, tiny_ranker_dir, steps=2))
     straight.train()
-    first = GRPOTrainer(_cfg(tmp_path / "b", data_dir, tiny_policy_dir, tiny_ranker_dir, steps=1))
+    first = SummarizerTrainer(_cfg(tmp_path / "b", data_dir, tiny_policy_dir, tiny_ranker_dir, steps=1))
     first.train()
-    resumed = GRPOTrainer(_cfg(tmp_path / "b", data_dir, tiny_policy_dir, tiny_ranker_dir, steps=2))
+    resumed = SummarizerTrainer(_cfg(tmp_path / "b", data_dir, tiny_policy_dir, tiny_ranker_dir, steps=2))
     assert resumed.step == 1
     resumed.train()
     for (name, a), b in zip(straight.policy.named_parameters(), resumed.policy.parameters()):
@@ -83,8 +83,8 @@ def test_resume_gives_the_same_next_step(tmp_path, data_dir, tiny_policy_dir, ti
 
 
 def test_grad_accum_matches_one_batch(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir):
-    one = GRPOTrainer(_cfg(tmp_path / "a", data_dir, tiny_policy_dir, tiny_ranker_dir, grad_accum=1))
-    two = GRPOTrainer(_cfg(tmp_path / "b", data_dir, tiny_policy_dir, tiny_ranker_dir, grad_accum=2))
+    one = SummarizerTrainer(_cfg(tmp_path / "a", data_dir, tiny_policy_dir, tiny_ranker_dir, grad_accum=1))
+    two = SummarizerTrainer(_cfg(tmp_path / "b", data_dir, tiny_policy_dir, tiny_ranker_dir, grad_accum=2))
     m1, m2 = one.train_step(), two.train_step()
     assert m1["reward"] == pytest.approx(m2["reward"])
     assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-4)
@@ -92,8 +92,24 @@ def test_grad_accum_matches_one_batch(tmp_path, data_dir, tiny_policy_dir, tiny_
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_dpo_pairs_best_and_worst_of_each_group(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir):
+    t = SummarizerTrainer(_cfg(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir, algo="dpo", group_size=4,
+                               temperature=1.5))
+    before = [p.detach().clone() for p in t.policy.parameters()]
+    m = t.train_step()
+    assert 1 <= m["pairs"] <= 2
+    assert {"reward_accuracy", "reward_margin", "loss"} <= set(m)
+    # policy and reference agree before the first update: every implicit reward is 0, loss log 2
+    assert m["loss"] == pytest.approx(0.6931, abs=1e-3) and m["reward_margin"] == pytest.approx(0.0, abs=1e-5)
+    assert any(not torch.equal(a, b) for a, b in zip(before, t.policy.parameters()))
+
+
 def test_bad_config(tmp_path):
+    with pytest.raises(ValueError, match="algo must be"):
+        SummarizerConfig(out=str(tmp_path), ranker="x", algo="ppo")
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        SummarizerConfig(out=str(tmp_path), ranker="x", algo="dpo", group_size=1)
     with pytest.raises(ValueError, match="budget must be > 0"):
-        GRPOConfig(out=str(tmp_path), ranker="x", budget=0)
+        SummarizerConfig(out=str(tmp_path), ranker="x", budget=0)
     with pytest.raises(ValueError, match="divisible by grad_accum"):
-        GRPOConfig(out=str(tmp_path), ranker="x", products_per_step=3, group_size=1, grad_accum=2)
+        SummarizerConfig(out=str(tmp_path), ranker="x", products_per_step=3, group_size=1, grad_accum=2)

@@ -1,11 +1,17 @@
-"""GRPO training of the summarizer against the frozen ranker (``relsum train --algo grpo``).
+"""Training the summarizer against the frozen ranker: ``relsum train --algo grpo|dpo``.
 
-A step: draw ``products_per_step`` training products, sample ``group_size`` summaries of each,
-reward them with the ranker (`relsum_core.rewards`), normalise rewards within each product's group,
-and take one clipped policy-gradient step with a k3 KL penalty to the frozen initial policy.
+A step: draw ``products_per_step`` training products, sample ``group_size`` summaries of each and
+reward them with the ranker (`relsum_core.rewards`).  Then
+
+* grpo: normalise rewards within each product's group and take one clipped policy-gradient step
+  with a k3 KL penalty to the frozen initial policy.  One update per batch of rollouts, so the
+  ratio's denominator is the rollout policy itself (``old_logp = logp.detach()``), as in TRL with
+  one iteration.
+* dpo: the best- and worst-rewarded summary of each group form a (chosen, rejected) pair (groups
+  whose rewards are all equal give none), trained with the DPO loss against the initial policy.
+
 Log-probs of policy and reference come from `fused_logprob` on the LM head: no [tokens x vocab]
-logits.  One update per batch of rollouts, so the ratio's denominator is the rollout policy itself
-(``old_logp = logp.detach()``), as in TRL with one iteration.
+logits.
 
 Output directory::
 
@@ -26,17 +32,18 @@ import torch
 
 from relsum_core.data import load_dataset, split_queries
 from relsum_core.io import JsonlLog, atomic_write_dir
-from relsum_core.losses import grpo_loss
+from relsum_core.losses import dpo_loss, grpo_loss, sequence_logprob
 from relsum_core.policy import Rollouts, build_prompt, completion_logprobs, load_policy, sample
 from relsum_core.rewards import COMPONENTS, RankerReward, RewardConfig, group_advantages
 
 
 @dataclass
-class GRPOConfig:
+class SummarizerConfig:
     out: str
     ranker: str  # frozen cross-encoder checkpoint (e.g. the best/ of train-ranker)
     policy: str | None = None  # HF causal LM folder; None = packaged SmolLM2-135M-Instruct
     data: str | None = None  # None = bundled ESCI-150q
+    algo: str = "grpo"  # or "dpo"
     steps: int = 50
     products_per_step: int = 4
     group_size: int = 4
@@ -45,7 +52,8 @@ class GRPOConfig:
     warmup_steps: int = 5
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    beta: float = 0.04
+    beta: float = 0.04  # grpo: KL penalty weight
+    dpo_beta: float = 0.1
     epsilon_low: float = 0.2
     epsilon_high: float = 0.28
     entropy_coef: float = 0.0
@@ -67,16 +75,20 @@ class GRPOConfig:
     reward_faithfulness: float = 0.5
 
     def __post_init__(self):
+        if self.algo not in ("grpo", "dpo"):
+            raise ValueError(f"algo must be 'grpo' or 'dpo', got {self.algo!r}")
+        if self.algo == "dpo" and self.group_size < 2:
+            raise ValueError("dpo needs group_size >= 2 to form a (best, worst) pair")
         if self.budget <= 0:
             raise ValueError(f"budget must be > 0 tokens, got {self.budget}")
         for name in ("steps", "products_per_step", "group_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if (self.products_per_step * self.group_size) % self.grad_accum:
+        if self.algo == "grpo" and (self.products_per_step * self.group_size) % self.grad_accum:
             raise ValueError("products_per_step * group_size must be divisible by grad_accum")
 
 
-def _split_products(catalog, judgments, cfg: GRPOConfig) -> tuple[list[str], list[str]]:
+def _split_products(catalog, judgments, cfg: SummarizerConfig) -> tuple[list[str], list[str]]:
     """Training and validation products, by the query split (a product goes where its queries go)."""
     queries = sorted({j.query_id for j in judgments})
     train_q, val_q = split_queries(queries, val_fraction=cfg.val_fraction, seed=cfg.seed)
@@ -90,13 +102,14 @@ def _split_products(catalog, judgments, cfg: GRPOConfig) -> tuple[list[str], lis
     return sorted(train), sorted(val)
 
 
-def _rollout_slice(r: Rollouts, idx: slice) -> Rollouts:
-    return Rollouts(r.prompt_ids[idx], r.prompt_mask[idx], r.completion_ids[idx], r.completion_mask[idx],
-                    r.texts[idx])
+def _rollout_rows(r: Rollouts, rows: slice | torch.Tensor) -> Rollouts:
+    texts = r.texts[rows] if isinstance(rows, slice) else [r.texts[i] for i in rows.tolist()]
+    return Rollouts(r.prompt_ids[rows], r.prompt_mask[rows], r.completion_ids[rows], r.completion_mask[rows],
+                    texts)
 
 
-class GRPOTrainer:
-    def __init__(self, cfg: GRPOConfig):
+class SummarizerTrainer:
+    def __init__(self, cfg: SummarizerConfig):
         from relsum_core.ranker import CrossEncoder
 
         self.cfg = cfg
@@ -113,7 +126,7 @@ class GRPOTrainer:
         resuming = (resume / "trainer.pt").is_file()
         self.policy, self.tok = load_policy(resume if resuming else cfg.policy, device=self.device)
         self.ref = None
-        if cfg.beta != 0.0:
+        if cfg.beta != 0.0 or cfg.algo == "dpo":
             # The reference is the initial policy, also after a resume.
             self.ref = (load_policy(cfg.policy, device=self.device)[0] if resuming
                         else copy.deepcopy(self.policy))
@@ -148,18 +161,38 @@ class GRPOTrainer:
                           temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed * 7919 + self.step)
         t1 = time.perf_counter()
         rewards = self.reward(pids, rollouts.texts, rollouts.lengths.tolist())
-        adv = torch.tensor(group_advantages(rewards["total"], cfg.group_size), dtype=torch.float32,
-                           device=self.device)
         t2 = time.perf_counter()
 
         self.policy.train()
-        n = len(pids)
-        micro = n // cfg.grad_accum
+        update = self._grpo_update if cfg.algo == "grpo" else self._dpo_update
+        metrics_acc = update(rollouts, rewards["total"])
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        self.step += 1
+        tokens = float(rollouts.completion_mask.sum().clamp_min(1))
+        row = {
+            "step": self.step, "lr": self.sched.get_last_lr()[0], "grad_norm": float(grad_norm),
+            "reward": float(rewards["total"].mean()),
+            **{f"reward_{c}": float(rewards[c].mean()) for c in COMPONENTS},
+            "summary_tokens": float(rollouts.lengths.float().mean()),
+            "new_tokens_per_s": tokens / max(t1 - t0, 1e-9),
+            "time_sample_s": t1 - t0, "time_reward_s": t2 - t1, "time_update_s": t3 - t2,
+            **metrics_acc,
+        }
+        return row
+
+    def _grpo_update(self, rollouts: Rollouts, total: np.ndarray) -> dict[str, float]:
+        cfg = self.cfg
+        adv = torch.tensor(group_advantages(total, cfg.group_size), dtype=torch.float32, device=self.device)
+        micro = rollouts.completion_ids.shape[0] // cfg.grad_accum
         tokens = float(rollouts.completion_mask.sum().clamp_min(1))
         metrics_acc: dict[str, float] = {}
         for k in range(cfg.grad_accum):
             sl = slice(k * micro, (k + 1) * micro)
-            r = _rollout_slice(rollouts, sl)
+            r = _rollout_rows(rollouts, sl)
             ref_logp = None
             if self.ref is not None:
                 with torch.no_grad():
@@ -177,22 +210,35 @@ class GRPOTrainer:
             share = r.completion_mask.sum().item() / tokens
             for key, v in m.items():
                 metrics_acc[key] = metrics_acc.get(key, 0.0) + float(v) * (share if key != "loss" else 1.0)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
-        t3 = time.perf_counter()
-        self.step += 1
-        row = {
-            "step": self.step, "lr": self.sched.get_last_lr()[0], "grad_norm": float(grad_norm),
-            "reward": float(rewards["total"].mean()),
-            **{f"reward_{c}": float(rewards[c].mean()) for c in COMPONENTS},
-            "summary_tokens": float(rollouts.lengths.float().mean()),
-            "new_tokens_per_s": tokens / max(t1 - t0, 1e-9),
-            "time_sample_s": t1 - t0, "time_reward_s": t2 - t1, "time_update_s": t3 - t2,
-            **metrics_acc,
-        }
-        return row
+        return metrics_acc
+
+    def _dpo_update(self, rollouts: Rollouts, total: np.ndarray) -> dict[str, float]:
+        cfg = self.cfg
+        groups = total.reshape(-1, cfg.group_size)
+        keep = np.flatnonzero(groups.max(1) > groups.min(1))
+        if keep.size == 0:  # every group tied: nothing to prefer this step
+            return {"pairs": 0.0}
+        chosen = keep * cfg.group_size + groups[keep].argmax(1)
+        rejected = keep * cfg.group_size + groups[keep].argmin(1)
+        metrics_acc: dict[str, float] = {"pairs": float(keep.size)}
+        splits = zip(np.array_split(chosen, cfg.grad_accum), np.array_split(rejected, cfg.grad_accum))
+        for part_c, part_r in splits:
+            if part_c.size == 0:
+                continue
+            rows = torch.as_tensor(np.concatenate([part_c, part_r]), device=self.device)
+            r = _rollout_rows(rollouts, rows)
+            with torch.no_grad():
+                ref_seq = sequence_logprob(completion_logprobs(self.ref, r, temperature=cfg.temperature),
+                                           r.completion_mask)
+            seq = sequence_logprob(completion_logprobs(self.policy, r, temperature=cfg.temperature),
+                                   r.completion_mask)
+            k = part_c.size
+            loss, m = dpo_loss(seq[:k], seq[k:], ref_seq[:k], ref_seq[k:], beta=cfg.dpo_beta)
+            share = k / keep.size
+            (loss * share).backward()
+            for key, v in m.items():
+                metrics_acc[key] = metrics_acc.get(key, 0.0) + float(v) * share
+        return metrics_acc
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -228,12 +274,12 @@ class GRPOTrainer:
             log.write("config", **asdict(cfg))
             log.write("eval", **self.evaluate())
         last = {}
-        with tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, desc="grpo") as bar:
+        with tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, desc=cfg.algo) as bar:
             while self.step < cfg.steps:
                 last = self.train_step()
                 log.write("train", **last)
                 bar.update(1)
-                bar.set_postfix(reward=f"{last['reward']:.3f}", kl=f"{last.get('kl', 0.0):.4f}")
+                bar.set_postfix(reward=f"{last['reward']:.3f}", loss=f"{last.get('loss', 0.0):.4f}")
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                     log.write("eval", **self.evaluate())
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps:
@@ -242,7 +288,7 @@ class GRPOTrainer:
         return last
 
 
-def train_grpo(cfg: GRPOConfig) -> dict:
+def train_summarizer(cfg: SummarizerConfig) -> dict:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    return GRPOTrainer(cfg).train()
+    return SummarizerTrainer(cfg).train()
