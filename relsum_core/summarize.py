@@ -1,0 +1,81 @@
+"""Summaries for a whole catalog (``relsum summarize``): JSONL out, resumable, sharded.
+
+Each output line is ``{"product_id", "title", "summary", "tokens"}`` (or ``"skipped"`` with the
+reason for a product with no text).  Products are taken in id order and shard ``k`` of ``n`` takes
+every n-th one, so shards partition the catalog; ``n`` and ``k`` default to torchrun's
+``WORLD_SIZE``/``RANK``.  A rerun reads what the file already holds and summarises only the rest;
+a line cut short by a crash is dropped first, so nothing written is lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from relsum_core.data import load_catalog
+from relsum_core.policy import SUMMARY_BUDGET, build_prompt, load_policy, sample
+
+
+def shard_path(out: str | os.PathLike, shard: int, num_shards: int) -> Path:
+    out = Path(out)
+    if num_shards == 1:
+        return out
+    return out.with_name(f"{out.stem}.shard{shard:03d}-of-{num_shards:03d}{out.suffix}")
+
+
+def _done_ids(path: Path) -> set[str]:
+    """Product ids already in ``path``, after cutting off a trailing partial line."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):  # the last write was interrupted
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    return {json.loads(line)["product_id"] for line in data[:end].decode("utf-8").splitlines() if line}
+
+
+def summarize_catalog(out: str | os.PathLike, *, policy: str | None = None, catalog: str | None = None,
+                      budget: int = SUMMARY_BUDGET, batch_size: int = 16, temperature: float = 0.0,
+                      seed: int = 0, max_product_tokens: int = 384, shard: int | None = None,
+                      num_shards: int | None = None, device=None, progress: bool = True) -> Path:
+    from tqdm.auto import tqdm
+
+    num_shards = int(os.environ.get("WORLD_SIZE", 1)) if num_shards is None else num_shards
+    shard = int(os.environ.get("RANK", 0)) if shard is None else shard
+    if num_shards < 1 or not 0 <= shard < num_shards:
+        raise ValueError(f"need 0 <= shard < num_shards, got shard {shard} of {num_shards}")
+    if budget <= 0:
+        raise ValueError(f"summary budget must be > 0 tokens, got {budget}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    products = load_catalog(catalog)
+    mine = sorted(products)[shard::num_shards]
+    path = shard_path(out, shard, num_shards)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    todo = [pid for pid in mine if pid not in _done_ids(path)]
+    if not todo:
+        return path
+    model, tok = load_policy(policy, device=device)
+    with open(path, "a", encoding="utf-8") as f, tqdm(total=len(mine), initial=len(mine) - len(todo),
+                                                       disable=not progress, desc="summarize") as bar:
+        for start in range(0, len(todo), batch_size):
+            batch, prompts, lines = [], [], []
+            for pid in todo[start: start + batch_size]:
+                try:
+                    prompts.append(build_prompt(products[pid], tok, budget=budget,
+                                                max_product_tokens=max_product_tokens))
+                    batch.append(pid)
+                except ValueError as e:  # a product with no text: record it, never retry it
+                    lines.append({"product_id": pid, "title": products[pid].title, "skipped": str(e)})
+            if prompts:
+                r = sample(model, tok, prompts, max_new_tokens=budget, temperature=temperature,
+                           seed=seed + start)
+                lines += [{"product_id": pid, "title": products[pid].title, "summary": text, "tokens": int(n)}
+                          for pid, text, n in zip(batch, r.texts, r.lengths.tolist())]
+            f.write("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(lines))
+    return path
