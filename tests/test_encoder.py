@@ -8,6 +8,8 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from relsum_core.encoder import PackedBertEncoder
 
+from conftest import triton_device
+
 
 def tiny_model(**overrides) -> BertForSequenceClassification:
     cfg = dict(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -47,21 +49,27 @@ def test_packed_matches_hf_per_sequence(lens):
     _check_against_hf(lens, "auto")
 
 
-# "torch" / "triton" run the CUDA wiring (bias fused into the epilogue kernels) on CPU, Triton through
-# its interpreter; "auto" on CPU is the addmm-fused torch formulation.
+# "torch" / "triton" run the CUDA wiring (bias fused into the epilogue kernels): on CPU, Triton through
+# its interpreter; with CUDA, on the GPU for real.  "auto" on CPU is the addmm-fused torch formulation.
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_kernel_wiring_matches_hf(impl):
-    _check_against_hf([1, 33, 70, 2], impl)
+    _check_against_hf([1, 33, 70, 2], impl, device=triton_device() if impl == "triton" else "cpu")
 
 
-def _check_against_hf(lens, impl):
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_auto_path_matches_hf():
+    _check_against_hf([1, 2, 17, 64, 3, 128, 5, 512], "auto", device="cuda")
+
+
+def _check_against_hf(lens, impl, device="cpu"):
     model = tiny_model()
-    enc = PackedBertEncoder.from_hf(model)
+    ref_model = copy.deepcopy(model)
+    enc = PackedBertEncoder.from_hf(model.to(device))
     enc.impl = impl
     seqs, types, ids, tt, pos, cu = packed_inputs(lens)
     with torch.inference_mode():
-        got = enc(ids, tt, pos, cu, max(lens))
-    ref = hf_scores(model, seqs, types)
+        got = enc(ids.to(device), tt.to(device), pos.to(device), cu.to(device), max(lens)).cpu()
+    ref = hf_scores(ref_model, seqs, types)
     assert got.dtype == torch.float32 and got.shape == (len(lens),)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
 

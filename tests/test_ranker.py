@@ -351,6 +351,7 @@ def test_reranker_guards(tiny):
     assert rr._current_weights_key() != before
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter check; on CUDA: test_reranker_cuda_graphs")
 def test_reranker_bucket_layout_through_triton_kernels(tiny):
     """The exact single-buffer inputs and bucket shapes the CUDA graphs capture, run through the Triton
     kernels (interpreter on CPU): dummy sequences and a rounded-up max_seqlen leave real scores alone."""
@@ -363,3 +364,34 @@ def test_reranker_bucket_layout_through_triton_kernels(tiny):
     finally:
         tiny.encoder.impl = "auto"
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_reranker_cuda_graphs(tiny_dir):
+    ce = CrossEncoder.from_pretrained(tiny_dir, device="cuda")
+    rng = random.Random(5)
+    cands = [text(rng, rng.randint(0, 150)) for _ in range(50)]
+    pairs = [("garden hose", c) for c in cands]
+    ref = ce.predict(pairs)  # packed, Triton kernels, no graphs
+    cpu = CrossEncoder.from_pretrained(tiny_dir, device="cpu").predict(pairs)
+    np.testing.assert_allclose(ref, cpu, rtol=0, atol=1e-4)
+    rr = Reranker(ce)
+    assert rr.cuda_graphs and rr.use_buckets
+    first = rr.score("garden hose", cands)
+    np.testing.assert_allclose(first, ref, rtol=0, atol=1e-5)
+    n_graphs = len(rr._graphs)
+    assert n_graphs >= 1
+    np.testing.assert_array_equal(rr.score("garden hose", cands), first)  # a replay
+    other = [" ".join(reversed(c.split())) for c in cands]  # same lengths, so same bucket; new inputs
+    want = ce.predict([("garden hose", c) for c in other])
+    np.testing.assert_allclose(rr.score("garden hose", other), want, rtol=0, atol=1e-5)
+    assert len(rr._graphs) == n_graphs
+    # The fused QKV weight is a copy baked into the graph: an in-place edit must trigger a recapture.
+    v = ce.model.bert.encoder.layer[0].attention.self.value.weight
+    with torch.no_grad():
+        v.add_(torch.randn_like(v))
+    edited = rr.score("garden hose", cands)
+    assert np.abs(edited - first).max() > 1e-4
+    np.testing.assert_allclose(edited, ce.predict(pairs), rtol=0, atol=1e-5)
+    ce16 = CrossEncoder.from_pretrained(tiny_dir, device="cuda", dtype=torch.bfloat16)
+    np.testing.assert_allclose(Reranker(ce16).score("garden hose", cands), ref, rtol=0, atol=5e-2)
