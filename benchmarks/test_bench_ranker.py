@@ -189,8 +189,18 @@ class StrongPeer(torch.nn.Module):
         return self.hf.classifier(torch.tanh(bert.pooler.dense(cls))).float().squeeze(-1)
 
 
+_PEERS: dict = {}
+
+
 def _peer(hf, method):
-    """(callable, name) for a strong-peer variant, or a skip."""
+    """The strong-peer module for ``method`` (one per model, so torch.compile compiles it once), or a skip."""
+    key = (id(hf), method)
+    if key not in _PEERS:
+        _PEERS[key] = _build_peer(hf, method)
+    return _PEERS[key]
+
+
+def _build_peer(hf, method):
     if "flash_attn" in method:
         try:
             import flash_attn  # noqa: F401
