@@ -169,6 +169,7 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 
 def _next_token(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    """One token per row; ``generator`` is one torch.Generator, a list of one per row, or None."""
     if temperature == 0.0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -177,6 +178,8 @@ def _next_token(logits: torch.Tensor, temperature: float, top_p: float, generato
         drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix reaching top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    if isinstance(generator, list):  # per-row streams: a row's draw does not depend on its batch
+        return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator)])
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
@@ -193,11 +196,12 @@ def _cache_of(out):
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int = SUMMARY_BUDGET,
-           temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None) -> Rollouts:
+           temperature: float = 1.0, top_p: float = 1.0, seed: int | list[int] | None = None) -> Rollouts:
     """Sample one completion per prompt with a KV cache; stops per row at a stop token or the budget.
 
     ``temperature=0`` is greedy.  With a ``seed`` the draw is deterministic (a private generator,
-    the global RNG untouched).
+    the global RNG untouched); a list gives each row its own seed, so a row samples the same
+    tokens whichever batch or process it lands in.
     """
     if not prompts:
         raise ValueError("no prompts to sample from")
@@ -208,7 +212,12 @@ def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int = SUMMAR
     device = next(model.parameters()).device
     enc = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False).to(device)
     prompt_ids, prompt_mask = enc["input_ids"], enc["attention_mask"]
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != len(prompts):
+            raise ValueError(f"got {len(seed)} seeds for {len(prompts)} prompts")
+        generator = [torch.Generator(device=device).manual_seed(int(s)) for s in seed]
+    else:
+        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     stops = torch.tensor(stop_token_ids(model, tokenizer), device=device)
     pad = tokenizer.pad_token_id
 

@@ -139,3 +139,15 @@ def test_completion_logprobs_match_full_logits_and_mask(tiny_policy_dir):
     logp2 = completion_logprobs(model, r, temperature=0.8)
     (logp2 * r.completion_mask).sum().backward()
     assert torch.allclose(model.lm_head.weight.grad, g_live, rtol=1e-5, atol=1e-7)
+
+
+def test_per_row_seeds_make_rows_batch_independent(tiny_policy_dir):
+    model, tok = load_policy(tiny_policy_dir)
+    prompts = [build_prompt(_product(title=t), tok) for t in ("dog food", "red shirt", "kids bottle")]
+    full = sample(model, tok, prompts, max_new_tokens=5, temperature=1.0, seed=[11, 12, 13])
+    tail = sample(model, tok, prompts[1:], max_new_tokens=5, temperature=1.0, seed=[12, 13])
+    for i in (1, 2):
+        n = int(full.completion_mask[i].sum())
+        assert torch.equal(full.completion_ids[i, :n], tail.completion_ids[i - 1, :n])
+    with pytest.raises(ValueError, match="seeds for"):
+        sample(model, tok, prompts, seed=[1, 2])

@@ -13,6 +13,12 @@ reward them with the ranker (`relsum_core.rewards`).  Then
 Log-probs of policy and reference come from `fused_logprob` on the LM head: no [tokens x vocab]
 logits.
 
+Data parallel: under ``torchrun --nproc_per_node=N`` each process takes ``products_per_step / N``
+of the step's products (the same global draw everywhere), samples them with per-row seeds (so a
+row's summary does not depend on which process drew it), and the policy's log-prob module is
+wrapped in DDP (gloo on CPU, NCCL on GPU); losses are scaled so the averaged gradient equals the
+one-process gradient of the same global batch.  Rank 0 logs, evaluates and saves.
+
 Output directory::
 
     checkpoint/     policy (HF folder) + trainer.pt (optimizer, scheduler, step, RNG): resume point
@@ -21,7 +27,9 @@ Output directory::
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -29,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from relsum_core.data import load_dataset, split_queries
 from relsum_core.io import JsonlLog, atomic_write_dir
@@ -108,13 +117,53 @@ def _rollout_rows(r: Rollouts, rows: slice | torch.Tensor) -> Rollouts:
                     texts)
 
 
+def _distributed(device_type: str) -> tuple[int, int]:
+    """(rank, world size), joining the torchrun process group when there is one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _all_sum(values: list[float], device) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+class PolicyLogprobs(nn.Module):
+    """The policy's per-token log-probs as a module, so DDP can wrap the training forward."""
+
+    def __init__(self, model: nn.Module, temperature: float):
+        super().__init__()
+        self.model = model
+        self.temperature = temperature
+
+    def forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask, with_entropy: bool = False):
+        r = Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, [])
+        return completion_logprobs(self.model, r, temperature=self.temperature, with_entropy=with_entropy)
+
+
 class SummarizerTrainer:
     def __init__(self, cfg: SummarizerConfig):
         from relsum_core.ranker import CrossEncoder
 
         self.cfg = cfg
         self.out = Path(cfg.out)
-        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.rank, self.world = _distributed(device.type)
+        if device.type == "cuda" and self.world > 1:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.rank)))
+        self.device = device
+        if cfg.products_per_step % self.world:
+            raise ValueError(f"products_per_step={cfg.products_per_step} must be divisible by the "
+                             f"{self.world} processes")
         self.catalog, self.judgments = load_dataset(cfg.data)
         self.train_ids, self.val_ids = _split_products(self.catalog, self.judgments, cfg)
         self.ranker = CrossEncoder.from_pretrained(cfg.ranker, device=self.device)
@@ -131,6 +180,11 @@ class SummarizerTrainer:
             self.ref = (load_policy(cfg.policy, device=self.device)[0] if resuming
                         else copy.deepcopy(self.policy))
             self.ref.eval().requires_grad_(False)
+        self.logprobs = PolicyLogprobs(self.policy, cfg.temperature)
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.logprobs = DistributedDataParallel(self.logprobs)
         self.opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
@@ -151,14 +205,28 @@ class SummarizerTrainer:
         rng = random.Random(self.cfg.seed * 1_000_003 + step)
         return rng.sample(self.train_ids, min(self.cfg.products_per_step, len(self.train_ids)))
 
+    def _policy_logprobs(self, r: Rollouts, with_entropy: bool = False):
+        return self.logprobs(r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask,
+                             with_entropy=with_entropy)
+
+    def _sync_context(self, last: bool):
+        # Under DDP only the last micro-batch's backward all-reduces the gradients.
+        return self.logprobs.no_sync() if (self.world > 1 and not last) else contextlib.nullcontext()
+
+    def _global(self, value: float) -> float:
+        return _all_sum([value], self.device)[0] if self.world > 1 else value
+
     def train_step(self) -> dict:
         cfg = self.cfg
         t0 = time.perf_counter()
-        products = self._step_products(self.step)
+        local = cfg.products_per_step // self.world
+        products = self._step_products(self.step)[self.rank * local:(self.rank + 1) * local]
         pids = [p for p in products for _ in range(cfg.group_size)]
+        first_row = self.rank * local * cfg.group_size
+        seeds = [(cfg.seed * 7919 + self.step) * 100_003 + first_row + i for i in range(len(pids))]
         self.policy.eval()
         rollouts = sample(self.policy, self.tok, self._prompts(pids), max_new_tokens=cfg.budget,
-                          temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed * 7919 + self.step)
+                          temperature=cfg.temperature, top_p=cfg.top_p, seed=seeds)
         t1 = time.perf_counter()
         rewards = self.reward(pids, rollouts.texts, rollouts.lengths.tolist())
         t2 = time.perf_counter()
@@ -174,7 +242,6 @@ class SummarizerTrainer:
         self.step += 1
         tokens = float(rollouts.completion_mask.sum().clamp_min(1))
         row = {
-            "step": self.step, "lr": self.sched.get_last_lr()[0], "grad_norm": float(grad_norm),
             "reward": float(rewards["total"].mean()),
             **{f"reward_{c}": float(rewards[c].mean()) for c in COMPONENTS},
             "summary_tokens": float(rollouts.lengths.float().mean()),
@@ -182,13 +249,18 @@ class SummarizerTrainer:
             "time_sample_s": t1 - t0, "time_reward_s": t2 - t1, "time_update_s": t3 - t2,
             **metrics_acc,
         }
-        return row
+        if self.world > 1:  # means over processes (tokens/s: the sum)
+            keys = sorted(row)
+            sums = _all_sum([row[k] for k in keys], self.device)
+            row = {k: v if k == "new_tokens_per_s" else v / self.world for k, v in zip(keys, sums)}
+        return {"step": self.step, "lr": self.sched.get_last_lr()[0], "grad_norm": float(grad_norm), **row}
 
     def _grpo_update(self, rollouts: Rollouts, total: np.ndarray) -> dict[str, float]:
         cfg = self.cfg
         adv = torch.tensor(group_advantages(total, cfg.group_size), dtype=torch.float32, device=self.device)
         micro = rollouts.completion_ids.shape[0] // cfg.grad_accum
         tokens = float(rollouts.completion_mask.sum().clamp_min(1))
+        global_tokens = max(self._global(float(rollouts.completion_mask.sum())), 1.0)
         metrics_acc: dict[str, float] = {}
         for k in range(cfg.grad_accum):
             sl = slice(k * micro, (k + 1) * micro)
@@ -197,16 +269,18 @@ class SummarizerTrainer:
             if self.ref is not None:
                 with torch.no_grad():
                     ref_logp = completion_logprobs(self.ref, r, temperature=cfg.temperature)
-            logp, ent = completion_logprobs(self.policy, r, temperature=cfg.temperature, with_entropy=True)
-            loss, m = grpo_loss(
-                logp, None, adv[sl], r.completion_mask, ref_logp=ref_logp, beta=cfg.beta,
-                epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, entropy=ent,
-                entropy_coef=cfg.entropy_coef, loss_type=cfg.loss_type, max_completion_length=cfg.budget,
-                # token mean over the whole step, whatever the micro-batching
-                token_normalizer=tokens if cfg.loss_type == "dapo" else None)
-            if cfg.loss_type != "dapo":
-                loss = loss / cfg.grad_accum
-            loss.backward()
+            with self._sync_context(last=k == cfg.grad_accum - 1):
+                logp, ent = self._policy_logprobs(r, with_entropy=True)
+                loss, m = grpo_loss(
+                    logp, None, adv[sl], r.completion_mask, ref_logp=ref_logp, beta=cfg.beta,
+                    epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, entropy=ent,
+                    entropy_coef=cfg.entropy_coef, loss_type=cfg.loss_type, max_completion_length=cfg.budget,
+                    # token mean over the whole step (all micro-batches and processes); DDP then
+                    # averages over processes, hence the factor world
+                    token_normalizer=global_tokens / self.world if cfg.loss_type == "dapo" else None)
+                if cfg.loss_type != "dapo":
+                    loss = loss / cfg.grad_accum
+                loss.backward()
             share = r.completion_mask.sum().item() / tokens
             for key, v in m.items():
                 metrics_acc[key] = metrics_acc.get(key, 0.0) + float(v) * (share if key != "loss" else 1.0)
@@ -215,29 +289,33 @@ class SummarizerTrainer:
     def _dpo_update(self, rollouts: Rollouts, total: np.ndarray) -> dict[str, float]:
         cfg = self.cfg
         groups = total.reshape(-1, cfg.group_size)
-        keep = np.flatnonzero(groups.max(1) > groups.min(1))
-        if keep.size == 0:  # every group tied: nothing to prefer this step
-            return {"pairs": 0.0}
+        keep = np.flatnonzero(groups.max(1) > groups.min(1))  # tied groups prefer nothing
         chosen = keep * cfg.group_size + groups[keep].argmax(1)
         rejected = keep * cfg.group_size + groups[keep].argmin(1)
+        pairs = self._global(float(keep.size))
         metrics_acc: dict[str, float] = {"pairs": float(keep.size)}
-        splits = zip(np.array_split(chosen, cfg.grad_accum), np.array_split(rejected, cfg.grad_accum))
-        for part_c, part_r in splits:
-            if part_c.size == 0:
-                continue
-            rows = torch.as_tensor(np.concatenate([part_c, part_r]), device=self.device)
-            r = _rollout_rows(rollouts, rows)
-            with torch.no_grad():
-                ref_seq = sequence_logprob(completion_logprobs(self.ref, r, temperature=cfg.temperature),
-                                           r.completion_mask)
-            seq = sequence_logprob(completion_logprobs(self.policy, r, temperature=cfg.temperature),
-                                   r.completion_mask)
-            k = part_c.size
-            loss, m = dpo_loss(seq[:k], seq[k:], ref_seq[:k], ref_seq[k:], beta=cfg.dpo_beta)
-            share = k / keep.size
-            (loss * share).backward()
+        if pairs == 0:
+            return metrics_acc
+        parts = list(zip(np.array_split(chosen, cfg.grad_accum), np.array_split(rejected, cfg.grad_accum)))
+        for k, (part_c, part_r) in enumerate(parts):
+            with self._sync_context(last=k == len(parts) - 1):
+                if part_c.size == 0:
+                    # Nothing to learn here, but under DDP every process must join the all-reduce.
+                    if self.world > 1 and k == len(parts) - 1:
+                        (0.0 * self._policy_logprobs(_rollout_rows(rollouts, slice(0, 1))).sum()).backward()
+                    continue
+                rows = torch.as_tensor(np.concatenate([part_c, part_r]), device=self.device)
+                r = _rollout_rows(rollouts, rows)
+                with torch.no_grad():
+                    ref_seq = sequence_logprob(completion_logprobs(self.ref, r, temperature=cfg.temperature),
+                                               r.completion_mask)
+                seq = sequence_logprob(self._policy_logprobs(r), r.completion_mask)
+                n = part_c.size
+                loss, m = dpo_loss(seq[:n], seq[n:], ref_seq[:n], ref_seq[n:], beta=cfg.dpo_beta)
+                # mean over the step's pairs on all processes (DDP averages, hence world)
+                (loss * (n * self.world / pairs)).backward()
             for key, v in m.items():
-                metrics_acc[key] = metrics_acc.get(key, 0.0) + float(v) * share
+                metrics_acc[key] = metrics_acc.get(key, 0.0) + float(v) * n / keep.size
         return metrics_acc
 
     @torch.no_grad()
@@ -268,23 +346,30 @@ class SummarizerTrainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        log = JsonlLog(self.out / "metrics.jsonl", append=self.step > 0)
-        if self.step == 0:
-            log.write("config", **asdict(cfg))
-            log.write("eval", **self.evaluate())
+        lead = self.rank == 0
+        log = None
+        if lead:
+            self.out.mkdir(parents=True, exist_ok=True)
+            log = JsonlLog(self.out / "metrics.jsonl", append=self.step > 0)
+            if self.step == 0:
+                log.write("config", **asdict(cfg), world_size=self.world)
+                log.write("eval", **self.evaluate())
         last = {}
-        with tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, desc=cfg.algo) as bar:
+        show = cfg.progress and lead
+        with tqdm(total=cfg.steps, initial=self.step, disable=not show, desc=cfg.algo) as bar:
             while self.step < cfg.steps:
                 last = self.train_step()
-                log.write("train", **last)
                 bar.update(1)
                 bar.set_postfix(reward=f"{last['reward']:.3f}", loss=f"{last.get('loss', 0.0):.4f}")
+                if not lead:
+                    continue
+                log.write("train", **last)
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                     log.write("eval", **self.evaluate())
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                     self.save()
-        log.close()
+        if log is not None:
+            log.close()
         return last
 
 
