@@ -1,0 +1,34 @@
+import json
+
+import pytest
+
+from relsum_core.cli import build_parser, main
+
+
+def test_every_subcommand_has_help():
+    parser = build_parser()
+    for cmd in ("bench-logprob", "train-ranker", "train", "summarize"):
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args([cmd, "--help"])
+        assert e.value.code == 0
+
+
+def test_train_requires_a_ranker():
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--out", "x"])
+
+
+def test_summarize_cli_end_to_end(tmp_path, tiny_policy_dir, capsys):
+    catalog = tmp_path / "products.jsonl"
+    row = {"product_id": "p1", "title": "red shirt", "bullet_points": "cotton"}
+    catalog.write_text(json.dumps(row) + "\n")
+    out = tmp_path / "s.jsonl"
+    assert main(["summarize", "--policy", str(tiny_policy_dir), "--catalog", str(catalog), "--out", str(out),
+                 "--budget", "3", "--no-progress"]) == 0
+    assert json.loads(out.read_text())["product_id"] == "p1"
+    assert "summaries in" in capsys.readouterr().out
+
+
+def test_train_cli_bad_budget_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="budget must be > 0"):
+        main(["train", "--ranker", "r", "--out", str(tmp_path), "--budget", "0"])
