@@ -13,9 +13,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
-import shutil
-import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +22,7 @@ import torch
 from torch import nn
 
 from .encoder import PackedBertEncoder
+from .io import atomic_write_dir
 
 QUERY_MAX_TOKENS = 64
 BERT_FAMILY = ("bert",)
@@ -320,25 +318,14 @@ class CrossEncoder:
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise FileExistsError(f"{path} exists and is not a directory")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
+
+        def fill(tmp: Path) -> None:
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
             with open(tmp / SETTINGS_FILE, "w", encoding="utf-8") as f:
                 json.dump({"max_length": self.max_length, "query_max_tokens": self.query_max_tokens}, f)
-            if path.exists():
-                # A directory cannot be atomically replaced by rename; swap it out, then delete it.
-                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-                os.replace(path, old / path.name)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+
+        return atomic_write_dir(path, fill)
 
 
 def _check_docs(docs) -> list[str]:
