@@ -57,8 +57,12 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
                                                   dtype=torch.float32)
-    # A GGUF-loaded model refuses save_pretrained; a fresh model from its config takes its weights.
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained, and its config still says "quantized": a fresh
+    # model from the config without that entry takes the de-quantized weights.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
 

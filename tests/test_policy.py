@@ -108,6 +108,7 @@ def test_default_smollm2_converts_once_and_summarises(tmp_path_factory, monkeypa
     assert (path / "config.json").is_file() and any(path.glob("*.safetensors"))
     assert policy.default_policy_path() == path  # cached: no second conversion
     model, tok = load_policy(path)
+    model.save_pretrained(tmp_path_factory.mktemp("resaved"))  # a plain model now, not a "quantized" one
     p = _product(title="Kindle Paperwhite waterproof 8 GB", bullets=["300 ppi glare-free display"])
     r = sample(model, tok, [build_prompt(p, tok)], max_new_tokens=12, temperature=0.0)
     assert r.texts[0] and r.completion_ids.shape[1] <= 12
