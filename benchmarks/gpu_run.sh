@@ -16,10 +16,20 @@ mkdir -p /tmp/relsum_shim && ln -sfn "$PWD/kernels" /tmp/relsum_shim/relsum_kern
 export PYTHONPATH="$PWD:/tmp/relsum_shim:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
-python3 -m pytest -q -x tests/test_logprob.py 2>&1 | tee "$out/tests.txt"
-for suite in "${@:-logprob}"; do
-    python3 -m pytest -q "benchmarks/test_bench_${suite}.py" --benchmark-json="$out/${suite}.json" \
-        2>&1 | tail -n 5
-    python3 benchmarks/summarize.py "$out/${suite}.json" --baseline naive_fp32 --baseline cut_cross_entropy \
-        | tee "$out/${suite}.md"
+python3 -m pytest -q tests/test_logprob.py tests/test_varlen_attention.py tests/test_encoder_epilogues.py \
+    tests/test_encoder.py tests/test_ranker.py 2>&1 | tee "$out/tests.txt" | tail -n 15
+# suite -> the variants its ratio columns divide by
+declare -A baselines=(
+    [logprob]="naive_fp32 cut_cross_entropy"
+    [ranker]="hf_sdpa_sorted peer_varlen_attn_compile"
+    [encoder_kernels]="sdpa_padded torch_varlen_attn"
+)
+suites=("$@")
+[ ${#suites[@]} -gt 0 ] || suites=(logprob ranker encoder_kernels)
+for suite in "${suites[@]}"; do
+    python3 -m pytest -q "benchmarks/test_bench_${suite}.py" -k "not cpu" --benchmark-json="$out/${suite}.json" \
+        2>&1 | tail -n 3
+    args=()
+    for b in ${baselines[$suite]}; do args+=(--baseline "$b"); done
+    python3 benchmarks/summarize.py "$out/${suite}.json" "${args[@]}" | tee "$out/${suite}.md"
 done

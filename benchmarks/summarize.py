@@ -5,7 +5,6 @@
 
 import argparse
 import json
-import re
 from collections import defaultdict
 
 
@@ -19,11 +18,10 @@ def main() -> None:
         data = json.load(f)
     groups = defaultdict(dict)
     for b in data["benchmarks"]:
-        params = b.get("params") or {}
-        variant = params.get("variant") or re.sub(r"\[.*", "", b["name"])
-        shape = b["name"][b["name"].find("[") + 1: -1].split("-")
-        key = "-".join(p for p in shape if p != variant)
-        groups[key][variant] = b
+        params = dict(b.get("params") or {})
+        variant = params.pop("variant", None) or params.pop("method", None) or b["name"]
+        case = ", ".join(f"{k}={v}" for k, v in sorted(params.items()))
+        groups[f"{b['name'].split('[')[0]}[{case}]"][variant] = b
     print(f"machine: {data.get('machine_info', {}).get('node', '?')}")
     print("| case | variant | median ms | " + " | ".join(f"vs {b}" for b in baselines) + " | extra info |")
     print("|---|---|---|" + "---|" * len(baselines) + "---|")
