@@ -17,12 +17,11 @@ def _train_ranker(args: argparse.Namespace) -> int:
     from relsum_core.trainers.ranker import RankerTrainConfig, train_ranker
 
     cfg = RankerTrainConfig(
-        out=args.out, data=args.data, base=args.base, epochs=args.epochs, lr=args.lr,
-        head_lr=args.head_lr, batch_size=args.batch_size, group_size=args.group_size,
-        max_steps=args.max_steps, seed=args.seed,
-        val_fraction=args.val_fraction, max_attr_tokens=args.max_attr_tokens, max_length=args.max_length,
+        out=args.out, data=args.data, base=args.base, cosine_base=args.cosine_base, epochs=args.epochs,
+        lr=args.lr, head_lr=args.head_lr, batch_size=args.batch_size, group_size=args.group_size,
+        max_steps=args.max_steps, seed=args.seed, split_seed=args.split_seed, val_fraction=args.val_fraction,
+        max_attr_tokens=args.max_attr_tokens, max_length=args.max_length, eval_every=args.eval_every,
         max_queries=args.max_queries, progress=not args.no_progress, device=args.device,
-        eval_every=args.eval_every,
     )
     report = train_ranker(cfg)
     print((Path(args.out) / "report.md").read_text(), end="")
@@ -34,6 +33,8 @@ def _add_train_ranker(sub) -> None:
     p = sub.add_parser("train-ranker", help="fine-tune a cross-encoder ranker on graded judgments")
     p.add_argument("--data", default=None, help="ESCI-style data dir (default: the bundled ESCI-150q)")
     p.add_argument("--base", default=None, help="HF BERT-family folder (default: packaged all-MiniLM-L6-v2)")
+    p.add_argument("--cosine-base", default=None,
+                   help="encoder for the cosine baseline (default: --base; set it when --base is fine-tuned)")
     p.add_argument("--out", required=True, help="output dir: best/ checkpoint, metrics.jsonl, report.*")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-4, help="encoder learning rate")
@@ -41,7 +42,8 @@ def _add_train_ranker(sub) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="queries per step")
     p.add_argument("--group-size", type=int, default=8, help="candidates of a query per softmax")
     p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="data order, prefix lengths, head init")
+    p.add_argument("--split-seed", type=int, default=0, help="train/validation split of the queries")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--max-attr-tokens", type=int, default=64, help="training prefixes: 0..N attribute tokens")
     p.add_argument("--max-length", type=int, default=144, help="pair length cap in tokens")

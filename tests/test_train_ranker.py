@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
 
 from relsum_core.cli import main
-from relsum_core.data import Judgment, load_dataset
+from relsum_core.data import Judgment, group_by_query, load_dataset, split_queries
 from relsum_core.ranker import CrossEncoder
 from relsum_core.trainers.ranker import (
     _train_scores,
@@ -96,7 +96,7 @@ def test_train_ranker_end_to_end(tmp_path, tiny_base, capsys):
     rc = main([
         "train-ranker", "--base", str(tiny_base), "--out", str(out), "--max-queries", "8",
         "--val-fraction", "0.25", "--epochs", "2", "--batch-size", "2", "--group-size", "4",
-        "--max-attr-tokens", "16", "--max-length", "64", "--lr", "1e-3", "--no-progress",
+        "--max-attr-tokens", "16", "--max-length", "64", "--lr", "1e-3", "--no-progress", "--seed", "3",
     ])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -104,6 +104,9 @@ def test_train_ranker_end_to_end(tmp_path, tiny_base, capsys):
 
     report = json.loads((out / "report.json").read_text())
     assert report["split"]["train_queries"] == 6 and report["split"]["val_queries"] == 2
+    first8 = list(group_by_query(load_dataset()[1]))[:8]
+    assert report["split"]["val_query_ids"] == split_queries(first8, 0.25, seed=0)[1]  # --split-seed
+    assert report["config"]["cosine_base"] == str(tiny_base)
     assert report["steps"] == 2 * report["steps_per_epoch"] > 0
     assert set(report["table"]) == {"fine-tuned cross-encoder", "BM25 (bm25s)", "untuned encoder cosine"}
     for row in report["table"].values():

@@ -45,13 +45,16 @@ class RankerTrainConfig:
     out: str
     data: str | None = None  # data directory; None = bundled ESCI-150q
     base: str | None = None  # HF BERT-family folder; None = packaged all-MiniLM-L6-v2
+    cosine_base: str | None = None  # encoder of the cosine baseline; None = base (set it when base is
+    # itself a fine-tuned ranker, so the baseline stays the untuned encoder)
     epochs: int = 3
     lr: float = 1e-4  # encoder
     head_lr: float = 1e-3  # pooler + classifier (new, random)
     batch_size: int = 4  # queries per optimizer step
     group_size: int = 8  # candidates of one query in one softmax
     max_steps: int | None = None
-    seed: int = 0
+    seed: int = 0  # data order, prefix lengths, dropout, head init
+    split_seed: int = 0  # the train/validation split, kept apart so reseeded runs share validation
     val_fraction: float = 0.2
     max_attr_tokens: int = 64  # training prefixes are 0..max_attr_tokens attribute tokens
     max_length: int = 144  # pair length cap; query + title (<=64) + 64 attributes rarely reach it
@@ -343,7 +346,7 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
     catalog, judgments = load_dataset(cfg.data)
     by_query = group_by_query(judgments)
     qids = list(by_query)[: cfg.max_queries] if cfg.max_queries else list(by_query)
-    train_q, val_q = split_queries(qids, cfg.val_fraction, cfg.seed)
+    train_q, val_q = split_queries(qids, cfg.val_fraction, cfg.split_seed)
     split = {
         "train_queries": len(train_q),
         "val_queries": len(val_q),
@@ -362,7 +365,8 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
     # Baselines first: they need no training and tell at once what the ranker has to beat.
     table: dict[str, dict] = {}
     table["BM25 (bm25s)"] = val.evaluate_per_query(bm25_scores)
-    encoder = CosineScorer(AutoModel.from_pretrained(base), tokenizer, device=device)
+    cosine_base = cfg.cosine_base or base
+    encoder = CosineScorer(AutoModel.from_pretrained(cosine_base), tokenizer, device=device)
     table["untuned encoder cosine"] = val.evaluate_per_query(encoder.scores)
     del encoder
     for name, m in table.items():
@@ -458,7 +462,7 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
 
     report = {
         "split": split,
-        "config": asdict(cfg) | {"base": base, "device": str(device)},
+        "config": asdict(cfg) | {"base": base, "cosine_base": cosine_base, "device": str(device)},
         "steps": step,
         "steps_per_epoch": steps_per_epoch,
         "best": {"step": best["step"], f"{SELECT_VARIANT}/ndcg@10": best["value"]},
