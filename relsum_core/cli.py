@@ -10,7 +10,8 @@ from pathlib import Path
 def _bench_logprob(args: argparse.Namespace) -> int:
     from relsum_core.bench_logprob import main as run
 
-    return run(n=args.n, d=args.d, v=args.v, repeats=args.repeats, out=args.out)
+    return run(n=args.n, d=args.d, v=args.v, repeats=args.repeats, out=args.out, device=args.device,
+               dtype=args.dtype, with_compile=not args.no_compile)
 
 
 def _train_ranker(args: argparse.Namespace) -> int:
@@ -54,6 +55,70 @@ def _add_train_ranker(sub) -> None:
     p.set_defaults(func=_train_ranker)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from relsum_core.trainers.summarizer import SummarizerConfig, train_summarizer
+
+    names = {f.name for f in fields(SummarizerConfig)}
+    cfg = SummarizerConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None},
+                           progress=not args.no_progress)
+    last = train_summarizer(cfg)
+    if last:
+        print(f"step {last['step']}: reward {last['reward']:.4f}; "
+              f"metrics in {Path(args.out) / 'metrics.jsonl'}")
+    return 0
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train the summarizer against the ranker (GRPO or DPO); "
+                       "runs data-parallel under torchrun")
+    p.add_argument("--algo", choices=["grpo", "dpo"], default="grpo")
+    p.add_argument("--ranker", required=True, help="frozen ranker checkpoint (e.g. train-ranker's best/)")
+    p.add_argument("--policy", default=None, help="HF causal-LM folder (default: packaged SmolLM2-135M)")
+    p.add_argument("--data", default=None, help="ESCI-style data dir (default: the bundled ESCI-150q)")
+    p.add_argument("--out", required=True, help="output dir: checkpoint/, metrics.jsonl")
+    for name, typ in (("steps", int), ("products-per-step", int), ("group-size", int), ("grad-accum", int),
+                      ("lr", float), ("warmup-steps", int), ("beta", float), ("dpo-beta", float),
+                      ("epsilon-low", float), ("epsilon-high", float), ("entropy-coef", float),
+                      ("temperature", float), ("top-p", float), ("budget", int), ("max-product-tokens", int),
+                      ("eval-products", int), ("eval-every", int), ("save-every", int), ("seed", int),
+                      ("reward-relevance", float), ("reward-ranking", float), ("reward-budget", float),
+                      ("reward-faithfulness", float)):
+        p.add_argument(f"--{name}", type=typ, default=None)
+    p.add_argument("--loss-type", choices=["dapo", "grpo", "dr_grpo"], default=None)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_train)
+
+
+def _summarize(args: argparse.Namespace) -> int:
+    from relsum_core.summarize import summarize_catalog
+
+    path = summarize_catalog(args.out, policy=args.policy, catalog=args.catalog, budget=args.budget,
+                             batch_size=args.batch_size, temperature=args.temperature, seed=args.seed,
+                             shard=args.shard, num_shards=args.num_shards, device=args.device,
+                             progress=not args.no_progress)
+    print(f"summaries in {path}")
+    return 0
+
+
+def _add_summarize(sub) -> None:
+    p = sub.add_parser("summarize", help="summaries for a whole catalog to JSONL (resumable, sharded)")
+    p.add_argument("--policy", default=None, help="summarizer folder, e.g. a train run's checkpoint/")
+    p.add_argument("--catalog", default=None, help="products JSONL(.gz) or data dir (default: bundled)")
+    p.add_argument("--out", required=True, help="output JSONL (shards add .shardKKK-of-NNN)")
+    p.add_argument("--budget", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard", type=int, default=None, help="default: torchrun RANK")
+    p.add_argument("--num-shards", type=int, default=None, help="default: torchrun WORLD_SIZE")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_summarize)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relsum", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,9 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--d", type=int, default=256)
     p.add_argument("--v", type=int, default=32000)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile peer")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.set_defaults(func=_bench_logprob)
     _add_train_ranker(sub)
+    _add_train(sub)
+    _add_summarize(sub)
     return parser
 
 
