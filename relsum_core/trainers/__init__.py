@@ -1,0 +1,1 @@
+"""Training loops: the ranker (`ranker`) and the summarizer (`summarizer`)."""
