@@ -22,7 +22,7 @@ def _train_ranker(args: argparse.Namespace) -> int:
         lr=args.lr, head_lr=args.head_lr, batch_size=args.batch_size, group_size=args.group_size,
         max_steps=args.max_steps, seed=args.seed, split_seed=args.split_seed, val_fraction=args.val_fraction,
         max_attr_tokens=args.max_attr_tokens, max_length=args.max_length, eval_every=args.eval_every,
-        max_queries=args.max_queries, progress=not args.no_progress, device=args.device,
+        max_queries=args.max_queries, progress=not args.no_progress, device=args.device, targets=args.targets,
     )
     report = train_ranker(cfg)
     print((Path(args.out) / "report.md").read_text(), end="")
@@ -47,6 +47,8 @@ def _add_train_ranker(sub) -> None:
     p.add_argument("--split-seed", type=int, default=0, help="train/validation split of the queries")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--max-attr-tokens", type=int, default=64, help="training prefixes: 0..N attribute tokens")
+    p.add_argument("--targets", choices=["grade", "esci"], default="grade",
+                   help="listwise targets: softmax(grade) or proportional to the ESCI NDCG gains")
     p.add_argument("--max-length", type=int, default=144, help="pair length cap in tokens")
     p.add_argument("--eval-every", type=int, default=None, help="validate every N steps (and each epoch end)")
     p.add_argument("--max-queries", type=int, default=None, help="use only the first N queries")

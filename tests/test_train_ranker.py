@@ -153,3 +153,18 @@ def test_train_ranker_bad_data_dir(tmp_path, tiny_base):
     with pytest.raises(DataError, match=r"judgments.csv:2: product 'zzz' is not in the catalog"):
         main(["train-ranker", "--data", str(tmp_path / "data"), "--base", str(tiny_base),
               "--out", str(tmp_path / "o"), "--no-progress"])
+
+
+def test_listwise_loss_esci_targets_by_hand():
+    # grades E, S, I -> targets 1/1.1, 0.1/1.1, 0 (proportional to the ESCI gains)
+    s = torch.tensor([1.0, 0.0, -1.0])
+    logq = torch.log_softmax(s, 0)
+    expect = -(1 / 1.1 * logq[0] + 0.1 / 1.1 * logq[1])
+    loss = listwise_loss(s, torch.tensor([3, 2, 0]), torch.tensor([0, 0, 0]), targets="esci")
+    assert loss.item() == pytest.approx(expect.item(), rel=1e-6)
+    # a group of only irrelevant candidates has no target and is skipped
+    both = listwise_loss(torch.cat([s, torch.zeros(2)]), torch.tensor([3, 2, 0, 0, 0]),
+                         torch.tensor([0, 0, 0, 1, 1]), targets="esci")
+    assert both.item() == pytest.approx(expect.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="targets"):
+        listwise_loss(s, torch.tensor([3, 2, 0]), torch.tensor([0, 0, 0]), targets="ndcg")

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from relsum_core.data import Judgment, Product, group_by_query, load_dataset, split_queries
-from relsum_core.metrics import mean_ndcg
+from relsum_core.metrics import gains_of, mean_ndcg
 from relsum_core.text import PrefixSampler, product_text
 
 # Validation text variants: (name, attribute-token budget).
@@ -57,6 +57,7 @@ class RankerTrainConfig:
     split_seed: int = 0  # the train/validation split, kept apart so reseeded runs share validation
     val_fraction: float = 0.2
     max_attr_tokens: int = 64  # training prefixes are 0..max_attr_tokens attribute tokens
+    targets: str = "grade"  # listwise targets: softmax(grade) or proportional to ESCI gains
     max_length: int = 144  # pair length cap; query + title (<=64) + 64 attributes rarely reach it
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
@@ -82,24 +83,37 @@ def default_base() -> str:
 # Loss and batching
 
 
-def listwise_loss(scores: torch.Tensor, grades: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-    """ListNet: cross-entropy between softmax(grades) and softmax(scores) within each group.
+def listwise_loss(scores: torch.Tensor, grades: torch.Tensor, group_ids: torch.Tensor,
+                  targets: str = "grade") -> torch.Tensor:
+    """ListNet: cross-entropy between target top-one probabilities and softmax(scores) per group.
 
     Why listwise and not pairwise: NDCG is a property of a query's whole candidate list; one
     softmax over a query's candidates compares each with its real competitors at every grade
     level at once (E vs S vs C vs I) for one forward per candidate, where pairwise needs O(n^2)
     pairs or a sampling scheme, and the loss is per query so queries with many exact matches do
-    not drown the rest as in pointwise regression.  Targets softmax(grade) are ListNet's top-one
-    probabilities: an E candidate gets e^1 times an S one's share.
+    not drown the rest as in pointwise regression.
+
+    ``targets``: "grade" is softmax(grade), ListNet's own choice (an E candidate gets e^1 times an
+    S one's share); "esci" is proportional to the ESCI NDCG gains (E 1.0, S 0.1, C 0.01, I 0), so
+    the loss puts its mass where the evaluation does.  A group whose gains are all 0 is skipped.
     """
+    if targets not in ("grade", "esci"):
+        raise ValueError(f"targets must be 'grade' or 'esci', got {targets!r}")
     scores = scores.float()
     n_groups = int(group_ids.max()) + 1
-    total = scores.new_zeros(())
+    total, used = scores.new_zeros(()), 0
     for g in range(n_groups):
         m = group_ids == g
-        target = torch.softmax(grades[m].float(), dim=0)
+        if targets == "grade":
+            target = torch.softmax(grades[m].float(), dim=0)
+        else:
+            gains = torch.tensor(gains_of(grades[m].tolist()), dtype=torch.float32, device=scores.device)
+            if gains.sum() <= 0:
+                continue
+            target = gains / gains.sum()
         total = total - (target * torch.log_softmax(scores[m], dim=0)).sum()
-    return total / n_groups
+        used += 1
+    return total / max(used, 1)
 
 
 def make_groups(
@@ -420,7 +434,7 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
             scores = _train_scores(model, tokenizer, pairs, cfg.max_length, device)
             grades = torch.tensor([j.grade for j in flat], device=device)
             group_ids = torch.tensor([i for i, g in enumerate(batch) for _ in g], device=device)
-            loss = listwise_loss(scores, grades, group_ids)
+            loss = listwise_loss(scores, grades, group_ids, cfg.targets)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
