@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -31,6 +28,7 @@ import numpy as np
 import torch
 
 from relsum_core.data import Judgment, Product, group_by_query, load_dataset, split_queries
+from relsum_core.io import JsonlLog, atomic_write_dir, atomic_write_text
 from relsum_core.metrics import gains_of, mean_ndcg
 from relsum_core.text import PrefixSampler, product_text
 
@@ -242,42 +240,14 @@ class ValSet:
 
 
 def save_checkpoint(model, tokenizer, dest: Path, meta: dict) -> None:
-    """Write an HF checkpoint to a temp dir beside ``dest``, then rename it into place.
+    """An HF checkpoint plus relsum_ranker.json, written atomically (a crash keeps the old one)."""
 
-    A crash mid-save leaves the previous checkpoint intact (only a stray ``.best.tmp-*``); the
-    old directory is moved aside before the rename because POSIX rename will not replace a
-    non-empty directory.
-    """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "relsum_ranker.json").write_text(json.dumps(meta, indent=2) + "\n")
-        os.chmod(tmp, 0o755)
-        old = None
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.rename(dest, old)
-        os.rename(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
-
-class JsonlLog:
-    def __init__(self, path: Path):
-        self.f = open(path, "w", encoding="utf-8")
-
-    def write(self, event: str, **fields) -> None:
-        self.f.write(json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n")
-        self.f.flush()
-
-    def close(self) -> None:
-        self.f.close()
+    atomic_write_dir(dest, fill)
 
 
 def _fmt(x: float) -> str:
@@ -491,6 +461,6 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
             "transformers": __import__("transformers").__version__,
         },
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(markdown_table(report))
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "report.md", markdown_table(report))
     return report

@@ -1,0 +1,32 @@
+import json
+
+import pytest
+
+from relsum_core.io import JsonlLog, atomic_write_dir, atomic_write_text
+
+
+def test_atomic_write_dir_replaces_and_keeps_old_on_failure(tmp_path):
+    dest = tmp_path / "ckpt"
+    atomic_write_dir(dest, lambda d: (d / "a.txt").write_text("one"))
+    atomic_write_dir(dest, lambda d: (d / "a.txt").write_text("two"))
+    assert (dest / "a.txt").read_text() == "two"
+
+    def broken(d):
+        (d / "a.txt").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_dir(dest, broken)
+    assert (dest / "a.txt").read_text() == "two"  # the previous checkpoint survives
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp dirs left behind
+
+
+def test_atomic_write_text_and_jsonl(tmp_path):
+    atomic_write_text(tmp_path / "sub" / "r.json", '{"x": 1}\n')
+    assert json.loads((tmp_path / "sub" / "r.json").read_text()) == {"x": 1}
+    with JsonlLog(tmp_path / "m.jsonl") as log:
+        log.write("train", step=1, loss=0.5)
+    with JsonlLog(tmp_path / "m.jsonl", append=True) as log:
+        log.write("eval", step=1)
+    rows = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in rows] == ["train", "eval"] and rows[0]["loss"] == 0.5
