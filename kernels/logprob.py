@@ -45,6 +45,14 @@ WORKSPACE_W_BYTES = 16 << 20
 if HAS_TRITON:
 
     @triton.jit
+    def _load_rows(ptr, rows, ks, row_mask, kmask, stride, UPCAST: tl.constexpr):
+        x = tl.load(ptr + rows[:, None] * stride + ks[None, :], mask=row_mask[:, None] & kmask[None, :],
+                    other=0.0)
+        if UPCAST:  # the interpreter computes bf16 dots wrongly: do them in fp32 there
+            x = x.to(tl.float32)
+        return x
+
+    @triton.jit
     def _logits_tile(
         h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_h, stride_w, inv_temp,
         HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -54,13 +62,8 @@ if HAS_TRITON:
         for k0 in range(0, D, BLOCK_D):
             ks = k0 + tl.arange(0, BLOCK_D)
             kmask = ks < D
-            h = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :],
-                        mask=row_mask[:, None] & kmask[None, :], other=0.0)
-            w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :],
-                        mask=col_mask[:, None] & kmask[None, :], other=0.0)
-            if UPCAST:  # the interpreter computes bf16 dots wrongly: do them in fp32 there
-                h = h.to(tl.float32)
-                w = w.to(tl.float32)
+            h = _load_rows(h_ptr, rows, ks, row_mask, kmask, stride_h, UPCAST)
+            w = _load_rows(w_ptr, cols, ks, col_mask, kmask, stride_w, UPCAST)
             acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PREC)
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -146,13 +149,8 @@ if HAS_TRITON:
         for k0 in range(0, D, BLOCK_D):
             ks = k0 + tl.arange(0, BLOCK_D)
             kmask = ks < D
-            h = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :],
-                        mask=row_mask[:, None] & kmask[None, :], other=0.0)
-            w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :],
-                        mask=col_mask[:, None] & kmask[None, :], other=0.0)
-            if UPCAST:
-                h = h.to(tl.float32)
-                w = w.to(tl.float32)
+            h = _load_rows(h_ptr, rows, ks, row_mask, kmask, stride_h, UPCAST)
+            w = _load_rows(w_ptr, cols, ks, col_mask, kmask, stride_w, UPCAST)
             gh = tl.dot(dzc, w, input_precision=DOT_PREC)
             tl.atomic_add(gh_ptr + rows[:, None] * stride_gh + ks[None, :], gh,
                           mask=row_mask[:, None] & kmask[None, :])
