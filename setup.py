@@ -22,6 +22,10 @@ setup(
         "transformers>=4.50",
         "safetensors>=0.4",
         "tqdm>=4.60",
+        # BM25 baseline (stemmed, as in the committed numbers)
+        "bm25s>=0.2",
+        "PyStemmer>=2.2",
+        "scipy>=1.10",
     ],
     extras_require={
         "test": ["pytest>=7", "ruff>=0.5"],
