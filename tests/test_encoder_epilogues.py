@@ -23,13 +23,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 IMPLS = ["triton", "torch"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny shapes gain nothing from intra-op threads; on a shared CPU the hand-offs dominate.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _device(impl):

@@ -18,14 +18,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 IMPLS = ["triton", "torch"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny shapes gain nothing from intra-op threads, and on a shared, busy CPU the OpenMP
-    # hand-offs of thousands of small ops cost seconds.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cu(lens, device="cpu"):
