@@ -54,7 +54,8 @@ def summarize_catalog(out: str | os.PathLike, *, policy: str | None = None, cata
     mine = sorted(products)[shard::num_shards]
     path = shard_path(out, shard, num_shards)
     path.parent.mkdir(parents=True, exist_ok=True)
-    todo = [pid for pid in mine if pid not in _done_ids(path)]
+    done = _done_ids(path)
+    todo = [pid for pid in mine if pid not in done]
     if not todo:
         return path
     model, tok = load_policy(policy, device=device)

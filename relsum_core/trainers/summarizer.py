@@ -97,7 +97,7 @@ class SummarizerConfig:
             raise ValueError("products_per_step * group_size must be divisible by grad_accum")
 
 
-def _split_products(catalog, judgments, cfg: SummarizerConfig) -> tuple[list[str], list[str]]:
+def _split_products(judgments, cfg: SummarizerConfig) -> tuple[list[str], list[str]]:
     """Training and validation products, by the query split (a product goes where its queries go)."""
     queries = sorted({j.query_id for j in judgments})
     train_q, val_q = split_queries(queries, val_fraction=cfg.val_fraction, seed=cfg.seed)
@@ -165,7 +165,7 @@ class SummarizerTrainer:
             raise ValueError(f"products_per_step={cfg.products_per_step} must be divisible by the "
                              f"{self.world} processes")
         self.catalog, self.judgments = load_dataset(cfg.data)
-        self.train_ids, self.val_ids = _split_products(self.catalog, self.judgments, cfg)
+        self.train_ids, self.val_ids = _split_products(self.judgments, cfg)
         self.ranker = CrossEncoder.from_pretrained(cfg.ranker, device=self.device)
         self.reward = RankerReward(
             self.ranker.predict, self.catalog, self.judgments,
