@@ -129,38 +129,36 @@ def _record_grads(trainer) -> dict:
     return grads
 
 
-def _ddp_worker(rank, world, port, cfg_kw, out_file):
+def _ddp_worker(rank, world, store, cfg_kw, out_file):
     import os
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch.distributed as dist
 
+    # A file store instead of a TCP port: no race for a free port between parallel test runs.
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         t = SummarizerTrainer(SummarizerConfig(**cfg_kw))
         grads = _record_grads(t)
         t.train_step()
         if rank == 0:
             torch.save(grads, out_file)
+        dist.barrier()  # neither process tears down its connections while the other still uses them
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("algo", ["grpo", "dpo"])
 def test_two_process_gloo_step_equals_one_process(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir, algo):
-    import socket
-
     import torch.multiprocessing as mp
 
     kw = dict(algo=algo, products_per_step=2, group_size=3, temperature=1.5)
     single = SummarizerTrainer(_cfg(tmp_path / "one", data_dir, tiny_policy_dir, tiny_ranker_dir, **kw))
     grads = _record_grads(single)
     single.train_step()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     cfg_kw = vars(_cfg(tmp_path / "two", data_dir, tiny_policy_dir, tiny_ranker_dir, **kw))
     out_file = tmp_path / "rank0.pt"
-    mp.spawn(_ddp_worker, args=(2, port, cfg_kw, str(out_file)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), cfg_kw, str(out_file)), nprocs=2, join=True)
     two = torch.load(out_file)
     assert two.keys() == grads.keys()
     # Float noise only (different batch shapes in the sampler and the ranker): a wrong loss scale
