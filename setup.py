@@ -33,6 +33,7 @@ setup(
         # reading the packaged SmolLM2 GGUF once (then cached as safetensors)
         "policy": ["gguf>=0.10", "accelerate>=1.0"],
         "gpu": ["flash-attn"],
+        "plot": ["matplotlib>=3.5"],
     },
     entry_points={"console_scripts": ["relsum=relsum_core.cli:main"]},
 )

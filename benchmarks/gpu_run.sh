@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One command for a lent H100/H200 (image: torch 2.11, triton 3.6, no network):
-#   GPU correctness tests of the Triton kernels, then the GPU benchmarks, results under $OUT
-#   (or benchmarks/results/gpu-<date> when OUT is unset).
+#   GPU correctness tests of the Triton kernels, then the GPU benchmarks; every section has its own
+#   time limit so one hang cannot eat the lease.  Results go to $OUT (or benchmarks/results/gpu-<date>
+#   when OUT is unset): summary.md (the tables) and results.tgz (JSON, logs).
+# Usage: benchmarks/gpu_run.sh [section ...]   sections: tests logprob ranker encoder_kernels sampling rl_step
 # Peers that the image lacks travel as wheels in .whl/ (git-ignored), fetched beforehand with
 #   pip download --no-deps -d .whl cut-cross-entropy==25.1.1 liger-kernel==0.8.5
 # and MiniLM's tokenizer (the benchmarks' texts; its 90 MB weights are not needed) in .minilm/:
@@ -11,6 +13,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results/gpu-$(date +%Y%m%d)}"
+work="$(mktemp -d)"
 mkdir -p "$out"
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
@@ -19,22 +22,58 @@ fi
 # The repo imports without installing: relsum_core from the root, relsum_kernels through a link.
 mkdir -p /tmp/relsum_shim && ln -sfn "$PWD/kernels" /tmp/relsum_shim/relsum_kernels
 export PYTHONPATH="$PWD:/tmp/relsum_shim:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
-python3 -m pytest -q tests/test_logprob.py tests/test_varlen_attention.py tests/test_encoder_epilogues.py \
-    tests/test_encoder.py tests/test_ranker.py 2>&1 | tee "$out/tests.txt" | tail -n 15
+summary="$out/summary.md"
+{
+    echo "# relsum GPU run $(date -u +%FT%TZ)"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+    python3 -c "import torch, triton, transformers as t; print('torch', torch.__version__, 'triton', \
+triton.__version__, 'transformers', t.__version__)"
+} 2>&1 | tee "$summary"
+
 # suite -> the variants its ratio columns divide by
 declare -A baselines=(
     [logprob]="naive_fp32 cut_cross_entropy"
     [ranker]="hf_sdpa_sorted peer_varlen_attn_compile"
     [encoder_kernels]="sdpa_padded torch_varlen_attn"
+    [rl_step]=""
 )
-suites=("$@")
-[ ${#suites[@]} -gt 0 ] || suites=(logprob ranker encoder_kernels)
-for suite in "${suites[@]}"; do
-    python3 -m pytest -q "benchmarks/test_bench_${suite}.py" -k "not cpu" --benchmark-json="$out/${suite}.json" \
-        2>&1 | tail -n 3
-    args=()
-    for b in ${baselines[$suite]}; do args+=(--baseline "$b"); done
-    python3 benchmarks/summarize.py "$out/${suite}.json" "${args[@]}" | tee "$out/${suite}.md"
+declare -A limits=([tests]=150 [logprob]=90 [ranker]=150 [encoder_kernels]=60 [sampling]=120 [rl_step]=150)
+
+section() {  # name, command...: run with the section's time limit, log to the work dir
+    local name=$1; shift
+    local t0=$SECONDS
+    echo "## $name" | tee -a "$summary"
+    timeout -k 5 "${limits[$name]}" "$@" >"$work/$name.log" 2>&1
+    local rc=$?
+    tail -n 25 "$work/$name.log"
+    echo "($name: exit $rc, $((SECONDS - t0)) s)" | tee -a "$summary"
+}
+
+bench() {  # suite name
+    local suite=$1
+    section "$suite" python3 -m pytest -q "benchmarks/test_bench_${suite}.py" -k "not cpu" \
+        --benchmark-json="$work/${suite}.json"
+    if [ -s "$work/${suite}.json" ]; then
+        local args=()
+        for b in ${baselines[$suite]}; do args+=(--baseline "$b"); done
+        python3 benchmarks/summarize.py "$work/${suite}.json" "${args[@]}" | tee -a "$summary"
+    fi
+}
+
+sections=("$@")
+[ ${#sections[@]} -gt 0 ] || sections=(tests logprob ranker encoder_kernels sampling rl_step)
+for s in "${sections[@]}"; do
+    case $s in
+        tests)
+            section tests python3 -m pytest -q -n 8 --timeout=120 tests/test_logprob.py tests/test_varlen_attention.py \
+                tests/test_encoder_epilogues.py tests/test_encoder.py tests/test_ranker.py tests/test_policy.py
+            grep -E "passed|failed|error" "$work/tests.log" | tail -n 3 >>"$summary" ;;
+        sampling)
+            section sampling python3 benchmarks/sampling_gpu_check.py --out "$work/sampling.json"
+            tail -n 15 "$work/sampling.log" >>"$summary" ;;
+        *)
+            bench "$s" ;;
+    esac
 done
+tar -czf "$out/results.tgz" -C "$work" .
+echo "results: $summary, $out/results.tgz"

@@ -23,6 +23,7 @@ def _train_ranker(args: argparse.Namespace) -> int:
         max_steps=args.max_steps, seed=args.seed, split_seed=args.split_seed, val_fraction=args.val_fraction,
         max_attr_tokens=args.max_attr_tokens, max_length=args.max_length, eval_every=args.eval_every,
         max_queries=args.max_queries, progress=not args.no_progress, device=args.device, targets=args.targets,
+        freeze_layers=args.freeze_layers, pseudo_steps=args.pseudo_steps,
     )
     report = train_ranker(cfg)
     print((Path(args.out) / "report.md").read_text(), end="")
@@ -50,6 +51,10 @@ def _add_train_ranker(sub) -> None:
     p.add_argument("--targets", choices=["grade", "esci"], default="grade",
                    help="listwise targets: softmax(grade) or proportional to the ESCI NDCG gains")
     p.add_argument("--max-length", type=int, default=144, help="pair length cap in tokens")
+    p.add_argument("--freeze-layers", type=int, default=0,
+                   help="keep the embeddings and the first N encoder layers frozen")
+    p.add_argument("--pseudo-steps", type=int, default=0,
+                   help="warm-up steps on title pseudo-queries (other candidates as negatives) first")
     p.add_argument("--eval-every", type=int, default=None, help="validate every N steps (and each epoch end)")
     p.add_argument("--max-queries", type=int, default=None, help="use only the first N queries")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -86,7 +91,7 @@ def _add_train(sub) -> None:
                       ("temperature", float), ("top-p", float), ("budget", int), ("max-product-tokens", int),
                       ("eval-products", int), ("eval-every", int), ("save-every", int), ("seed", int),
                       ("reward-relevance", float), ("reward-ranking", float), ("reward-budget", float),
-                      ("reward-faithfulness", float)):
+                      ("reward-faithfulness", float), ("max-minutes", float)):
         p.add_argument(f"--{name}", type=typ, default=None)
     p.add_argument("--loss-type", choices=["dapo", "grpo", "dr_grpo"], default=None)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -103,6 +108,22 @@ def _summarize(args: argparse.Namespace) -> int:
                              progress=not args.no_progress)
     print(f"summaries in {path}")
     return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from relsum_core.plots import plot_metrics
+
+    out = args.out or str(Path(args.metrics).with_suffix(".png"))
+    print(plot_metrics(args.metrics, out, title=args.title))
+    return 0
+
+
+def _add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl (reward, KL, length / loss, NDCG)")
+    p.add_argument("metrics", help="a metrics.jsonl written by train or train-ranker")
+    p.add_argument("--out", default=None, help="PNG path (default: beside the metrics, .png)")
+    p.add_argument("--title", default=None)
+    p.set_defaults(func=_plot)
 
 
 def _add_summarize(sub) -> None:
@@ -138,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_ranker(sub)
     _add_train(sub)
     _add_summarize(sub)
+    _add_plot(sub)
     return parser
 
 

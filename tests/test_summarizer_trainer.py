@@ -64,6 +64,16 @@ def test_grpo_run_logs_every_component_and_checkpoints(tmp_path, data_dir, tiny_
     assert train[1]["kl"] > 0
 
 
+def test_time_bound_stops_after_a_step_and_saves(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir):
+    cfg = _cfg(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir, steps=5, eval_every=10, save_every=10,
+               max_minutes=0.0)
+    train_summarizer(cfg)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in rows if r["event"] == "train"] == [1]
+    assert [r["step"] for r in rows if r["event"] == "eval"] == [0, 1]  # a final eval at the stop
+    assert (tmp_path / "run" / "checkpoint" / "trainer.pt").is_file()
+
+
 def test_validation_products_never_train(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir):
     t = SummarizerTrainer(_cfg(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir))
     assert t.val_ids and not set(t.val_ids) & set(t.train_ids)

@@ -13,8 +13,11 @@ from relsum_core.ranker import CrossEncoder
 from relsum_core.trainers.ranker import (
     _train_scores,
     default_base,
+    freeze_lower,
     listwise_loss,
     make_groups,
+    make_pseudo_groups,
+    pseudo_query,
     save_checkpoint,
 )
 
@@ -168,3 +171,57 @@ def test_listwise_loss_esci_targets_by_hand():
     assert both.item() == pytest.approx(expect.item(), rel=1e-6)
     with pytest.raises(ValueError, match="targets"):
         listwise_loss(s, torch.tensor([3, 2, 0]), torch.tensor([0, 0, 0]), targets="ndcg")
+
+
+def test_pseudo_query_words_come_from_the_title_in_order():
+    rng = random.Random(0)
+    title = "Organic Chicken Bone Broth for Dogs, Grain-Free 12 oz"
+    words = ["organic", "chicken", "bone", "broth", "dogs", "grain-free", "12", "oz"]
+    for _ in range(50):
+        q = pseudo_query(title, rng).split()
+        assert 2 <= len(q) <= 5 and all(w in words for w in q)
+        assert [words.index(w) for w in q] == sorted(words.index(w) for w in q)
+    assert pseudo_query("The Set", rng) is None  # fewer than two content words
+
+
+def test_pseudo_groups_put_the_titles_product_first():
+    catalog, judgments = load_dataset()
+    by_query = group_by_query(judgments)
+    qids = list(by_query)[:5]
+    groups = make_pseudo_groups(by_query, qids, catalog, 4, random.Random(1))
+    assert groups
+    judged = {q: {j.product_id for j in by_query[q]} for q in qids}
+    for query, pids in groups:
+        assert len(pids) == 4 and len(set(pids)) == 4
+        assert any(set(pids) <= s for s in judged.values())  # negatives judged for the same query
+        title = catalog[pids[0]].title.lower()
+        assert all(w in title for w in query.split())
+
+
+def test_freeze_lower_layers(tiny_base):
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=1)
+    freeze_lower(model, 1)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert any(n.startswith("bert.embeddings.") for n in frozen)
+    assert any(".layer.0." in n for n in frozen) and not any(".layer.1." in n for n in frozen)
+    assert not any(n.startswith("classifier.") for n in frozen)
+    with pytest.raises(ValueError, match="only 2 layers"):
+        freeze_lower(model, 3)
+
+
+def test_train_ranker_with_pseudo_warmup_and_frozen_layers(tmp_path, tiny_base):
+    out = tmp_path / "run"
+    main(["train-ranker", "--base", str(tiny_base), "--out", str(out), "--max-queries", "6",
+          "--val-fraction", "0.34", "--epochs", "1", "--max-steps", "2", "--batch-size", "2",
+          "--group-size", "4", "--max-attr-tokens", "8", "--max-length", "48", "--no-progress",
+          "--pseudo-steps", "3", "--freeze-layers", "1"])
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    pseudo = [x for x in lines if x["event"] == "pseudo"]
+    assert [x["step"] for x in pseudo] == [3] and math.isfinite(pseudo[0]["loss"])
+    base = BertModel.from_pretrained(tiny_base)
+    tuned = AutoModelForSequenceClassification.from_pretrained(out / "best")
+    # frozen: embeddings and layer 0 keep the base weights; layer 1 moved
+    assert torch.equal(tuned.bert.embeddings.word_embeddings.weight, base.embeddings.word_embeddings.weight)
+    layer, base_layer = tuned.bert.encoder.layer, base.encoder.layer
+    assert torch.equal(layer[0].output.dense.weight, base_layer[0].output.dense.weight)
+    assert not torch.equal(layer[1].output.dense.weight, base_layer[1].output.dense.weight)

@@ -19,6 +19,7 @@ import json
 import math
 import platform
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -57,6 +58,8 @@ class RankerTrainConfig:
     max_attr_tokens: int = 64  # training prefixes are 0..max_attr_tokens attribute tokens
     targets: str = "grade"  # listwise targets: softmax(grade) or proportional to ESCI gains
     max_length: int = 144  # pair length cap; query + title (<=64) + 64 attributes rarely reach it
+    freeze_layers: int = 0  # keep the embeddings and the first N encoder layers at the base weights
+    pseudo_steps: int = 0  # warm-up steps on title pseudo-queries before the graded fine-tuning
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     eval_every: int | None = None  # steps between validation runs; always at each epoch's end
@@ -135,6 +138,43 @@ def make_groups(
             group = cands[g::n_groups]
             if len({j.grade for j in group}) > 1:
                 groups.append(group)
+    rng.shuffle(groups)
+    return groups
+
+
+_WORD = re.compile(r"[a-z0-9][a-z0-9'./-]*")
+_STOP = frozenset("a an and the of for with in on to by from at or is are x pack pcs pc set".split())
+
+
+def pseudo_query(title: str, rng: random.Random) -> str | None:
+    """A search-like query from a product title: 2..5 of its content words, in title order.
+
+    Why: 88 labelled queries teach the head little about matching query words against product
+    text; every catalog product can supply one more (query, right product) example.
+    """
+    words = [w for w in _WORD.findall(title.lower()) if w not in _STOP]
+    if len(words) < 2:
+        return None
+    k = rng.randint(2, min(5, len(words)))
+    return " ".join(words[i] for i in sorted(rng.sample(range(len(words)), k)))
+
+
+def make_pseudo_groups(by_query, query_ids, catalog: dict[str, Product], group_size: int,
+                       rng: random.Random) -> list[tuple[str, list[str]]]:
+    """(pseudo-query, candidate product ids) with the positive first.
+
+    Negatives are the other candidates judged for the same real query: products retrieved together,
+    so telling them apart needs the attributes and not the topic.  Only train queries are used.
+    """
+    groups = []
+    for q in query_ids:
+        pids = [j.product_id for j in by_query[q]]
+        rng.shuffle(pids)
+        for g in range(0, len(pids) - group_size + 1, group_size):
+            cands = pids[g: g + group_size]
+            query = pseudo_query(catalog[cands[0]].title, rng)
+            if query is not None:
+                groups.append((query, cands))
     rng.shuffle(groups)
     return groups
 
@@ -290,6 +330,8 @@ def _param_groups(model, cfg: RankerTrainConfig) -> list[dict]:
     """
     groups = {}
     for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
         head = name.startswith(("classifier.", "bert.pooler."))
         decay = p.ndim >= 2 and "LayerNorm" not in name
         key = (head, decay)
@@ -301,6 +343,52 @@ def _param_groups(model, cfg: RankerTrainConfig) -> list[dict]:
             }
         groups[key]["params"].append(p)
     return list(groups.values())
+
+
+def freeze_lower(model, n_layers: int) -> None:
+    """Freeze the embeddings and the first ``n_layers`` encoder layers.
+
+    Why: 88 training queries are far too few to move all of a pretrained encoder without
+    overfitting; the lower layers hold lexical and general semantics the ranker should keep.
+    """
+    if n_layers <= 0:
+        return
+    layers = model.base_model.encoder.layer
+    if n_layers > len(layers):
+        raise ValueError(f"freeze_layers={n_layers} but the encoder has only {len(layers)} layers")
+    for module in (model.base_model.embeddings, *layers[:n_layers]):
+        for p in module.parameters():
+            p.requires_grad_(False)
+
+
+def pseudo_warmup(model, tokenizer, by_query, train_q, catalog, sampler, cfg: RankerTrainConfig,
+                  device, log: JsonlLog) -> None:
+    """``cfg.pseudo_steps`` steps of softmax cross-entropy on title pseudo-queries (positive first)."""
+    from tqdm.auto import tqdm
+    from transformers.optimization import get_linear_schedule_with_warmup
+
+    rng = random.Random(cfg.seed + 1)
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr)
+    scheduler = get_linear_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * cfg.pseudo_steps),
+                                                cfg.pseudo_steps)
+    groups: list = []
+    for step in tqdm(range(1, cfg.pseudo_steps + 1), desc="pseudo-queries", disable=not cfg.progress):
+        if len(groups) < cfg.batch_size:
+            groups = make_pseudo_groups(by_query, train_q, catalog, cfg.group_size, rng)
+            if not groups:
+                raise ValueError("no pseudo-query groups: no train query has group_size candidates")
+        batch, groups = groups[: cfg.batch_size], groups[cfg.batch_size:]
+        pairs = [(query, sampler.sample(catalog[pid])) for query, pids in batch for pid in pids]
+        scores = _train_scores(model, tokenizer, pairs, cfg.max_length, device).view(len(batch), -1)
+        positive_first = torch.zeros(len(batch), dtype=torch.long, device=device)
+        loss = torch.nn.functional.cross_entropy(scores, positive_first)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % cfg.log_every == 0 or step == cfg.pseudo_steps:
+            log.write("pseudo", step=step, loss=loss.item(), lr=scheduler.get_last_lr()[0])
 
 
 def _seed_all(seed: int) -> None:
@@ -357,6 +445,7 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
         log.write("baseline", scorer=name, **m)
 
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1).to(device)
+    freeze_lower(model, cfg.freeze_layers)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr)
     rng = random.Random(cfg.seed)
     sampler = PrefixSampler(tokenizer, cfg.max_attr_tokens, seed=cfg.seed)
@@ -391,6 +480,8 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
             save_checkpoint(model, tokenizer, out / "best", {**meta, "step": step, "val": m})
 
     model.train()
+    if cfg.pseudo_steps > 0:
+        pseudo_warmup(model, tokenizer, by_query, train_q, catalog, sampler, cfg, device, log)
     step, pairs_seen, t_train = 0, 0, time.time()
     bar = tqdm(total=total_steps, desc="train-ranker", disable=not cfg.progress)
     for epoch in range(cfg.epochs):

@@ -54,6 +54,7 @@ class SummarizerConfig:
     data: str | None = None  # None = bundled ESCI-150q
     algo: str = "grpo"  # or "dpo"
     steps: int = 50
+    max_minutes: float | None = None  # wall-clock bound: stop (eval, save) at the first step past it
     products_per_step: int = 4
     group_size: int = 4
     grad_accum: int = 1  # micro-batches per step (memory); the step's loss is the same
@@ -355,19 +356,24 @@ class SummarizerTrainer:
                 log.write("config", **asdict(cfg), world_size=self.world)
                 log.write("eval", **self.evaluate())
         last = {}
+        t_start = time.perf_counter()
         show = cfg.progress and lead
         with tqdm(total=cfg.steps, initial=self.step, disable=not show, desc=cfg.algo) as bar:
             while self.step < cfg.steps:
                 last = self.train_step()
+                elapsed_min = (time.perf_counter() - t_start) / 60
+                out_of_time = cfg.max_minutes is not None and elapsed_min > cfg.max_minutes
                 bar.update(1)
                 bar.set_postfix(reward=f"{last['reward']:.3f}", loss=f"{last.get('loss', 0.0):.4f}")
                 if not lead:
                     continue
                 log.write("train", **last)
-                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                if self.step % cfg.eval_every == 0 or self.step == cfg.steps or out_of_time:
                     log.write("eval", **self.evaluate())
-                if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                if self.step % cfg.save_every == 0 or self.step == cfg.steps or out_of_time:
                     self.save()
+                if out_of_time:
+                    break
         if log is not None:
             log.close()
         return last

@@ -1,0 +1,41 @@
+import json
+
+import pytest
+
+from relsum_core.plots import plot_metrics, read_events
+
+pytest.importorskip("matplotlib")
+
+
+def _write(path, rows, tail=""):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + tail)
+
+
+def test_summarizer_run_png(tmp_path):
+    rows = [{"event": "config", "steps": 3}]
+    for s in range(1, 4):
+        rows.append({"event": "train", "step": s, "reward": 0.1 * s, "kl": 0.01 * s, "summary_tokens": 20})
+    rows.append({"event": "eval", "step": 3, "reward": 0.5, "reward_relevance": 0.2, "summary_tokens": 18})
+    m = tmp_path / "metrics.jsonl"
+    _write(m, rows, tail='{"event": "train", "st')  # killed mid-line: the cut-off row is skipped
+    assert len(read_events(m)["train"]) == 3
+    out = plot_metrics(m, tmp_path / "curves.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ranker_run_png(tmp_path):
+    rows = [{"event": "train", "step": 10, "loss": 2.0},
+            {"event": "eval", "step": 10, "title/ndcg@10": 0.5, "title+64/ndcg@10": 0.6}]
+    m = tmp_path / "metrics.jsonl"
+    _write(m, rows)
+    assert plot_metrics(m, tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_bad_metrics(tmp_path):
+    m = tmp_path / "metrics.jsonl"
+    _write(m, [{"event": "config"}])
+    with pytest.raises(ValueError, match="no 'train' or 'eval' rows"):
+        plot_metrics(m, tmp_path / "x.png")
+    m.write_text('not json\n{"event": "train", "step": 1, "loss": 1}\n')
+    with pytest.raises(ValueError, match="not a JSON line"):
+        read_events(m)
