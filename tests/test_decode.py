@@ -1,0 +1,177 @@
+"""The static sampling engine (relsum_core.decode) against the dynamic loop, on CPU.
+
+The CUDA-graph branch cannot run here; its captured function, `StaticEngine.step`, is exactly what
+the eager static path runs, so these comparisons cover it up to capture, and a forced capture on
+CPU checks the warn-and-fall-back path."""
+
+import pytest
+import torch
+
+from relsum_core import decode
+from relsum_core.data import Product
+from relsum_core.policy import build_prompt, load_policy, resolve_engine, sample, sample_ids
+
+
+def _tiny_llama(impl="sdpa", vocab=64, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cfg._attn_implementation = impl
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _left_padded(lengths, P=11, vocab=64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (len(lengths), P), generator=g)
+    mask = torch.ones_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, : P - n] = 0
+        mask[i, : P - n] = 0
+    return ids, mask
+
+
+@pytest.fixture(autouse=True)
+def _fresh_engines():
+    yield
+    decode._ENGINES.clear()
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_static_greedy_matches_dynamic_with_left_padding_and_stops(impl, one_thread):
+    model = _tiny_llama(impl)
+    ids, mask = _left_padded([11, 3, 7, 1])
+    kw = dict(pad_id=0, max_new_tokens=10, temperature=0.0)
+    free = sample_ids(model, ids, mask, stop_ids=[], engine="dynamic", **kw)
+    # Stops taken from the free run so rows end at different steps (one at step 0 where possible).
+    stops = sorted({int(free.completion_ids[0, 2]), int(free.completion_ids[1, 0])})
+    dyn = sample_ids(model, ids, mask, stop_ids=stops, engine="dynamic", **kw)
+    sta = sample_ids(model, ids, mask, stop_ids=stops, engine="static", **kw)
+    assert torch.equal(sta.completion_ids, dyn.completion_ids)
+    assert torch.equal(sta.completion_mask, dyn.completion_mask)
+    assert sta.completion_mask.dtype == dyn.completion_mask.dtype
+    assert int(dyn.completion_mask[1].sum()) == 1 and bool((dyn.completion_mask.sum(1) < 10).any())
+    assert torch.equal(sta.prompt_ids, ids) and torch.equal(sta.prompt_mask, mask)
+    # No stop at all: both run the full budget.
+    assert torch.equal(sample_ids(model, ids, mask, stop_ids=[], engine="static", **kw).completion_ids,
+                       free.completion_ids)
+
+
+def test_all_rows_stopping_early_trims_width_like_dynamic(one_thread):
+    model = _tiny_llama()
+    ids, mask = _left_padded([5, 5], P=5)
+    kw = dict(pad_id=0, max_new_tokens=20, temperature=0.0)
+    free = sample_ids(model, ids, mask, stop_ids=[], engine="dynamic", **kw)
+    stops = [int(free.completion_ids[0, 1]), int(free.completion_ids[1, 2])]
+    dyn = sample_ids(model, ids, mask, stop_ids=stops, engine="dynamic", **kw)
+    sta = sample_ids(model, ids, mask, stop_ids=stops, engine="static", **kw)
+    assert dyn.completion_ids.shape[1] < 20
+    assert torch.equal(sta.completion_ids, dyn.completion_ids) and torch.equal(sta.completion_mask,
+                                                                               dyn.completion_mask)
+
+
+def test_static_sample_with_tokenizer_matches_dynamic_greedy(tiny_policy_dir, one_thread):
+    model, tok = load_policy(tiny_policy_dir)
+    prompts = [build_prompt(Product(product_id="a", title="dog food", description="", bullets=[]), tok),
+               build_prompt(Product(product_id="b", title="steel water bottle kids", description="",
+                                    bullets=["organic chicken", "pack"]), tok)]
+    dyn = sample(model, tok, prompts, max_new_tokens=6, temperature=0.0, engine="dynamic")
+    sta = sample(model, tok, prompts, max_new_tokens=6, temperature=0.0, engine="static")
+    assert torch.equal(sta.completion_ids, dyn.completion_ids) and sta.texts == dyn.texts
+    assert resolve_engine(model, "auto") == "dynamic"  # CPU: auto keeps today's loop
+
+
+def test_static_sampling_is_deterministic_and_rows_are_batch_independent(one_thread):
+    model = _tiny_llama()
+    ids, mask = _left_padded([9, 4, 6, 2])
+    kw = dict(stop_ids=[5], pad_id=0, max_new_tokens=12, temperature=1.0, top_p=0.9, engine="static")
+    a = sample_ids(model, ids, mask, seed=7, **kw)
+    b = sample_ids(model, ids, mask, seed=7, **kw)
+    c = sample_ids(model, ids, mask, seed=8, **kw)
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    assert torch.equal(a.completion_mask, b.completion_mask)
+    assert not torch.equal(a.completion_ids, c.completion_ids)
+    full = sample_ids(model, ids, mask, seed=[11, 12, 13, 14], **kw)
+    tail = sample_ids(model, ids[2:], mask[2:], seed=[13, 14], **kw)
+    for i in (2, 3):
+        n = int(full.completion_mask[i].sum())
+        assert torch.equal(full.completion_ids[i, :n], tail.completion_ids[i - 2, :n])
+    # under the global RNG without a seed: reproducible by torch.manual_seed
+    torch.manual_seed(3)
+    x = sample_ids(model, ids, mask, **kw)
+    torch.manual_seed(3)
+    assert torch.equal(x.completion_ids, sample_ids(model, ids, mask, **kw).completion_ids)
+
+
+def test_hashed_sampler_follows_the_distribution_and_the_nucleus():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    n = 20000
+    logits = probs.log().expand(n, 4)
+    keys = decode.row_keys(list(range(n)), n)
+    step = torch.zeros(1, dtype=torch.long)
+    freq = torch.bincount(decode.sample_from_logits(logits, 1.0, 1.0, keys, step), minlength=4) / n
+    assert torch.allclose(freq, probs, atol=0.015)
+    draws = decode.sample_from_logits(logits, 1.0, 0.7, keys, step)
+    freq = torch.bincount(draws, minlength=4) / n
+    assert set(draws.tolist()) == {0, 1} and abs(float(freq[0]) - 0.625) < 0.015  # 0.5/(0.5+0.3)
+    # successive steps are fresh draws, and a row's uniform depends only on its key and the step
+    u1, u2 = decode.row_uniforms(keys, step), decode.row_uniforms(keys, step + 1)
+    assert abs(float((u1 * u2).mean()) - 0.25) < 0.01
+    assert torch.equal(decode.row_uniforms(keys[5:9], step), u1[5:9])
+    assert float(u1.min()) >= 0.0 and float(u1.max()) < 1.0
+    # a peaked distribution never yields a zero-probability token
+    one_hot = torch.full((n, 4), -float("inf"))
+    one_hot[:, 2] = 0.0
+    assert bool((decode.sample_from_logits(one_hot, 1.0, 1.0, keys, step) == 2).all())
+
+
+def test_resident_engine_is_reused_across_calls_and_nearby_prompt_lengths(one_thread):
+    model = _tiny_llama()
+    ids, mask = _left_padded([9, 4], P=9)
+    kw = dict(stop_ids=[], pad_id=0, max_new_tokens=5, temperature=0.0, engine="static")
+    first = sample_ids(model, ids, mask, **kw)
+    engine = decode._ENGINES[model]
+    again = sample_ids(model, ids[:, 2:], mask[:, 2:], **kw)  # P 7 -> same 16-column bucket
+    assert decode._ENGINES[model] is engine
+    assert torch.equal(first.completion_ids, again.completion_ids)
+    sample_ids(model, ids, mask, **{**kw, "max_new_tokens": 6})
+    assert decode._ENGINES[model] is not engine  # a new shape gets a new engine
+    decode.release(model)
+    assert model not in decode._ENGINES
+
+
+def test_failed_graph_capture_warns_and_decodes_eagerly(one_thread):
+    # On CPU there is no CUDA stream, so a forced capture fails: one warning, same tokens.
+    model = _tiny_llama()
+    ids, mask = _left_padded([6, 3])
+    kw = dict(stop_ids=[], pad_id=0, max_new_tokens=6, temperature=0.0, seed=None)
+    ref = sample_ids(model, ids, mask, engine="dynamic", **{k: v for k, v in kw.items() if k != "seed"})
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture failed"):
+        tokens, live = decode.static_sample_ids(model, ids, mask, top_p=1.0, use_graph=True, **kw)
+    assert torch.equal(tokens, ref.completion_ids) and torch.equal(live, ref.completion_mask)
+
+
+def test_bad_input(one_thread):
+    model = _tiny_llama()
+    ids, mask = _left_padded([3, 2])
+    kw = dict(stop_ids=[1], pad_id=0)
+    for engine in ("dynamic", "static"):
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            sample_ids(model, ids, mask, max_new_tokens=0, engine=engine, **kw)
+        with pytest.raises(ValueError, match="no prompts"):
+            sample_ids(model, ids[:0], mask[:0], engine=engine, **kw)
+        with pytest.raises(ValueError, match="no tokens"):
+            sample_ids(model, ids, torch.zeros_like(mask), engine=engine, **kw)
+        with pytest.raises(ValueError, match="seeds for"):
+            sample_ids(model, ids, mask, seed=[1, 2, 3], engine=engine, **kw)
+        with pytest.raises(ValueError, match="top_p"):
+            sample_ids(model, ids, mask, top_p=0.0, engine=engine, **kw)
+    with pytest.raises(ValueError, match="engine must be"):
+        sample_ids(model, ids, mask, engine="fast", **kw)
+    with pytest.raises(ValueError, match="does not match"):
+        sample_ids(model, ids, mask[:, 1:], **kw)
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="not available"):
+        sample_ids(model, ids, mask, engine="static", **kw)
+    assert resolve_engine(model, "auto") == "dynamic"
