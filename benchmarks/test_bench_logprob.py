@@ -31,6 +31,17 @@ def test_logprob_fwd_bwd(benchmark, shape, variant):
     if variant not in steps:
         pytest.skip(f"{variant} is not available on {DEV.type}")
     step = steps[variant]
+    check = {}
+    if variant.startswith("fused") and DEV.type == "cuda":
+        # a broken kernel must not post a time: gradients against the naive fp32 step first
+        steps["naive_fp32"]()
+        ref = (h.grad.float().clone(), w.grad.float().clone())
+        step()
+        for name, got, want in (("grad_h", h.grad, ref[0]), ("grad_w", w.grad, ref[1])):
+            err = float((got.float() - want).norm() / want.norm())
+            check[f"rel_err_{name}"] = err
+            assert err < 2e-2, f"{variant}: {name} relative error {err:.3g} against naive fp32"
+        del ref
     step()  # compile / autotune outside the timing
 
     def synced():
@@ -44,6 +55,7 @@ def test_logprob_fwd_bwd(benchmark, shape, variant):
         "n": n, "d": d, "v": v, "dtype": str(DTYPE).replace("torch.", ""), "device": device_name(DEV),
         "impl": "triton" if DEV.type == "cuda" else "torch",
         "peak_extra_mib": peak_extra_bytes(step, DEV, grad_bytes) / 2**20,
+        **check,
     })
     slow = variant == "liger_grpo" or DEV.type == "cpu"
     benchmark.pedantic(synced, rounds=3 if slow else 10, warmup_rounds=1)

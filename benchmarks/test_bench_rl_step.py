@@ -203,7 +203,7 @@ class Setup:
         self.sampler = "sample"
 
     # ------------------------------------------------------------------ sampling
-    def sample_ours(self):
+    def sample_ours(self, compile_decode: bool = False):
         """(completion_ids, completion_mask, texts) from relsum's sampler."""
         s = self.s
         self.policy.eval()
@@ -212,6 +212,9 @@ class Setup:
             resolve = getattr(policy_mod, "resolve_engine", None)
             self.sampler = "sample_ids" + (f"/{resolve(self.policy, 'auto')}" if resolve else "")
             kw = {"seed": 0} if "seed" in inspect.signature(fn).parameters else {}
+            if compile_decode:
+                kw["compile_decode"] = True
+                self.sampler += "+compiled"
             out = fn(self.policy, self.prompt_ids_dev, self.prompt_mask_dev, stop_ids=[self.stop_id],
                      pad_id=self.pad_id, max_new_tokens=s.new, temperature=1.0, top_p=1.0, **kw)
             if hasattr(out, "completion_ids"):
@@ -333,20 +336,28 @@ def _info(benchmark, st: Setup, **kw):
 
 
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("variant", ["ours", "hf", "hf_static"])
+def _needs_cuda(st, variant: str) -> None:
+    # ours_compiled: the static engine's decode step compiled (torch.compile) inside its CUDA graph
+    if variant == "ours_compiled" and st.s.device != "cuda":
+        pytest.skip("ours_compiled is the CUDA-graph engine; on CPU ours is the dynamic loop")
+
+
+@pytest.mark.parametrize("variant", ["ours", "ours_compiled", "hf", "hf_static"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_rl_sampling(benchmark, shape, variant):
     st = _setup(shape)
+    _needs_cuda(st, variant)
     benchmark.group = f"rl-sampling-{shape}"
-    fn = {"ours": st.sample_ours, "hf": st.sample_hf, "hf_static": lambda: st.sample_hf(static=True)}[variant]
+    fn = {"ours": st.sample_ours, "ours_compiled": lambda: st.sample_ours(compile_decode=True),
+          "hf": st.sample_hf, "hf_static": lambda: st.sample_hf(static=True)}[variant]
     # CUDA: static-cache generate compiles the forward (CUDA graphs) in its first calls, and ours may
     # capture a CUDA graph (the static engine of sample_ids)
-    warmups = {"hf_static": 3, "ours": 2}.get(variant, 1) if st.s.device == "cuda" else 1
+    warmups = {"hf_static": 3, "ours": 2, "ours_compiled": 2}.get(variant, 1) if st.s.device == "cuda" else 1
     _prepare(st, fn, variant, warmups=warmups)
     med = _run(benchmark, st, fn)
     new = st.s.rollouts * st.s.new
     _info(benchmark, st, new_tokens_per_s=new / med,
-          sampler=st.sampler if variant == "ours" else "generate",
+          sampler=st.sampler if variant.startswith("ours") else "generate",
           peak_extra_mib=_peak_extra_mib(st, fn))
 
 
@@ -377,21 +388,24 @@ def test_rl_update(benchmark, shape, variant):
     _info(benchmark, st, tokens=tokens, tokens_per_s=tokens / med, peak_extra_mib=_peak_extra_mib(st, fn))
 
 
-@pytest.mark.parametrize("variant", ["ours", "hf"])
+@pytest.mark.parametrize("variant", ["ours", "ours_compiled", "hf"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_rl_step(benchmark, shape, variant):
     st = _setup(shape)
+    _needs_cuda(st, variant)
     benchmark.group = f"rl-step-{shape}"
-    sample = st.sample_ours if variant == "ours" else st.sample_hf
-    upd = st.update_ours if variant == "ours" else st.update_hf
+    sample = {"ours": st.sample_ours, "ours_compiled": lambda: st.sample_ours(compile_decode=True),
+              "hf": st.sample_hf}[variant]
+    upd = st.update_hf if variant == "hf" else st.update_ours
 
     def fn():
         ids, mask, texts = sample()
         adv = st.rewards(mask, texts)
         upd(ids, mask, adv)
 
-    _prepare(st, fn, variant)
+    _prepare(st, fn, variant, warmups=2 if variant == "ours_compiled" else 1)
     s = st.s
     med = _run(benchmark, st, fn, rounds=max(1, s.rounds - 2) if s.device == "cuda" else s.rounds)
     _info(benchmark, st, new_tokens_per_s=s.rollouts * s.new / med,
-          sampler=st.sampler if variant == "ours" else "generate", peak_extra_mib=_peak_extra_mib(st, fn))
+          sampler=st.sampler if variant.startswith("ours") else "generate",
+          peak_extra_mib=_peak_extra_mib(st, fn))
