@@ -52,6 +52,7 @@ section() {  # name, command...: run with the section's time limit, log to the w
     local rc=$?
     tail -n 25 "$work/$name.log"
     echo "($name: exit $rc, $((SECONDS - t0)) s)" | tee -a "$summary"
+    tar -czf "$out/results.tgz" -C "$work" .  # after every section: a lease cut short keeps the rest
 }
 
 bench() {  # suite name
