@@ -564,10 +564,13 @@ class Reranker:
             g = self._capture(layout, batch)
             self._graphs[layout.key] = g
         # The staging buffer is free again: the previous replay's result was read back synchronously.
-        self._fill(g.host, batch)
-        g.inputs.copy_(g.host, non_blocking=True)
-        g.graph.replay()
-        return g.scores.float().cpu().numpy()
+        # The static buffers were made under inference mode (in _capture): write them under it too
+        # (seen on an H200: an in-place copy into them outside it raises).
+        with torch.inference_mode():
+            self._fill(g.host, batch)
+            g.inputs.copy_(g.host, non_blocking=True)
+            g.graph.replay()
+            return g.scores.float().cpu().numpy()
 
     @torch.inference_mode()
     def _capture(self, layout: BucketLayout, batch: PackedBatch) -> _Graph:
