@@ -310,7 +310,7 @@ def _sample_dynamic(model, prompt_ids, prompt_mask, *, stop_ids, pad_id, max_new
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int = SUMMARY_BUDGET,
            temperature: float = 1.0, top_p: float = 1.0, seed: int | list[int] | None = None,
-           engine: str = "auto") -> Rollouts:
+           engine: str = "auto", compile_decode: bool = False) -> Rollouts:
     """Tokenize ``prompts`` (left padding), `sample_ids`, and decode the completions' texts.
 
     ``temperature=0`` is greedy.  With a ``seed`` the draw is deterministic; a list gives each row
@@ -326,7 +326,7 @@ def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int = SUMMAR
     enc = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False).to(device)
     r = sample_ids(model, enc["input_ids"], enc["attention_mask"], stop_ids=stop_token_ids(model, tokenizer),
                    pad_id=tokenizer.pad_token_id, max_new_tokens=max_new_tokens, temperature=temperature,
-                   top_p=top_p, seed=seed, engine=engine)
+                   top_p=top_p, seed=seed, engine=engine, compile_decode=compile_decode)
     r.texts = [tokenizer.decode(ids[m.bool()], skip_special_tokens=True).strip()
                for ids, m in zip(r.completion_ids, r.completion_mask)]
     return r

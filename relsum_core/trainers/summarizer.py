@@ -78,6 +78,7 @@ class SummarizerConfig:
     save_every: int = 10
     seed: int = 0
     device: str | None = None
+    compile_decode: bool = False  # GPU: torch.compile the sampler's decode step (~20 s once per shape)
     progress: bool = True
     reward_relevance: float = 1.0
     reward_ranking: float = 1.0
@@ -227,7 +228,8 @@ class SummarizerTrainer:
         seeds = [(cfg.seed * 7919 + self.step) * 100_003 + first_row + i for i in range(len(pids))]
         self.policy.eval()
         rollouts = sample(self.policy, self.tok, self._prompts(pids), max_new_tokens=cfg.budget,
-                          temperature=cfg.temperature, top_p=cfg.top_p, seed=seeds)
+                          temperature=cfg.temperature, top_p=cfg.top_p, seed=seeds,
+                          compile_decode=cfg.compile_decode)
         t1 = time.perf_counter()
         rewards = self.reward(pids, rollouts.texts, rollouts.lengths.tolist())
         t2 = time.perf_counter()
