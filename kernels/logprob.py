@@ -11,7 +11,9 @@ tile by tile.  Two implementations share that math:
 
 * Triton (CUDA, or CPU under TRITON_INTERPRET=1): the forward streams vocab tiles with an online
   logsumexp, split over the vocab for parallelism and merged on the host; the backward recomputes
-  each [rows x vocab] tile once and atomically adds its share of grad_h and grad_W.
+  each [rows x vocab] tile once and atomically adds its share of grad_h and grad_W, skipping
+  ("gradient filtering", as Cut Cross-Entropy does) tiles whose softmax values are all below
+  ``grad_filter_eps`` and that hold no target (see `fused_logprob`).
 * torch: [rows x vocab-chunk] blocks whose logits stay under a fixed budget, with the same online
   logsumexp over vocab chunks.  Used on CPU; `logprob_reference` (full fp64 logits) is the ground
   truth both are tested against.
@@ -38,6 +40,9 @@ TORCH_MIN_COLS = 256
 # Triton backward on half inputs: fp32 workspaces for grad_h and grad_W rows (bounds extra memory).
 WORKSPACE_H_BYTES = 40 << 20
 WORKSPACE_W_BYTES = 16 << 20
+# Triton backward, grad_filter_eps="auto" on fp16/bf16 inputs: skip vocab tiles whose softmax
+# values all lie below this (see fused_logprob's docstring for what that drops).
+GRAD_FILTER_EPS_HALF = 2.0**-12
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,13 +120,15 @@ if HAS_TRITON:
     def _logprob_bwd_kernel(
         h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, ez_ptr, glp_ptr, gent_ptr,
         gh_ptr, gw_ptr, gb_ptr,
-        n_rows, n_cols, D, stride_h, stride_w, stride_gh, stride_gw, inv_temp,
+        n_rows, n_cols, D, stride_h, stride_w, stride_gh, stride_gw, inv_temp, log_filter_eps,
         HAS_BIAS: tl.constexpr, HAS_ENT_GRAD: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
         UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     ):
         # Pointers arrive offset to the current row/vocab chunk; gh/gw/gb are fp32 accumulators
-        # indexed from the chunk start.
+        # indexed from the chunk start.  Gradient filtering skips the whole d-loop (and the bias
+        # atomic) of a tile that holds no target and whose p all lie below exp(log_filter_eps).
+        # The test sits before p and the bias sum inside the branch: other orders spill on sm_90.
         pid_n = tl.program_id(0)
         pid_v = tl.program_id(1)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -134,6 +141,14 @@ if HAS_TRITON:
         glp = tl.load(glp_ptr + rows, mask=row_mask, other=0.0)
         tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1)
         valid = row_mask[:, None] & col_mask[None, :]
+        # Filter test, in the log domain and before p exists (fewer live registers): keep the tile
+        # if some log p >= log_filter_eps (-inf: keep all), or if it holds a target column of a row
+        # whose log-prob gradient is nonzero (that dz is g (1 - p), not small).
+        c0 = pid_v * BLOCK_V
+        tgt_here = row_mask & (tgt >= c0) & (tgt < c0 + BLOCK_V) & (tgt < n_cols) & (glp != 0.0)
+        row_top = tl.max(tl.where(valid, z, float("-inf")), axis=1) - lse
+        top = tl.max(tl.where(tgt_here, float("inf"), row_top), axis=0)
+        keep = (top >= log_filter_eps) | (top != top)
         p = tl.where(valid, tl.exp(z - lse[:, None]), 0.0)
         dz = tl.where(cols[None, :] == tgt[:, None], glp[:, None], 0.0) - glp[:, None] * p
         if HAS_ENT_GRAD:
@@ -141,23 +156,24 @@ if HAS_TRITON:
             gent = tl.load(gent_ptr + rows, mask=row_mask, other=0.0)
             dz -= gent[:, None] * p * (z - ez[:, None])
         dz = tl.where(valid, dz * inv_temp, 0.0)
-        if HAS_BIAS:
-            tl.atomic_add(gb_ptr + cols, tl.sum(dz, axis=0), mask=col_mask)
-        if UPCAST:
-            dzc = dz
-        else:  # tensor cores take the input dtype; accumulation stays fp32
-            dzc = dz.to(h_ptr.dtype.element_ty)
-        for k0 in range(0, D, BLOCK_D):
-            ks = k0 + tl.arange(0, BLOCK_D)
-            kmask = ks < D
-            h = _load_rows(h_ptr, rows, ks, row_mask, kmask, stride_h, UPCAST)
-            w = _load_rows(w_ptr, cols, ks, col_mask, kmask, stride_w, UPCAST)
-            gh = tl.dot(dzc, w, input_precision=DOT_PREC)
-            tl.atomic_add(gh_ptr + rows[:, None] * stride_gh + ks[None, :], gh,
-                          mask=row_mask[:, None] & kmask[None, :])
-            gw = tl.dot(tl.trans(dzc), h, input_precision=DOT_PREC)
-            tl.atomic_add(gw_ptr + cols[:, None] * stride_gw + ks[None, :], gw,
-                          mask=col_mask[:, None] & kmask[None, :])
+        if keep:
+            if HAS_BIAS:
+                tl.atomic_add(gb_ptr + cols, tl.sum(dz, axis=0), mask=col_mask)
+            if UPCAST:
+                dzc = dz
+            else:  # tensor cores take the input dtype; accumulation stays fp32
+                dzc = dz.to(h_ptr.dtype.element_ty)
+            for k0 in range(0, D, BLOCK_D):
+                ks = k0 + tl.arange(0, BLOCK_D)
+                kmask = ks < D
+                h = _load_rows(h_ptr, rows, ks, row_mask, kmask, stride_h, UPCAST)
+                w = _load_rows(w_ptr, cols, ks, col_mask, kmask, stride_w, UPCAST)
+                gh = tl.dot(dzc, w, input_precision=DOT_PREC)
+                tl.atomic_add(gh_ptr + rows[:, None] * stride_gh + ks[None, :], gh,
+                              mask=row_mask[:, None] & kmask[None, :])
+                gw = tl.dot(tl.trans(dzc), h, input_precision=DOT_PREC)
+                tl.atomic_add(gw_ptr + cols[:, None] * stride_gw + ks[None, :], gw,
+                              mask=col_mask[:, None] & kmask[None, :])
 
 
 def _launch_config(dtype: torch.dtype) -> dict:
@@ -212,7 +228,7 @@ def _chunk_rows(total: int, budget_bytes: int, row_bytes: int, multiple: int) ->
     return min(total, rows)
 
 
-def _triton_backward(h, w, b, targets, lse, ez, g_lp, g_ent, inv_temp):
+def _triton_backward(h, w, b, targets, lse, ez, g_lp, g_ent, inv_temp, filter_eps=0.0):
     N, D = h.shape
     V = w.shape[0]
     cfg = _launch_config(h.dtype)
@@ -228,6 +244,7 @@ def _triton_backward(h, w, b, targets, lse, ez, g_lp, g_ent, inv_temp):
     ws_h = None if fp32 else torch.empty((n_chunk, D), device=h.device, dtype=torch.float32)
     ws_w = None if fp32 else torch.empty((v_chunk, D), device=h.device, dtype=torch.float32)
     has_ent = g_ent is not None
+    log_eps = math.log(filter_eps) if filter_eps > 0 else float("-inf")  # -inf: keep every tile
     for n0 in range(0, N, n_chunk):
         n1 = min(N, n0 + n_chunk)
         gh = grad_h[n0:n1] if fp32 else ws_h[: n1 - n0].zero_()
@@ -240,7 +257,7 @@ def _triton_backward(h, w, b, targets, lse, ez, g_lp, g_ent, inv_temp):
                 lse[n0:n1], ez[n0:n1], g_lp[n0:n1], g_ent[n0:n1] if has_ent else g_lp[n0:n1],
                 gh, gw, grad_b[v0:v1] if b is not None else gh,
                 n1 - n0, v1 - v0, D, h.stride(0), w.stride(0), gh.stride(0), gw.stride(0), inv_temp,
-                HAS_BIAS=b is not None, HAS_ENT_GRAD=has_ent, UPCAST=interpreting(),
+                log_eps, HAS_BIAS=b is not None, HAS_ENT_GRAD=has_ent, UPCAST=interpreting(),
                 DOT_PREC=_dot_precision(h.dtype), **cfg,
             )
             if not fp32:
@@ -308,7 +325,8 @@ def _torch_forward(h, w, b, targets, inv_temp, need_ez=True):
     return logp, lse - ez, lse, ez
 
 
-def _torch_backward(h, w, b, targets, lse, ez, g_lp, g_ent, inv_temp):
+def _torch_backward(h, w, b, targets, lse, ez, g_lp, g_ent, inv_temp, filter_eps=0.0):
+    # filter_eps is ignored: the torch path is always exact (its chunks are dense matmuls anyway).
     N, D = h.shape
     V = w.shape[0]
     w32 = w.float()
@@ -358,7 +376,7 @@ def _torch_backward(h, w, b, targets, lse, ez, g_lp, g_ent, inv_temp):
 # --------------------------------------------------------------------------------------------
 class _FusedLogprob(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ignore, temperature, with_entropy, impl):
+    def forward(ctx, hidden, weight, bias, targets, ignore, temperature, with_entropy, impl, filter_eps):
         inv_temp = 1.0 / temperature
         fwd = _triton_forward if impl == "triton" else _torch_forward
         logp, entropy, lse, ez = fwd(hidden, weight, bias, targets, inv_temp, with_entropy)
@@ -369,6 +387,7 @@ class _FusedLogprob(torch.autograd.Function):
         ctx.with_entropy = with_entropy
         ctx.set_materialize_grads(False)  # an unused entropy output then costs no backward work
         ctx.impl = impl
+        ctx.filter_eps = filter_eps
         return logp, entropy
 
     @staticmethod
@@ -378,10 +397,11 @@ class _FusedLogprob(torch.autograd.Function):
         g_lp = (g_lp if g_lp is not None else torch.zeros_like(lse)).float() * keep
         g_ent = g_ent.float() * keep if (g_ent is not None and ctx.with_entropy) else None
         bwd = _triton_backward if ctx.impl == "triton" else _torch_backward
-        grad_h, grad_w, grad_b = bwd(hidden, weight, bias, targets, lse, ez, g_lp, g_ent, ctx.inv_temp)
+        grad_h, grad_w, grad_b = bwd(hidden, weight, bias, targets, lse, ez, g_lp, g_ent, ctx.inv_temp,
+                                     ctx.filter_eps)
         if grad_b is not None:
             grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
 
 
 def _validate(hidden, weight, targets, bias, temperature):
@@ -419,8 +439,22 @@ def _validate(hidden, weight, targets, bias, temperature):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
 
 
+def _resolve_filter_eps(grad_filter_eps, dtype: torch.dtype) -> float:
+    """grad_filter_eps "auto" -> GRAD_FILTER_EPS_HALF for fp16/bf16 inputs, 0.0 (exact) for fp32; else the number."""
+    if isinstance(grad_filter_eps, str):
+        if grad_filter_eps != "auto":
+            raise ValueError(f'grad_filter_eps must be "auto" or a finite number >= 0, '
+                             f'got {grad_filter_eps!r}')
+        return GRAD_FILTER_EPS_HALF if dtype in (torch.float16, torch.bfloat16) else 0.0
+    if (isinstance(grad_filter_eps, bool) or not isinstance(grad_filter_eps, (int, float))
+            or not math.isfinite(grad_filter_eps) or grad_filter_eps < 0):
+        raise ValueError(f'grad_filter_eps must be "auto" or a finite number >= 0, '
+                         f'got {grad_filter_eps!r}')
+    return float(grad_filter_eps)
+
+
 def fused_logprob(hidden, weight, targets, *, bias=None, temperature=1.0, with_entropy=False,
-                  ignore_index=-100, impl="auto"):
+                  ignore_index=-100, impl="auto", grad_filter_eps="auto"):
     """log softmax((hidden @ weight.T + bias) / temperature)[target] per row, never building [N, V].
 
     hidden [N, d], weight [V, d] (the LM head), targets [N] -> fp32 log-probs [N]; with
@@ -428,8 +462,24 @@ def fused_logprob(hidden, weight, targets, *, bias=None, temperature=1.0, with_e
     weight and bias.  Rows whose target is ``ignore_index`` give 0 and pass no gradient.
     ``impl``: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (chunked, bounded memory)
     or "auto" (Triton on CUDA tensors, torch elsewhere).
+
+    ``grad_filter_eps`` (gradient filtering, Triton backward only; the torch path ignores it and is
+    always exact): the backward skips every [rows x vocab] tile (128 x 128 for half inputs on the
+    GPU) that holds no target column of a row with nonzero log-prob gradient and whose softmax
+    values p are all below ``grad_filter_eps``.  "auto" (default) means 2**-12 for fp16/bf16 inputs
+    and 0.0 for fp32; 0.0 turns filtering off, giving exact gradients.  Forward outputs are never
+    affected.  What is dropped: in a skipped tile the logit gradient of row i, column j is
+    -(g_lp_i + g_ent_i (z_ij - E_p[z]_i)) p_ij / T, and z_ij - E_p[z]_i = log p_ij + H_i, so for
+    eps <= 1/e each dropped value is below eps / T * (|g_lp_i| + |g_ent_i| (ln(1/eps) + H_i))
+    (H_i the row's entropy; the entropy gradient is filtered by the same test).  The target term
+    g_lp_i (1 - p_it) is never dropped.  Summed over a row, the dropped log-prob part is g_lp_i / T
+    times the row's softmax mass in skipped tiles, weighted by the W rows there: negligible for
+    peaked rows, but for near-uniform rows (every p below eps) it is the whole -g_lp_i E_p[W] term.
+    Vocab rows that are nobody's target and lie only in skipped tiles get exactly zero grad_W
+    (and bias) gradient.
     """
     _validate(hidden, weight, targets, bias, temperature)
+    filter_eps = _resolve_filter_eps(grad_filter_eps, hidden.dtype)
     impl = resolve_impl(impl, hidden)
     V = weight.shape[0]
     targets = targets.long()
@@ -444,7 +494,7 @@ def fused_logprob(hidden, weight, targets, *, bias=None, temperature=1.0, with_e
     if bias is not None:
         bias = bias.contiguous()
     logp, entropy = _FusedLogprob.apply(hidden, weight, bias, targets.masked_fill(ignore, 0), ignore,
-                                        float(temperature), bool(with_entropy), impl)
+                                        float(temperature), bool(with_entropy), impl, filter_eps)
     return (logp, entropy) if with_entropy else logp
 
 

@@ -40,7 +40,8 @@ def _naive_loss(h, w, t, adv):
 
 def variants(h, w, t, adv, *, with_compile: bool = True) -> dict[str, Step]:
     """The steps to compare on this device; peers that are not installed are left out.
-    "fused" runs fused_logprob's Triton kernels on CUDA and its chunked torch path on CPU."""
+    "fused" runs fused_logprob's Triton kernels on CUDA and its chunked torch path on CPU;
+    "fused_nofilter" (CUDA only) is "fused" with gradient filtering off (grad_filter_eps=0.0)."""
     impl = "triton" if h.is_cuda else "torch"
 
     def zero():
@@ -61,6 +62,13 @@ def variants(h, w, t, adv, *, with_compile: bool = True) -> dict[str, Step]:
         (-(adv * logp).mean() - 0.01 * ent.mean()).backward()
 
     steps: dict[str, Step] = {"naive_fp32": naive, "fused": fused, "fused_entropy": fused_entropy}
+    if h.is_cuda:  # gradient filtering exists only in the Triton backward: exact backward to compare
+
+        def fused_nofilter():
+            zero()
+            (-(adv * fused_logprob(h, w, t, impl=impl, grad_filter_eps=0.0)).mean()).backward()
+
+        steps["fused_nofilter"] = fused_nofilter
     if with_compile:
         compiled_loss = torch.compile(_naive_loss)
 

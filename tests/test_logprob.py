@@ -36,12 +36,14 @@ def _reference_grads(h, w, b, t, temperature, g_lp, g_ent):
     return lr, er, hr.grad, wr.grad, (br.grad if br is not None else None)
 
 
-def _check(impl, dtype, N, D, V, *, temperature=1.0, bias=True, ignored=(), with_entropy=True):
+def _check(impl, dtype, N, D, V, *, temperature=1.0, bias=True, ignored=(), with_entropy=True,
+           grad_filter_eps="auto"):
     device = triton_device() if impl == "triton" else "cpu"
     h, w, b, t = _inputs(N, D, V, dtype, bias=bias, ignored=ignored, device=device)
     g_lp = torch.randn(N, device=device)
     g_ent = torch.randn(N, device=device) if with_entropy else None
-    out = fused_logprob(h, w, t, bias=b, temperature=temperature, with_entropy=with_entropy, impl=impl)
+    out = fused_logprob(h, w, t, bias=b, temperature=temperature, with_entropy=with_entropy, impl=impl,
+                        grad_filter_eps=grad_filter_eps)
     logp, ent = out if with_entropy else (out, None)
     assert logp.dtype == torch.float32 and logp.shape == (N,)
     loss = (logp * g_lp).sum() + ((ent * g_ent).sum() if with_entropy else 0)
@@ -65,9 +67,11 @@ def _check(impl, dtype, N, D, V, *, temperature=1.0, bias=True, ignored=(), with
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_values_and_grads_odd_shapes(impl, dtype):
+@pytest.mark.parametrize("eps", [0.0, "auto"])
+def test_values_and_grads_odd_shapes(impl, dtype, eps):
     # V=301 is no multiple of any block, d=48 no power of two; T != 1; one row ignored.
-    _check(impl, dtype, N=37, D=48, V=301, temperature=0.7, ignored=(3, 20))
+    # eps 0.0: exact backward (no gradient filtering); "auto": the default.
+    _check(impl, dtype, N=37, D=48, V=301, temperature=0.7, ignored=(3, 20), grad_filter_eps=eps)
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
@@ -123,7 +127,77 @@ def test_triton_backward_workspace_chunks(monkeypatch, dtype):
     # Half inputs accumulate in bounded fp32 workspaces; force several row and vocab chunks.
     monkeypatch.setattr(lp_mod, "WORKSPACE_H_BYTES", 16 * 48 * 4)
     monkeypatch.setattr(lp_mod, "WORKSPACE_W_BYTES", 64 * 48 * 4)
-    _check("triton", dtype, N=40, D=48, V=150, temperature=0.9, ignored=(5,))
+    _check("triton", dtype, N=40, D=48, V=150, temperature=0.9, ignored=(5,), grad_filter_eps=0.0)
+
+
+# ------------------------------------------------------------------------- gradient filtering
+def _peaked(N, D, V, dtype, *, hot=(3, 5), lone_target=250):
+    """Logits dominated by a +25 bias on a few hot columns: every other p is below ~1e-7, so at
+    eps 1e-3 every tile without a hot column or a target is skipped.  Targets lie in [10, 96)
+    except row 0's, `lone_target`, which is nobody else's."""
+    h, w, b, _ = _inputs(N, D, V, dtype)
+    with torch.no_grad():
+        b[:] = 0
+        b[list(hot)] = 25.0
+    t = torch.randint(10, 96, (N,))
+    t[0] = lone_target
+    return h, w, b, t
+
+
+def _run(h, w, b, t, g_lp, g_ent, eps, temperature=1.0):
+    hh, ww, bb = (x.detach().clone().requires_grad_() for x in (h, w, b))
+    lp, ent = fused_logprob(hh, ww, t, bias=bb, temperature=temperature, with_entropy=True,
+                            impl="triton", grad_filter_eps=eps)
+    ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
+    return lp, ent, hh.grad, ww.grad, bb.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_grad_filter_peaked_keeps_accuracy_and_target_term(dtype):
+    N, D, V = 24, 32, 301
+    h, w, b, t = _peaked(N, D, V, dtype)
+    g_lp, g_ent = torch.randn(N), torch.randn(N)
+    lp, ent, gh, gw, gb = _run(h, w, b, t, g_lp, g_ent, 1e-3)
+    _, _, ghr, gwr, gbr = _reference_grads(h, w, b, t, 1.0, g_lp, g_ent)
+    for got, want in ((gh, ghr), (gw, gwr), (gb, gbr)):
+        assert rel_err(got, want) < TOL_GRAD[dtype]
+    # Row 0's target has p ~ 1e-10, its tile is otherwise filtered: the target term
+    # g_lp (1 - p) h survives.  Nobody else targets that column, so it is (nearly) all of grad_W.
+    p_t = (lp[0].exp()).item()
+    assert p_t < 1e-6
+    assert rel_err(gw[250], gwr[250]) < TOL_GRAD[dtype]
+    assert rel_err(gw[250], g_lp[0] * (1 - p_t) * h[0].detach().double()) < TOL_GRAD[dtype]
+    # The branch really ran: a vocab row that is neither hot nor a target gets exactly zero
+    # gradient with filtering and a nonzero one without.
+    bv = lp_mod._launch_config(dtype)["BLOCK_V"]
+    busy = {c // bv for c in [*t.tolist(), 3, 5]}
+    cold = [c for c in range(V) if c // bv not in busy]
+    assert len(cold) > bv
+    _, _, _, gw0, gb0 = _run(h, w, b, t, g_lp, g_ent, 0.0)
+    assert torch.all(gw[cold] == 0) and torch.all(gb[cold] == 0)
+    assert gw0[cold].abs().sum() > 0 and gb0[cold].abs().sum() > 0
+
+
+def test_grad_filter_huge_eps_changes_the_answer():
+    # eps 0.5 drops every tile without a target on ordinary data: the -p part of the gradient is
+    # mostly gone, so the gradients must miss the reference by far more than fp32 rounding.
+    N, D, V = 20, 32, 301
+    h, w, b, t = _inputs(N, D, V, torch.float32)
+    g_lp, g_ent = torch.randn(N), torch.randn(N)
+    exact = _run(h, w, b, t, g_lp, g_ent, 0.0)
+    huge = _run(h, w, b, t, g_lp, g_ent, 0.5)
+    _, _, ghr, gwr, gbr = _reference_grads(h, w, b, t, 1.0, g_lp, g_ent)
+    assert rel_err(exact[3], gwr) < TOL_GRAD[torch.float32]
+    assert rel_err(huge[3], gwr) > 0.05 and rel_err(huge[4], gbr) > 0.05
+    assert torch.equal(huge[0], exact[0]) and torch.equal(huge[1], exact[1])  # forward untouched
+
+
+def test_grad_filter_auto_resolution():
+    assert lp_mod._resolve_filter_eps("auto", torch.bfloat16) == 2.0**-12
+    assert lp_mod._resolve_filter_eps("auto", torch.float16) == 2.0**-12
+    assert lp_mod._resolve_filter_eps("auto", torch.float32) == 0.0
+    assert lp_mod._resolve_filter_eps(0, torch.bfloat16) == 0.0
+    assert lp_mod._resolve_filter_eps(1e-3, torch.float32) == 1e-3
 
 
 def test_triton_and_torch_agree():
@@ -218,6 +292,13 @@ def test_error_bad_rank_bias_temperature_impl():
         fused_logprob(h, w, t, impl="cuda")
 
 
+@pytest.mark.parametrize("eps", [-1e-3, float("nan"), float("inf"), "fast", None, True, torch.tensor(1e-3)])
+def test_error_bad_grad_filter_eps(eps):
+    h, w, t = _ok()
+    with pytest.raises(ValueError, match='grad_filter_eps must be "auto" or a finite number >= 0'):
+        fused_logprob(h, w, t, grad_filter_eps=eps)
+
+
 @needs_offline_compiler
 def test_kernels_compile_for_sm90():
     out = compile_offline("""
@@ -236,6 +317,7 @@ def test_kernels_compile_for_sm90():
                          "glp_ptr": "*fp32", "gent_ptr": "*fp32", "gh_ptr": "*fp32", "gw_ptr": "*fp32",
                          "gb_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32", "D": "i32",
                          "stride_h": "i32", "stride_w": "i32", "stride_gh": "i32", "stride_gw": "i32",
-                         "inv_temp": "fp32"}, {**common, "HAS_ENT_GRAD": True}, **opts)
+                         "inv_temp": "fp32", "log_filter_eps": "fp32"}, {**common, "HAS_ENT_GRAD": True},
+                         **opts)
     """)
     assert out.count("compiled") == 6
