@@ -440,7 +440,7 @@ def _validate(hidden, weight, targets, bias, temperature):
 
 
 def _resolve_filter_eps(grad_filter_eps, dtype: torch.dtype) -> float:
-    """grad_filter_eps "auto" -> GRAD_FILTER_EPS_HALF for fp16/bf16 inputs, 0.0 (exact) for fp32; else the number."""
+    """grad_filter_eps "auto" -> GRAD_FILTER_EPS_HALF for fp16/bf16, 0.0 (exact) for fp32."""
     if isinstance(grad_filter_eps, str):
         if grad_filter_eps != "auto":
             raise ValueError(f'grad_filter_eps must be "auto" or a finite number >= 0, '
