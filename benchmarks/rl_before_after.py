@@ -1,0 +1,72 @@
+"""Before/after summaries of a `relsum train` run, from its metrics.jsonl.
+
+The trainer's "eval" rows hold greedy summaries of a fixed set of validation products; this
+prints the first (the initial policy) beside the last (the trained one) for N products, with
+per-product reward components when the rows carry them, and style statistics that show prose
+turning into attribute lists: words per summary, stopword share, list separators per summary.
+
+    python benchmarks/rl_before_after.py runs/grpo/metrics.jsonl --n 10 --out before_after.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+
+from relsum_core.io import atomic_write_text
+from relsum_core.plots import read_events
+from relsum_core.rewards import STOPWORDS
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def style(texts: list[str]) -> dict[str, float]:
+    words = [_WORD.findall(t.lower()) for t in texts]
+    n_words = [len(w) for w in words]
+    stop = [sum(x in STOPWORDS for x in w) / max(len(w), 1) for w in words]
+    seps = [t.count(",") + t.count(";") + t.count("|") + t.count("\n") for t in texts]
+    return {"words": statistics.mean(n_words), "stopword_share": statistics.mean(stop),
+            "separators": statistics.mean(seps)}
+
+
+def report(metrics: str, n: int) -> str:
+    evals = [r for r in read_events(metrics).get("eval", []) if r.get("samples")]
+    if len(evals) < 2:
+        raise SystemExit(f"{metrics}: needs at least two eval rows with samples")
+    first, last = evals[0], evals[-1]
+    before = {s["product_id"]: s for s in first["samples"]}
+    after = {s["product_id"]: s for s in last["samples"]}
+    common = [p for p in before if p in after]
+    lines = [f"# Greedy summaries of validation products: step {first['step']} vs step {last['step']}", ""]
+    lines.append("| | step {} | step {} |".format(first["step"], last["step"]))
+    lines.append("|---|---|---|")
+    for key in ("reward", "reward_relevance", "reward_ranking", "reward_budget", "reward_faithfulness",
+                "summary_tokens"):
+        if key in first and key in last:
+            lines.append(f"| mean {key} ({len(common)} products) | {first[key]:.4f} | {last[key]:.4f} |")
+    sb = style([before[p]["summary"] for p in common])
+    sa = style([after[p]["summary"] for p in common])
+    for key in sb:
+        lines.append(f"| mean {key} | {sb[key]:.3f} | {sa[key]:.3f} |")
+    lines.append("")
+    for p in common[:n]:
+        lines += [f"### {before[p]['title']}", "", f"- before: {before[p]['summary']!s}",
+                  f"- after: {after[p]['summary']!s}", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("metrics")
+    ap.add_argument("--n", type=int, default=10)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    text = report(args.metrics, args.n)
+    if args.out:
+        atomic_write_text(args.out, text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
