@@ -19,7 +19,8 @@ if DEV.type == "cuda":
 else:
     SHAPES = [(1024, 128, 8000), (2048, 256, 32000)]
     DTYPE = torch.float32
-VARIANTS = ["naive_fp32", "compiled_naive", "fused", "fused_entropy", "cut_cross_entropy", "liger_grpo"]
+VARIANTS = ["naive_fp32", "compiled_naive", "fused", "fused_nofilter", "fused_entropy", "cut_cross_entropy",
+            "liger_grpo"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
