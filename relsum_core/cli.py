@@ -38,7 +38,7 @@ def _add_train_ranker(sub) -> None:
     p.add_argument("--cosine-base", default=None,
                    help="encoder for the cosine baseline (default: --base; set it when --base is fine-tuned)")
     p.add_argument("--out", required=True, help="output dir: best/ checkpoint, metrics.jsonl, report.*")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-4, help="encoder learning rate")
     p.add_argument("--head-lr", type=float, default=1e-3, help="pooler + classifier learning rate")
     p.add_argument("--batch-size", type=int, default=4, help="queries per step")
@@ -53,7 +53,7 @@ def _add_train_ranker(sub) -> None:
     p.add_argument("--max-length", type=int, default=144, help="pair length cap in tokens")
     p.add_argument("--freeze-layers", type=int, default=0,
                    help="keep the embeddings and the first N encoder layers frozen")
-    p.add_argument("--pseudo-steps", type=int, default=0,
+    p.add_argument("--pseudo-steps", type=int, default=240,
                    help="warm-up steps on title pseudo-queries (other candidates as negatives) first")
     p.add_argument("--eval-every", type=int, default=None, help="validate every N steps (and each epoch end)")
     p.add_argument("--max-queries", type=int, default=None, help="use only the first N queries")
