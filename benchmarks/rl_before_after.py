@@ -30,6 +30,11 @@ def style(texts: list[str]) -> dict[str, float]:
             "separators": statistics.mean(seps)}
 
 
+def _one_line(text: str) -> str:
+    # newlines inside a summary would break the markdown list: show them as " / "
+    return " / ".join(part.strip() for part in text.splitlines() if part.strip()) or "(empty)"
+
+
 def report(metrics: str, n: int) -> str:
     evals = [r for r in read_events(metrics).get("eval", []) if r.get("samples")]
     if len(evals) < 2:
@@ -51,8 +56,8 @@ def report(metrics: str, n: int) -> str:
         lines.append(f"| mean {key} | {sb[key]:.3f} | {sa[key]:.3f} |")
     lines.append("")
     for p in common[:n]:
-        lines += [f"### {before[p]['title']}", "", f"- before: {before[p]['summary']!s}",
-                  f"- after: {after[p]['summary']!s}", ""]
+        lines += [f"### {before[p]['title']}", "", f"- before: {_one_line(before[p]['summary'])}",
+                  f"- after: {_one_line(after[p]['summary'])}", ""]
     return "\n".join(lines)
 
 
