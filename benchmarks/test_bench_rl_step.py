@@ -342,14 +342,18 @@ def _needs_cuda(st, variant: str) -> None:
         pytest.skip("ours_compiled is the CUDA-graph engine; on CPU ours is the dynamic loop")
 
 
+def _sampler(st, variant: str):
+    return {"ours": st.sample_ours, "ours_compiled": lambda: st.sample_ours(compile_decode=True),
+            "hf": st.sample_hf, "hf_static": lambda: st.sample_hf(static=True)}[variant]
+
+
 @pytest.mark.parametrize("variant", ["ours", "ours_compiled", "hf", "hf_static"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_rl_sampling(benchmark, shape, variant):
     st = _setup(shape)
     _needs_cuda(st, variant)
     benchmark.group = f"rl-sampling-{shape}"
-    fn = {"ours": st.sample_ours, "ours_compiled": lambda: st.sample_ours(compile_decode=True),
-          "hf": st.sample_hf, "hf_static": lambda: st.sample_hf(static=True)}[variant]
+    fn = _sampler(st, variant)
     # CUDA: static-cache generate compiles the forward (CUDA graphs) in its first calls, and ours may
     # capture a CUDA graph (the static engine of sample_ids)
     warmups = {"hf_static": 3, "ours": 2, "ours_compiled": 2}.get(variant, 1) if st.s.device == "cuda" else 1
@@ -394,8 +398,7 @@ def test_rl_step(benchmark, shape, variant):
     st = _setup(shape)
     _needs_cuda(st, variant)
     benchmark.group = f"rl-step-{shape}"
-    sample = {"ours": st.sample_ours, "ours_compiled": lambda: st.sample_ours(compile_decode=True),
-              "hf": st.sample_hf}[variant]
+    sample = _sampler(st, variant)
     upd = st.update_hf if variant == "hf" else st.update_ours
 
     def fn():
