@@ -80,10 +80,11 @@ class SummarizerConfig:
     device: str | None = None
     compile_decode: bool = False  # GPU: torch.compile the sampler's decode step (~20 s once per shape)
     progress: bool = True
-    reward_relevance: float = 1.0
-    reward_ranking: float = 1.0
-    reward_budget: float = 0.5
-    reward_faithfulness: float = 0.5
+    # reward weights: RewardConfig's defaults, kept in one place
+    reward_relevance: float = RewardConfig.relevance
+    reward_ranking: float = RewardConfig.ranking
+    reward_budget: float = RewardConfig.budget
+    reward_faithfulness: float = RewardConfig.faithfulness
 
     def __post_init__(self):
         if self.algo not in ("grpo", "dpo"):
