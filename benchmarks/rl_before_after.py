@@ -47,7 +47,7 @@ def report(metrics: str, n: int) -> str:
     lines.append("| | step {} | step {} |".format(first["step"], last["step"]))
     lines.append("|---|---|---|")
     for key in ("reward", "reward_relevance", "reward_ranking", "reward_budget", "reward_faithfulness",
-                "summary_tokens"):
+                "reward_novelty", "summary_tokens"):
         if key in first and key in last:
             lines.append(f"| mean {key} ({len(common)} products) | {first[key]:.4f} | {last[key]:.4f} |")
     sb = style([before[p]["summary"] for p in common])

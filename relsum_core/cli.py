@@ -91,9 +91,11 @@ def _add_train(sub) -> None:
                       ("temperature", float), ("top-p", float), ("budget", int), ("max-product-tokens", int),
                       ("eval-products", int), ("eval-every", int), ("save-every", int), ("seed", int),
                       ("reward-relevance", float), ("reward-ranking", float), ("reward-budget", float),
-                      ("reward-faithfulness", float), ("max-minutes", float)):
+                      ("reward-faithfulness", float), ("reward-novelty", float), ("max-minutes", float)):
         p.add_argument(f"--{name}", type=typ, default=None)
     p.add_argument("--loss-type", choices=["dapo", "grpo", "dr_grpo"], default=None)
+    p.add_argument("--advantage", choices=["decoupled", "total"], default=None,
+                   help="grpo: normalise each reward component within its group (default) or their sum")
     p.add_argument("--compile-decode", action="store_true", default=None,
                    help="GPU: torch.compile the CUDA-graph decode step (faster after ~20 s per shape)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

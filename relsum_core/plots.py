@@ -71,7 +71,7 @@ def plot_metrics(metrics: str | Path, out: str | Path, title: str | None = None)
         ax.set_title("reward")
         ax.legend(fontsize=8)
         ax = axes[0, 1]
-        for i, comp in enumerate(("relevance", "ranking", "budget", "faithfulness")):
+        for i, comp in enumerate(("relevance", "ranking", "budget", "faithfulness", "novelty")):
             x, y = _series(evals, f"reward_{comp}")
             ax.plot(x, y, "o-", color=f"C{i}", label=comp)
         ax.set_title("validation reward components")

@@ -11,6 +11,10 @@ For a product p with title t and a sampled summary s, the ranker sees ``t | s`` 
 * budget: ``-max(0, length - K) / K`` for a summary of ``length`` tokens and budget K.
 * faithfulness: share of the summary's content words that occur in p's own text (a guard against
   attributes the product does not have).
+* novelty: share of the summary's content words that are new to the ranker and true of the product:
+  distinct words of p's bullets/description/brand/colour that its title lacks.  The ranker already
+  reads the title, so budget spent repeating it (or repeating a word) buys nothing; without this
+  term faithfulness alone pays most for copying the title.
 
 ``total = sum(weight_c * component_c)``.  Every ranker call of a batch goes through one
 ``scorer(pairs)`` call (e.g. ``CrossEncoder.predict``), and title-only scores are cached per query.
@@ -31,7 +35,7 @@ from relsum_core.metrics import ndcg_at_k
 from relsum_core.text import attributes_text, join_title, normalise
 
 Scorer = Callable[[list[tuple[str, str]]], np.ndarray]
-COMPONENTS = ("relevance", "ranking", "budget", "faithfulness")
+COMPONENTS = ("relevance", "ranking", "budget", "faithfulness", "novelty")
 
 _WORD = re.compile(r"[a-z0-9]+")
 # Function words carry no attribute; leaving them out keeps faithfulness about content.
@@ -50,6 +54,7 @@ class RewardConfig:
     ranking: float = 1.0
     budget: float = 0.5
     faithfulness: float = 0.5
+    novelty: float = 1.0
     budget_tokens: int = 32
     ndcg_k: int = 10
     grade_weights: Mapping[int, float] = field(default_factory=lambda: {3: 1.0, 2: 0.5, 1: 0.0, 0: -1.0})
@@ -125,6 +130,7 @@ class RankerReward:
             out["ranking"][i] = float(np.mean(deltas)) if deltas else 0.0
             out["budget"][i] = -max(0, int(length) - cfg.budget_tokens) / cfg.budget_tokens
             out["faithfulness"][i] = self.faithfulness(pid, summary)
+            out["novelty"][i] = self.novelty(pid, summary)
         out["total"] = sum(getattr(cfg, c) * out[c] for c in COMPONENTS)
         return out
 
@@ -146,6 +152,14 @@ class RankerReward:
         own = set(content_words(f"{p.title}\n{attributes_text(p)}\n{p.brand}\n{p.color}"))
         return sum(w in own for w in words) / len(words)
 
+    def novelty(self, product_id: str, summary: str) -> float:
+        words = content_words(summary)
+        if not words:
+            return 0.0
+        p = self.catalog[product_id]
+        new = set(content_words(f"{attributes_text(p)}\n{p.brand}\n{p.color}")) - set(content_words(p.title))
+        return len(new.intersection(words)) / len(words)
+
 
 def group_advantages(rewards: np.ndarray | Sequence[float], group_size: int, *, scale: bool = True,
                      eps: float = 1e-4) -> np.ndarray:
@@ -163,3 +177,27 @@ def group_advantages(rewards: np.ndarray | Sequence[float], group_size: int, *, 
     if scale and group_size > 1:
         adv = adv / (g.std(axis=1, ddof=1, keepdims=True) + eps)
     return adv.reshape(-1)
+
+
+def decoupled_advantages(components: Mapping[str, np.ndarray], weights: Mapping[str, float],
+                         group_size: int, eps: float = 1e-4) -> np.ndarray:
+    """Advantages that normalise each reward component within its group before weighting.
+
+    Normalising the weighted total lets the component with the widest spread decide the sign: the
+    ranker's relevance moves by ~0.01 between samples of one product while faithfulness moves by
+    ~0.2, so the ranker would barely count.  Here each component gets unit spread inside each group
+    (a component equal across a group contributes 0, as in GDPO, arXiv 2601.05242), the weights say
+    how much each counts, and the sum is divided by the weights' norm, so independent components
+    give about unit spread.  A fixed divisor, not the batch std, keeps each group's advantages a
+    function of that group alone: data-parallel processes then agree with one process.
+    """
+    total, norm = None, 0.0
+    for name, w in weights.items():
+        if w == 0.0:
+            continue
+        adv = w * group_advantages(components[name], group_size, eps=eps)
+        total = adv if total is None else total + adv
+        norm += w * w
+    if total is None:
+        raise ValueError("all reward weights are 0: nothing to learn from")
+    return total / math.sqrt(norm)

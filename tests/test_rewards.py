@@ -5,7 +5,7 @@ import pytest
 
 from relsum_core.data import Judgment, Product
 from relsum_core.metrics import ndcg_at_k
-from relsum_core.rewards import RankerReward, RewardConfig, content_words, group_advantages
+from relsum_core.rewards import RankerReward, RewardConfig, content_words, decoupled_advantages, group_advantages
 
 
 def overlap_scorer(calls):
@@ -67,9 +67,10 @@ def test_budget_penalty_and_faithfulness():
 
 
 def test_total_is_the_weighted_sum_and_one_ranker_call_per_batch():
-    r, calls = _reward(relevance=2.0, ranking=0.0, budget=1.0, faithfulness=0.25)
+    r, calls = _reward(relevance=2.0, ranking=0.0, budget=1.0, faithfulness=0.25, novelty=0.5)
     out = r(["a", "c", "a"], ["steel", "fleece", "blue"], [1, 1, 40])
-    expect = 2.0 * out["relevance"] + 1.0 * out["budget"] + 0.25 * out["faithfulness"]
+    expect = 2.0 * out["relevance"] + 1.0 * out["budget"] + 0.25 * out["faithfulness"] + 0.5 * out["novelty"]
+    assert out["novelty"].tolist() == [1.0, 1.0, 0.0]
     assert np.allclose(out["total"], expect)
     # one call for the title-only scores of q1 and q2, one for the batch: a and a judged for q1,
     # c for q1 and q2
@@ -104,3 +105,30 @@ def test_group_advantages_hand_worked():
     assert np.allclose(group_advantages([1.0, 3.0], 2, scale=False), [-1, 1])
     with pytest.raises(ValueError, match="multiple of group_size"):
         group_advantages([1.0, 2.0, 3.0], 2)
+
+
+def test_novelty_counts_distinct_words_the_title_lacks_and_the_product_has():
+    r, _ = _reward()
+    assert r.novelty("a", "Acme bottle") == 0.0  # a copy of the title tells the ranker nothing new
+    assert r.novelty("a", "stainless steel") == 1.0  # both from the bullets
+    # content words: stainless steel steel bottle purple -> 2 distinct new true words of 5
+    assert r.novelty("a", "stainless steel, steel bottle, purple") == pytest.approx(2 / 5)
+    assert r.novelty("a", "") == 0.0
+
+
+def test_decoupled_advantages_give_each_component_its_own_scale():
+    # In each group relevance moves by 0.01 and faithfulness by 0.5, in opposite directions.
+    comps = {"relevance": np.array([0.51, 0.50, 0.30, 0.31]), "faithfulness": np.array([0.0, 0.5, 1.0, 0.5])}
+    total = comps["relevance"] + 0.5 * comps["faithfulness"]
+    # normalising the sum lets faithfulness decide every sign ...
+    assert np.sign(group_advantages(total, 2)).tolist() == [-1, 1, 1, -1]
+    # ... while with each component normalised first, relevance (weight 1) beats faithfulness (0.5)
+    adv = decoupled_advantages(comps, {"relevance": 1.0, "faithfulness": 0.5}, 2)
+    assert np.sign(adv).tolist() == [1, -1, -1, 1]
+    assert np.allclose(np.abs(adv), np.abs(adv[0]))  # every z-score is +-1 in groups of 2
+    # a component equal across a group adds nothing; weight 0 drops it; all-zero weights are an error
+    flat = decoupled_advantages({**comps, "budget": np.array([-1.0, -1.0, 0.0, 0.0])},
+                                {"relevance": 1.0, "faithfulness": 0.5, "budget": 1.0}, 2)
+    assert np.allclose(flat / flat[0], adv / adv[0])  # the same up to the fixed divisor
+    with pytest.raises(ValueError, match="all reward weights are 0"):
+        decoupled_advantages(comps, {"relevance": 0.0}, 2)

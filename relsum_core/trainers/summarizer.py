@@ -3,7 +3,8 @@
 A step: draw ``products_per_step`` training products, sample ``group_size`` summaries of each and
 reward them with the ranker (`relsum_core.rewards`).  Then
 
-* grpo: normalise rewards within each product's group and take one clipped policy-gradient step
+* grpo: normalise rewards within each product's group (each component on its own by default,
+  ``advantage="decoupled"``; ``"total"`` normalises the weighted sum) and take one clipped policy-gradient step
   with a k3 KL penalty to the frozen initial policy.  One update per batch of rollouts, so the
   ratio's denominator is the rollout policy itself (``old_logp = logp.detach()``), as in TRL with
   one iteration.
@@ -43,7 +44,7 @@ from relsum_core.data import load_dataset, split_queries
 from relsum_core.io import JsonlLog, atomic_write_dir
 from relsum_core.losses import dpo_loss, grpo_loss, sequence_logprob
 from relsum_core.policy import Rollouts, build_prompt, completion_logprobs, load_policy, sample
-from relsum_core.rewards import COMPONENTS, RankerReward, RewardConfig, group_advantages
+from relsum_core.rewards import COMPONENTS, RankerReward, RewardConfig, decoupled_advantages, group_advantages
 
 
 @dataclass
@@ -85,10 +86,14 @@ class SummarizerConfig:
     reward_ranking: float = RewardConfig.ranking
     reward_budget: float = RewardConfig.budget
     reward_faithfulness: float = RewardConfig.faithfulness
+    reward_novelty: float = RewardConfig.novelty
+    advantage: str = "decoupled"  # grpo: "decoupled" (per component, then weighted) or "total"
 
     def __post_init__(self):
         if self.algo not in ("grpo", "dpo"):
             raise ValueError(f"algo must be 'grpo' or 'dpo', got {self.algo!r}")
+        if self.advantage not in ("decoupled", "total"):
+            raise ValueError(f"advantage must be 'decoupled' or 'total', got {self.advantage!r}")
         if self.algo == "dpo" and self.group_size < 2:
             raise ValueError("dpo needs group_size >= 2 to form a (best, worst) pair")
         if self.budget <= 0:
@@ -169,11 +174,14 @@ class SummarizerTrainer:
                              f"{self.world} processes")
         self.catalog, self.judgments = load_dataset(cfg.data)
         self.train_ids, self.val_ids = _split_products(self.judgments, cfg)
+        # A fixed random draw, not the first ids: sorted ASINs put all the books (ISBNs) first.
+        self.eval_ids = sorted(random.Random(0).sample(self.val_ids, min(cfg.eval_products, len(self.val_ids))))
         self.ranker = CrossEncoder.from_pretrained(cfg.ranker, device=self.device)
         self.reward = RankerReward(
             self.ranker.predict, self.catalog, self.judgments,
             RewardConfig(relevance=cfg.reward_relevance, ranking=cfg.reward_ranking, budget=cfg.reward_budget,
-                         faithfulness=cfg.reward_faithfulness, budget_tokens=cfg.budget))
+                         faithfulness=cfg.reward_faithfulness, novelty=cfg.reward_novelty,
+                         budget_tokens=cfg.budget))
         resume = self.out / "checkpoint"
         resuming = (resume / "trainer.pt").is_file()
         self.policy, self.tok = load_policy(resume if resuming else cfg.policy, device=self.device)
@@ -237,7 +245,7 @@ class SummarizerTrainer:
 
         self.policy.train()
         update = self._grpo_update if cfg.algo == "grpo" else self._dpo_update
-        metrics_acc = update(rollouts, rewards["total"])
+        metrics_acc = update(rollouts, rewards)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
         self.opt.step()
         self.sched.step()
@@ -259,9 +267,16 @@ class SummarizerTrainer:
             row = {k: v if k == "new_tokens_per_s" else v / self.world for k, v in zip(keys, sums)}
         return {"step": self.step, "lr": self.sched.get_last_lr()[0], "grad_norm": float(grad_norm), **row}
 
-    def _grpo_update(self, rollouts: Rollouts, total: np.ndarray) -> dict[str, float]:
+    def _advantages(self, rewards: dict[str, np.ndarray]) -> np.ndarray:
         cfg = self.cfg
-        adv = torch.tensor(group_advantages(total, cfg.group_size), dtype=torch.float32, device=self.device)
+        if cfg.advantage == "total":
+            return group_advantages(rewards["total"], cfg.group_size)
+        weights = {c: getattr(self.reward.config, c) for c in COMPONENTS}
+        return decoupled_advantages(rewards, weights, cfg.group_size)
+
+    def _grpo_update(self, rollouts: Rollouts, rewards: dict[str, np.ndarray]) -> dict[str, float]:
+        cfg = self.cfg
+        adv = torch.tensor(self._advantages(rewards), dtype=torch.float32, device=self.device)
         micro = rollouts.completion_ids.shape[0] // cfg.grad_accum
         tokens = float(rollouts.completion_mask.sum().clamp_min(1))
         global_tokens = max(self._global(float(rollouts.completion_mask.sum())), 1.0)
@@ -290,9 +305,9 @@ class SummarizerTrainer:
                 metrics_acc[key] = metrics_acc.get(key, 0.0) + float(v) * (share if key != "loss" else 1.0)
         return metrics_acc
 
-    def _dpo_update(self, rollouts: Rollouts, total: np.ndarray) -> dict[str, float]:
+    def _dpo_update(self, rollouts: Rollouts, rewards: dict[str, np.ndarray]) -> dict[str, float]:
         cfg = self.cfg
-        groups = total.reshape(-1, cfg.group_size)
+        groups = rewards["total"].reshape(-1, cfg.group_size)
         keep = np.flatnonzero(groups.max(1) > groups.min(1))  # tied groups prefer nothing
         chosen = keep * cfg.group_size + groups[keep].argmax(1)
         rejected = keep * cfg.group_size + groups[keep].argmin(1)
@@ -325,7 +340,7 @@ class SummarizerTrainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Greedy summaries of a fixed set of validation products; mean reward and components."""
-        ids = self.val_ids[: self.cfg.eval_products]
+        ids = self.eval_ids
         if not ids:
             return {}
         self.policy.eval()
