@@ -5,7 +5,13 @@ import pytest
 
 from relsum_core.data import Judgment, Product
 from relsum_core.metrics import ndcg_at_k
-from relsum_core.rewards import RankerReward, RewardConfig, content_words, decoupled_advantages, group_advantages
+from relsum_core.rewards import (
+    RankerReward,
+    RewardConfig,
+    content_words,
+    decoupled_advantages,
+    group_advantages,
+)
 
 
 def overlap_scorer(calls):

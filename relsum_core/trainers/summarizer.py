@@ -4,10 +4,10 @@ A step: draw ``products_per_step`` training products, sample ``group_size`` summ
 reward them with the ranker (`relsum_core.rewards`).  Then
 
 * grpo: normalise rewards within each product's group (each component on its own by default,
-  ``advantage="decoupled"``; ``"total"`` normalises the weighted sum) and take one clipped policy-gradient step
-  with a k3 KL penalty to the frozen initial policy.  One update per batch of rollouts, so the
-  ratio's denominator is the rollout policy itself (``old_logp = logp.detach()``), as in TRL with
-  one iteration.
+  ``advantage="decoupled"``; ``"total"`` normalises the weighted sum) and take one clipped
+  policy-gradient step with a k3 KL penalty to the frozen initial policy.  One update per batch
+  of rollouts, so the ratio's denominator is the rollout policy itself (``old_logp =
+  logp.detach()``), as in TRL with one iteration.
 * dpo: the best- and worst-rewarded summary of each group form a (chosen, rejected) pair (groups
   whose rewards are all equal give none), trained with the DPO loss against the initial policy.
 
@@ -175,7 +175,8 @@ class SummarizerTrainer:
         self.catalog, self.judgments = load_dataset(cfg.data)
         self.train_ids, self.val_ids = _split_products(self.judgments, cfg)
         # A fixed random draw, not the first ids: sorted ASINs put all the books (ISBNs) first.
-        self.eval_ids = sorted(random.Random(0).sample(self.val_ids, min(cfg.eval_products, len(self.val_ids))))
+        n_eval = min(cfg.eval_products, len(self.val_ids))
+        self.eval_ids = sorted(random.Random(0).sample(self.val_ids, n_eval))
         self.ranker = CrossEncoder.from_pretrained(cfg.ranker, device=self.device)
         self.reward = RankerReward(
             self.ranker.predict, self.catalog, self.judgments,
