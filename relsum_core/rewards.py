@@ -82,6 +82,7 @@ class RankerReward:
             self.by_query[j.query_id].append(j)
             self.by_product[j.product_id].append(j)
         self._title_scores: dict[str, np.ndarray] = {}
+        self._product_words: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
 
     def title(self, product_id: str) -> str:
         return normalise(self.catalog[product_id].title)
@@ -144,22 +145,29 @@ class RankerReward:
         k = self.config.ndcg_k
         return ndcg_at_k(changed, grades, k) - ndcg_at_k(base, grades, k)
 
+    def _words(self, product_id: str) -> tuple[frozenset[str], frozenset[str]]:
+        """(title words, words of the rest of the product's text), computed once per product."""
+        hit = self._product_words.get(product_id)
+        if hit is None:
+            p = self.catalog[product_id]
+            hit = (frozenset(content_words(p.title)),
+                   frozenset(content_words(f"{attributes_text(p)}\n{p.brand}\n{p.color}")))
+            self._product_words[product_id] = hit
+        return hit
+
     def faithfulness(self, product_id: str, summary: str) -> float:
         words = content_words(summary)
         if not words:
             return 0.0
-        p = self.catalog[product_id]
-        own = set(content_words(f"{p.title}\n{attributes_text(p)}\n{p.brand}\n{p.color}"))
-        return sum(w in own for w in words) / len(words)
+        title, rest = self._words(product_id)
+        return sum(w in title or w in rest for w in words) / len(words)
 
     def novelty(self, product_id: str, summary: str) -> float:
         words = content_words(summary)
         if not words:
             return 0.0
-        p = self.catalog[product_id]
-        new = set(content_words(f"{attributes_text(p)}\n{p.brand}\n{p.color}")) - set(content_words(p.title))
-        return len(new.intersection(words)) / len(words)
-
+        title, rest = self._words(product_id)
+        return len((rest - title).intersection(words)) / len(words)
 
 def group_advantages(rewards: np.ndarray | Sequence[float], group_size: int, *, scale: bool = True,
                      eps: float = 1e-4) -> np.ndarray:
