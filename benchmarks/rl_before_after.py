@@ -3,7 +3,8 @@
 The trainer's "eval" rows hold greedy summaries of a fixed set of validation products; this
 prints the first (the initial policy) beside the last (the trained one) for N products, with
 per-product reward components when the rows carry them, and style statistics that show prose
-turning into attribute lists: words per summary, stopword share, list separators per summary.
+turning into attribute lists: words per summary, stopword share, list separators per summary,
+and the share of content words that merely repeat the title.
 
     python benchmarks/rl_before_after.py runs/grpo/metrics.jsonl --n 10 --out before_after.md
 """
@@ -16,18 +17,21 @@ import statistics
 
 from relsum_core.io import atomic_write_text
 from relsum_core.plots import read_events
-from relsum_core.rewards import STOPWORDS
+from relsum_core.rewards import STOPWORDS, content_words
 
 _WORD = re.compile(r"[a-z0-9]+")
 
 
-def style(texts: list[str]) -> dict[str, float]:
+def style(texts: list[str], titles: list[str]) -> dict[str, float]:
     words = [_WORD.findall(t.lower()) for t in texts]
+    content = [content_words(t) for t in texts]
+    title_share = [sum(w in set(content_words(title)) for w in c) / max(len(c), 1)
+                   for c, title in zip(content, titles)]
     n_words = [len(w) for w in words]
     stop = [sum(x in STOPWORDS for x in w) / max(len(w), 1) for w in words]
     seps = [t.count(",") + t.count(";") + t.count("|") + t.count("\n") for t in texts]
     return {"words": statistics.mean(n_words), "stopword_share": statistics.mean(stop),
-            "separators": statistics.mean(seps)}
+            "separators": statistics.mean(seps), "title_word_share": statistics.mean(title_share)}
 
 
 def _one_line(text: str) -> str:
@@ -50,8 +54,9 @@ def report(metrics: str, n: int) -> str:
                 "reward_novelty", "summary_tokens"):
         if key in first and key in last:
             lines.append(f"| mean {key} ({len(common)} products) | {first[key]:.4f} | {last[key]:.4f} |")
-    sb = style([before[p]["summary"] for p in common])
-    sa = style([after[p]["summary"] for p in common])
+    titles = [before[p]["title"] for p in common]
+    sb = style([before[p]["summary"] for p in common], titles)
+    sa = style([after[p]["summary"] for p in common], titles)
     for key in sb:
         lines.append(f"| mean {key} | {sb[key]:.3f} | {sa[key]:.3f} |")
     lines.append("")

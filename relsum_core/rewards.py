@@ -11,10 +11,11 @@ For a product p with title t and a sampled summary s, the ranker sees ``t | s`` 
 * budget: ``-max(0, length - K) / K`` for a summary of ``length`` tokens and budget K.
 * faithfulness: share of the summary's content words that occur in p's own text (a guard against
   attributes the product does not have).
-* novelty: share of the summary's content words that are new to the ranker and true of the product:
-  distinct words of p's bullets/description/brand/colour that its title lacks.  The ranker already
-  reads the title, so budget spent repeating it (or repeating a word) buys nothing; without this
-  term faithfulness alone pays most for copying the title.
+* novelty: distinct words of p's bullets/description/brand/colour that its title lacks, per word of
+  the summary (function words count in the denominator).  The ranker already reads the title, so
+  budget spent repeating it, repeating a word, or on function words buys nothing; without this term
+  faithfulness alone pays most for copying the title, and a content-word-only ratio pays as much
+  for a copied description sentence as for a dense attribute list.
 
 ``total = sum(weight_c * component_c)``.  Every ranker call of a batch goes through one
 ``scorer(pairs)`` call (e.g. ``CrossEncoder.predict``), and title-only scores are cached per query.
@@ -163,11 +164,11 @@ class RankerReward:
         return sum(w in title or w in rest for w in words) / len(words)
 
     def novelty(self, product_id: str, summary: str) -> float:
-        words = content_words(summary)
-        if not words:
+        n_words = len(_WORD.findall(summary.lower()))
+        if not n_words:
             return 0.0
         title, rest = self._words(product_id)
-        return len((rest - title).intersection(words)) / len(words)
+        return len((rest - title).intersection(content_words(summary))) / n_words
 
 def group_advantages(rewards: np.ndarray | Sequence[float], group_size: int, *, scale: bool = True,
                      eps: float = 1e-4) -> np.ndarray:

@@ -113,12 +113,14 @@ def test_group_advantages_hand_worked():
         group_advantages([1.0, 2.0, 3.0], 2)
 
 
-def test_novelty_counts_distinct_words_the_title_lacks_and_the_product_has():
+def test_novelty_counts_distinct_words_the_title_lacks_and_the_product_has_per_word():
     r, _ = _reward()
     assert r.novelty("a", "Acme bottle") == 0.0  # a copy of the title tells the ranker nothing new
     assert r.novelty("a", "stainless steel") == 1.0  # both from the bullets
-    # content words: stainless steel steel bottle purple -> 2 distinct new true words of 5
+    # stainless steel steel bottle purple -> 2 distinct new true words of 5
     assert r.novelty("a", "stainless steel, steel bottle, purple") == pytest.approx(2 / 5)
+    # the same attributes in a sentence: function words dilute them
+    assert r.novelty("a", "it is made of stainless steel") == pytest.approx(2 / 6)
     assert r.novelty("a", "") == 0.0
 
 
