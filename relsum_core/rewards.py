@@ -12,7 +12,9 @@ For a product p with title t and a sampled summary s, the ranker sees ``t | s`` 
 * faithfulness: share of the summary's content words that occur in p's own text (a guard against
   attributes the product does not have).
 * novelty: distinct words of p's bullets/description/brand/colour that its title lacks, per word of
-  the summary (function words count in the denominator).  The ranker already reads the title, so
+  the summary (function words count in the denominator), but never per fewer than K/2 words for a
+  budget of K tokens: a per-word ratio alone pays most for a one-word summary, and a GRPO run
+  collapsed to 3-word summaries on it (KL 2-7).  The ranker already reads the title, so
   budget spent repeating it, repeating a word, or on function words buys nothing; without this term
   faithfulness alone pays most for copying the title, and a content-word-only ratio pays as much
   for a copied description sentence as for a dense attribute list.
@@ -168,7 +170,8 @@ class RankerReward:
         if not n_words:
             return 0.0
         title, rest = self._words(product_id)
-        return len((rest - title).intersection(content_words(summary))) / n_words
+        floor = max(1, self.config.budget_tokens // 2)  # about the words K tokens hold
+        return len((rest - title).intersection(content_words(summary))) / max(n_words, floor)
 
 def group_advantages(rewards: np.ndarray | Sequence[float], group_size: int, *, scale: bool = True,
                      eps: float = 1e-4) -> np.ndarray:

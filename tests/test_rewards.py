@@ -76,7 +76,7 @@ def test_total_is_the_weighted_sum_and_one_ranker_call_per_batch():
     r, calls = _reward(relevance=2.0, ranking=0.0, budget=1.0, faithfulness=0.25, novelty=0.5)
     out = r(["a", "c", "a"], ["steel", "fleece", "blue"], [1, 1, 40])
     expect = 2.0 * out["relevance"] + 1.0 * out["budget"] + 0.25 * out["faithfulness"] + 0.5 * out["novelty"]
-    assert out["novelty"].tolist() == [1.0, 1.0, 0.0]
+    assert out["novelty"].tolist() == [1 / 16, 1 / 16, 0.0]  # one new word against a 16-word floor
     assert np.allclose(out["total"], expect)
     # one call for the title-only scores of q1 and q2, one for the batch: a and a judged for q1,
     # c for q1 and q2
@@ -114,7 +114,7 @@ def test_group_advantages_hand_worked():
 
 
 def test_novelty_counts_distinct_words_the_title_lacks_and_the_product_has_per_word():
-    r, _ = _reward()
+    r, _ = _reward(budget_tokens=4)  # no fewer than 2 words in the denominator
     assert r.novelty("a", "Acme bottle") == 0.0  # a copy of the title tells the ranker nothing new
     assert r.novelty("a", "stainless steel") == 1.0  # both from the bullets
     # stainless steel steel bottle purple -> 2 distinct new true words of 5
@@ -122,6 +122,9 @@ def test_novelty_counts_distinct_words_the_title_lacks_and_the_product_has_per_w
     # the same attributes in a sentence: function words dilute them
     assert r.novelty("a", "it is made of stainless steel") == pytest.approx(2 / 6)
     assert r.novelty("a", "") == 0.0
+    # one true new word is not a whole summary: the denominator never drops below K/2 words
+    assert r.novelty("a", "steel") == pytest.approx(1 / 2)
+    assert _reward(budget_tokens=32)[0].novelty("a", "stainless steel") == pytest.approx(2 / 16)
 
 
 def test_decoupled_advantages_give_each_component_its_own_scale():
