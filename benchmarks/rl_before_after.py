@@ -25,8 +25,8 @@ _WORD = re.compile(r"[a-z0-9]+")
 def style(texts: list[str], titles: list[str]) -> dict[str, float]:
     words = [_WORD.findall(t.lower()) for t in texts]
     content = [content_words(t) for t in texts]
-    title_share = [sum(w in set(content_words(title)) for w in c) / max(len(c), 1)
-                   for c, title in zip(content, titles)]
+    title_sets = [set(content_words(title)) for title in titles]
+    title_share = [sum(w in ts for w in c) / max(len(c), 1) for c, ts in zip(content, title_sets)]
     n_words = [len(w) for w in words]
     stop = [sum(x in STOPWORDS for x in w) / max(len(w), 1) for w in words]
     seps = [t.count(",") + t.count(";") + t.count("|") + t.count("\n") for t in texts]

@@ -173,6 +173,7 @@ class RankerReward:
         floor = max(1, self.config.budget_tokens // 2)  # about the words K tokens hold
         return len((rest - title).intersection(content_words(summary))) / max(n_words, floor)
 
+
 def group_advantages(rewards: np.ndarray | Sequence[float], group_size: int, *, scale: bool = True,
                      eps: float = 1e-4) -> np.ndarray:
     """GRPO advantages: each reward minus its group's mean, over the group's std when ``scale``.
