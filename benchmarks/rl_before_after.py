@@ -17,7 +17,7 @@ import statistics
 
 from relsum_core.io import atomic_write_text
 from relsum_core.plots import read_events
-from relsum_core.rewards import STOPWORDS, content_words
+from relsum_core.rewards import COMPONENTS, STOPWORDS, content_words
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -50,8 +50,7 @@ def report(metrics: str, n: int) -> str:
     lines = [f"# Greedy summaries of validation products: step {first['step']} vs step {last['step']}", ""]
     lines.append("| | step {} | step {} |".format(first["step"], last["step"]))
     lines.append("|---|---|---|")
-    for key in ("reward", "reward_relevance", "reward_ranking", "reward_budget", "reward_faithfulness",
-                "reward_novelty", "summary_tokens"):
+    for key in ("reward", *(f"reward_{c}" for c in COMPONENTS), "summary_tokens"):
         if key in first and key in last:
             lines.append(f"| mean {key} ({len(common)} products) | {first[key]:.4f} | {last[key]:.4f} |")
     titles = [before[p]["title"] for p in common]

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from relsum_core.io import atomic_write_bytes
+from relsum_core.rewards import COMPONENTS
 
 
 def read_events(path: str | Path) -> dict[str, list[dict]]:
@@ -71,7 +72,7 @@ def plot_metrics(metrics: str | Path, out: str | Path, title: str | None = None)
         ax.set_title("reward")
         ax.legend(fontsize=8)
         ax = axes[0, 1]
-        for i, comp in enumerate(("relevance", "ranking", "budget", "faithfulness", "novelty")):
+        for i, comp in enumerate(COMPONENTS):
             x, y = _series(evals, f"reward_{comp}")
             ax.plot(x, y, "o-", color=f"C{i}", label=comp)
         ax.set_title("validation reward components")
