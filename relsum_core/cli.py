@@ -91,7 +91,8 @@ def _add_train(sub) -> None:
                       ("temperature", float), ("top-p", float), ("budget", int), ("max-product-tokens", int),
                       ("eval-products", int), ("eval-every", int), ("save-every", int), ("seed", int),
                       ("reward-relevance", float), ("reward-ranking", float), ("reward-budget", float),
-                      ("reward-faithfulness", float), ("reward-novelty", float), ("max-minutes", float)):
+                      ("reward-faithfulness", float), ("reward-novelty", float), ("max-minutes", float),
+                      ("kl-target", float)):
         p.add_argument(f"--{name}", type=typ, default=None)
     p.add_argument("--loss-type", choices=["dapo", "grpo", "dr_grpo"], default=None)
     p.add_argument("--advantage", choices=["decoupled", "total"], default=None,

@@ -82,6 +82,11 @@ def plot_metrics(metrics: str | Path, out: str | Path, title: str | None = None)
         ax.plot(x, y, color="C2", alpha=0.4)
         ax.plot(x, _smooth(y, 10), color="C2")
         ax.set_title("KL to the reference (k3, per token)")
+        if any(r.get("beta") != train[0].get("beta") for r in train):  # adaptive: show the weight too
+            x, y = _series(train, "beta")
+            twin = ax.twinx()
+            twin.plot(x, y, color="C7", linestyle="--")
+            twin.set_ylabel("beta (dashed)")
         ax = axes[1, 1]
         x, y = _series(train, "summary_tokens")
         ax.plot(x, y, color="C4", alpha=0.4, label="train samples")

@@ -4,7 +4,13 @@ import json
 import pytest
 import torch
 
-from relsum_core.trainers.summarizer import SummarizerConfig, SummarizerTrainer, train_summarizer
+from relsum_core.trainers.summarizer import (
+    KL_GAIN,
+    SummarizerConfig,
+    SummarizerTrainer,
+    adapt_beta,
+    train_summarizer,
+)
 
 from conftest import rel_err
 
@@ -116,6 +122,43 @@ def test_dpo_pairs_best_and_worst_of_each_group(tmp_path, data_dir, tiny_policy_
     assert any(not torch.equal(a, b) for a, b in zip(before, t.policy.parameters()))
 
 
+def test_adapt_beta_moves_towards_the_kl_target_by_a_clipped_step():
+    assert adapt_beta(0.04, 0.10, 0.10) == pytest.approx(0.04)
+    assert adapt_beta(0.04, 0.11, 0.10) == pytest.approx(0.04 * (1 + KL_GAIN * 0.1))
+    assert adapt_beta(0.04, 0.09, 0.10) == pytest.approx(0.04 * (1 - KL_GAIN * 0.1))
+    # far off target: the error is clipped at +-20%, so one noisy step moves beta by at most 2%
+    assert adapt_beta(0.04, 5.0, 0.10) == pytest.approx(0.04 * (1 + KL_GAIN * 0.2))
+    assert adapt_beta(0.04, 0.0, 0.10) == pytest.approx(0.04 * (1 - KL_GAIN * 0.2))
+
+
+def test_kl_target_adapts_beta_logs_it_and_resume_restores_it(tmp_path, data_dir, tiny_policy_dir,
+                                                              tiny_ranker_dir):
+    kw = dict(kl_target=1e-6, steps=2)
+    straight = SummarizerTrainer(_cfg(tmp_path / "a", data_dir, tiny_policy_dir, tiny_ranker_dir, **kw))
+    straight.train()
+    rows = [json.loads(x) for x in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["event"] == "train"]
+    assert train[0]["beta"] == pytest.approx(0.1)  # the weight step 1's loss used: the start value
+    expected = 0.1
+    for r in train:
+        assert r["beta"] == pytest.approx(expected)
+        expected = adapt_beta(expected, r["kl"], 1e-6)
+    assert straight.beta == pytest.approx(expected)
+    # step 1 samples from the reference itself (KL 0, below target: beta falls); step 2's KL is
+    # above the tiny target: beta rises again
+    assert train[1]["beta"] < 0.1
+    assert straight.beta > train[1]["beta"]
+    first = SummarizerTrainer(_cfg(tmp_path / "b", data_dir, tiny_policy_dir, tiny_ranker_dir,
+                                   **{**kw, "steps": 1}))
+    first.train()
+    resumed = SummarizerTrainer(_cfg(tmp_path / "b", data_dir, tiny_policy_dir, tiny_ranker_dir, **kw))
+    assert resumed.beta == pytest.approx(first.beta) and resumed.beta != 0.1
+    resumed.train()
+    assert resumed.beta == pytest.approx(straight.beta)
+    for (name, a), b in zip(straight.policy.named_parameters(), resumed.policy.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
 def test_bad_config(tmp_path):
     with pytest.raises(ValueError, match="algo must be"):
         SummarizerConfig(out=str(tmp_path), ranker="x", algo="ppo")
@@ -123,6 +166,12 @@ def test_bad_config(tmp_path):
         SummarizerConfig(out=str(tmp_path), ranker="x", algo="dpo", group_size=1)
     with pytest.raises(ValueError, match="budget must be > 0"):
         SummarizerConfig(out=str(tmp_path), ranker="x", budget=0)
+    with pytest.raises(ValueError, match="kl_target must be > 0"):
+        SummarizerConfig(out=str(tmp_path), ranker="x", kl_target=0.0)
+    with pytest.raises(ValueError, match="starting beta > 0"):
+        SummarizerConfig(out=str(tmp_path), ranker="x", kl_target=0.1, beta=0.0)
+    with pytest.raises(ValueError, match="algo='grpo'"):
+        SummarizerConfig(out=str(tmp_path), ranker="x", kl_target=0.1, algo="dpo")
     with pytest.raises(ValueError, match="divisible by grad_accum"):
         SummarizerConfig(out=str(tmp_path), ranker="x", products_per_step=3, group_size=1, grad_accum=2)
 

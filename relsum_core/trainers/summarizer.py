@@ -5,7 +5,8 @@ reward them with the ranker (`relsum_core.rewards`).  Then
 
 * grpo: normalise rewards within each product's group (each component on its own by default,
   ``advantage="decoupled"``; ``"total"`` normalises the weighted sum) and take one clipped
-  policy-gradient step with a k3 KL penalty to the frozen initial policy.  One update per batch
+  policy-gradient step with a k3 KL penalty to the frozen initial policy (its weight fixed, or
+  adapted each step towards ``kl_target``).  One update per batch
   of rollouts, so the ratio's denominator is the rollout policy itself (``old_logp =
   logp.detach()``), as in TRL with one iteration.
 * dpo: the best- and worst-rewarded summary of each group form a (chosen, rejected) pair (groups
@@ -63,7 +64,8 @@ class SummarizerConfig:
     warmup_steps: int = 5
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    beta: float = 0.04  # grpo: KL penalty weight
+    beta: float = 0.04  # grpo: KL penalty weight (the starting value when kl_target is set)
+    kl_target: float | None = None  # grpo: adapt beta each step so the per-token KL tracks this
     dpo_beta: float = 0.1
     epsilon_low: float = 0.2
     epsilon_high: float = 0.28
@@ -98,11 +100,31 @@ class SummarizerConfig:
             raise ValueError("dpo needs group_size >= 2 to form a (best, worst) pair")
         if self.budget <= 0:
             raise ValueError(f"budget must be > 0 tokens, got {self.budget}")
+        if self.kl_target is not None:
+            if self.kl_target <= 0:
+                raise ValueError(f"kl_target must be > 0, got {self.kl_target}")
+            if self.algo != "grpo" or self.beta <= 0:
+                raise ValueError("kl_target adapts the grpo KL weight: it needs algo='grpo' and a "
+                                 f"starting beta > 0 (got algo={self.algo!r}, beta={self.beta})")
         for name in ("steps", "products_per_step", "group_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.algo == "grpo" and (self.products_per_step * self.group_size) % self.grad_accum:
             raise ValueError("products_per_step * group_size must be divisible by grad_accum")
+
+
+KL_GAIN = 0.1  # the controller's step: beta moves by at most 2% a step (Ziegler et al. 2019 use 0.1)
+
+
+def adapt_beta(beta: float, kl: float, target: float) -> float:
+    """Proportional KL control: raise beta when the step's KL is above target, lower it below.
+
+    A fixed beta lets the KL climb for as long as the reward keeps paying (it was still rising after
+    47 steps of a CPU run); this bounds it.  The error is clipped to +-20% so one noisy step cannot
+    swing beta.
+    """
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return beta * (1.0 + KL_GAIN * error)
 
 
 def _split_products(judgments, cfg: SummarizerConfig) -> tuple[list[str], list[str]]:
@@ -201,11 +223,13 @@ class SummarizerTrainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
         self.step = 0
+        self.beta = cfg.beta
         if resuming:
             state = torch.load(resume / "trainer.pt", map_location="cpu", weights_only=False)
             self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
             self.step = state["step"]
+            self.beta = state.get("beta", cfg.beta)
 
     # ---------------------------------------------------------------------------------- pieces
     def _prompts(self, product_ids: list[str]) -> list[str]:
@@ -266,6 +290,10 @@ class SummarizerTrainer:
             keys = sorted(row)
             sums = _all_sum([row[k] for k in keys], self.device)
             row = {k: v if k == "new_tokens_per_s" else v / self.world for k, v in zip(keys, sums)}
+        if cfg.algo == "grpo":
+            row["beta"] = self.beta  # the weight this step's loss used
+            if cfg.kl_target is not None:  # the global mean KL, so every process moves beta alike
+                self.beta = adapt_beta(self.beta, row["kl"], cfg.kl_target)
         return {"step": self.step, "lr": self.sched.get_last_lr()[0], "grad_norm": float(grad_norm), **row}
 
     def _advantages(self, rewards: dict[str, np.ndarray]) -> np.ndarray:
@@ -292,7 +320,7 @@ class SummarizerTrainer:
             with self._sync_context(last=k == cfg.grad_accum - 1):
                 logp, ent = self._policy_logprobs(r, with_entropy=True)
                 loss, m = grpo_loss(
-                    logp, None, adv[sl], r.completion_mask, ref_logp=ref_logp, beta=cfg.beta,
+                    logp, None, adv[sl], r.completion_mask, ref_logp=ref_logp, beta=self.beta,
                     epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, entropy=ent,
                     entropy_coef=cfg.entropy_coef, loss_type=cfg.loss_type, max_completion_length=cfg.budget,
                     # token mean over the whole step (all micro-batches and processes); DDP then
@@ -358,7 +386,7 @@ class SummarizerTrainer:
             self.policy.save_pretrained(tmp)
             self.tok.save_pretrained(tmp)
             torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                        "step": self.step, "config": asdict(self.cfg)}, tmp / "trainer.pt")
+                        "step": self.step, "beta": self.beta, "config": asdict(self.cfg)}, tmp / "trainer.pt")
 
         return atomic_write_dir(self.out / "checkpoint", fill)
 
@@ -382,9 +410,13 @@ class SummarizerTrainer:
                 last = self.train_step()
                 elapsed_min = (time.perf_counter() - t_start) / 60
                 out_of_time = cfg.max_minutes is not None and elapsed_min > cfg.max_minutes
+                if self.world > 1:  # clocks differ: all processes stop when any runs out
+                    out_of_time = self._global(float(out_of_time)) > 0
                 bar.update(1)
                 bar.set_postfix(reward=f"{last['reward']:.3f}", loss=f"{last.get('loss', 0.0):.4f}")
                 if not lead:
+                    if out_of_time:
+                        break
                     continue
                 log.write("train", **last)
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps or out_of_time:
