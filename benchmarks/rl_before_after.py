@@ -12,26 +12,26 @@ and the share of content words that merely repeat the title.
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 
 from relsum_core.io import atomic_write_text
 from relsum_core.plots import read_events
-from relsum_core.rewards import COMPONENTS, STOPWORDS, content_words
-
-_WORD = re.compile(r"[a-z0-9]+")
+from relsum_core.rewards import COMPONENTS, STOPWORDS, content_words, words
 
 
 def style(texts: list[str], titles: list[str]) -> dict[str, float]:
-    words = [_WORD.findall(t.lower()) for t in texts]
+    all_words = [words(t) for t in texts]
     content = [content_words(t) for t in texts]
     title_sets = [set(content_words(title)) for title in titles]
     title_share = [sum(w in ts for w in c) / max(len(c), 1) for c, ts in zip(content, title_sets)]
-    n_words = [len(w) for w in words]
-    stop = [sum(x in STOPWORDS for x in w) / max(len(w), 1) for w in words]
+    n_words = [len(w) for w in all_words]
+    stop = [sum(x in STOPWORDS for x in w) / max(len(w), 1) for w in all_words]
     seps = [t.count(",") + t.count(";") + t.count("|") + t.count("\n") for t in texts]
+    # an attribute list is short items between separators; prose is long runs of words
+    per_item = [n / (s + 1) for n, s in zip(n_words, seps)]
     return {"words": statistics.mean(n_words), "stopword_share": statistics.mean(stop),
-            "separators": statistics.mean(seps), "title_word_share": statistics.mean(title_share)}
+            "separators": statistics.mean(seps), "words_per_item": statistics.mean(per_item),
+            "title_word_share": statistics.mean(title_share)}
 
 
 def _one_line(text: str) -> str:

@@ -47,8 +47,13 @@ STOPWORDS = frozenset(
     "your you our we it's into over under up out no not than then so very can will".split())
 
 
+def words(text: str) -> list[str]:
+    """Lower-cased alphanumeric words, stopwords included."""
+    return _WORD.findall(text.lower())
+
+
 def content_words(text: str) -> list[str]:
-    return [w for w in _WORD.findall(text.lower()) if w not in STOPWORDS and (len(w) > 1 or w.isdigit())]
+    return [w for w in words(text) if w not in STOPWORDS and (len(w) > 1 or w.isdigit())]
 
 
 @dataclass
@@ -166,7 +171,7 @@ class RankerReward:
         return sum(w in title or w in rest for w in words) / len(words)
 
     def novelty(self, product_id: str, summary: str) -> float:
-        n_words = len(_WORD.findall(summary.lower()))
+        n_words = len(words(summary))
         if not n_words:
             return 0.0
         title, rest = self._words(product_id)
