@@ -109,8 +109,8 @@ def _summarize(args: argparse.Namespace) -> int:
 
     path = summarize_catalog(args.out, policy=args.policy, catalog=args.catalog, budget=args.budget,
                              batch_size=args.batch_size, temperature=args.temperature, seed=args.seed,
-                             shard=args.shard, num_shards=args.num_shards, device=args.device,
-                             progress=not args.no_progress)
+                             max_product_tokens=args.max_product_tokens, shard=args.shard,
+                             num_shards=args.num_shards, device=args.device, progress=not args.no_progress)
     print(f"summaries in {path}")
     return 0
 
@@ -137,6 +137,8 @@ def _add_summarize(sub) -> None:
     p.add_argument("--catalog", default=None, help="products JSONL(.gz) or data dir (default: bundled)")
     p.add_argument("--out", required=True, help="output JSONL (shards add .shardKKK-of-NNN)")
     p.add_argument("--budget", type=int, default=32)
+    p.add_argument("--max-product-tokens", type=int, default=384,
+                   help="product text given to the policy (use the training run's value)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0)
@@ -145,6 +147,44 @@ def _add_summarize(sub) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_summarize)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from relsum_core.evaluate import evaluate_summaries, parse_named
+
+    evaluate_summaries(
+        args.out, ranker=args.ranker, data=args.data, summaries=parse_named(args.summaries, "--summaries"),
+        policies=parse_named(args.policy, "--policy"), split=args.split, val_fraction=args.val_fraction,
+        split_seed=args.split_seed, desc_tokens=args.desc_tokens, budget=args.budget,
+        max_product_tokens=args.max_product_tokens, batch_size=args.batch_size, device=args.device,
+        progress=not args.no_progress)
+    print((Path(args.out) / "report.md").read_text(), end="")
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="ranking metrics (NDCG@5/10, recall@P90, bootstrap intervals) of "
+                       "title, title + description prefix and title + summaries")
+    p.add_argument("--ranker", required=True, help="frozen ranker checkpoint")
+    p.add_argument("--data", default=None, help="ESCI-style data dir (default: the bundled ESCI-150q)")
+    p.add_argument("--out", required=True, help="output dir: report.json, report.md, ndcg.png")
+    p.add_argument("--summaries", action="append", default=[], metavar="NAME=JSONL",
+                   help="a relsum summarize output to evaluate as title + summary (repeatable)")
+    p.add_argument("--policy", action="append", default=[], metavar="NAME=DIR",
+                   help="summarise the evaluated products with this policy first ('default' = packaged "
+                   "SmolLM2; repeatable)")
+    p.add_argument("--split", choices=["validation", "all"], default="validation",
+                   help="the validation queries of the training split, or every query")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--split-seed", type=int, default=0, help="the seed the ranker and summarizer split with")
+    p.add_argument("--desc-tokens", type=int, nargs="+", default=[32],
+                   help="title + the first K description tokens, one variant per K")
+    p.add_argument("--budget", type=int, default=32, help="--policy: summary tokens")
+    p.add_argument("--max-product-tokens", type=int, default=128, help="--policy: product text tokens")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_ranker(sub)
     _add_train(sub)
     _add_summarize(sub)
+    _add_evaluate(sub)
     _add_plot(sub)
     return parser
 

@@ -38,8 +38,10 @@ def _done_ids(path: Path) -> set[str]:
 
 def summarize_catalog(out: str | os.PathLike, *, policy: str | None = None, catalog: str | None = None,
                       budget: int = SUMMARY_BUDGET, batch_size: int = 16, temperature: float = 0.0,
-                      seed: int = 0, max_product_tokens: int = 384, shard: int | None = None,
-                      num_shards: int | None = None, device=None, progress: bool = True) -> Path:
+                      seed: int = 0, max_product_tokens: int = 384, product_ids=None,
+                      shard: int | None = None, num_shards: int | None = None, device=None,
+                      progress: bool = True) -> Path:
+    """Summarise the catalog (or only ``product_ids`` of it) into ``out``; returns the file written."""
     from tqdm.auto import tqdm
 
     num_shards = int(os.environ.get("WORLD_SIZE", 1)) if num_shards is None else num_shards
@@ -51,7 +53,13 @@ def summarize_catalog(out: str | os.PathLike, *, policy: str | None = None, cata
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     products = load_catalog(catalog)
-    mine = sorted(products)[shard::num_shards]
+    wanted = sorted(products)
+    if product_ids is not None:
+        wanted = sorted(set(product_ids))
+        unknown = [p for p in wanted if p not in products]
+        if unknown:
+            raise ValueError(f"{len(unknown)} product ids are not in the catalog, e.g. {unknown[:3]}")
+    mine = wanted[shard::num_shards]
     path = shard_path(out, shard, num_shards)
     path.parent.mkdir(parents=True, exist_ok=True)
     done = _done_ids(path)

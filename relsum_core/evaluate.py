@@ -1,0 +1,266 @@
+"""Does a summary help the ranker?  ``relsum evaluate``: ranking metrics of product-text variants.
+
+The frozen ranker scores every judged (query, product) pair of the evaluated queries once per text
+variant, and each variant gets the numbers ReLSum reports:
+
+* ``title``: the title alone (what a summary must improve on);
+* ``title+descK``: the title plus the first K tokens (ranker tokenizer) of bullets + description,
+  the "just truncate the description" baseline at the summary's budget;
+* one ``title+<name>`` per summaries file (or per policy, summarised here first): the title plus
+  that summary, joined exactly as the reward joins them.  A product the file skipped (no text) keeps
+  its title alone.
+
+Metrics: NDCG@5 and NDCG@10 (ESCI gains, mean over queries) and recall at 90% precision (pairs graded
+E are positives; one score threshold over all pairs, as a serving cut-off would be).  Each comes
+with a 95% bootstrap interval over queries, and each variant's NDCG with the paired difference to
+``title`` and its interval (the same resampled queries for both), since 22 queries make the
+unpaired intervals wide.
+
+Output folder: ``report.json``, ``report.md``, ``ndcg.png`` and, for ``--policy`` entries,
+``summaries-<name>.jsonl`` (resumable, like ``relsum summarize``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from relsum_core.data import ESCI_GRADES, group_by_query, load_dataset, split_queries
+from relsum_core.io import atomic_write_bytes, atomic_write_text
+from relsum_core.metrics import ndcg_at_k
+from relsum_core.text import attributes_text, cut_to_tokens, join_title, normalise
+
+N_BOOTSTRAP = 1000
+PRECISION_TARGET = 0.9
+POSITIVE_GRADE = ESCI_GRADES["E"]
+
+
+def recall_at_precision(scores: Sequence[float], positive: Sequence[bool], precision: float = PRECISION_TARGET
+                        ) -> float:
+    """The largest recall of a score threshold whose precision is at least ``precision``; 0 if none.
+
+    Tied scores go in or out together, as a threshold takes them.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    pos = np.asarray(positive, dtype=bool)
+    n_pos = int(pos.sum())
+    if n_pos == 0:
+        return math.nan
+    order = np.argsort(-s, kind="stable")
+    s, pos = s[order], pos[order]
+    tp = np.cumsum(pos)
+    n = np.arange(1, len(s) + 1)
+    last_of_tie = np.r_[s[1:] != s[:-1], True]  # a threshold can only cut after a run of equal scores
+    ok = last_of_tie & (tp / n >= precision)
+    return float(tp[ok].max() / n_pos) if ok.any() else 0.0
+
+
+def read_summaries(path: str | Path) -> dict[str, str]:
+    """product_id -> summary from a ``relsum summarize`` JSONL; skipped products map to ``""``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"summaries file {path} does not exist")
+    out: dict[str, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("product_id"), str):
+                raise ValueError(f"{path}:{n}: a row needs a string 'product_id'")
+            summary = row.get("summary", "" if "skipped" in row else None)
+            if not isinstance(summary, str):
+                raise ValueError(f"{path}:{n}: a row needs a string 'summary' (or 'skipped')")
+            out[row["product_id"]] = summary
+    return out
+
+
+def parse_named(items: Sequence[str], what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise ValueError(f"{what} entries are NAME=PATH, got {item!r}")
+        if name in out:
+            raise ValueError(f"{what} name {name!r} given twice")
+        out[name] = value
+    return out
+
+
+class Evaluation:
+    """Judged pairs of the evaluated queries, scored per variant; metrics with bootstrap intervals."""
+
+    def __init__(self, scorer, judgments, *, queries: Sequence[str], seed: int = 0):
+        by_query = group_by_query(judgments)
+        missing = [q for q in queries if q not in by_query]
+        if missing:
+            raise ValueError(f"no judgments for {len(missing)} queries, e.g. {missing[:3]}")
+        if not queries:
+            raise ValueError("no queries to evaluate")
+        self.scorer = scorer
+        self.queries = list(queries)
+        self.pairs = [j for q in self.queries for j in by_query[q]]
+        self.product_ids = sorted({j.product_id for j in self.pairs})
+        bounds = np.cumsum([0] + [len(by_query[q]) for q in self.queries])
+        self.slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+        self.grades = np.array([j.grade for j in self.pairs])
+        rng = np.random.default_rng(seed)
+        self.resamples = rng.integers(0, len(self.queries), size=(N_BOOTSTRAP, len(self.queries)))
+
+    def score(self, texts: Mapping[str, str]) -> np.ndarray:
+        """Ranker scores of every evaluated pair, the product's text taken from ``texts``."""
+        return np.asarray(self.scorer([(j.query, texts[j.product_id]) for j in self.pairs]), dtype=np.float64)
+
+    def _per_query_ndcg(self, scores: np.ndarray, k: int) -> np.ndarray:
+        return np.array([ndcg_at_k(scores[s], self.grades[s], k) for s in self.slices])
+
+    def _recall(self, scores: np.ndarray, queries: np.ndarray) -> float:
+        rows = np.concatenate([np.arange(self.slices[q].start, self.slices[q].stop) for q in queries])
+        return recall_at_precision(scores[rows], self.grades[rows] >= POSITIVE_GRADE)
+
+    def metrics(self, scores: np.ndarray, base: np.ndarray | None = None) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for k in (5, 10):
+            v = self._per_query_ndcg(scores, k)
+            defined = ~np.isnan(v)
+            boot = [np.nanmean(v[r]) for r in self.resamples if defined[r].any()]
+            out[f"ndcg@{k}"] = float(np.nanmean(v))
+            out[f"ndcg@{k}_lo"], out[f"ndcg@{k}_hi"] = (float(x) for x in np.percentile(boot, [2.5, 97.5]))
+            if base is not None:
+                d = v - self._per_query_ndcg(base, k)
+                boot = [np.nanmean(d[r]) for r in self.resamples if defined[r].any()]
+                out[f"ndcg@{k}_delta"] = float(np.nanmean(d))
+                lo, hi = np.percentile(boot, [2.5, 97.5])
+                out[f"ndcg@{k}_delta_lo"], out[f"ndcg@{k}_delta_hi"] = float(lo), float(hi)
+        every = np.arange(len(self.queries))
+        out["recall@p90"] = self._recall(scores, every)
+        boot = [self._recall(scores, r) for r in self.resamples]
+        lo, hi = np.nanpercentile(boot, [2.5, 97.5])
+        out["recall@p90_lo"], out["recall@p90_hi"] = float(lo), float(hi)
+        return out
+
+
+def _markdown(report: dict) -> str:
+    head = (f"Ranking with the frozen ranker `{report['ranker']}` on {report['n_queries']} {report['split']} "
+            f"queries ({report['n_pairs']} judged pairs, {report['n_products']} products). 95% bootstrap "
+            f"intervals over queries ({N_BOOTSTRAP} resamples); delta = paired difference to `title`.")
+    lines = [head, "",
+             "| text | NDCG@5 | NDCG@10 | NDCG@10 delta vs title | recall@P90 | mean summary words |",
+             "|---|---|---|---|---|---|"]
+    for name, m in report["variants"].items():
+        delta = (f"{m['ndcg@10_delta']:+.4f} [{m['ndcg@10_delta_lo']:+.4f}, {m['ndcg@10_delta_hi']:+.4f}]"
+                 if "ndcg@10_delta" in m else "")
+        words = f"{m['mean_words']:.1f}" if "mean_words" in m else ""
+        lines.append(f"| {name} | {m['ndcg@5']:.4f} [{m['ndcg@5_lo']:.3f}, {m['ndcg@5_hi']:.3f}] | "
+                     f"{m['ndcg@10']:.4f} [{m['ndcg@10_lo']:.3f}, {m['ndcg@10_hi']:.3f}] | {delta} | "
+                     f"{m['recall@p90']:.3f} [{m['recall@p90_lo']:.3f}, {m['recall@p90_hi']:.3f}] | "
+                     f"{words} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(report: dict, path: Path) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["variants"])
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(names) + 2), 4))
+    x = np.arange(len(names))
+    for i, k in enumerate((5, 10)):
+        m = [report["variants"][n] for n in names]
+        mid = np.array([v[f"ndcg@{k}"] for v in m])
+        err = np.array([[mid[j] - v[f"ndcg@{k}_lo"], v[f"ndcg@{k}_hi"] - mid[j]] for j, v in enumerate(m)]).T
+        ax.bar(x + (i - 0.5) * 0.38, mid, 0.38, yerr=err, capsize=3, label=f"NDCG@{k}")
+    ax.set_xticks(x, names, rotation=20, ha="right")
+    ax.set_ylabel("NDCG (95% bootstrap interval)")
+    ax.set_title(f"{report['n_queries']} {report['split']} queries")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
+                       summaries: Mapping[str, str] | None = None, policies: Mapping[str, str] | None = None,
+                       split: str = "validation", val_fraction: float = 0.2, split_seed: int = 0,
+                       desc_tokens: Sequence[int] = (32,), budget: int = 32, max_product_tokens: int = 128,
+                       batch_size: int = 16, device=None, progress: bool = True, plot: bool = True) -> dict:
+    """Score the variants and write report.json / report.md (/ ndcg.png); returns the report.
+
+    ``summaries``: name -> a ``relsum summarize`` JSONL; ``policies``: name -> policy folder
+    (``"default"`` = the packaged SmolLM2) to summarise the evaluated products with first, greedily,
+    under ``budget`` tokens from ``max_product_tokens`` of product text (use the run's own settings).
+    """
+    from relsum_core.ranker import CrossEncoder
+    from relsum_core.summarize import summarize_catalog
+
+    summaries, policies = dict(summaries or {}), dict(policies or {})
+    clash = set(summaries) & set(policies)
+    if clash:
+        raise ValueError(f"names used for both a summaries file and a policy: {sorted(clash)}")
+    if split not in ("validation", "all"):
+        raise ValueError(f"split must be 'validation' or 'all', got {split!r}")
+    if any(k < 1 for k in desc_tokens):
+        raise ValueError(f"description prefixes need >= 1 token, got {list(desc_tokens)}")
+    for name, path in summaries.items():
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"summaries {name!r}: {path} does not exist")
+    out = Path(out)
+    catalog, judgments = load_dataset(data)
+    queries = sorted({j.query_id for j in judgments})
+    if split == "validation":
+        queries = split_queries(queries, val_fraction=val_fraction, seed=split_seed)[1]
+    ce = CrossEncoder.from_pretrained(ranker, device=device)
+    ev = Evaluation(ce.predict, judgments, queries=queries)
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, policy in policies.items():
+        path = out / f"summaries-{name}.jsonl"
+        summarize_catalog(path, policy=None if policy == "default" else policy, catalog=data, budget=budget,
+                          batch_size=batch_size, max_product_tokens=max_product_tokens,
+                          product_ids=ev.product_ids, num_shards=1, shard=0, device=device, progress=progress)
+        summaries[name] = str(path)
+
+    titles = {p: normalise(catalog[p].title) for p in ev.product_ids}
+    variants: dict[str, dict] = {"title": {"texts": titles}}
+    for k in desc_tokens:
+        variants[f"title+desc{k}"] = {"texts": {p: join_title(titles[p], cut_to_tokens(
+            attributes_text(catalog[p]), ce.tokenizer, k)) for p in ev.product_ids}}
+    for name, path in summaries.items():
+        got = read_summaries(path)
+        lacking = [p for p in ev.product_ids if p not in got]
+        if lacking:
+            raise ValueError(f"summaries {name!r} ({path}) lack {len(lacking)} of the {len(ev.product_ids)} "
+                             f"evaluated products, e.g. {lacking[:3]}")
+        variants[f"title+{name}"] = {
+            "texts": {p: join_title(titles[p], normalise(got[p])) for p in ev.product_ids},
+            "mean_words": float(np.mean([len(got[p].split()) for p in ev.product_ids]))}
+
+    base = ev.score(variants["title"]["texts"])
+    report = {"ranker": str(ranker), "split": split, "n_queries": len(ev.queries), "n_pairs": len(ev.pairs),
+              "n_products": len(ev.product_ids), "positive_grade": POSITIVE_GRADE,
+              "precision_target": PRECISION_TARGET, "summaries": summaries, "variants": {}}
+    for name, v in variants.items():
+        scores = base if name == "title" else ev.score(v["texts"])
+        m = ev.metrics(scores, None if name == "title" else base)
+        if "mean_words" in v:
+            m["mean_words"] = v["mean_words"]
+        report["variants"][name] = m
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "report.md", _markdown(report))
+    if plot:
+        _plot(report, out / "ndcg.png")
+    return report

@@ -1,0 +1,163 @@
+import json
+import math
+
+import numpy as np
+import pytest
+
+from relsum_core.data import Judgment
+from relsum_core.evaluate import (
+    Evaluation,
+    evaluate_summaries,
+    parse_named,
+    read_summaries,
+    recall_at_precision,
+)
+from relsum_core.summarize import summarize_catalog
+
+PRODUCTS = [  # id, title, bullets
+    ("p1", "red cotton shirt", "size large"),
+    ("p2", "blue cotton shirt", "size small"),
+    ("p3", "steel water bottle", "kids"),
+    ("p4", "organic dog food", "chicken"),
+    ("p5", "kids water bottle", "blue steel"),
+    ("p6", "dog food", "organic chicken"),
+]
+JUDGMENTS = [("q1", "red shirt", "p1", 3), ("q1", "red shirt", "p2", 1),
+             ("q2", "water bottle", "p3", 3), ("q2", "water bottle", "p5", 2),
+             ("q3", "chicken dog food", "p4", 3), ("q3", "chicken dog food", "p6", 0)]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    with open(d / "products.jsonl", "w") as f:
+        for pid, title, bullets in PRODUCTS:
+            f.write(json.dumps({"product_id": pid, "title": title, "bullet_points": bullets}) + "\n")
+    with open(d / "judgments.csv", "w") as f:
+        f.write("query_id,query,product_id,grade\n")
+        f.writelines(f"{q},{text},{p},{g}\n" for q, text, p, g in JUDGMENTS)
+    return d
+
+
+def test_recall_at_precision_hand_cases():
+    # thresholds: top-1 P 1 R 1/3, top-2 P 1 R 2/3, top-3 P 2/3, top-4 P 3/4
+    assert recall_at_precision([0.9, 0.8, 0.7, 0.6], [True, True, False, True]) == pytest.approx(2 / 3)
+    assert recall_at_precision([0.9, 0.8, 0.7, 0.6], [True, True, False, True], 0.7) == pytest.approx(1.0)
+    # a tie cannot be split: the first cut-off holds both tied pairs (P 1/2)
+    assert recall_at_precision([0.9, 0.9, 0.5], [True, False, True]) == 0.0
+    assert recall_at_precision([0.9, 0.9, 0.5], [True, True, False]) == pytest.approx(1.0)
+    assert math.isnan(recall_at_precision([0.3, 0.2], [False, False]))
+
+
+def _overlap_scorer(pairs):
+    """Counts query words in the text: a ranker that rewards attributes the query names."""
+    return np.array([sum(w in t.split() for w in q.split()) for q, t in pairs], dtype=np.float64)
+
+
+def test_evaluation_metrics_and_paired_delta():
+    js = [Judgment(q, text, p, g) for q, text, p, g in JUDGMENTS]
+    ev = Evaluation(_overlap_scorer, js, queries=["q1", "q2", "q3"])
+    assert ev.product_ids == ["p1", "p2", "p3", "p4", "p5", "p6"]
+    titles = {pid: title for pid, title, _ in PRODUCTS}
+    base = ev.score(titles)
+    # q3: both titles hold "dog food"; only p4's summary adds "chicken", which breaks the tie right
+    better = ev.score({**titles, "p4": "organic dog food | chicken"})
+    m0, m1 = ev.metrics(base), ev.metrics(better, base)
+    assert m1["ndcg@10"] > m0["ndcg@10"] and m1["ndcg@10_delta"] > 0
+    assert m1["ndcg@10_delta"] == pytest.approx(m1["ndcg@10"] - m0["ndcg@10"])
+    for m in (m0, m1):
+        for key in ("ndcg@5", "ndcg@10", "recall@p90"):
+            assert m[f"{key}_lo"] - 1e-12 <= m[key] <= m[f"{key}_hi"] + 1e-12
+    assert "ndcg@10_delta" not in m0
+    # only p4 (3 words) stands above the tie at 2 that mixes E pairs with S and I ones: recall 1/3
+    assert m1["recall@p90"] == pytest.approx(1 / 3)
+    # the resamples are seeded: the same evaluation gives the same intervals
+    again = Evaluation(_overlap_scorer, js, queries=["q1", "q2", "q3"]).metrics(better, base)
+    assert again == m1
+
+
+def test_evaluation_rejects_unknown_or_no_queries():
+    js = [Judgment(q, text, p, g) for q, text, p, g in JUDGMENTS]
+    with pytest.raises(ValueError, match="no judgments for 1 queries"):
+        Evaluation(_overlap_scorer, js, queries=["q1", "q9"])
+    with pytest.raises(ValueError, match="no queries"):
+        Evaluation(_overlap_scorer, js, queries=[])
+
+
+def test_read_summaries_and_named_arguments(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"product_id": "p1", "summary": "large"}\n\n'
+                    '{"product_id": "p2", "skipped": "no text"}\n')
+    assert read_summaries(path) == {"p1": "large", "p2": ""}
+    path.write_text('{"product_id": "p1", "summary": "large"}\n{"product_id": "p2"\n')
+    with pytest.raises(ValueError, match=r"s.jsonl:2: not JSON"):
+        read_summaries(path)
+    path.write_text('{"product_id": "p1", "summary": 3}\n')
+    with pytest.raises(ValueError, match=r"s.jsonl:1: a row needs a string 'summary'"):
+        read_summaries(path)
+    with pytest.raises(FileNotFoundError):
+        read_summaries(tmp_path / "none.jsonl")
+    assert parse_named(["a=x.jsonl", "b=y"], "--summaries") == {"a": "x.jsonl", "b": "y"}
+    for bad in (["x.jsonl"], ["=x"], ["a="], ["a=x", "a=y"]):
+        with pytest.raises(ValueError, match="--summaries"):
+            parse_named(bad, "--summaries")
+
+
+def test_evaluate_summaries_end_to_end(tmp_path, data_dir, tiny_ranker_dir, tiny_policy_dir):
+    hand = tmp_path / "hand.jsonl"
+    hand.write_text("".join(json.dumps({"product_id": pid, "summary": bullets}) + "\n"
+                            for pid, _, bullets in PRODUCTS))
+    out = tmp_path / "eval"
+    report = evaluate_summaries(out, ranker=str(tiny_ranker_dir), data=str(data_dir),
+                                summaries={"hand": str(hand)}, policies={"tiny": str(tiny_policy_dir)},
+                                split="all", desc_tokens=(2, 8), budget=4, max_product_tokens=16,
+                                batch_size=4, device="cpu", progress=False)
+    assert list(report["variants"]) == ["title", "title+desc2", "title+desc8", "title+hand", "title+tiny"]
+    assert report["n_queries"] == 3 and report["n_pairs"] == 6 and report["n_products"] == 6
+    assert "ndcg@10_delta" not in report["variants"]["title"]
+    assert all("ndcg@10_delta" in v for k, v in report["variants"].items() if k != "title")
+    assert json.loads((out / "report.json").read_text()) == report
+    assert "title+hand" in (out / "report.md").read_text() and (out / "ndcg.png").stat().st_size > 0
+    rows = [json.loads(x) for x in (out / "summaries-tiny.jsonl").read_text().splitlines()]
+    assert sorted(r["product_id"] for r in rows) == [p for p, _, _ in PRODUCTS]
+    assert all(0 < r["tokens"] <= 4 for r in rows)
+
+
+def test_evaluate_summaries_bad_input(tmp_path, data_dir, tiny_ranker_dir):
+    part = tmp_path / "part.jsonl"
+    part.write_text(json.dumps({"product_id": "p1", "summary": "x"}) + "\n")
+    with pytest.raises(ValueError, match="lack 5 of the 6 evaluated products"):
+        evaluate_summaries(tmp_path / "e", ranker=str(tiny_ranker_dir), data=str(data_dir),
+                           summaries={"part": str(part)}, split="all", device="cpu", plot=False)
+    with pytest.raises(FileNotFoundError, match="summaries 'gone'"):
+        evaluate_summaries(tmp_path / "e", ranker=str(tiny_ranker_dir), data=str(data_dir),
+                           summaries={"gone": str(tmp_path / "gone.jsonl")}, split="all", device="cpu")
+    with pytest.raises(ValueError, match="split must be"):
+        evaluate_summaries(tmp_path / "e", ranker=str(tiny_ranker_dir), split="test")
+    with pytest.raises(ValueError, match="both a summaries file and a policy"):
+        evaluate_summaries(tmp_path / "e", ranker=str(tiny_ranker_dir), summaries={"a": str(part)},
+                           policies={"a": "default"})
+
+
+def test_summarize_only_the_given_products(tmp_path, data_dir, tiny_policy_dir):
+    out = tmp_path / "s.jsonl"
+    summarize_catalog(out, policy=str(tiny_policy_dir), catalog=str(data_dir), budget=3,
+                      product_ids=["p4", "p2"], progress=False)
+    assert sorted(r["product_id"] for r in map(json.loads, out.read_text().splitlines())) == ["p2", "p4"]
+    with pytest.raises(ValueError, match="not in the catalog"):
+        summarize_catalog(out, policy=str(tiny_policy_dir), catalog=str(data_dir), product_ids=["p1", "zz"])
+
+
+def test_evaluate_cli(tmp_path, data_dir, tiny_ranker_dir, capsys):
+    from relsum_core.cli import main
+
+    hand = tmp_path / "hand.jsonl"
+    hand.write_text("".join(json.dumps({"product_id": pid, "summary": b}) + "\n" for pid, _, b in PRODUCTS))
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--ranker", str(tiny_ranker_dir), "--data", str(data_dir), "--out", str(out),
+                 "--summaries", f"hand={hand}", "--split", "all", "--desc-tokens", "4", "--device", "cpu",
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "| title+desc4 |" in printed and "| title+hand |" in printed
+    with pytest.raises(ValueError, match="NAME=PATH"):
+        main(["evaluate", "--ranker", str(tiny_ranker_dir), "--out", str(out), "--summaries", str(hand)])
