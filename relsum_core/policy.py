@@ -109,10 +109,12 @@ def load_policy(path: str | os.PathLike | None = None, *, device=None, dtype=tor
 
 
 # ---------------------------------------------------------------------------------- prompts
+# The product comes first and the question last: asked first, SmolLM2-135M copies the product line
+# ("Product: <title> ...") and adds nothing the ranker lacks; asked last, it writes a generic prose
+# summary, the starting point ReLSum's training is meant to move towards attributes.
 PROMPT = (
-    "List the searchable attributes of this product as a short comma-separated list "
-    "(product type, brand, material, size, quantity, features, compatibility), at most {budget} tokens, "
-    "no sentences.\n\nProduct: {product}"
+    "{product}\n\nWhat is this product made of, what size and quantity, and what features does it have? "
+    "Answer with a comma-separated list of keywords only, at most {budget} tokens."
 )
 
 

@@ -129,11 +129,12 @@ def test_adapt_beta_moves_towards_the_kl_target_by_a_clipped_step():
     # far off target: the error is clipped at +-20%, so one noisy step moves beta by at most 2%
     assert adapt_beta(0.04, 5.0, 0.10) == pytest.approx(0.04 * (1 + KL_GAIN * 0.2))
     assert adapt_beta(0.04, 0.0, 0.10) == pytest.approx(0.04 * (1 - KL_GAIN * 0.2))
+    assert adapt_beta(0.04, 0.0, 0.10, floor=0.04) == 0.04  # never weaker than the configured beta
 
 
 def test_kl_target_adapts_beta_logs_it_and_resume_restores_it(tmp_path, data_dir, tiny_policy_dir,
                                                               tiny_ranker_dir):
-    kw = dict(kl_target=1e-6, steps=2)
+    kw = dict(kl_target=1e-6, steps=3)
     straight = SummarizerTrainer(_cfg(tmp_path / "a", data_dir, tiny_policy_dir, tiny_ranker_dir, **kw))
     straight.train()
     rows = [json.loads(x) for x in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -142,14 +143,14 @@ def test_kl_target_adapts_beta_logs_it_and_resume_restores_it(tmp_path, data_dir
     expected = 0.1
     for r in train:
         assert r["beta"] == pytest.approx(expected)
-        expected = adapt_beta(expected, r["kl"], 1e-6)
+        expected = adapt_beta(expected, r["kl"], 1e-6, floor=0.1)
     assert straight.beta == pytest.approx(expected)
-    # step 1 samples from the reference itself (KL 0, below target: beta falls); step 2's KL is
-    # above the tiny target: beta rises again
-    assert train[1]["beta"] < 0.1
-    assert straight.beta > train[1]["beta"]
+    # step 1 samples from the reference itself (KL 0, below target: beta stays at its floor, the
+    # configured 0.1); step 2's KL is above the tiny target: beta rises by the clipped step
+    assert train[1]["beta"] == pytest.approx(0.1)
+    assert train[2]["beta"] == pytest.approx(0.1 * (1 + KL_GAIN * 0.2))
     first = SummarizerTrainer(_cfg(tmp_path / "b", data_dir, tiny_policy_dir, tiny_ranker_dir,
-                                   **{**kw, "steps": 1}))
+                                   **{**kw, "steps": 2}))
     first.train()
     resumed = SummarizerTrainer(_cfg(tmp_path / "b", data_dir, tiny_policy_dir, tiny_ranker_dir, **kw))
     assert resumed.beta == pytest.approx(first.beta) and resumed.beta != 0.1

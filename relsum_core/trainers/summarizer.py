@@ -64,7 +64,7 @@ class SummarizerConfig:
     warmup_steps: int = 5
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    beta: float = 0.04  # grpo: KL penalty weight (the starting value when kl_target is set)
+    beta: float = 0.04  # grpo: KL penalty weight (the start and floor when kl_target is set)
     kl_target: float | None = None  # grpo: adapt beta each step so the per-token KL tracks this
     dpo_beta: float = 0.1
     epsilon_low: float = 0.2
@@ -113,18 +113,20 @@ class SummarizerConfig:
             raise ValueError("products_per_step * group_size must be divisible by grad_accum")
 
 
-KL_GAIN = 0.1  # the controller's step: beta moves by at most 2% a step (Ziegler et al. 2019 use 0.1)
+KL_GAIN = 0.5  # the controller's step: beta moves by at most 10% a step
 
 
-def adapt_beta(beta: float, kl: float, target: float) -> float:
+def adapt_beta(beta: float, kl: float, target: float, floor: float = 0.0) -> float:
     """Proportional KL control: raise beta when the step's KL is above target, lower it below.
 
     A fixed beta lets the KL climb for as long as the reward keeps paying (it was still rising after
     47 steps of a CPU run); this bounds it.  The error is clipped to +-20% so one noisy step cannot
-    swing beta.
+    swing beta.  ``floor``: the trainer passes the configured beta, because the KL starts at 0 (the
+    policy is the reference) and a two-sided controller would first weaken the penalty and let the
+    policy run before the KL reached the target.
     """
     error = min(max(kl / target - 1.0, -0.2), 0.2)
-    return beta * (1.0 + KL_GAIN * error)
+    return max(floor, beta * (1.0 + KL_GAIN * error))
 
 
 def _split_products(judgments, cfg: SummarizerConfig) -> tuple[list[str], list[str]]:
@@ -293,7 +295,7 @@ class SummarizerTrainer:
         if cfg.algo == "grpo":
             row["beta"] = self.beta  # the weight this step's loss used
             if cfg.kl_target is not None:  # the global mean KL, so every process moves beta alike
-                self.beta = adapt_beta(self.beta, row["kl"], cfg.kl_target)
+                self.beta = adapt_beta(self.beta, row["kl"], cfg.kl_target, floor=cfg.beta)
         return {"step": self.step, "lr": self.sched.get_last_lr()[0], "grad_norm": float(grad_norm), **row}
 
     def _advantages(self, rewards: dict[str, np.ndarray]) -> np.ndarray:
