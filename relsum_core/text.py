@@ -48,7 +48,10 @@ def cut_to_tokens(text: str, tokenizer, max_tokens: int) -> str:
         raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
     if max_tokens == 0 or not text:
         return ""
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    # One token past the budget is enough to know where to cut (and long descriptions stay under the
+    # tokenizer's length warning).
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=True,
+                    max_length=max_tokens + 1)
     offsets = enc["offset_mapping"]
     if len(offsets) <= max_tokens:
         return text

@@ -30,3 +30,14 @@ def test_atomic_write_text_and_jsonl(tmp_path):
         log.write("eval", step=1)
     rows = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert [r["event"] for r in rows] == ["train", "eval"] and rows[0]["loss"] == 0.5
+
+
+def test_atomic_write_gives_a_plain_open_file_mode(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "r.md", "x")
+        assert (tmp_path / "r.md").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+    finally:
+        os.umask(umask)
