@@ -111,6 +111,8 @@ class Evaluation:
         bounds = np.cumsum([0] + [len(by_query[q]) for q in self.queries])
         self.slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
         self.grades = np.array([j.grade for j in self.pairs])
+        if not (self.grades > 0).any():  # every grade above I has a positive ESCI gain
+            raise ValueError("no evaluated query has a candidate graded above irrelevant: NDCG is undefined")
         rng = np.random.default_rng(seed)
         self.resamples = rng.integers(0, len(self.queries), size=(N_BOOTSTRAP, len(self.queries)))
 

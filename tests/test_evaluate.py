@@ -82,6 +82,8 @@ def test_evaluation_rejects_unknown_or_no_queries():
         Evaluation(_overlap_scorer, js, queries=["q1", "q9"])
     with pytest.raises(ValueError, match="no queries"):
         Evaluation(_overlap_scorer, js, queries=[])
+    with pytest.raises(ValueError, match="NDCG is undefined"):
+        Evaluation(_overlap_scorer, [Judgment("q", "x", "p1", 0), Judgment("q", "x", "p2", 0)], queries=["q"])
 
 
 def test_read_summaries_and_named_arguments(tmp_path):
