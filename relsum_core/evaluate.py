@@ -220,6 +220,9 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
     for name, path in summaries.items():
         if not Path(path).is_file():
             raise FileNotFoundError(f"summaries {name!r}: {path} does not exist")
+    # Read the given files before any policy runs, so a bad row fails in seconds, not after
+    # minutes of summarising.
+    given = {name: read_summaries(path) for name, path in summaries.items()}
     out = Path(out)
     catalog, judgments = load_dataset(data)
     queries = sorted({j.query_id for j in judgments})
@@ -228,6 +231,12 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
     ce = CrossEncoder.from_pretrained(ranker, device=device)
     ev = Evaluation(ce.predict, judgments, queries=queries)
 
+    for name, got in given.items():
+        lacking = [p for p in ev.product_ids if p not in got]
+        if lacking:
+            raise ValueError(f"summaries {name!r} ({summaries[name]}) lack {len(lacking)} of the "
+                             f"{len(ev.product_ids)} evaluated products, e.g. {lacking[:3]}")
+
     out.mkdir(parents=True, exist_ok=True)
     for name, policy in policies.items():
         path = out / f"summaries-{name}.jsonl"
@@ -235,18 +244,14 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
                           batch_size=batch_size, max_product_tokens=max_product_tokens,
                           product_ids=ev.product_ids, num_shards=1, shard=0, device=device, progress=progress)
         summaries[name] = str(path)
+        given[name] = read_summaries(path)  # covers every evaluated product (skipped ones map to "")
 
     titles = {p: normalise(catalog[p].title) for p in ev.product_ids}
     variants: dict[str, dict] = {"title": {"texts": titles}}
     for k in desc_tokens:
         variants[f"title+desc{k}"] = {"texts": {p: join_title(titles[p], cut_to_tokens(
             attributes_text(catalog[p]), ce.tokenizer, k)) for p in ev.product_ids}}
-    for name, path in summaries.items():
-        got = read_summaries(path)
-        lacking = [p for p in ev.product_ids if p not in got]
-        if lacking:
-            raise ValueError(f"summaries {name!r} ({path}) lack {len(lacking)} of the {len(ev.product_ids)} "
-                             f"evaluated products, e.g. {lacking[:3]}")
+    for name, got in given.items():
         variants[f"title+{name}"] = {
             "texts": {p: join_title(titles[p], normalise(got[p])) for p in ev.product_ids},
             "mean_words": float(np.mean([len(got[p].split()) for p in ev.product_ids]))}

@@ -131,6 +131,12 @@ def test_evaluate_summaries_bad_input(tmp_path, data_dir, tiny_ranker_dir):
     with pytest.raises(ValueError, match="lack 5 of the 6 evaluated products"):
         evaluate_summaries(tmp_path / "e", ranker=str(tiny_ranker_dir), data=str(data_dir),
                            summaries={"part": str(part)}, split="all", device="cpu", plot=False)
+    # a bad file fails before any policy runs (this policy path does not even exist)
+    with pytest.raises(ValueError, match="lack 5 of the 6"):
+        evaluate_summaries(tmp_path / "e", ranker=str(tiny_ranker_dir), data=str(data_dir),
+                           summaries={"part": str(part)}, policies={"p": str(tmp_path / "no_policy")},
+                           split="all", device="cpu", plot=False)
+    assert not (tmp_path / "e" / "summaries-p.jsonl").exists()
     with pytest.raises(FileNotFoundError, match="summaries 'gone'"):
         evaluate_summaries(tmp_path / "e", ranker=str(tiny_ranker_dir), data=str(data_dir),
                            summaries={"gone": str(tmp_path / "gone.jsonl")}, split="all", device="cpu")
