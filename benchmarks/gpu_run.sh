@@ -3,7 +3,8 @@
 #   GPU correctness tests of the Triton kernels, then the GPU benchmarks; every section has its own
 #   time limit so one hang cannot eat the lease.  Results go to $OUT (or benchmarks/results/gpu-<date>
 #   when OUT is unset): summary.md (the tables) and results.tgz (JSON, logs).
-# Usage: benchmarks/gpu_run.sh [section ...]   sections: tests logprob ranker encoder_kernels sampling rl_step
+# Usage: benchmarks/gpu_run.sh [section ...]
+#   sections: tests logprob ranker profile encoder_kernels sampling rl_step
 # Peers that the image lacks travel as wheels in .whl/ (git-ignored), fetched beforehand with
 #   pip download --no-deps -d .whl cut-cross-entropy==25.1.1 liger-kernel==0.8.5
 # and MiniLM's tokenizer (the benchmarks' texts; its 90 MB weights are not needed) in .minilm/:
@@ -38,7 +39,8 @@ declare -A baselines=(
     [rl_step]="hf"
 )
 # seconds; RELSUM_GPU_LIMIT_<SECTION> overrides one (the default sections fit a ~7-minute lease)
-declare -A limits=([tests]=80 [logprob]=90 [ranker]=200 [encoder_kernels]=40 [sampling]=130 [rl_step]=150)
+declare -A limits=([tests]=80 [logprob]=90 [ranker]=200 [profile]=100 [encoder_kernels]=40 [sampling]=130
+                   [rl_step]=150)
 for k in "${!limits[@]}"; do
     v="RELSUM_GPU_LIMIT_${k^^}"; [ -n "${!v:-}" ] && limits[$k]=${!v}
 done
@@ -73,16 +75,21 @@ bench() {  # suite name
 }
 
 sections=("$@")
-# most wanted first, so a lease that runs out loses the least.  rl_step and sampling met their
-# targets on the H200 (results/gpu-h200) and run only when named; the ranker's latency rows and
-# fused_logprob's gradient filtering are still unmeasured.
-[ ${#sections[@]} -gt 0 ] || sections=(ranker logprob tests encoder_kernels)
+# most wanted first, so a lease that runs out loses the least.  rl_step, sampling and
+# encoder_kernels were measured on the H200 (results/gpu-h200) and run only when named; the ranker's
+# latency rows, where its throughput time goes (profile) and fused_logprob's gradient filtering are
+# still unmeasured.
+[ ${#sections[@]} -gt 0 ] || sections=(ranker profile logprob tests)
 for s in "${sections[@]}"; do
     case $s in
         tests)
             section tests python3 -m pytest -q -n 8 --timeout=120 tests/test_logprob.py tests/test_varlen_attention.py \
                 tests/test_encoder_epilogues.py tests/test_encoder.py tests/test_ranker.py tests/test_policy.py tests/test_decode.py
             grep -E "passed|failed|error" "$work/tests.log" | tail -n 3 >>"$summary" ;;
+        profile)  # per-kernel time of relsum's forward and the strong peer's (where the tie comes from)
+            section profile python3 benchmarks/profile_ranker.py --out "$work/profile.md"
+            [ -s "$work/profile.md" ] && grep -E "^(##|\| (wall|kernel|gemm|relsum|attention|inductor))" \
+                "$work/profile.md" >>"$summary" ;;
         sampling)
             section sampling python3 benchmarks/sampling_gpu_check.py --out "$work/sampling.json"
             tail -n 15 "$work/sampling.log" >>"$summary" ;;
