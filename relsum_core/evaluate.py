@@ -23,7 +23,6 @@ Output folder: ``report.json``, ``report.md``, ``ndcg.png`` and, for ``--policy`
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -31,32 +30,12 @@ import numpy as np
 
 from relsum_core.data import ESCI_GRADES, group_by_query, load_dataset, split_queries
 from relsum_core.io import atomic_write_bytes, atomic_write_text
-from relsum_core.metrics import ndcg_at_k
+from relsum_core.metrics import ndcg_at_k, recall_at_precision
 from relsum_core.text import attributes_text, cut_to_tokens, join_title, normalise
 
 N_BOOTSTRAP = 1000
 PRECISION_TARGET = 0.9
 POSITIVE_GRADE = ESCI_GRADES["E"]
-
-
-def recall_at_precision(scores: Sequence[float], positive: Sequence[bool], precision: float = PRECISION_TARGET
-                        ) -> float:
-    """The largest recall of a score threshold whose precision is at least ``precision``; 0 if none.
-
-    Tied scores go in or out together, as a threshold takes them.
-    """
-    s = np.asarray(scores, dtype=np.float64)
-    pos = np.asarray(positive, dtype=bool)
-    n_pos = int(pos.sum())
-    if n_pos == 0:
-        return math.nan
-    order = np.argsort(-s, kind="stable")
-    s, pos = s[order], pos[order]
-    tp = np.cumsum(pos)
-    n = np.arange(1, len(s) + 1)
-    last_of_tie = np.r_[s[1:] != s[:-1], True]  # a threshold can only cut after a run of equal scores
-    ok = last_of_tie & (tp / n >= precision)
-    return float(tp[ok].max() / n_pos) if ok.any() else 0.0
 
 
 def read_summaries(path: str | Path) -> dict[str, str]:
@@ -125,7 +104,7 @@ class Evaluation:
 
     def _recall(self, scores: np.ndarray, queries: np.ndarray) -> float:
         rows = np.concatenate([np.arange(self.slices[q].start, self.slices[q].stop) for q in queries])
-        return recall_at_precision(scores[rows], self.grades[rows] >= POSITIVE_GRADE)
+        return recall_at_precision(scores[rows], self.grades[rows] >= POSITIVE_GRADE, PRECISION_TARGET)
 
     def metrics(self, scores: np.ndarray, base: np.ndarray | None = None) -> dict[str, float]:
         out: dict[str, float] = {}

@@ -13,6 +13,10 @@ Definition::
   which gives many candidates the score 0, needs this to be compared fairly.
 * A query whose candidates all have gain 0 has no defined NDCG: its value is NaN and the mean
   skips it (``mean_ndcg`` reports how many queries it averaged).
+
+``recall_at_precision``: the recall a single score threshold over all pairs (of every query) reaches
+at a given precision, ReLSum's "recall at 90% precision".  Unlike NDCG it needs scores that mean the
+same across queries: a ranker trained only listwise gets close to 0 here whatever its NDCG.
 """
 
 from __future__ import annotations
@@ -93,3 +97,22 @@ def mean_ndcg(
     """(mean NDCG@k over queries with a defined value, number of such queries)."""
     values = [v for v in per_query_ndcg(scores, grades, k, gains).values() if not math.isnan(v)]
     return (float(np.mean(values)) if values else math.nan), len(values)
+
+
+def recall_at_precision(scores: Sequence[float], positive: Sequence[bool], precision: float = 0.9) -> float:
+    """The largest recall of a score threshold whose precision is at least ``precision``; 0 if none,
+    NaN without positives.  Tied scores go in or out together, as a threshold takes them."""
+    s = np.asarray(scores, dtype=np.float64)
+    pos = np.asarray(positive, dtype=bool)
+    if s.shape != pos.shape:
+        raise ValueError(f"scores {s.shape} and positive {pos.shape} must have one shape")
+    n_pos = int(pos.sum())
+    if n_pos == 0:
+        return math.nan
+    order = np.argsort(-s, kind="stable")
+    s, pos = s[order], pos[order]
+    tp = np.cumsum(pos)
+    n = np.arange(1, len(s) + 1)
+    last_of_tie = np.r_[s[1:] != s[:-1], True]  # a threshold can only cut after a run of equal scores
+    ok = last_of_tie & (tp / n >= precision)
+    return float(tp[ok].max() / n_pos) if ok.any() else 0.0

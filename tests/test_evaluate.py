@@ -5,13 +5,8 @@ import numpy as np
 import pytest
 
 from relsum_core.data import Judgment
-from relsum_core.evaluate import (
-    Evaluation,
-    evaluate_summaries,
-    parse_named,
-    read_summaries,
-    recall_at_precision,
-)
+from relsum_core.evaluate import Evaluation, evaluate_summaries, parse_named, read_summaries
+from relsum_core.metrics import recall_at_precision
 from relsum_core.summarize import summarize_catalog
 
 PRODUCTS = [  # id, title, bullets

@@ -17,6 +17,7 @@ from relsum_core.trainers.ranker import (
     listwise_loss,
     make_groups,
     make_pseudo_groups,
+    pointwise_loss,
     pseudo_query,
     save_checkpoint,
 )
@@ -118,7 +119,10 @@ def test_train_ranker_end_to_end(tmp_path, tiny_base, capsys):
             for k in (5, 10):
                 assert 0.0 <= row[f"{variant}/ndcg@{k}"] <= 1.0
             assert row[f"{variant}/n_queries"] == 2
+            r = row[f"{variant}/recall@p90"]
+            assert math.isnan(r) or 0.0 <= r <= 1.0
     assert "| BM25 (bm25s) |" in (out / "report.md").read_text()
+    assert "R@P90" in (out / "report.md").read_text()
 
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     events = [x["event"] for x in lines]
@@ -126,6 +130,8 @@ def test_train_ranker_end_to_end(tmp_path, tiny_base, capsys):
     train = [x for x in lines if x["event"] == "train"]
     assert train and all({"step", "loss", "lr", "epoch"} <= set(x) for x in train)
     assert all(math.isfinite(x["loss"]) and x["lr"] >= 0 for x in train)
+    # weight 0 (the default): the pointwise loss is logged but not trained on
+    assert all(x["loss"] == pytest.approx(x["listwise_loss"]) and x["pointwise_loss"] > 0 for x in train)
     assert [x["step"] for x in train] == sorted(x["step"] for x in train)
     evals = [x for x in lines if x["event"] == "eval"]
     assert len(evals) == 2 and all("title+64/ndcg@10" in x for x in evals)
@@ -226,3 +232,34 @@ def test_train_ranker_with_pseudo_warmup_and_frozen_layers(tmp_path, tiny_base):
     layer, base_layer = tuned.bert.encoder.layer, base.encoder.layer
     assert torch.equal(layer[0].output.dense.weight, base_layer[0].output.dense.weight)
     assert not torch.equal(layer[1].output.dense.weight, base_layer[1].output.dense.weight)
+
+
+def test_pointwise_loss_by_hand():
+    # grades E, S, I -> targets 1, 0, 0 (only an exact match is relevant)
+    s = torch.tensor([0.0, 2.0, -1.0])
+    want = (math.log(2.0) + math.log1p(math.exp(2.0)) + math.log1p(math.exp(-1.0))) / 3
+    assert pointwise_loss(s, torch.tensor([3, 2, 0])).item() == pytest.approx(want, rel=1e-6)
+    # it moves scores on their own, not relative to the group: a shift changes it, unlike ListNet
+    g = torch.tensor([3, 0, 1])
+    assert pointwise_loss(s + 1.0, g).item() != pytest.approx(pointwise_loss(s, g).item())
+    assert listwise_loss(s + 1.0, g, torch.zeros(3, dtype=torch.long)).item() == pytest.approx(
+        listwise_loss(s, g, torch.zeros(3, dtype=torch.long)).item(), abs=1e-6)
+
+
+def test_train_ranker_pointwise_weight(tmp_path, tiny_base):
+    out = tmp_path / "run"
+    args = ["train-ranker", "--base", str(tiny_base), "--out", str(out), "--max-queries", "6",
+            "--val-fraction", "0.34", "--epochs", "1", "--max-steps", "3", "--batch-size", "2",
+            "--group-size", "4", "--max-attr-tokens", "8", "--max-length", "48", "--no-progress",
+            "--pseudo-steps", "0"]
+    main(args + ["--pointwise-weight", "2.5"])
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in lines if x["event"] == "train"]
+    assert train
+    for x in train:
+        assert x["loss"] == pytest.approx(x["listwise_loss"] + 2.5 * x["pointwise_loss"], rel=1e-5)
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["pointwise_weight"] == 2.5
+    for bad in ("-1", "nan"):
+        with pytest.raises(ValueError, match="pointwise_weight must be a finite number >= 0"):
+            main(args[:4] + [str(tmp_path / f"bad{bad}")] + args[5:] + ["--pointwise-weight", bad])

@@ -2,8 +2,9 @@
 
 One run: split queries into train/validation, score the baselines (BM25, untuned encoder cosine)
 on validation, fine-tune a ``BertForSequenceClassification`` (one logit) on ``query [SEP] title |
-random attribute prefix`` with a listwise loss, evaluate NDCG on validation after each epoch, keep
-the best checkpoint, and write ``metrics.jsonl``, ``report.json`` and ``report.md``.
+random attribute prefix`` with a listwise loss (plus, optionally, a pointwise one that calibrates
+the scores across queries), evaluate NDCG and recall at 90% precision on validation after each
+epoch, keep the best checkpoint, and write ``metrics.jsonl``, ``report.json`` and ``report.md``.
 
 Output directory::
 
@@ -28,15 +29,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from relsum_core.data import Judgment, Product, group_by_query, load_dataset, split_queries
+from relsum_core.data import ESCI_GRADES, Judgment, Product, group_by_query, load_dataset, split_queries
 from relsum_core.io import JsonlLog, atomic_write_dir, atomic_write_text
-from relsum_core.metrics import gains_of, mean_ndcg
+from relsum_core.metrics import gains_of, mean_ndcg, recall_at_precision
 from relsum_core.text import PrefixSampler, product_text
 
 # Validation text variants: (name, attribute-token budget).
 EVAL_VARIANTS = (("title", 0), ("title+64", 64))
 SELECT_VARIANT = "title+64"  # the budgeted text a summary will fill; best checkpoint by its NDCG@10
 KS = (5, 10)
+POSITIVE_GRADE = ESCI_GRADES["E"]  # recall@p90 and the pointwise loss: an exact match is relevant
 
 
 @dataclass
@@ -57,6 +59,7 @@ class RankerTrainConfig:
     val_fraction: float = 0.2
     max_attr_tokens: int = 64  # training prefixes are 0..max_attr_tokens attribute tokens
     targets: str = "grade"  # listwise targets: softmax(grade) or proportional to ESCI gains
+    pointwise_weight: float = 0.0  # weight of the E-vs-rest logistic loss added to the listwise one
     max_length: int = 144  # pair length cap; query + title (<=64) + 64 attributes rarely reach it
     freeze_layers: int = 0  # keep the embeddings and the first N encoder layers at the base weights
     pseudo_steps: int = 240  # warm-up steps on title pseudo-queries before the graded fine-tuning
@@ -115,6 +118,17 @@ def listwise_loss(scores: torch.Tensor, grades: torch.Tensor, group_ids: torch.T
         total = total - (target * torch.log_softmax(scores[m], dim=0)).sum()
         used += 1
     return total / max(used, 1)
+
+
+def pointwise_loss(scores: torch.Tensor, grades: torch.Tensor) -> torch.Tensor:
+    """Logistic loss of "this pair is an exact match (E)": sigmoid(score) becomes P(E).
+
+    ListNet only sees score differences within one query, so its scores carry no meaning across
+    queries: a single threshold cannot find the exact matches (recall at 90% precision near 0),
+    and the reward's sigmoid(score) is an arbitrary number.  This term pins the scale.
+    """
+    return torch.nn.functional.binary_cross_entropy_with_logits(
+        scores.float(), (grades >= POSITIVE_GRADE).float())
 
 
 def make_groups(
@@ -249,7 +263,7 @@ class ValSet:
         out = {}
         for name, _ in EVAL_VARIANTS:
             scores = {q: score_fn(self.queries[q], self.texts[name][q]) for q in self.query_ids}
-            out.update(self._ndcg(name, scores))
+            out.update(self._metrics(name, scores))
         return out
 
     def evaluate_pairs(self, predict: Callable[[list[tuple[str, str]]], np.ndarray]) -> dict[str, float]:
@@ -263,15 +277,19 @@ class ValSet:
                 n = len(self.grades[q])
                 scores[q] = flat[i : i + n]
                 i += n
-            out.update(self._ndcg(name, scores))
+            out.update(self._metrics(name, scores))
         return out
 
-    def _ndcg(self, name, scores) -> dict[str, float]:
+    def _metrics(self, name, scores) -> dict[str, float]:
         out = {}
         for k in KS:
             value, n = mean_ndcg(scores, self.grades, k)
             out[f"{name}/ndcg@{k}"] = value
         out[f"{name}/n_queries"] = n
+        # One threshold over every query's pairs, as a serving cut-off would be.
+        flat = np.concatenate([np.asarray(scores[q], dtype=np.float64) for q in self.query_ids])
+        positive = np.array([g >= POSITIVE_GRADE for q in self.query_ids for g in self.grades[q]])
+        out[f"{name}/recall@p90"] = recall_at_precision(flat, positive, 0.9)
         return out
 
 
@@ -302,17 +320,21 @@ def markdown_table(report: dict) -> str:
         f"{split['val_queries']} validation queries ({split['val_pairs']} pairs); "
         f"trained on {split['train_queries']} queries ({split['train_pairs']} pairs).",
         "",
-        "| scorer | title NDCG@5 | title NDCG@10 | title+64 NDCG@5 | title+64 NDCG@10 |",
-        "|---|---|---|---|---|",
+        "| scorer | title NDCG@5 | title NDCG@10 | title+64 NDCG@5 | title+64 NDCG@10 | title+64 R@P90 |",
+        "|---|---|---|---|---|---|",
     ]
     for name, m in rows.items():
         cells = [_fmt(m[f"{v}/ndcg@{k}"]) for v, _ in EVAL_VARIANTS for k in KS]
+        cells.append(_fmt(m.get(f"{SELECT_VARIANT}/recall@p90")))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
         f"Fine-tuned checkpoint: step {report['best']['step']} of {report['steps']}, selected by "
         f"validation {SELECT_VARIANT} NDCG@10 (so its row is mildly optimistic)."
     )
+    lines.append("")
+    lines.append("R@P90: recall of exact matches (E) at 90% precision, one score threshold over all "
+                 "validation pairs; it needs scores comparable across queries (`--pointwise-weight`).")
     return "\n".join(lines) + "\n"
 
 
@@ -408,6 +430,8 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
 
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.group_size < 2 or (cfg.max_steps or 1) < 1:
         raise ValueError("epochs, batch_size and max_steps must be >= 1 and group_size >= 2")
+    if not (math.isfinite(cfg.pointwise_weight) and cfg.pointwise_weight >= 0):
+        raise ValueError(f"pointwise_weight must be a finite number >= 0, got {cfg.pointwise_weight}")
     t_start = time.time()
     _seed_all(cfg.seed)
     out = Path(cfg.out)
@@ -495,7 +519,9 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
             scores = _train_scores(model, tokenizer, pairs, cfg.max_length, device)
             grades = torch.tensor([j.grade for j in flat], device=device)
             group_ids = torch.tensor([i for i, g in enumerate(batch) for _ in g], device=device)
-            loss = listwise_loss(scores, grades, group_ids, cfg.targets)
+            listwise = listwise_loss(scores, grades, group_ids, cfg.targets)
+            pointwise = pointwise_loss(scores, grades)
+            loss = listwise + cfg.pointwise_weight * pointwise if cfg.pointwise_weight else listwise
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -511,6 +537,8 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
                     step=step,
                     epoch=epoch,
                     loss=loss.item(),
+                    listwise_loss=listwise.item(),
+                    pointwise_loss=pointwise.item(),  # logged even at weight 0: how calibrated
                     lr=scheduler.get_last_lr()[0],  # encoder (first group: embeddings come first)
                     grad_norm=float(grad_norm),
                     pairs=pairs_seen,
