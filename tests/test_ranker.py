@@ -311,6 +311,29 @@ def test_packed_batch_layout():
     assert b.token_type_ids.tolist() == [0, 0, 0, 1, 1, 0, 0, 1]
     assert b.position_ids.tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
     assert b.cu_seqlens.tolist() == [0, 5, 8] and b.cu_seqlens.dtype == torch.int32 and b.max_seqlen == 5
+    # pad sequences: the same as appending pad-id sequences whose tokens are all type 0
+    seqs = [([101, 5, 102, 7, 102], 3), ([101, 102, 102], 2)]
+    padded = PackedBatch(seqs, pad_lens=[2, 6], pad_id=9)
+    listed = PackedBatch(seqs + [([9] * 2, 2), ([9] * 6, 6)])
+    for name in ("input_ids", "token_type_ids", "position_ids", "cu_seqlens"):
+        assert torch.equal(getattr(padded, name), getattr(listed, name)), name
+    assert padded.lens == [5, 3, 2, 6] and padded.max_seqlen == 6
+    assert padded.token_type_ids[8:].tolist() == [0] * 8
+    with pytest.raises(ValueError, match="no empty sequences"):
+        PackedBatch(seqs, pad_lens=[0])
+    with pytest.raises(ValueError, match="at least one sequence"):
+        PackedBatch([])
+
+
+def test_geometric_buckets():
+    tb = _geometric(256, 65536, 2 ** 0.25, multiple=64)
+    assert tb[0] == 256 and tb[-1] == 65536 and len(set(tb)) == len(tb) == 33
+    assert all(b % 64 == 0 for b in tb) and list(tb) == sorted(tb)
+    assert {1024, 2048, 4096, 8192} <= set(tb)  # no float drift past a power of two
+    assert max(b / a for a, b in zip(tb, tb[1:])) <= 1.25  # 2**0.25 = 1.19, plus rounding to 64
+    assert _geometric(256, 65536, 2 ** 0.5)[8] == 4096
+    assert _geometric(8, 2100, 2.0) == (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 2100)
+    assert _geometric(256, 300, 1.5, multiple=64) == (256, 300)  # never past hi
 
 
 def test_plan_bucket_properties():
@@ -358,6 +381,12 @@ def test_reranker_guards(tiny):
         Reranker(tiny, cuda_graphs=True)
     with pytest.raises(ValueError, match="too small"):
         Reranker(tiny, max_tokens=256, max_candidates=1024)
+    for ratio in (1.0, 0.5, 8.0, float("nan")):
+        with pytest.raises(ValueError, match="bucket_ratio"):
+            Reranker(tiny, bucket_ratio=ratio)
+    with pytest.raises(ValueError, match="max_candidates"):
+        Reranker(tiny, max_candidates=0)
+    assert all(b % 64 == 0 for b in Reranker(tiny).token_buckets[:-1])
     # Captured graphs bake in weight addresses: an in-place edit must change the key that drops them.
     rr = Reranker(tiny)
     before = rr._current_weights_key()
