@@ -114,7 +114,8 @@ def _summarize(args: argparse.Namespace) -> int:
     path = summarize_catalog(args.out, policy=args.policy, catalog=args.catalog, budget=args.budget,
                              batch_size=args.batch_size, temperature=args.temperature, seed=args.seed,
                              max_product_tokens=args.max_product_tokens, shard=args.shard,
-                             num_shards=args.num_shards, device=args.device, progress=not args.no_progress)
+                             num_shards=args.num_shards, device=args.device, progress=not args.no_progress,
+                             task=args.task)
     print(f"summaries in {path}")
     return 0
 
@@ -141,6 +142,8 @@ def _add_summarize(sub) -> None:
     p.add_argument("--catalog", default=None, help="products JSONL(.gz) or data dir (default: bundled)")
     p.add_argument("--out", required=True, help="output JSONL (shards add .shardKKK-of-NNN)")
     p.add_argument("--budget", type=int, default=32)
+    p.add_argument("--task", choices=["summary", "doc2query"], default="summary",
+                   help="write attribute summaries, or search queries for each product (Doc2Query)")
     p.add_argument("--max-product-tokens", type=int, default=384,
                    help="product text given to the policy (use the training run's value)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -158,7 +161,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     evaluate_summaries(
         args.out, ranker=args.ranker, data=args.data, summaries=parse_named(args.summaries, "--summaries"),
-        policies=parse_named(args.policy, "--policy"), split=args.split, val_fraction=args.val_fraction,
+        policies=parse_named(args.policy, "--policy"), doc2query=parse_named(args.doc2query, "--doc2query"),
+        split=args.split, val_fraction=args.val_fraction,
         split_seed=args.split_seed, desc_tokens=args.desc_tokens, budget=args.budget,
         max_product_tokens=args.max_product_tokens, batch_size=args.batch_size, device=args.device,
         progress=not args.no_progress)
@@ -177,14 +181,18 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--policy", action="append", default=[], metavar="NAME=DIR",
                    help="summarise the evaluated products with this policy first ('default' = packaged "
                    "SmolLM2; repeatable)")
+    p.add_argument("--doc2query", action="append", default=[], metavar="NAME=DIR",
+                   help="the Doc2Query baseline: this policy writes search queries for each evaluated "
+                   "product, scored as title + queries ('default' = packaged SmolLM2; repeatable)")
     p.add_argument("--split", choices=["validation", "all"], default="validation",
                    help="the validation queries of the training split, or every query")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--split-seed", type=int, default=0, help="the seed the ranker and summarizer split with")
     p.add_argument("--desc-tokens", type=int, nargs="+", default=[32],
                    help="title + the first K description tokens, one variant per K")
-    p.add_argument("--budget", type=int, default=32, help="--policy: summary tokens")
-    p.add_argument("--max-product-tokens", type=int, default=128, help="--policy: product text tokens")
+    p.add_argument("--budget", type=int, default=32, help="--policy / --doc2query: generated tokens")
+    p.add_argument("--max-product-tokens", type=int, default=128,
+                   help="--policy / --doc2query: product text tokens")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")

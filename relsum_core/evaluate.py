@@ -8,7 +8,9 @@ variant, and each variant gets the numbers ReLSum reports:
   the "just truncate the description" baseline at the summary's budget;
 * one ``title+<name>`` per summaries file (or per policy, summarised here first): the title plus
   that summary, joined exactly as the reward joins them.  A product the file skipped (no text) keeps
-  its title alone.
+  its title alone;
+* Doc2Query: one ``title+<name>`` per ``doc2query`` policy, the title plus search queries the policy
+  wrote for the product (same budget), the expansion ReLSum compares summaries with.
 
 Metrics: NDCG@5 and NDCG@10 (ESCI gains, mean over queries) and recall at 90% precision (pairs graded
 E are positives; one score threshold over all pairs, as a serving cut-off would be).  Each comes
@@ -16,8 +18,8 @@ with a 95% bootstrap interval over queries, and each variant's NDCG with the pai
 ``title`` and its interval (the same resampled queries for both), since 22 queries make the
 unpaired intervals wide.
 
-Output folder: ``report.json``, ``report.md``, ``ndcg.png`` and, for ``--policy`` entries,
-``summaries-<name>.jsonl`` (resumable, like ``relsum summarize``).
+Output folder: ``report.json``, ``report.md``, ``ndcg.png`` and, for ``--policy`` / ``--doc2query``
+entries, ``summaries-<name>.jsonl`` (resumable, like ``relsum summarize``).
 """
 
 from __future__ import annotations
@@ -176,22 +178,25 @@ def _plot(report: dict, path: Path) -> None:
 
 def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
                        summaries: Mapping[str, str] | None = None, policies: Mapping[str, str] | None = None,
-                       split: str = "validation", val_fraction: float = 0.2, split_seed: int = 0,
+                       doc2query: Mapping[str, str] | None = None, split: str = "validation",
+                       val_fraction: float = 0.2, split_seed: int = 0,
                        desc_tokens: Sequence[int] = (32,), budget: int = 32, max_product_tokens: int = 128,
                        batch_size: int = 16, device=None, progress: bool = True, plot: bool = True) -> dict:
     """Score the variants and write report.json / report.md (/ ndcg.png); returns the report.
 
     ``summaries``: name -> a ``relsum summarize`` JSONL; ``policies``: name -> policy folder
     (``"default"`` = the packaged SmolLM2) to summarise the evaluated products with first, greedily,
-    under ``budget`` tokens from ``max_product_tokens`` of product text (use the run's own settings).
+    under ``budget`` tokens from ``max_product_tokens`` of product text (use the run's own settings);
+    ``doc2query``: name -> policy folder that writes search queries for each product instead.
     """
     from relsum_core.ranker import CrossEncoder
     from relsum_core.summarize import summarize_catalog
 
-    summaries, policies = dict(summaries or {}), dict(policies or {})
-    clash = set(summaries) & set(policies)
+    summaries, policies, doc2query = dict(summaries or {}), dict(policies or {}), dict(doc2query or {})
+    names = list(summaries) + list(policies) + list(doc2query)
+    clash = sorted({n for n in names if names.count(n) > 1})
     if clash:
-        raise ValueError(f"names used for both a summaries file and a policy: {sorted(clash)}")
+        raise ValueError(f"names used for more than one of summaries files / policies / doc2query: {clash}")
     if split not in ("validation", "all"):
         raise ValueError(f"split must be 'validation' or 'all', got {split!r}")
     if any(k < 1 for k in desc_tokens):
@@ -217,11 +222,14 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
                              f"{len(ev.product_ids)} evaluated products, e.g. {lacking[:3]}")
 
     out.mkdir(parents=True, exist_ok=True)
-    for name, policy in policies.items():
+    tasks = [(name, policy, "summary") for name, policy in policies.items()]
+    tasks += [(name, policy, "doc2query") for name, policy in doc2query.items()]
+    for name, policy, task in tasks:
         path = out / f"summaries-{name}.jsonl"
         summarize_catalog(path, policy=None if policy == "default" else policy, catalog=data, budget=budget,
                           batch_size=batch_size, max_product_tokens=max_product_tokens,
-                          product_ids=ev.product_ids, num_shards=1, shard=0, device=device, progress=progress)
+                          product_ids=ev.product_ids, num_shards=1, shard=0, device=device, progress=progress,
+                          task=task)
         summaries[name] = str(path)
         given[name] = read_summaries(path)  # covers every evaluated product (skipped ones map to "")
 

@@ -116,6 +116,13 @@ PROMPT = (
     "{product}\n\nWhat is this product made of, what size and quantity, and what features does it have? "
     "Answer with a comma-separated list of keywords only, at most {budget} tokens."
 )
+# Doc2Query, the other expansion ReLSum compares: queries a shopper would type, appended to the title
+# instead of a summary.  Same product text, same budget.
+DOC2QUERY_PROMPT = (
+    "{product}\n\nWrite four different search queries a shopper might type to find this product, one "
+    "per line, at most {budget} tokens in all."
+)
+PROMPTS = {"summary": PROMPT, "doc2query": DOC2QUERY_PROMPT}
 
 
 def policy_product_text(product: Product, tokenizer, max_tokens: int = PRODUCT_TOKENS) -> str:
@@ -128,12 +135,15 @@ def policy_product_text(product: Product, tokenizer, max_tokens: int = PRODUCT_T
 
 
 def build_prompt(product: Product, tokenizer, *, budget: int = SUMMARY_BUDGET,
-                 max_product_tokens: int = PRODUCT_TOKENS) -> str:
-    """The chat-formatted prompt asking for the product's searchable attributes."""
+                 max_product_tokens: int = PRODUCT_TOKENS, task: str = "summary") -> str:
+    """The chat-formatted prompt: the product's searchable attributes (``task="summary"``) or
+    queries that should find it (``"doc2query"``)."""
+    if task not in PROMPTS:
+        raise ValueError(f"unknown task {task!r}; choose one of {sorted(PROMPTS)}")
     if budget <= 0:
         raise ValueError(f"summary budget must be > 0 tokens, got {budget}")
     text = policy_product_text(product, tokenizer, max_product_tokens)
-    messages = [{"role": "user", "content": PROMPT.format(budget=budget, product=text)}]
+    messages = [{"role": "user", "content": PROMPTS[task].format(budget=budget, product=text)}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 

@@ -1,10 +1,13 @@
 """Summaries for a whole catalog (``relsum summarize``): JSONL out, resumable, sharded.
 
 Each output line is ``{"product_id", "title", "summary", "tokens"}`` (or ``"skipped"`` with the
-reason for a product with no text).  Products are taken in id order and shard ``k`` of ``n`` takes
-every n-th one, so shards partition the catalog; ``n`` and ``k`` default to torchrun's
-``WORLD_SIZE``/``RANK``.  A rerun reads what the file already holds and summarises only the rest;
-a line cut short by a crash is dropped first, so nothing written is lost or duplicated.
+reason for a product with no text).  With ``task="doc2query"`` the "summary" holds generated search
+queries instead (the Doc2Query baseline), and each line says ``"task": "doc2query"``.
+
+Products are taken in id order and shard ``k`` of ``n`` takes every n-th one, so shards partition
+the catalog; ``n`` and ``k`` default to torchrun's ``WORLD_SIZE``/``RANK``.  A rerun reads what the
+file already holds and summarises only the rest; a line cut short by a crash is dropped first, so
+nothing written is lost or duplicated.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import os
 from pathlib import Path
 
 from relsum_core.data import load_catalog
-from relsum_core.policy import SUMMARY_BUDGET, build_prompt, load_policy, sample
+from relsum_core.policy import PROMPTS, SUMMARY_BUDGET, build_prompt, load_policy, sample
 
 
 def shard_path(out: str | os.PathLike, shard: int, num_shards: int) -> Path:
@@ -40,7 +43,7 @@ def summarize_catalog(out: str | os.PathLike, *, policy: str | None = None, cata
                       budget: int = SUMMARY_BUDGET, batch_size: int = 16, temperature: float = 0.0,
                       seed: int = 0, max_product_tokens: int = 384, product_ids=None,
                       shard: int | None = None, num_shards: int | None = None, device=None,
-                      progress: bool = True) -> Path:
+                      progress: bool = True, task: str = "summary") -> Path:
     """Summarise the catalog (or only ``product_ids`` of it) into ``out``; returns the file written."""
     from tqdm.auto import tqdm
 
@@ -52,6 +55,8 @@ def summarize_catalog(out: str | os.PathLike, *, policy: str | None = None, cata
         raise ValueError(f"summary budget must be > 0 tokens, got {budget}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if task not in PROMPTS:
+        raise ValueError(f"unknown task {task!r}; choose one of {sorted(PROMPTS)}")
     products = load_catalog(catalog)
     wanted = sorted(products)
     if product_ids is not None:
@@ -74,15 +79,16 @@ def summarize_catalog(out: str | os.PathLike, *, policy: str | None = None, cata
             for pid in todo[start: start + batch_size]:
                 try:
                     prompts.append(build_prompt(products[pid], tok, budget=budget,
-                                                max_product_tokens=max_product_tokens))
+                                                max_product_tokens=max_product_tokens, task=task))
                     batch.append(pid)
                 except ValueError as e:  # a product with no text: record it, never retry it
                     lines.append({"product_id": pid, "title": products[pid].title, "skipped": str(e)})
             if prompts:
                 r = sample(model, tok, prompts, max_new_tokens=budget, temperature=temperature,
                            seed=seed + start)
-                lines += [{"product_id": pid, "title": products[pid].title, "summary": text, "tokens": int(n)}
-                          for pid, text, n in zip(batch, r.texts, r.lengths.tolist())]
+                tag = {} if task == "summary" else {"task": task}
+                lines += [{"product_id": pid, "title": products[pid].title, "summary": text, "tokens": int(n),
+                           **tag} for pid, text, n in zip(batch, r.texts, r.lengths.tolist())]
             f.write("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
             f.flush()
             os.fsync(f.fileno())

@@ -107,9 +107,14 @@ def test_evaluate_summaries_end_to_end(tmp_path, data_dir, tiny_ranker_dir, tiny
     out = tmp_path / "eval"
     report = evaluate_summaries(out, ranker=str(tiny_ranker_dir), data=str(data_dir),
                                 summaries={"hand": str(hand)}, policies={"tiny": str(tiny_policy_dir)},
+                                doc2query={"d2q": str(tiny_policy_dir)},
                                 split="all", desc_tokens=(2, 8), budget=4, max_product_tokens=16,
                                 batch_size=4, device="cpu", progress=False)
-    assert list(report["variants"]) == ["title", "title+desc2", "title+desc8", "title+hand", "title+tiny"]
+    assert list(report["variants"]) == ["title", "title+desc2", "title+desc8", "title+hand", "title+tiny",
+                                        "title+d2q"]
+    d2q = [json.loads(x) for x in (out / "summaries-d2q.jsonl").read_text().splitlines()]
+    assert sorted(r["product_id"] for r in d2q) == [p for p, _, _ in PRODUCTS]
+    assert all(r["task"] == "doc2query" for r in d2q)
     assert report["n_queries"] == 3 and report["n_pairs"] == 6 and report["n_products"] == 6
     assert "ndcg@10_delta" not in report["variants"]["title"]
     assert all("ndcg@10_delta" in v for k, v in report["variants"].items() if k != "title")
@@ -137,7 +142,10 @@ def test_evaluate_summaries_bad_input(tmp_path, data_dir, tiny_ranker_dir):
                            summaries={"gone": str(tmp_path / "gone.jsonl")}, split="all", device="cpu")
     with pytest.raises(ValueError, match="split must be"):
         evaluate_summaries(tmp_path / "e", ranker=str(tiny_ranker_dir), split="test")
-    with pytest.raises(ValueError, match="both a summaries file and a policy"):
+    with pytest.raises(ValueError, match="more than one of summaries files / policies / doc2query"):
+        evaluate_summaries(tmp_path / "e", ranker=str(tiny_ranker_dir), policies={"a": "default"},
+                           doc2query={"a": "default"})
+    with pytest.raises(ValueError, match="more than one of summaries files / policies / doc2query"):
         evaluate_summaries(tmp_path / "e", ranker=str(tiny_ranker_dir), summaries={"a": str(part)},
                            policies={"a": "default"})
 
@@ -149,6 +157,22 @@ def test_summarize_only_the_given_products(tmp_path, data_dir, tiny_policy_dir):
     assert sorted(r["product_id"] for r in map(json.loads, out.read_text().splitlines())) == ["p2", "p4"]
     with pytest.raises(ValueError, match="not in the catalog"):
         summarize_catalog(out, policy=str(tiny_policy_dir), catalog=str(data_dir), product_ids=["p1", "zz"])
+    with pytest.raises(ValueError, match="unknown task 'queries'"):
+        summarize_catalog(out, policy=str(tiny_policy_dir), catalog=str(data_dir), task="queries")
+
+
+def test_doc2query_prompt_asks_for_queries(tiny_policy_dir):
+    from relsum_core.data import Product
+    from relsum_core.policy import build_prompt, load_policy
+
+    _, tok = load_policy(tiny_policy_dir)
+    prod = Product("p1", "red cotton shirt", description="size large")
+    summary = build_prompt(prod, tok, budget=8)
+    queries = build_prompt(prod, tok, budget=8, task="doc2query")
+    assert "red cotton shirt" in summary and "red cotton shirt" in queries
+    assert "search queries" in queries and "search queries" not in summary
+    with pytest.raises(ValueError, match="unknown task"):
+        build_prompt(prod, tok, task="title")
 
 
 def test_evaluate_cli(tmp_path, data_dir, tiny_ranker_dir, capsys):
