@@ -5,7 +5,9 @@ one SDPA call over the batch padded to its longest pair, on a small mixed-length
 
 CUDA (skipped without it): bf16, 1024 pairs of 24-96 and of 128-512 tokens at MiniLM (12 heads x 32)
 and BERT-base (12 x 64): the Triton kernel, torch SDPA padded (key-padding mask, as HF sdpa runs it),
-and ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10; skipped when absent).
+and ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10; skipped when absent); then the Triton
+kernel under each tile shape of ``CONFIG_CANDIDATES`` against the one it picks today
+(``test_cuda_attention_tiles``).
 
 The padded baselines get their padded tensors for free (an HF model is padded end to end); the
 packed paths start from the packed stream.  Times land in the pytest-benchmark report; shapes and
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from relsum_kernels import varlen_attention
+from relsum_kernels.varlen_attention import CONFIG_CANDIDATES, _triton_config, _triton_varlen
 
 CUDA = torch.cuda.is_available()
 MODELS = {"minilm": (12, 32), "bert-base": (12, 64)}
@@ -124,3 +127,36 @@ def test_cuda_attention(benchmark, model, lengths, method):
     benchmark.pedantic(fn, rounds=30, warmup_rounds=2, iterations=1)
     _record(benchmark, method=method, model=model, lens=lens, heads=heads, head_dim=head_dim,
             dtype=dtype, device=torch.cuda.get_device_name())
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("config", ["default", *CONFIG_CANDIDATES])
+@pytest.mark.parametrize("lengths", LENGTHS, ids=lambda r: f"{r[0]}-{r[1]}")
+@pytest.mark.parametrize("model", list(MODELS))
+def test_cuda_attention_tiles(benchmark, model, lengths, config):
+    """The Triton kernel under each candidate tile shape (``default`` = what ``_triton_config``
+    picks today), so one GPU run says which tiling each shape wants."""
+    heads, head_dim = MODELS[model]
+    dtype = torch.bfloat16
+    lens, cu, qkv = _batch(1024, *lengths, heads, head_dim, dtype, "cuda")
+    max_len = int(lens.max())
+    q, k, v = qkv.unbind(1)
+    cfg = None if config == "default" else CONFIG_CANDIDATES[config]
+    ref = varlen_attention(q, k, v, cu, max_len, impl="triton")
+
+    def fn():
+        out = _triton_varlen(q, k, v, cu, max_len, head_dim ** -0.5, config=cfg)
+        torch.cuda.synchronize()
+        return out
+
+    for _ in range(3):
+        out = fn()
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-2)  # bf16 output: a mis-tiled kernel is far off
+    chosen = _triton_config(max_len, head_dim, dtype)
+    benchmark.group = f"encoder-attention-tiles-{model}-{lengths[0]}-{lengths[1]}"
+    benchmark.pedantic(fn, rounds=30, warmup_rounds=2, iterations=1)
+    _record(benchmark, method=f"tiles_{config}", model=model, lens=lens, heads=heads, head_dim=head_dim,
+            dtype=dtype, device=torch.cuda.get_device_name())
+    benchmark.extra_info.update(
+        tiles=config if cfg else f"default (BLOCK_M {chosen['BLOCK_M']}, BLOCK_N {chosen['BLOCK_N']}, "
+                                 f"{chosen['num_warps']} warps)")

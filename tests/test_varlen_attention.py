@@ -314,3 +314,38 @@ def test_kernel_compiles_for_sm90():
                          num_warps=nw, num_stages=ns)
     """)
     assert out.count("compiled") == 4
+
+
+@needs_offline_compiler
+def test_config_candidates_compile_for_sm90_without_spills():
+    """Every tile shape the GPU benchmark sweeps is a real option: it compiles and does not spill."""
+    out = compile_offline("""
+        import torch
+        va = importlib.import_module("relsum_kernels.varlen_attention")
+        strides = ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
+                   "stride_ot", "stride_oh")
+        sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "o_ptr": "*bf16",
+               "cu_ptr": "*i32", "n_heads": "i32", "head_dim": "i32", "qk_scale": "fp32",
+               **{s: "i32" for s in strides}}
+        for D in (32, 64):
+            for name, c in va.CONFIG_CANDIDATES.items():
+                c = dict(c)
+                nw, ns = c.pop("num_warps"), c.pop("num_stages")
+                compile_sm90(va._varlen_attn_fwd_kernel, sig,
+                             {**c, "BLOCK_D": D, "UPCAST": False, "DOT_IEEE": False},
+                             num_warps=nw, num_stages=ns)
+    """)
+    assert out.count("compiled") == 2 * 6
+
+
+@pytest.mark.parametrize("name", ["m32_n32_w2", "m128_n32_w4"])
+def test_config_override_keeps_the_result(name):
+    """The benchmark's tile override changes only the tiling (interpreter, fp32, ragged lengths)."""
+    g = torch.Generator().manual_seed(0)
+    lens = torch.tensor([1, 37, 70, 5])
+    cu = torch.cat([torch.zeros(1, dtype=torch.int32), lens.cumsum(0).to(torch.int32)])
+    q, k, v = (torch.randn(int(cu[-1]), 2, 16, generator=g) for _ in range(3))
+    cfg = {key: val for key, val in va_mod.CONFIG_CANDIDATES[name].items() if key.startswith("BLOCK")}
+    got = va_mod._triton_varlen(q, k, v, cu, int(lens.max()), 0.25, config=cfg)
+    ref = varlen_attention_reference(q, k, v, cu, softmax_scale=0.25)
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-5)
