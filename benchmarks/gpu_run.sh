@@ -35,7 +35,7 @@ triton.__version__, 'transformers', t.__version__)"
 declare -A baselines=(
     [logprob]="naive_fp32 cut_cross_entropy"
     [ranker]="hf_sdpa_sorted peer_varlen_attn_compile"
-    [encoder_kernels]="sdpa_padded torch_varlen_attn"
+    [encoder_kernels]="sdpa_padded torch_varlen_attn default"
     [rl_step]="hf"
 )
 # seconds; RELSUM_GPU_LIMIT_<SECTION> overrides one (the default sections fit a ~7-minute lease)

@@ -130,10 +130,10 @@ def test_cuda_attention(benchmark, model, lengths, method):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("config", ["default", *CONFIG_CANDIDATES])
+@pytest.mark.parametrize("variant", ["default", *CONFIG_CANDIDATES])
 @pytest.mark.parametrize("lengths", LENGTHS, ids=lambda r: f"{r[0]}-{r[1]}")
 @pytest.mark.parametrize("model", list(MODELS))
-def test_cuda_attention_tiles(benchmark, model, lengths, config):
+def test_cuda_attention_tiles(benchmark, model, lengths, variant):
     """The Triton kernel under each candidate tile shape (``default`` = what ``_triton_config``
     picks today), so one GPU run says which tiling each shape wants."""
     heads, head_dim = MODELS[model]
@@ -141,7 +141,7 @@ def test_cuda_attention_tiles(benchmark, model, lengths, config):
     lens, cu, qkv = _batch(1024, *lengths, heads, head_dim, dtype, "cuda")
     max_len = int(lens.max())
     q, k, v = qkv.unbind(1)
-    cfg = None if config == "default" else CONFIG_CANDIDATES[config]
+    cfg = None if variant == "default" else CONFIG_CANDIDATES[variant]
     ref = varlen_attention(q, k, v, cu, max_len, impl="triton")
 
     def fn():
@@ -155,8 +155,8 @@ def test_cuda_attention_tiles(benchmark, model, lengths, config):
     chosen = _triton_config(max_len, head_dim, dtype)
     benchmark.group = f"encoder-attention-tiles-{model}-{lengths[0]}-{lengths[1]}"
     benchmark.pedantic(fn, rounds=30, warmup_rounds=2, iterations=1)
-    _record(benchmark, method=f"tiles_{config}", model=model, lens=lens, heads=heads, head_dim=head_dim,
+    _record(benchmark, method=f"tiles_{variant}", model=model, lens=lens, heads=heads, head_dim=head_dim,
             dtype=dtype, device=torch.cuda.get_device_name())
     benchmark.extra_info.update(
-        tiles=config if cfg else f"default (BLOCK_M {chosen['BLOCK_M']}, BLOCK_N {chosen['BLOCK_N']}, "
+        tiles=variant if cfg else f"default (BLOCK_M {chosen['BLOCK_M']}, BLOCK_N {chosen['BLOCK_N']}, "
                                  f"{chosen['num_warps']} warps)")
