@@ -390,7 +390,8 @@ def _geometric(lo: int, hi: int, ratio: float, multiple: int = 1) -> tuple[int, 
     cost a whole extra tile), ending with hi."""
     out, x = [], float(lo)
     while x < hi:
-        v = min(hi, -(-math.ceil(round(x, 6)) // multiple) * multiple)  # round: 256 * 2**0.5**8 > 4096
+        # round(): 256 * sqrt(2)**8 comes out a hair above 4096, and ceil would make it 4097
+        v = min(hi, -(-math.ceil(round(x, 6)) // multiple) * multiple)
         if not out or v > out[-1]:
             out.append(v)
         x *= ratio
