@@ -14,7 +14,8 @@ CUDA (skipped without it), bf16, ANCHORS.md table 2 / 2b / 3 shapes, every varia
   strong peer (packed tokens, ``torch.nn.attention.varlen.varlen_attn``, ``torch.compile`` of the rest)
   eager and compiled, and the same with flash-attn's ``flash_attn_varlen_func`` when installed;
 * latency, one query with 100 / 1000 candidates: ours through ``Reranker.score_encoded`` (shape
-  buckets + CUDA graphs; host packing, the bucket layout and the host-to-device copy are timed), HF
+  buckets + CUDA graphs; host packing, the bucket layout and the host-to-device copy are timed),
+  from token ids as Python lists and (``relsum_reranker_arrays``) as int64 arrays, HF
   eager / sdpa with the candidates in one padded batch and the strong peer on a packed batch, both
   already on the device (their input building is not timed, so the comparison favours them).
 
@@ -328,8 +329,8 @@ def test_cuda_throughput_1024(benchmark, gpu_models, shape, lengths, method):
 
 
 LATENCY_ROWS = [(100, 24, 96), (100, 128, 512), (1000, 24, 96)]
-LATENCY_VARIANTS = ["relsum_reranker", "hf_eager_padded", "hf_sdpa_padded", "peer_varlen_attn_compile",
-                    "peer_flash_attn_compile"]
+LATENCY_VARIANTS = ["relsum_reranker", "relsum_reranker_arrays", "hf_eager_padded", "hf_sdpa_padded",
+                    "peer_varlen_attn_compile", "peer_flash_attn_compile"]
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -343,16 +344,18 @@ def test_cuda_rerank_latency(benchmark, gpu_models, shape, row, method):
     query = pairs[0][0]
     enc = ce.encode_pairs([(query, d) for _, d in pairs])  # one query against n candidates
     lens = [len(ids) for ids, _ in enc]
-    if method == "relsum_reranker":
+    if method.startswith("relsum_reranker"):
         rr = Reranker(ce)
-        run = lambda: rr.score_encoded(enc)
+        # _arrays: token ids held as int64 arrays (a serving cache), so packing skips the Python ints
+        ids = [(np.asarray(x, dtype=np.int64), nf) for x, nf in enc] if method.endswith("arrays") else enc
+        run = lambda: rr.score_encoded(ids)
     else:
         # One padded batch of all candidates, as the anchors time HF.
         run = _gpu_fn(method, ce, hf, enc, lambda sort: [list(range(n))])
     for _ in range(3):  # the Reranker captures its bucket's graph here
         scores = run()
     torch.cuda.synchronize()
-    if method == "relsum_reranker":
+    if method.startswith("relsum_reranker"):
         ref = _gpu_fn("relsum", ce, hf, enc, None)()
         np.testing.assert_allclose(scores, ref, rtol=0, atol=2e-2)
     benchmark.group = f"ranker-cuda-latency-{shape}-{n}cands-{lo}-{hi}"

@@ -49,10 +49,12 @@ def truncate_pair(q_ids: Sequence[int], d_ids: Sequence[int], max_length: int,
 class PackedBatch:
     """Host-side packed batch: int64 ids / token types / positions [T], int32 cu_seqlens [B+1].
 
-    ``seqs``: (token ids, index of the first type-1 token) per sequence.  ``pad_lens``: extra
-    sequences of ``pad_id`` tokens (all type 0) appended after them, the Reranker's bucket filler;
-    they are written straight into the arrays, not built as Python lists (host time is part of a
-    rerank's latency).
+    ``seqs``: (token ids, index of the first type-1 token) per sequence; the ids a list of ints or,
+    for every sequence alike, a 1-D integer numpy array.  Arrays skip turning Python ints into
+    machine ints (~15 ns a token, ~90 of a 100-candidate query's ~170 us of host time): a service
+    that keeps token ids as arrays should pass them so.  ``pad_lens``: extra sequences of ``pad_id``
+    tokens (all type 0) appended after them, the Reranker's bucket filler, written straight into
+    the arrays.
     """
 
     def __init__(self, seqs: Sequence[tuple[list[int], int]], pad_lens: Sequence[int] = (), pad_id: int = 0):
@@ -71,8 +73,16 @@ class PackedBatch:
         first_type1[:n_real] = np.fromiter((nf for _, nf in seqs), dtype=np.int64, count=n_real)
         first_type1[n_real:] = lens[n_real:]  # never reached: padding is all type 0
         ids = np.empty(total, dtype=np.int64)
-        ids[:real] = np.fromiter(itertools.chain.from_iterable(ids for ids, _ in seqs), dtype=np.int64,
-                                 count=real)
+        if n_real and isinstance(seqs[0][0], np.ndarray):
+            parts = [np.asarray(x) for x, _ in seqs]
+            bad = next((i for i, x in enumerate(parts) if x.dtype.kind not in "iu" or x.ndim != 1), None)
+            if bad is not None:
+                raise TypeError(f"token ids must be 1-D integer arrays; sequence {bad} is "
+                                f"{parts[bad].dtype} of shape {parts[bad].shape}")
+            np.concatenate(parts, out=ids[:real], casting="same_kind")
+        else:
+            ids[:real] = np.fromiter(itertools.chain.from_iterable(x for x, _ in seqs), dtype=np.int64,
+                                     count=real)
         ids[real:] = pad_id
         self.lens = lens.tolist()
         self.input_ids = torch.from_numpy(ids)
@@ -510,7 +520,8 @@ class Reranker:
         return self.score_encoded(self.ce.encode_pairs([(query, d) for d in docs]))
 
     def score_encoded(self, encoded: Sequence[tuple[list[int], int]]) -> np.ndarray:
-        """:meth:`score` on the output of :meth:`CrossEncoder.encode_pairs` (no tokenising here)."""
+        """:meth:`score` on the output of :meth:`CrossEncoder.encode_pairs` (no tokenising here); the
+        ids may also be int arrays, which pack faster (see :class:`PackedBatch`)."""
         if len(encoded) == 0:
             raise ValueError("the candidate list is empty: nothing to rank")
         scores = np.empty(len(encoded), dtype=np.float32)

@@ -321,6 +321,14 @@ def test_packed_batch_layout():
     assert padded.token_type_ids[8:].tolist() == [0] * 8
     with pytest.raises(ValueError, match="no empty sequences"):
         PackedBatch(seqs, pad_lens=[0])
+    # ids as integer arrays (a serving cache): the same batch, without the per-token conversion
+    arrays = PackedBatch([(np.array(x, dtype=np.int32), n) for x, n in seqs], pad_lens=[2, 6], pad_id=9)
+    for name in ("input_ids", "token_type_ids", "position_ids", "cu_seqlens"):
+        assert torch.equal(getattr(arrays, name), getattr(listed, name)), name
+    with pytest.raises(TypeError, match="sequence 1 is float64"):
+        PackedBatch([(np.array([101, 102]), 1), (np.array([1.5, 2.0]), 1)])
+    with pytest.raises(TypeError, match="1-D integer arrays"):
+        PackedBatch([(np.array([[101, 102]]), 1)])
     with pytest.raises(ValueError, match="at least one sequence"):
         PackedBatch([])
 
@@ -370,6 +378,9 @@ def test_reranker_buckets_match_predict(tiny):
     # Padded bucket layout, small chunks: dummy sequences must not change real scores.
     bucketed = Reranker(tiny, use_buckets=True, max_tokens=2048, max_candidates=16)
     np.testing.assert_allclose(bucketed.score("garden hose", cands), ref, rtol=0, atol=1e-5)
+    enc = tiny.encode_pairs([("garden hose", c) for c in cands])
+    as_arrays = [(np.asarray(ids), nf) for ids, nf in enc]
+    np.testing.assert_allclose(bucketed.score_encoded(as_arrays), ref, rtol=0, atol=1e-5)
     res = bucketed.rerank("garden hose", cands, top_k=5)
     assert [r["corpus_id"] for r in res] == list(np.argsort(-ref, kind="stable")[:5])
     with pytest.raises(ValueError, match="candidate list is empty"):
