@@ -38,8 +38,9 @@ declare -A baselines=(
     [encoder_kernels]="sdpa_padded torch_varlen_attn default"
     [rl_step]="hf"
 )
-# seconds; RELSUM_GPU_LIMIT_<SECTION> overrides one (the default sections fit a ~7-minute lease)
-declare -A limits=([tests]=80 [logprob]=90 [ranker]=200 [profile]=100 [encoder_kernels]=80 [sampling]=130
+# seconds; RELSUM_GPU_LIMIT_<SECTION> overrides one.  The default sections add up to 580 s: run them
+# with the device call's full 600 s timeout (each section saves its results as it ends)
+declare -A limits=([tests]=80 [logprob]=90 [ranker]=230 [profile]=100 [encoder_kernels]=80 [sampling]=130
                    [rl_step]=150)
 for k in "${!limits[@]}"; do
     v="RELSUM_GPU_LIMIT_${k^^}"; [ -n "${!v:-}" ] && limits[$k]=${!v}
