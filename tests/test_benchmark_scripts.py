@@ -21,3 +21,31 @@ def test_profile_ranker_dry_run(tmp_path):
     assert "| | relsum | peer_varlen_attn_compile |" in text
     assert "| wall ms per forward |" in text and "| gemm |" in text
     assert (tmp_path / "prof.json").exists()
+
+
+def test_profile_kinds_of_real_kernel_names():
+    """Kernel names as CUDA traces show them land in the right kind (the profile's whole point)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from profile_ranker import kind_of
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    cases = {
+        "_varlen_attn_fwd_kernel": "relsum attention",
+        "_bias_gelu_kernel": "relsum bias+gelu",
+        "_residual_ln_kernel": "relsum residual+ln",
+        "_cls_score_kernel": "relsum cls head",
+        "triton_per_fused_add_native_layer_norm_3": "inductor fused",
+        "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<32, 128, 128, 4>>":
+            "attention (torch/flash)",
+        "nvjet_tst_192x128_64x4_2x1_v_bz_coopA_NNT": "gemm",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "gemm",
+        "void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_bf16_64x64_32x6_tn_align8>": "gemm",
+        "void gemv2T_kernel_val<int, int, __nv_bfloat16, float, 128, 16, 4, 4>": "gemm",
+        "void at::native::(anonymous namespace)::indexSelectLargeIndex<c10::BFloat16, long>":
+            "embedding gather",
+        "Memcpy HtoD (Pageable -> Device)": "copy",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctorOnSelf_add<float>>":
+            "elementwise (eager)",
+    }
+    assert {name: kind_of(name) for name in cases} == cases
