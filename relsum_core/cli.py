@@ -24,7 +24,7 @@ def _train_ranker(args: argparse.Namespace) -> int:
         max_attr_tokens=args.max_attr_tokens, max_length=args.max_length, eval_every=args.eval_every,
         max_queries=args.max_queries, progress=not args.no_progress, device=args.device, targets=args.targets,
         freeze_layers=args.freeze_layers, pseudo_steps=args.pseudo_steps,
-        pointwise_weight=args.pointwise_weight,
+        pointwise_weight=args.pointwise_weight, keyword_prob=args.keyword_prob,
     )
     report = train_ranker(cfg)
     print((Path(args.out) / "report.md").read_text(), end="")
@@ -54,6 +54,9 @@ def _add_train_ranker(sub) -> None:
     p.add_argument("--pointwise-weight", type=float, default=0.0,
                    help="add W x logistic loss of 'is an exact match' so scores mean the same across "
                         "queries (recall at 90%% precision, the reward's sigmoid)")
+    p.add_argument("--keyword-prob", type=float, default=0.0,
+                   help="share of training texts whose attributes are a shuffled keyword list of the "
+                        "product's phrases (the shape of a trained summary) instead of a prefix")
     p.add_argument("--max-length", type=int, default=144, help="pair length cap in tokens")
     p.add_argument("--freeze-layers", type=int, default=0,
                    help="keep the embeddings and the first N encoder layers frozen")

@@ -68,22 +68,48 @@ def product_text(product: Product, tokenizer, attr_tokens: int, title_tokens: in
     return join_title(title, cut_to_tokens(attributes_text(product), tokenizer, attr_tokens))
 
 
+_PHRASE_BREAK = re.compile(r"[,;:()\[\]|/\n\u2022]+|\.(?=\s|$)| - ")  # a "." only ends a sentence, not 1.5
+
+
+def attribute_phrases(product: Product, max_words: int = 6) -> list[str]:
+    """Short phrases of the bullets and description (split at punctuation), first occurrence of
+    each, at most ``max_words`` words: the material a keyword-list summary is made of."""
+    seen, out = set(), []
+    for part in _PHRASE_BREAK.split(attributes_text(product)):
+        phrase = normalise(part)
+        n = len(phrase.split())
+        if 1 <= n <= max_words and phrase.lower() not in seen:
+            seen.add(phrase.lower())
+            out.append(phrase)
+    return out
+
+
 class PrefixSampler:
     """Training text: title + a uniformly random prefix of 0..max_attr_tokens attribute tokens.
 
     Uniform lengths, 0 included, teach the ranker to score a bare title and every budget up to
     the maximum alike.  Each product's title and attributes are tokenised once and cached, so a
     sample costs a slice, not a tokenizer call.
+
+    ``keyword_prob``: the share of samples whose attribute part is instead a keyword list, a random
+    selection of the product's attribute phrases (from all of its text) in random order, joined
+    with ", " and cut to 1..max_attr_tokens tokens: the shape a trained summary takes, which a
+    prefix never shows the ranker.
     """
 
-    def __init__(self, tokenizer, max_attr_tokens: int, title_tokens: int = TITLE_TOKENS, seed: int = 0):
+    def __init__(self, tokenizer, max_attr_tokens: int, title_tokens: int = TITLE_TOKENS, seed: int = 0,
+                 keyword_prob: float = 0.0):
         if max_attr_tokens < 0:
             raise ValueError(f"max_attr_tokens must be >= 0, got {max_attr_tokens}")
+        if not 0.0 <= keyword_prob <= 1.0:
+            raise ValueError(f"keyword_prob must be in [0, 1], got {keyword_prob}")
         self.tokenizer = tokenizer
         self.max_attr_tokens = max_attr_tokens
         self.title_tokens = title_tokens
+        self.keyword_prob = keyword_prob
         self.rng = random.Random(seed)
         self._cache: dict[str, tuple[str, str, list[int]]] = {}
+        self._phrases: dict[str, list[str]] = {}
 
     def _parts(self, product: Product) -> tuple[str, str, list[int]]:
         parts = self._cache.get(product.product_id)
@@ -103,5 +129,19 @@ class PrefixSampler:
         n = min(attr_tokens, len(ends))
         return join_title(title, attrs[: ends[n - 1]].rstrip() if n > 0 else "")
 
+    def keywords(self, product: Product, attr_tokens: int) -> str:
+        """title | a shuffled selection of attribute phrases, cut to ``attr_tokens`` tokens."""
+        title = self._parts(product)[0]
+        phrases = self._phrases.get(product.product_id)
+        if phrases is None:
+            phrases = self._phrases[product.product_id] = attribute_phrases(product)
+        if not phrases or attr_tokens <= 0:
+            return title
+        picked = self.rng.sample(phrases, k=self.rng.randint(1, len(phrases)))
+        return join_title(title, cut_to_tokens(", ".join(picked), self.tokenizer, attr_tokens))
+
     def sample(self, product: Product) -> str:
+        # The keyword draw only when enabled: default runs keep their random stream (and results).
+        if self.keyword_prob and self.max_attr_tokens and self.rng.random() < self.keyword_prob:
+            return self.keywords(product, self.rng.randint(1, self.max_attr_tokens))
         return self.text(product, self.rng.randint(0, self.max_attr_tokens))

@@ -1,8 +1,17 @@
+import random
+
 import pytest
 from transformers import AutoTokenizer
 
 from relsum_core.data import Product, load_catalog
-from relsum_core.text import PrefixSampler, attributes_text, cut_to_tokens, normalise, product_text
+from relsum_core.text import (
+    PrefixSampler,
+    attribute_phrases,
+    attributes_text,
+    cut_to_tokens,
+    normalise,
+    product_text,
+)
 from relsum_core.trainers.ranker import default_base
 
 
@@ -84,3 +93,45 @@ def test_sampler_matches_rule_and_covers_range(tok):
     assert min(lengths) == 0 and max(lengths) == full  # LONG has fewer than 32 tokens
     assert len(set(lengths)) == full + 1
     assert PrefixSampler(tok, 32, seed=3).sample(LONG) == PrefixSampler(tok, 32, seed=3).sample(LONG)
+
+
+def test_attribute_phrases_split_at_punctuation_not_decimals():
+    p = Product("p", "Shoe", bullets=("1.5 inches heel; soft lining", "Soft lining"),
+                description="Made in Italy. Leather (full grain) upper - waterproof")
+    assert attribute_phrases(p) == ["1.5 inches heel", "soft lining", "Made in Italy", "Leather",
+                                    "full grain", "upper", "waterproof"]
+    assert attribute_phrases(Product("q", "Only a title")) == []
+    long = Product("r", "T", bullets=("one two three four five six seven",))
+    assert attribute_phrases(long) == [] and attribute_phrases(long, max_words=7) == [long.bullets[0]]
+
+
+def test_keyword_samples_are_phrase_lists_within_budget(tok):
+    sampler = PrefixSampler(tok, max_attr_tokens=12, seed=0, keyword_prob=1.0)
+    phrases = set(attribute_phrases(LONG))
+    title = normalise(LONG.title)
+    seen_orders = set()
+    for _ in range(200):
+        text = sampler.sample(LONG)
+        head, _, attrs = text.partition(" | ")
+        assert head == title and attrs
+        assert 1 <= n_tokens(tok, attrs) <= 12
+        items = attrs.split(", ")
+        assert all(x in phrases for x in items[:-1])  # the last may be cut by the budget
+        seen_orders.add(tuple(items))
+    assert len(seen_orders) > 10
+    # a product without attribute phrases keeps its title
+    assert sampler.sample(Product("t", "Just a title")) == "Just a title"
+    with pytest.raises(ValueError, match="keyword_prob"):
+        PrefixSampler(tok, 12, keyword_prob=1.5)
+
+
+def test_keyword_prob_zero_keeps_the_random_stream(tok):
+    """Default runs draw exactly the prefixes they drew before keyword lists existed."""
+    a, b = PrefixSampler(tok, 32, seed=5), PrefixSampler(tok, 32, seed=5, keyword_prob=0.0)
+    ref = random.Random(5)
+    for _ in range(50):
+        n = ref.randint(0, 32)
+        assert a.sample(LONG) == b.sample(LONG) == a.text(LONG, n)
+    mixed = PrefixSampler(tok, 32, seed=5, keyword_prob=0.5)
+    kinds = {", " in mixed.sample(LONG) for _ in range(100)}
+    assert kinds == {True, False}

@@ -252,14 +252,14 @@ def test_train_ranker_pointwise_weight(tmp_path, tiny_base):
             "--val-fraction", "0.34", "--epochs", "1", "--max-steps", "3", "--batch-size", "2",
             "--group-size", "4", "--max-attr-tokens", "8", "--max-length", "48", "--no-progress",
             "--pseudo-steps", "0"]
-    main(args + ["--pointwise-weight", "2.5"])
+    main(args + ["--pointwise-weight", "2.5", "--keyword-prob", "0.5"])
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train = [x for x in lines if x["event"] == "train"]
     assert train
     for x in train:
         assert x["loss"] == pytest.approx(x["listwise_loss"] + 2.5 * x["pointwise_loss"], rel=1e-5)
     report = json.loads((out / "report.json").read_text())
-    assert report["config"]["pointwise_weight"] == 2.5
+    assert report["config"]["pointwise_weight"] == 2.5 and report["config"]["keyword_prob"] == 0.5
     for bad in ("-1", "nan"):
         with pytest.raises(ValueError, match="pointwise_weight must be a finite number >= 0"):
             main(args[:4] + [str(tmp_path / f"bad{bad}")] + args[5:] + ["--pointwise-weight", bad])

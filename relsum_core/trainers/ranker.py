@@ -60,6 +60,7 @@ class RankerTrainConfig:
     max_attr_tokens: int = 64  # training prefixes are 0..max_attr_tokens attribute tokens
     targets: str = "grade"  # listwise targets: softmax(grade) or proportional to ESCI gains
     pointwise_weight: float = 0.0  # weight of the E-vs-rest logistic loss added to the listwise one
+    keyword_prob: float = 0.0  # share of training texts whose attributes are a keyword list, not a prefix
     max_length: int = 144  # pair length cap; query + title (<=64) + 64 attributes rarely reach it
     freeze_layers: int = 0  # keep the embeddings and the first N encoder layers at the base weights
     pseudo_steps: int = 240  # warm-up steps on title pseudo-queries before the graded fine-tuning
@@ -472,7 +473,7 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
     freeze_lower(model, cfg.freeze_layers)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr)
     rng = random.Random(cfg.seed)
-    sampler = PrefixSampler(tokenizer, cfg.max_attr_tokens, seed=cfg.seed)
+    sampler = PrefixSampler(tokenizer, cfg.max_attr_tokens, seed=cfg.seed, keyword_prob=cfg.keyword_prob)
     groups_per_epoch = len(make_groups(by_query, train_q, cfg.group_size, random.Random(cfg.seed)))
     if groups_per_epoch == 0:
         raise ValueError("no training query has candidates of two different grades")
