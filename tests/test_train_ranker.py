@@ -263,3 +263,5 @@ def test_train_ranker_pointwise_weight(tmp_path, tiny_base):
     for bad in ("-1", "nan"):
         with pytest.raises(ValueError, match="pointwise_weight must be a finite number >= 0"):
             main(args[:4] + [str(tmp_path / f"bad{bad}")] + args[5:] + ["--pointwise-weight", bad])
+        with pytest.raises(ValueError, match=r"keyword_prob must be in \[0, 1\]"):
+            main(args[:4] + [str(tmp_path / f"badk{bad}")] + args[5:] + ["--keyword-prob", bad])

@@ -433,6 +433,8 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
         raise ValueError("epochs, batch_size and max_steps must be >= 1 and group_size >= 2")
     if not (math.isfinite(cfg.pointwise_weight) and cfg.pointwise_weight >= 0):
         raise ValueError(f"pointwise_weight must be a finite number >= 0, got {cfg.pointwise_weight}")
+    if not 0.0 <= cfg.keyword_prob <= 1.0:  # checked before the baselines' minute, not after
+        raise ValueError(f"keyword_prob must be in [0, 1], got {cfg.keyword_prob}")
     t_start = time.time()
     _seed_all(cfg.seed)
     out = Path(cfg.out)
