@@ -17,14 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+# test_bench_ranker (the benchmark's models and strong peer) sits beside this script, which makes
+# its folder sys.path[0] when run.
 import torch  # noqa: E402
 from test_bench_ranker import SHAPES, StrongPeer, _model, _tokenizer, make_pairs  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
