@@ -30,14 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-from relsum_core.data import ESCI_GRADES, group_by_query, load_dataset, split_queries
+from relsum_core.data import group_by_query, load_dataset, split_queries
 from relsum_core.io import atomic_write_bytes, atomic_write_text
-from relsum_core.metrics import ndcg_at_k, recall_at_precision
+from relsum_core.metrics import POSITIVE_GRADE, PRECISION_TARGET, ndcg_at_k, recall_at_precision
 from relsum_core.text import attributes_text, cut_to_tokens, join_title, normalise
 
 N_BOOTSTRAP = 1000
-PRECISION_TARGET = 0.9
-POSITIVE_GRADE = ESCI_GRADES["E"]
 
 
 def read_summaries(path: str | Path) -> dict[str, str]:

@@ -26,7 +26,12 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from relsum_core.data import ESCI_GRADES
+
 ESCI_GAINS = {3: 1.0, 2: 0.1, 1: 0.01, 0: 0.0}
+# Recall at 90% precision: exact matches (E) are the positives.
+POSITIVE_GRADE = ESCI_GRADES["E"]
+PRECISION_TARGET = 0.9
 GAIN_SCHEMES = ("esci", "grade")
 
 
@@ -99,7 +104,8 @@ def mean_ndcg(
     return (float(np.mean(values)) if values else math.nan), len(values)
 
 
-def recall_at_precision(scores: Sequence[float], positive: Sequence[bool], precision: float = 0.9) -> float:
+def recall_at_precision(scores: Sequence[float], positive: Sequence[bool],
+                        precision: float = PRECISION_TARGET) -> float:
     """The largest recall of a score threshold whose precision is at least ``precision``; 0 if none,
     NaN without positives.  Tied scores go in or out together, as a threshold takes them."""
     s = np.asarray(scores, dtype=np.float64)

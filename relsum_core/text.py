@@ -94,7 +94,7 @@ class PrefixSampler:
     ``keyword_prob``: the share of samples whose attribute part is instead a keyword list, a random
     selection of the product's attribute phrases (from all of its text) in random order, joined
     with ", " and cut to 1..max_attr_tokens tokens: the shape a trained summary takes, which a
-    prefix never shows the ranker.
+    prefix never shows the ranker.  (A keyword sample does call the tokenizer, to cut the list.)
     """
 
     def __init__(self, tokenizer, max_attr_tokens: int, title_tokens: int = TITLE_TOKENS, seed: int = 0,

@@ -29,16 +29,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from relsum_core.data import ESCI_GRADES, Judgment, Product, group_by_query, load_dataset, split_queries
+from relsum_core.data import Judgment, Product, group_by_query, load_dataset, split_queries
 from relsum_core.io import JsonlLog, atomic_write_dir, atomic_write_text
-from relsum_core.metrics import gains_of, mean_ndcg, recall_at_precision
+from relsum_core.metrics import POSITIVE_GRADE, gains_of, mean_ndcg, recall_at_precision
 from relsum_core.text import PrefixSampler, product_text
 
 # Validation text variants: (name, attribute-token budget).
 EVAL_VARIANTS = (("title", 0), ("title+64", 64))
 SELECT_VARIANT = "title+64"  # the budgeted text a summary will fill; best checkpoint by its NDCG@10
 KS = (5, 10)
-POSITIVE_GRADE = ESCI_GRADES["E"]  # recall@p90 and the pointwise loss: an exact match is relevant
 
 
 @dataclass
@@ -290,7 +289,7 @@ class ValSet:
         # One threshold over every query's pairs, as a serving cut-off would be.
         flat = np.concatenate([np.asarray(scores[q], dtype=np.float64) for q in self.query_ids])
         positive = np.array([g >= POSITIVE_GRADE for q in self.query_ids for g in self.grades[q]])
-        out[f"{name}/recall@p90"] = recall_at_precision(flat, positive, 0.9)
+        out[f"{name}/recall@p90"] = recall_at_precision(flat, positive)
         return out
 
 
