@@ -35,13 +35,13 @@ triton.__version__, 'transformers', t.__version__)"
 declare -A baselines=(
     [logprob]="naive_fp32 cut_cross_entropy"
     [ranker]="hf_sdpa_sorted peer_varlen_attn_compile"
-    [encoder_kernels]="sdpa_padded torch_varlen_attn default"
+    [encoder_kernels]="sdpa_padded torch_varlen_attn default cublas_bias_gelu"
     [rl_step]="hf"
 )
-# seconds; RELSUM_GPU_LIMIT_<SECTION> overrides one.  The default sections add up to 570 s, too long
-# to rerun within a 15-minute lease: there, call `gpu_run.sh ranker profile` first (330 s) and
-# `gpu_run.sh logprob tests encoder_kernels` (240 s) on the still-warm machine if time is left.
-declare -A limits=([tests]=80 [logprob]=90 [ranker]=230 [profile]=100 [encoder_kernels]=70 [sampling]=130
+# seconds; RELSUM_GPU_LIMIT_<SECTION> overrides one.  The default sections add up to 680 s, too long
+# for a 15-minute lease (machine start and transfers count too): there, call `gpu_run.sh ranker
+# profile` first (360 s) and `gpu_run.sh encoder_kernels tests` (230 s) on the still-warm machine.
+declare -A limits=([tests]=80 [logprob]=90 [ranker]=260 [profile]=100 [encoder_kernels]=150 [sampling]=130
                    [rl_step]=150)
 for k in "${!limits[@]}"; do
     v="RELSUM_GPU_LIMIT_${k^^}"; [ -n "${!v:-}" ] && limits[$k]=${!v}
@@ -79,14 +79,14 @@ bench() {  # suite name
 sections=("$@")
 # most wanted first, so a lease that runs out loses the least.  rl_step and sampling were measured on
 # the H200 (results/gpu-h200) and run only when named; the ranker's latency rows, where its
-# throughput time goes (profile), fused_logprob's gradient filtering and the attention tile sweep
-# (encoder_kernels) are still unmeasured.
-[ ${#sections[@]} -gt 0 ] || sections=(ranker profile logprob tests encoder_kernels)
+# throughput time goes (profile), the fused linear+GELU GEMM against cuBLAS + bias_gelu and the
+# attention tile sweep (encoder_kernels) and fused_logprob's gradient filtering are unmeasured.
+[ ${#sections[@]} -gt 0 ] || sections=(ranker profile encoder_kernels tests logprob)
 for s in "${sections[@]}"; do
     case $s in
         tests)
             section tests python3 -m pytest -q -n 8 --timeout=120 tests/test_logprob.py tests/test_varlen_attention.py \
-                tests/test_encoder_epilogues.py tests/test_encoder.py tests/test_ranker.py tests/test_policy.py tests/test_decode.py
+                tests/test_encoder_epilogues.py tests/test_linear_gelu.py tests/test_encoder.py tests/test_ranker.py tests/test_policy.py tests/test_decode.py
             grep -E "passed|failed|error" "$work/tests.log" | tail -n 3 >>"$summary" ;;
         profile)  # per-kernel time of relsum's forward and the strong peer's (where the tie comes from)
             section profile python3 benchmarks/profile_ranker.py --out "$work/profile.md"

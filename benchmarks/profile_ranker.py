@@ -36,6 +36,7 @@ from relsum_core.ranker import CrossEncoder, PackedBatch  # noqa: E402
 KINDS = [
     ("relsum attention", ("_varlen_attn_fwd_kernel",)),
     ("relsum bias+gelu", ("_bias_gelu_kernel",)),
+    ("relsum linear+gelu gemm", ("_linear_gelu_kernel",)),
     ("relsum residual+ln", ("_residual_ln_kernel",)),
     ("relsum cls head", ("_cls_score_kernel",)),
     ("inductor fused", ("triton_",)),
@@ -138,6 +139,15 @@ def table(title: str, res: dict) -> list[str]:
     return out
 
 
+def fused_ffn_forward(ce, args):
+    """relsum's forward with the FFN up-projection as the Triton linear+GELU GEMM."""
+    ce.encoder.fused_ffn_up = True
+    try:
+        return ce.encoder(*args)
+    finally:
+        ce.encoder.fused_ffn_up = False
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry-run", action="store_true",
@@ -181,7 +191,8 @@ def main(argv=None) -> int:
             models[shape] = (hf, ce, tok, peer)
         hf, ce, tok, peer = models[shape]
         args, tokens = build_batch(ce, tok, lengths, n_pairs, device)
-        variants = {"relsum": lambda ce=ce, args=args: ce.encoder(*args)}
+        variants = {"relsum": lambda ce=ce, args=args: ce.encoder(*args),
+                    "relsum_linear_gelu": lambda ce=ce, args=args: fused_ffn_forward(ce, args)}
         if peer is not None:
             variants["peer_varlen_attn_compile"] = lambda peer=peer, args=args: peer(*args)
         res = {}

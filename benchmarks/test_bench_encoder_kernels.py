@@ -1,4 +1,4 @@
-"""Packed cross-encoder attention: relsum's varlen kernels against padded SDPA and torch's varlen.
+"""Encoder kernels: relsum's varlen attention against padded SDPA and torch's varlen; the FFN GEMM.
 
 CPU (always): the torch path of ``varlen_attention`` (length buckets, one SDPA call each) against
 one SDPA call over the batch padded to its longest pair, on a small mixed-length batch.
@@ -7,7 +7,9 @@ CUDA (skipped without it): bf16, 1024 pairs of 24-96 and of 128-512 tokens at Mi
 and BERT-base (12 x 64): the Triton kernel, torch SDPA padded (key-padding mask, as HF sdpa runs it),
 and ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10; skipped when absent); then the Triton
 kernel under each tile shape of ``CONFIG_CANDIDATES`` against the one it picks today
-(``test_cuda_attention_tiles``).
+(``test_cuda_attention_tiles``).  And the FFN up-projection with its bias+GELU: cuBLAS + the
+``bias_gelu`` pass (the encoder's default) against the Triton GEMM with a fused epilogue
+(``linear_gelu``) under each of its candidate tile shapes (``test_cuda_linear_gelu``).
 
 The padded baselines get their padded tensors for free (an HF model is padded end to end); the
 packed paths start from the packed stream.  Times land in the pytest-benchmark report; shapes and
@@ -20,7 +22,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from relsum_kernels import varlen_attention
+from relsum_kernels import bias_gelu, linear_gelu, varlen_attention
+from relsum_kernels.linear_gelu import CONFIG_CANDIDATES as LINEAR_GELU_CANDIDATES
 from relsum_kernels.varlen_attention import CONFIG_CANDIDATES, _triton_config, _triton_varlen
 
 CUDA = torch.cuda.is_available()
@@ -127,6 +130,64 @@ def test_cuda_attention(benchmark, model, lengths, method):
     benchmark.pedantic(fn, rounds=30, warmup_rounds=2, iterations=1)
     _record(benchmark, method=method, model=model, lens=lens, heads=heads, head_dim=head_dim,
             dtype=dtype, device=torch.cuda.get_device_name())
+
+
+# FFN up-projection, x [tokens, H] @ W1^T [H, 4H] + b1 then GELU: what the encoder runs today (cuBLAS
+# GEMM, then the bias_gelu pass), eager torch (cuBLAS addmm, then GELU), and the Triton GEMM with the
+# bias+GELU epilogue under its default and each candidate tile shape.
+FFN_SHAPES = {"minilm": (384, 1536), "bert-base": (768, 3072)}
+FFN_TOKENS = {"24-96": 60788, "128-512": 327244}  # the ranker throughput rows' token counts
+FFN_VARIANTS = ["cublas_bias_gelu", "cublas_addmm_gelu", "triton_default",
+                *(f"triton_{name}" for name in LINEAR_GELU_CANDIDATES)]
+
+
+def ffn_case(model: str, tokens: int, variant: str, device: str):
+    """A callable running one FFN_VARIANTS variant on random bf16 inputs; it checks its first rows
+    against the encoder's default path once, so a mis-tiled GEMM cannot post a time.  (CPU runs need
+    TRITON_INTERPRET=1: tests/test_benchmark_scripts.py dry-runs every variant that way.)"""
+    H, Fd = FFN_SHAPES[model]
+    g = torch.Generator(device=device).manual_seed(0)  # drawn on the device: 1 GB of randn is slow on a host
+    x = torch.randn(tokens, H, generator=g, device=device).to(torch.bfloat16)
+    w = (torch.randn(Fd, H, generator=g, device=device) / H ** 0.5).to(torch.bfloat16)
+    b = (torch.randn(Fd, generator=g, device=device) * 0.1).to(torch.bfloat16)
+    if variant == "cublas_bias_gelu":
+        run = lambda: bias_gelu(F.linear(x, w), b, impl="triton")
+    elif variant == "cublas_addmm_gelu":
+        run = lambda: F.gelu(F.linear(x, w, b))
+    else:
+        name = variant.removeprefix("triton_")
+        cfg = None if name == "default" else LINEAR_GELU_CANDIDATES[name]
+        run = lambda: linear_gelu(x, w, b, impl="triton", config=cfg)
+    n = min(tokens, 4096)
+    ref = bias_gelu(F.linear(x[:n], w), b, impl="triton")
+    torch.testing.assert_close(run()[:n], ref, rtol=0, atol=5e-2)  # bf16 out: a broken GEMM is far off
+    return run
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("variant", FFN_VARIANTS)
+@pytest.mark.parametrize("lengths", list(FFN_TOKENS))
+@pytest.mark.parametrize("model", list(FFN_SHAPES))
+def test_cuda_linear_gelu(benchmark, model, lengths, variant):
+    H, Fd = FFN_SHAPES[model]
+    T = FFN_TOKENS[lengths]
+    run = ffn_case(model, T, variant, "cuda")
+
+    def fn():
+        out = run()
+        torch.cuda.synchronize()
+        return out
+
+    for _ in range(3):
+        fn()
+    benchmark.group = f"encoder-linear-gelu-{model}-{lengths}"
+    benchmark.pedantic(fn, rounds=30, warmup_rounds=2, iterations=1)
+    median = benchmark.stats.stats.median
+    benchmark.extra_info.update(
+        method=variant, model=model, device=torch.cuda.get_device_name(), dtype="bfloat16", tokens=T,
+        in_features=H, out_features=Fd, tflops=2 * T * H * Fd / median / 1e12,
+        gb_per_s=2 * (T * H + H * Fd + T * Fd) / median / 1e9, median_ms=median * 1e3,
+    )
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

@@ -10,12 +10,15 @@ CUDA (skipped without it), bf16, ANCHORS.md table 2 / 2b / 3 shapes, every varia
 * throughput, 1024 pairs, lengths 24-96 and 128-512, MiniLM-L6-H384 and BERT-base: ours (one packed
   stream, Triton kernels) as ``relsum`` (``score_packed`` from host token ids: the host-to-device
   copies are timed) and ``relsum_device`` (the packed forward from ids already on the device, as
-  every other variant here runs), HF eager / sdpa padded / sdpa length-sorted (micro-batches of 128), the
+  every other variant here runs), ``relsum_linear_gelu`` (the same with the FFN up-projection as the
+  Triton linear+GELU GEMM, ``PackedBertEncoder.fused_ffn_up``), HF eager / sdpa padded / sdpa
+  length-sorted (micro-batches of 128), the
   strong peer (packed tokens, ``torch.nn.attention.varlen.varlen_attn``, ``torch.compile`` of the rest)
   eager and compiled, and the same with flash-attn's ``flash_attn_varlen_func`` when installed;
 * latency, one query with 100 / 1000 candidates: ours through ``Reranker.score_encoded`` (shape
   buckets + CUDA graphs; host packing, the bucket layout and the host-to-device copy are timed),
-  from token ids as Python lists and (``relsum_reranker_arrays``) as int64 arrays, HF
+  from token ids as Python lists and (``relsum_reranker_arrays``) as int64 arrays (and
+  ``relsum_reranker_linear_gelu``: lists, graphs captured with ``fused_ffn_up``), HF
   eager / sdpa with the candidates in one padded batch and the strong peer on a packed batch, both
   already on the device (their input building is not timed, so the comparison favours them).
 
@@ -26,6 +29,7 @@ Run: ``pytest benchmarks/test_bench_ranker.py --benchmark-columns=median,rounds`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 
@@ -241,8 +245,9 @@ def _padded_batches(enc, idx_batches, device):
     return out
 
 
-GPU_VARIANTS = ["relsum", "relsum_device", "hf_eager_padded", "hf_sdpa_padded", "hf_sdpa_sorted",
-                "peer_varlen_attn_eager", "peer_varlen_attn_compile", "peer_flash_attn_compile"]
+GPU_VARIANTS = ["relsum", "relsum_device", "relsum_linear_gelu", "hf_eager_padded", "hf_sdpa_padded",
+                "hf_sdpa_sorted", "peer_varlen_attn_eager", "peer_varlen_attn_compile",
+                "peer_flash_attn_compile"]
 
 
 def _gpu_fn(method, ce, hf, enc, batches_of, dev="cuda"):
@@ -253,12 +258,13 @@ def _gpu_fn(method, ce, hf, enc, batches_of, dev="cuda"):
     if method == "relsum":
         batch = PackedBatch(enc)  # host token ids; score_packed copies them over each run
         return lambda: ce.score_packed(batch).float().cpu().numpy()
-    if method == "relsum_device":
+    if method in ("relsum_device", "relsum_linear_gelu"):
         args = _device_batch(enc, dev)  # made outside inference mode: cu_seqlens' host copy is cached
 
         @torch.inference_mode()
         def run_device():
-            return ce.encoder(*args).float().cpu().numpy()
+            with _ffn_up_fused(ce, method == "relsum_linear_gelu"):
+                return ce.encoder(*args).float().cpu().numpy()
 
         return run_device
     if method.startswith("hf_"):
@@ -282,6 +288,18 @@ def _gpu_fn(method, ce, hf, enc, batches_of, dev="cuda"):
         return peer(*args).cpu().numpy()
 
     return run
+
+
+@contextlib.contextmanager
+def _ffn_up_fused(ce, on: bool):
+    """The encoder's FFN up-projection as the Triton linear+GELU GEMM (on) or cuBLAS + bias_gelu (off,
+    the default); the model is shared between variants, so the flag is put back."""
+    before = ce.encoder.fused_ffn_up
+    ce.encoder.fused_ffn_up = on
+    try:
+        yield
+    finally:
+        ce.encoder.fused_ffn_up = before
 
 
 @pytest.fixture(scope="module")
@@ -329,8 +347,9 @@ def test_cuda_throughput_1024(benchmark, gpu_models, shape, lengths, method):
 
 
 LATENCY_ROWS = [(100, 24, 96), (100, 128, 512), (1000, 24, 96)]
-LATENCY_VARIANTS = ["relsum_reranker", "relsum_reranker_arrays", "hf_eager_padded", "hf_sdpa_padded",
-                    "peer_varlen_attn_compile", "peer_flash_attn_compile"]
+LATENCY_VARIANTS = ["relsum_reranker", "relsum_reranker_arrays", "relsum_reranker_linear_gelu",
+                    "hf_eager_padded", "hf_sdpa_padded", "peer_varlen_attn_compile",
+                    "peer_flash_attn_compile"]
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -352,14 +371,16 @@ def test_cuda_rerank_latency(benchmark, gpu_models, shape, row, method):
     else:
         # One padded batch of all candidates, as the anchors time HF.
         run = _gpu_fn(method, ce, hf, enc, lambda sort: [list(range(n))])
-    for _ in range(3):  # the Reranker captures its bucket's graph here
-        scores = run()
-    torch.cuda.synchronize()
-    if method.startswith("relsum_reranker"):
-        ref = _gpu_fn("relsum", ce, hf, enc, None)()
-        np.testing.assert_allclose(scores, ref, rtol=0, atol=2e-2)
-    benchmark.group = f"ranker-cuda-latency-{shape}-{n}cands-{lo}-{hi}"
-    benchmark.pedantic(run, rounds=50, warmup_rounds=5, iterations=1)
+    ref = _gpu_fn("relsum", ce, hf, enc, None)() if method.startswith("relsum_reranker") else None
+    # _linear_gelu: the fused FFN kernel stays on while timed (the Reranker recaptures on a change)
+    with _ffn_up_fused(ce, method.endswith("linear_gelu")):
+        for _ in range(3):  # the Reranker captures its bucket's graph here
+            scores = run()
+        torch.cuda.synchronize()
+        if ref is not None:
+            np.testing.assert_allclose(scores, ref, rtol=0, atol=2e-2)
+        benchmark.group = f"ranker-cuda-latency-{shape}-{n}cands-{lo}-{hi}"
+        benchmark.pedantic(run, rounds=50, warmup_rounds=5, iterations=1)
     _record(benchmark, method=method, shape=shape, n_pairs=n, tokens=sum(lens),
             padded_tokens=n * max(lens) if method.startswith("hf_") else None,
             device=torch.cuda.get_device_name(), dtype=torch.bfloat16, source="token ids")
@@ -387,7 +408,8 @@ def test_cpu_dry_run_of_gpu_variants():
 
     ours = _gpu_fn("relsum", ce, hf, enc, batches_of, dev="cpu")()
     assert np.ptp(ours) > 1e-3
-    for method in ("relsum_device", "hf_eager_padded", "hf_sdpa_padded", "hf_sdpa_sorted"):
+    for method in ("relsum_device", "relsum_linear_gelu", "hf_eager_padded", "hf_sdpa_padded",
+                   "hf_sdpa_sorted"):
         np.testing.assert_allclose(_gpu_fn(method, ce, hf, enc, batches_of, dev="cpu")(), ours, atol=1e-5)
     peer = StrongPeer(hf, lambda q, k, v, cu, m: varlen_attention(q, k, v, cu, m))
     with torch.inference_mode():

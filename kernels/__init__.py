@@ -8,6 +8,7 @@ from .encoder_epilogues import (
     residual_layernorm,
     residual_layernorm_reference,
 )
+from .linear_gelu import linear_gelu, linear_gelu_reference
 from .logprob import fused_logprob, logprob_reference
 from .varlen_attention import varlen_attention, varlen_attention_reference
 
@@ -22,4 +23,6 @@ __all__ = [
     "residual_layernorm_reference",
     "cls_score",
     "cls_score_reference",
+    "linear_gelu",
+    "linear_gelu_reference",
 ]

@@ -3,7 +3,8 @@
 All sequences of a batch are concatenated into one token stream described by ``cu_seqlens``; every
 matrix product runs on real tokens only.  On CUDA the attention, bias+GELU, residual+LayerNorm and the
 [CLS] scoring head are the Triton kernels of ``relsum_kernels``, the dense layers cuBLAS GEMMs whose
-bias the next kernel fuses; on CPU attention and the head take the kernels' torch paths (attention as a
+bias the next kernel fuses (or, with ``fused_ffn_up``, the FFN up-projection a Triton GEMM with the
+bias+GELU in its epilogue); on CPU attention and the head take the kernels' torch paths (attention as a
 few padded SDPA calls over length buckets) and the dense biases go into the GEMMs (addmm) instead.
 
 The module *shares* its parameters with the Hugging Face model it is built from, so fine-tuning either
@@ -51,6 +52,10 @@ class PackedBertEncoder(nn.Module):
         # "auto": kernels on CUDA, addmm-fused torch on CPU.  "triton" / "torch" force the kernel
         # formulation with that implementation (tests run the CUDA wiring on CPU this way).
         self.impl = "auto"
+        # FFN up-projection as one Triton GEMM with bias+GELU in its epilogue (kernels/linear_gelu.py)
+        # instead of cuBLAS + the bias_gelu pass.  Off until a GPU run shows it faster
+        # (benchmarks: the ``relsum_linear_gelu`` throughput variant, ``test_cuda_linear_gelu``).
+        self.fused_ffn_up = False
 
     @classmethod
     def from_hf(cls, model: nn.Module) -> PackedBertEncoder:
@@ -82,6 +87,8 @@ class PackedBertEncoder(nn.Module):
             # CPU: the bias rides in the GEMM (addmm) for free; a separate bias pass costs ~5%.
             y = F.linear(x, dense.weight, dense.bias)
             return F.gelu(y) if self.act == "gelu" else self._hf_act(y)
+        if self.act == "gelu" and self.fused_ffn_up:
+            return K.linear_gelu(x, dense.weight, dense.bias, impl=self.impl)
         y = F.linear(x, dense.weight)
         if self.act != "gelu":
             return self._hf_act(y + dense.bias)

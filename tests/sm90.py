@@ -21,9 +21,12 @@ PRELUDE = textwrap.dedent(r"""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
-    def compile_sm90(fn, sig, consts, num_warps=4, num_stages=3):  # Triton's launch defaults
+    def compile_sm90(fn, sig, consts, num_warps=4, num_stages=3, aligned=()):  # Triton's launch defaults
+        # aligned: arguments a real launch specialises as multiples of 16 (pointers from torch's
+        # allocator, strides and sizes such as 384): without that ptxas sees scalar loads.
         sig = {**sig, **{k: "constexpr" for k in consts}}
-        k = compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+        attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+        k = compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
                     options=dict(num_warps=num_warps, num_stages=num_stages))
         assert len(k.asm["cubin"]) > 0
         # Register spills go to local memory and cost far more than they look: none allowed.

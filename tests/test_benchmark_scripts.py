@@ -2,6 +2,7 @@
 finding a broken script."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ def test_profile_ranker_dry_run(tmp_path):
         pytest.skip("the packaged MiniLM tokenizer is missing")
     assert res.returncode == 0, res.stderr[-3000:]
     text = out.read_text()
-    assert "| | relsum | peer_varlen_attn_compile |" in text
+    assert "| | relsum | relsum_linear_gelu | peer_varlen_attn_compile |" in text
     assert "| wall ms per forward |" in text and "| gemm |" in text
     assert (tmp_path / "prof.json").exists()
 
@@ -29,6 +30,7 @@ def test_profile_kinds_of_real_kernel_names():
     cases = {
         "_varlen_attn_fwd_kernel": "relsum attention",
         "_bias_gelu_kernel": "relsum bias+gelu",
+        "_linear_gelu_kernel": "relsum linear+gelu gemm",
         "_residual_ln_kernel": "relsum residual+ln",
         "_cls_score_kernel": "relsum cls head",
         "triton_per_fused_add_native_layer_norm_3": "inductor fused",
@@ -52,3 +54,18 @@ def test_profile_kinds_of_real_kernel_names():
                          text=True, timeout=120, cwd=ROOT / "benchmarks")
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads(res.stdout.strip().splitlines()[-1]) == cases
+
+
+def test_linear_gelu_benchmark_variants_dry_run():
+    """Every FFN variant of test_cuda_linear_gelu (each candidate tile shape included) runs and checks
+    itself on CPU through the Triton interpreter, at a small token count."""
+    code = ("import test_bench_encoder_kernels as b\n"
+            "for v in b.FFN_VARIANTS:\n"
+            "    out = b.ffn_case('minilm', 70, v, 'cpu')()\n"
+            "    assert out.shape == (70, 1536), (v, out.shape)\n"
+            "    print('ok', v)\n")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         cwd=ROOT / "benchmarks", env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("ok ") == 9

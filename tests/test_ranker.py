@@ -405,6 +405,13 @@ def test_reranker_guards(tiny):
     with torch.no_grad():
         w.add_(0.0)
     assert rr._current_weights_key() != before
+    # ...and so must switching the encoder's FFN kernel (a graph replays what it captured)
+    before = rr._current_weights_key()
+    tiny.encoder.fused_ffn_up = True
+    try:
+        assert rr._current_weights_key() != before
+    finally:
+        tiny.encoder.fused_ffn_up = False
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter check; on CUDA: test_reranker_cuda_graphs")
