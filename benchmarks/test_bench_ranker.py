@@ -8,8 +8,8 @@ runs micro-batches of 128 pairs, eager padded, sdpa padded, and sdpa on length-s
 CUDA (skipped without it), bf16, ANCHORS.md table 2 / 2b / 3 shapes, every variant from token ids
 (tokenising is not timed, as in the anchors):
 * throughput, 1024 pairs, lengths 24-96 and 128-512, MiniLM-L6-H384 and BERT-base: ours (one packed
-  stream, Triton kernels) as ``relsum`` (``score_packed`` from host token ids: the host-to-device
-  copies are timed) and ``relsum_device`` (the packed forward from ids already on the device, as
+  stream, Triton kernels) as ``relsum`` (``score_packed`` from host token ids: staging them in one
+  pinned buffer and its host-to-device copy are timed) and ``relsum_device`` (the packed forward from ids already on the device, as
   every other variant here runs), ``relsum_linear_gelu`` (the same with the FFN up-projection as the
   Triton linear+GELU GEMM, ``PackedBertEncoder.fused_ffn_up``), HF eager / sdpa padded / sdpa
   length-sorted (micro-batches of 128), the

@@ -91,6 +91,28 @@ class PackedBatch:
         self.cu_seqlens = torch.from_numpy(cu.astype(np.int32))
         self.max_seqlen = int(lens.max())
 
+    @property
+    def staged_size(self) -> int:
+        return 3 * self.input_ids.numel() + self.cu_seqlens.numel()
+
+    def stage(self, out: torch.Tensor) -> torch.Tensor:
+        """All four inputs in one int64 host buffer ``[ids | types | positions | cu_seqlens]`` of
+        ``staged_size``: a single host-to-device copy instead of four.  Filled through numpy: a plain
+        memcpy, where torch's threaded copy can stall on a busy host."""
+        T = self.input_ids.numel()
+        h = out.numpy()
+        h[:T] = self.input_ids.numpy()
+        h[T:2 * T] = self.token_type_ids.numpy()
+        h[2 * T:3 * T] = self.position_ids.numpy()
+        h[3 * T:] = self.cu_seqlens.numpy()
+        return out
+
+    @staticmethod
+    def unstage(staged: torch.Tensor, tokens: int) -> tuple[torch.Tensor, ...]:
+        """(input_ids, token_type_ids, position_ids, cu_seqlens as int32) views of a staged buffer."""
+        T = tokens
+        return staged[:T], staged[T:2 * T], staged[2 * T:3 * T], staged[3 * T:].to(torch.int32)
+
 
 def _check_text(x, what: str) -> str:
     if not isinstance(x, str):
@@ -287,11 +309,16 @@ class CrossEncoder:
     def score_packed(self, batch: PackedBatch) -> torch.Tensor:
         """fp32 scores [B] (on the model's device) of one packed batch."""
         dev = self.device
-        # Copied outside inference mode on purpose: the kernels cache the host copy of a normal
+        # Moved outside inference mode on purpose: the kernels cache the host copy of a normal
         # cu_seqlens across layers (an inference tensor has no version counter, so it is re-read,
         # one device sync per layer).
-        inputs = [t.to(dev) for t in (batch.input_ids, batch.token_type_ids, batch.position_ids,
-                                       batch.cu_seqlens)]
+        if dev.type == "cuda":
+            # One pinned buffer and one asynchronous copy: four pageable copies each block the host.
+            staged = batch.stage(torch.empty(batch.staged_size, dtype=torch.int64, pin_memory=True))
+            inputs = PackedBatch.unstage(staged.to(dev, non_blocking=True), batch.input_ids.numel())
+        else:
+            inputs = [t.to(dev) for t in (batch.input_ids, batch.token_type_ids, batch.position_ids,
+                                           batch.cu_seqlens)]
         with torch.inference_mode():
             return self.encoder(*inputs, batch.max_seqlen)
 
@@ -562,30 +589,15 @@ class Reranker:
         batch.max_seqlen = layout.max_seqlen
         if not self.cuda_graphs:
             # Same single-buffer layout and forward that the graphs capture, run eagerly.
-            host = self._fill(torch.empty(3 * layout.tokens + layout.seqs + 1, dtype=torch.int64), batch)
+            host = batch.stage(torch.empty(batch.staged_size, dtype=torch.int64))
             with torch.inference_mode():
                 scores = self._forward_static(host.to(self.ce.device), layout)
             return scores[:B].float().cpu().numpy()
         return self._replay(layout, batch)[:B]
 
     # ---------------------------------------------------------------- CUDA graphs
-    @staticmethod
-    def _fill(host: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        # One buffer for all inputs -> a single host-to-device copy per query chunk.  Filled through
-        # numpy: a plain memcpy, where torch's threaded copy can stall on a busy host.
-        T = batch.input_ids.numel()
-        h = host.numpy()
-        h[:T] = batch.input_ids.numpy()
-        h[T:2 * T] = batch.token_type_ids.numpy()
-        h[2 * T:3 * T] = batch.position_ids.numpy()
-        h[3 * T:] = batch.cu_seqlens.numpy()
-        return host
-
     def _forward_static(self, inputs: torch.Tensor, layout: BucketLayout) -> torch.Tensor:
-        T = layout.tokens
-        ids, types, pos = inputs[:T], inputs[T:2 * T], inputs[2 * T:3 * T]
-        cu = inputs[3 * T:].to(torch.int32)
-        return self.ce.encoder(ids, types, pos, cu, layout.max_seqlen)
+        return self.ce.encoder(*PackedBatch.unstage(inputs, layout.tokens), layout.max_seqlen)
 
     def _current_weights_key(self):
         # what a captured graph baked in: the weights and the encoder's choice of FFN kernel
@@ -605,7 +617,7 @@ class Reranker:
         # The static buffers were made under inference mode (in _capture): write them under it too
         # (seen on an H200: an in-place copy into them outside it raises).
         with torch.inference_mode():
-            self._fill(g.host, batch)
+            batch.stage(g.host)
             g.inputs.copy_(g.host, non_blocking=True)
             g.graph.replay()
             return g.scores.float().cpu().numpy()
@@ -613,8 +625,7 @@ class Reranker:
     @torch.inference_mode()
     def _capture(self, layout: BucketLayout, batch: PackedBatch) -> _Graph:
         dev = self.ce.device
-        n = 3 * layout.tokens + layout.seqs + 1
-        host = self._fill(torch.empty(n, dtype=torch.int64).pin_memory(), batch)
+        host = batch.stage(torch.empty(batch.staged_size, dtype=torch.int64).pin_memory())
         # Static inputs live outside the graph pool so no other graph's replay can overwrite them.
         inputs = host.to(dev)
         if self._pool is None:

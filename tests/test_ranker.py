@@ -331,6 +331,13 @@ def test_packed_batch_layout():
         PackedBatch([(np.array([[101, 102]]), 1)])
     with pytest.raises(ValueError, match="at least one sequence"):
         PackedBatch([])
+    # one staging buffer (a single host-to-device copy) holds all four inputs and gives them back
+    staged = padded.stage(torch.full((padded.staged_size,), -1, dtype=torch.int64))
+    assert staged.min() >= 0  # every slot written
+    back = PackedBatch.unstage(staged, padded.input_ids.numel())
+    for name, t in zip(("input_ids", "token_type_ids", "position_ids", "cu_seqlens"), back):
+        assert torch.equal(t, getattr(padded, name)), name
+    assert back[3].dtype == torch.int32
 
 
 def test_geometric_buckets():
