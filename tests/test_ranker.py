@@ -135,6 +135,10 @@ def test_scores_independent_of_batching(tiny):
     c = tiny.predict(pairs[::-1])[::-1]
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
     np.testing.assert_allclose(a, c, rtol=0, atol=1e-5)
+    # the grouping: one batch in input order when all fits, else longest first within both limits
+    assert tiny._batches([3, 9, 5], 3, 17) == [[0, 1, 2]]
+    assert tiny._batches([3, 9, 5], 2, 100) == [[1, 2], [0]]
+    assert tiny._batches([3, 9, 5], 3, 12) == [[1], [2, 0]]
 
 
 # ------------------------------------------------------------------ truncation rule
