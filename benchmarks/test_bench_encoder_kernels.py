@@ -9,7 +9,9 @@ and ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10; skipped when absen
 kernel under each tile shape of ``CONFIG_CANDIDATES`` against the one it picks today
 (``test_cuda_attention_tiles``).  And the FFN up-projection with its bias+GELU: cuBLAS + the
 ``bias_gelu`` pass (the encoder's default) against the Triton GEMM with a fused epilogue
-(``linear_gelu``) under each of its candidate tile shapes (``test_cuda_linear_gelu``).
+(``linear_gelu``) under each of its candidate tile shapes (``test_cuda_linear_gelu``); the
+bias+GELU and residual+LayerNorm epilogues under each candidate launch shape against eager torch
+(``test_cuda_gelu_tiles``, ``test_cuda_ln_tiles``, with GB/s).
 
 The padded baselines get their padded tensors for free (an HF model is padded end to end); the
 packed paths start from the packed stream.  Times land in the pytest-benchmark report; shapes and
@@ -22,7 +24,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from relsum_kernels import bias_gelu, linear_gelu, varlen_attention
+from relsum_kernels import bias_gelu, linear_gelu, residual_layernorm, varlen_attention
+from relsum_kernels.encoder_epilogues import GELU_CONFIG_CANDIDATES, LN_CONFIG_CANDIDATES
 from relsum_kernels.linear_gelu import CONFIG_CANDIDATES as LINEAR_GELU_CANDIDATES
 from relsum_kernels.varlen_attention import CONFIG_CANDIDATES, _triton_config, _triton_varlen
 
@@ -188,6 +191,70 @@ def test_cuda_linear_gelu(benchmark, model, lengths, variant):
         in_features=H, out_features=Fd, tflops=2 * T * H * Fd / median / 1e12,
         gb_per_s=2 * (T * H + H * Fd + T * Fd) / median / 1e9, median_ms=median * 1e3,
     )
+
+
+# The two bandwidth-bound epilogues under their default launch shape and each candidate, against
+# eager torch, at the 24-96 throughput row's token count: GB/s says how close to the card's memory
+# bandwidth each gets.
+EPILOGUE_CANDIDATES = {"gelu": GELU_CONFIG_CANDIDATES, "ln": LN_CONFIG_CANDIDATES}
+
+
+def epilogue_case(model: str, tokens: int, kernel: str, variant: str, device: str):
+    """(callable, bytes it moves) for ``kernel`` ("gelu" or "ln") under ``variant`` ("torch",
+    "default" or a candidate's name) on random bf16 inputs; checks itself once against the default
+    launch (CPU runs need TRITON_INTERPRET=1)."""
+    H, Fd = FFN_SHAPES[model]
+    g = torch.Generator(device=device).manual_seed(0)
+    cfg = None if variant in ("torch", "default") else EPILOGUE_CANDIDATES[kernel][variant]
+    if kernel == "gelu":
+        x = torch.randn(tokens, Fd, generator=g, device=device).to(torch.bfloat16)
+        b = torch.randn(Fd, generator=g, device=device).to(torch.bfloat16)
+        ref = lambda: bias_gelu(x, b, impl="triton")
+        run = (lambda: F.gelu(x + b)) if variant == "torch" else (
+            lambda: bias_gelu(x, b, impl="triton", config=cfg))
+        moved = 2 * x.numel() * x.element_size()
+    else:
+        x, r = (torch.randn(tokens, H, generator=g, device=device).to(torch.bfloat16) for _ in range(2))
+        w, b, xb = (torch.randn(H, generator=g, device=device).to(torch.bfloat16) for _ in range(3))
+        ref = lambda: residual_layernorm(x, r, w, b, x_bias=xb, impl="triton")
+        run = (lambda: F.layer_norm(x + xb + r, (H,), w, b, 1e-12)) if variant == "torch" else (
+            lambda: residual_layernorm(x, r, w, b, x_bias=xb, impl="triton", config=cfg))
+        moved = 3 * x.numel() * x.element_size()
+    torch.testing.assert_close(run().float(), ref().float(), rtol=0, atol=6e-2)  # bf16 rounding apart
+    return run, moved
+
+
+def _time_epilogue(benchmark, model, kernel, variant):
+    tokens = FFN_TOKENS["24-96"]
+    run, moved = epilogue_case(model, tokens, kernel, variant, "cuda")
+
+    def fn():
+        out = run()
+        torch.cuda.synchronize()
+        return out
+
+    for _ in range(3):
+        fn()
+    benchmark.group = f"encoder-epilogue-{kernel}-{model}"
+    benchmark.pedantic(fn, rounds=30, warmup_rounds=2, iterations=1)
+    median = benchmark.stats.stats.median
+    benchmark.extra_info.update(method=f"{kernel}_{variant}", model=model,
+                                device=torch.cuda.get_device_name(), dtype="bfloat16", tokens=tokens,
+                                gb_per_s=moved / median / 1e9, median_ms=median * 1e3)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("variant", ["torch", "default", *GELU_CONFIG_CANDIDATES])
+@pytest.mark.parametrize("model", list(FFN_SHAPES))
+def test_cuda_gelu_tiles(benchmark, model, variant):
+    _time_epilogue(benchmark, model, "gelu", variant)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("variant", ["torch", "default", *LN_CONFIG_CANDIDATES])
+@pytest.mark.parametrize("model", list(FFN_SHAPES))
+def test_cuda_ln_tiles(benchmark, model, variant):
+    _time_epilogue(benchmark, model, "ln", variant)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

@@ -9,12 +9,12 @@ CUDA (skipped without it), bf16, ANCHORS.md table 2 / 2b / 3 shapes, every varia
 (tokenising is not timed, as in the anchors):
 * throughput, 1024 pairs, lengths 24-96 and 128-512, MiniLM-L6-H384 and BERT-base: ours (one packed
   stream, Triton kernels) as ``relsum`` (``score_packed`` from host token ids: staging them in one
-  pinned buffer and its host-to-device copy are timed) and ``relsum_device`` (the packed forward from ids already on the device, as
-  every other variant here runs), ``relsum_linear_gelu`` (the same with the FFN up-projection as the
-  Triton linear+GELU GEMM, ``PackedBertEncoder.fused_ffn_up``), HF eager / sdpa padded / sdpa
-  length-sorted (micro-batches of 128), the
-  strong peer (packed tokens, ``torch.nn.attention.varlen.varlen_attn``, ``torch.compile`` of the rest)
-  eager and compiled, and the same with flash-attn's ``flash_attn_varlen_func`` when installed;
+  pinned buffer and its host-to-device copy are timed), ``relsum_device`` (the packed forward from
+  ids already on the device, as every other variant here runs) and ``relsum_linear_gelu`` (the same
+  with the FFN up-projection as the Triton linear+GELU GEMM, ``PackedBertEncoder.fused_ffn_up``);
+  HF eager / sdpa padded / sdpa length-sorted (micro-batches of 128); the strong peer (packed
+  tokens, ``torch.nn.attention.varlen.varlen_attn``, ``torch.compile`` of the rest) eager and
+  compiled, and the same with flash-attn's ``flash_attn_varlen_func`` when installed;
 * latency, one query with 100 / 1000 candidates: ours through ``Reranker.score_encoded`` (shape
   buckets + CUDA graphs; host packing, the bucket layout and the host-to-device copy are timed),
   from token ids as Python lists and (``relsum_reranker_arrays``) as int64 arrays (and

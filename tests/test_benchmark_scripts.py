@@ -69,3 +69,19 @@ def test_linear_gelu_benchmark_variants_dry_run():
                          cwd=ROOT / "benchmarks", env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("ok ") == 9
+
+
+def test_epilogue_benchmark_variants_dry_run():
+    """Every variant of test_cuda_gelu_tiles / test_cuda_ln_tiles runs and checks itself on CPU
+    (interpreter)."""
+    code = ("import test_bench_encoder_kernels as b\n"
+            "for kernel, cands in b.EPILOGUE_CANDIDATES.items():\n"
+            "    for v in ['torch', 'default', *cands]:\n"
+            "        run, moved = b.epilogue_case('minilm', 40, kernel, v, 'cpu')\n"
+            "        assert run().shape[0] == 40 and moved > 0, v\n"
+            "        print('ok', kernel, v)\n")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         cwd=ROOT / "benchmarks", env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("ok ") == 12

@@ -287,15 +287,31 @@ def test_device_mismatches_raise():
         residual_layernorm(h, h.cpu(), torch.ones(16, device="cuda"), torch.zeros(16, device="cuda"))
 
 
+def test_launch_shape_overrides_keep_the_result():
+    """The benchmark sweep's override changes only how rows and columns split over programs."""
+    dev = triton_device()
+    x = torch.randn(37, 96, device=dev)
+    b = torch.randn(96, device=dev)
+    r = torch.randn(37, 96, device=dev)
+    w = torch.rand(96, device=dev) + 0.5
+    base = bias_gelu(x, b, impl="triton")
+    for cfg in (dict(BLOCK_T=4, BLOCK_F=128, num_warps=4), dict(BLOCK_T=8, BLOCK_F=32, num_warps=2)):
+        torch.testing.assert_close(bias_gelu(x, b, impl="triton", config=cfg), base, rtol=0, atol=0)
+    base = residual_layernorm(x, r, w, b, impl="triton", x_bias=b)
+    for cfg in (dict(BLOCK_T=2, num_warps=2), dict(BLOCK_T=16, num_warps=8)):
+        got = residual_layernorm(x, r, w, b, impl="triton", x_bias=b, config=cfg)
+        torch.testing.assert_close(got, base, rtol=0, atol=1e-6)
+
+
 @needs_offline_compiler
 def test_kernels_compile_for_sm90():
     out = compile_offline("""
         ep = importlib.import_module("relsum_kernels.encoder_epilogues")
 
-        def go(fn, sig, cfg, **consts):
+        def go(fn, sig, cfg, aligned=(), **consts):
             cfg = dict(cfg)  # the launch configuration the wrapper uses on a GPU
             nw = cfg.pop("num_warps")
-            compile_sm90(fn, sig, {**cfg, **consts}, num_warps=nw)
+            compile_sm90(fn, sig, {**cfg, **consts}, num_warps=nw, aligned=aligned)
 
         for dt in ("bf16", "fp32"):
             go(ep._bias_gelu_kernel, {"x_ptr": "*" + dt, "b_ptr": "*" + dt, "y_ptr": "*" + dt, "T": "i32",
@@ -311,5 +327,18 @@ def test_kernels_compile_for_sm90():
                    "pb_ptr": "*" + wdt, "cw_ptr": "*" + wdt, "cb_ptr": "*" + wdt, "part_ptr": "*fp32",
                    "B": "i32", "H": "i32", "stride_h": "i32", "stride_pw": "i32"}, ep._cls_config(),
                    UPCAST=up, DOT_IEEE=up or dt == "fp32")
+        # the sweep's candidates, bf16 as a GPU run launches them (aligned buffers and strides)
+        for cfg in ep.GELU_CONFIG_CANDIDATES.values():
+            go(ep._bias_gelu_kernel, {"x_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "T": "i32",
+               "Fdim": "i32", "stride_x": "i32", "stride_y": "i32"}, cfg,
+               aligned=("x_ptr", "b_ptr", "y_ptr", "Fdim", "stride_x", "stride_y"))
+        for H in (384, 768):
+            for cfg in ep.LN_CONFIG_CANDIDATES.values():
+                go(ep._residual_ln_kernel, {"x_ptr": "*bf16", "xb_ptr": "*bf16", "r_ptr": "*bf16",
+                   "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "T": "i32", "H": "i32",
+                   "stride_x": "i32", "stride_r": "i32", "stride_y": "i32", "eps": "fp32"},
+                   {**ep._ln_config(H), **cfg}, HAS_XB=True,
+                   aligned=("x_ptr", "xb_ptr", "r_ptr", "w_ptr", "b_ptr", "y_ptr", "H", "stride_x",
+                            "stride_r", "stride_y"))
     """)
-    assert out.count("compiled") == 11
+    assert out.count("compiled") == 11 + 4 + 2 * 4
