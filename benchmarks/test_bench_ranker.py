@@ -3,7 +3,10 @@
 CPU (always): MiniLM shape (6 layers, hidden 384, 12 heads, FFN 1536, random weights), a mixed-length
 set of 256 pairs of 24-96 tokens and 64 pairs of 128-512 tokens, shuffled.  Every variant starts from
 the texts (tokenising included): ours is ``CrossEncoder.predict``; HF ``BertForSequenceClassification``
-runs micro-batches of 128 pairs, eager padded, sdpa padded, and sdpa on length-sorted batches.
+runs micro-batches of 128 pairs, eager padded, sdpa padded, and sdpa on length-sorted batches.  And
+table 3 in small: one query against 20 and 100 candidates of 24-96 tokens from token ids, ours through
+``Reranker.score_encoded`` (ids as lists and as arrays) against HF eager / sdpa on one padded batch
+(``test_cpu_rerank_latency``; no strong-peer row, torch's varlen_attn is CUDA-only).
 
 CUDA (skipped without it), bf16, ANCHORS.md table 2 / 2b / 3 shapes, every variant from token ids
 (tokenising is not timed, as in the anchors):
@@ -154,6 +157,35 @@ def test_cpu_throughput_mixed(benchmark, cpu_setup, method):
     np.testing.assert_allclose(scores[:8], ref, rtol=0, atol=1e-3)
     _record(benchmark, method=method, shape="minilm-l6-h384", n_pairs=len(pairs), tokens=tokens,
             padded_tokens=padded, device="cpu", dtype=torch.float32, source="text")
+
+
+# Table 3 in small: one query against N candidates, from token ids, fp32.  The strong peer has no CPU
+# row: torch's varlen_attn is CUDA-only.
+CPU_LATENCY_ROWS = [(20, 24, 96), (100, 24, 96)]
+CPU_LATENCY_VARIANTS = ["relsum_reranker", "relsum_reranker_arrays", "hf_eager_padded", "hf_sdpa_padded"]
+
+
+@pytest.mark.parametrize("method", CPU_LATENCY_VARIANTS)
+@pytest.mark.parametrize("row", CPU_LATENCY_ROWS, ids=lambda r: f"{r[0]}cands-{r[1]}-{r[2]}")
+def test_cpu_rerank_latency(benchmark, cpu_setup, row, method):
+    tok, model, ce, *_ = cpu_setup
+    n, lo, hi = row
+    pairs = make_pairs(tok, [(n, lo, hi)], seed=2)
+    enc = ce.encode_pairs([(pairs[0][0], d) for _, d in pairs])  # one query against n candidates
+    lens = [len(ids) for ids, _ in enc]
+    if method.startswith("relsum_reranker"):
+        rr = Reranker(ce)
+        ids = [(np.asarray(x, dtype=np.int64), nf) for x, nf in enc] if method.endswith("arrays") else enc
+        run = lambda: rr.score_encoded(ids)
+    else:
+        run = _gpu_fn(method, ce, model, enc, lambda sort: [list(range(n))], dev="cpu")
+    ref = ce.score_encoded(enc)
+    np.testing.assert_allclose(run(), ref, rtol=0, atol=1e-3)
+    benchmark.group = f"ranker-cpu-latency-minilm-{n}cands-{lo}-{hi}"
+    benchmark.pedantic(run, rounds=max(5, CPU_ROUNDS), warmup_rounds=1, iterations=1)
+    _record(benchmark, method=method, shape="minilm-l6-h384", n_pairs=n, tokens=sum(lens),
+            padded_tokens=n * max(lens) if method.startswith("hf_") else None, device="cpu",
+            dtype=torch.float32, source="token ids")
 
 
 # --------------------------------------------------------------------------------------------
