@@ -91,10 +91,14 @@ CONFIG_CANDIDATES = {
 DEFAULT_CONFIG = "m128n128k64w8s3"
 
 
-def _config(K: int) -> dict:
+def _config(K: int, dtype: torch.dtype) -> dict:
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1)
-    cfg = dict(CONFIG_CANDIDATES[DEFAULT_CONFIG])
+    if dtype == torch.float32:
+        # ieee fp32 dots run on FMA units, operands in registers: small tiles (no spills, ptxas -v)
+        cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)
+    else:
+        cfg = dict(CONFIG_CANDIDATES[DEFAULT_CONFIG])
     if K < cfg["BLOCK_K"]:
         cfg["BLOCK_K"] = max(16, triton.next_power_of_2(K))
     return cfg
@@ -140,7 +144,7 @@ def linear_gelu(x, weight, bias, *, impl="auto", config: dict | None = None):
     M, K = x2.shape
     N = w.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    cfg = dict(config) if config is not None else _config(K)
+    cfg = dict(config) if config is not None else _config(K, x.dtype)
     upcast = interpreting()
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _linear_gelu_kernel[grid](

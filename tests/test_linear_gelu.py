@@ -93,19 +93,23 @@ def test_linear_gelu_bad_inputs(change, exc, match):
 
 @needs_offline_compiler
 def test_linear_gelu_compiles_for_sm90():
+    """The sweep's candidates (bf16) and the launched fp32 configuration compile without spills."""
     out = compile_offline("""
+        import torch
         lg = importlib.import_module("relsum_kernels.linear_gelu")
-        for name, cfg in lg.CONFIG_CANDIDATES.items():
-            cfg = dict(cfg)
+        assert lg.DEFAULT_CONFIG in lg.CONFIG_CANDIDATES
+        cases = [("bf16", dict(c)) for c in lg.CONFIG_CANDIDATES.values()]
+        cases.append(("fp32", lg._config(384, torch.float32)))
+        for dt, cfg in cases:
             nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
             compile_sm90(lg._linear_gelu_kernel,
-                         {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32",
-                          "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32"},
-                         {**cfg, "EVEN_K": True, "UPCAST": False, "DOT_IEEE": False},
+                         {"x_ptr": "*" + dt, "w_ptr": "*" + dt, "b_ptr": "*" + dt, "y_ptr": "*" + dt,
+                          "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32",
+                          "stride_ym": "i32"},
+                         {**cfg, "EVEN_K": True, "UPCAST": False, "DOT_IEEE": dt == "fp32"},
                          num_warps=nw, num_stages=ns,
                          # as launched on BERT shapes: aligned buffers, K, N and strides multiples of 16
                          aligned=("x_ptr", "w_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "stride_wn",
                                   "stride_ym"))
-        assert lg.DEFAULT_CONFIG in lg.CONFIG_CANDIDATES
     """)
-    assert out.count("compiled") == 6
+    assert out.count("compiled") == 7
