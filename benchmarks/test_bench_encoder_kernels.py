@@ -27,7 +27,12 @@ import torch.nn.functional as F
 from relsum_kernels import bias_gelu, linear_gelu, residual_layernorm, varlen_attention
 from relsum_kernels.encoder_epilogues import GELU_CONFIG_CANDIDATES, LN_CONFIG_CANDIDATES
 from relsum_kernels.linear_gelu import CONFIG_CANDIDATES as LINEAR_GELU_CANDIDATES
-from relsum_kernels.varlen_attention import CONFIG_CANDIDATES, _triton_config, _triton_varlen
+from relsum_kernels.varlen_attention import (
+    CONFIG_CANDIDATES,
+    SHORT_MAX_SEQLEN,
+    _triton_config,
+    _triton_varlen,
+)
 
 CUDA = torch.cuda.is_available()
 MODELS = {"minilm": (12, 32), "bert-base": (12, 64)}
@@ -270,6 +275,8 @@ def test_cuda_attention_tiles(benchmark, model, lengths, variant):
     max_len = int(lens.max())
     q, k, v = qkv.unbind(1)
     cfg = None if variant == "default" else CONFIG_CANDIDATES[variant]
+    if cfg and cfg.get("SHORT") and max_len > SHORT_MAX_SEQLEN:
+        pytest.skip(f"the one-key-tile kernel takes max_seqlen <= {SHORT_MAX_SEQLEN}")
     ref = varlen_attention(q, k, v, cu, max_len, impl="triton")
 
     def fn():

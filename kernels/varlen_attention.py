@@ -117,9 +117,69 @@ if HAS_TRITON:
                  acc.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
+    @triton.jit
+    def _varlen_attn_short_kernel(
+        q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr,
+        head_dim, qk_scale,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+        HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        UPCAST: tl.constexpr, DOT_IEEE: tl.constexpr,
+    ):
+        # Batches whose longest sequence fits one key tile (max_seqlen <= BLOCK_N): a plain softmax
+        # over that tile, no online rescaling.  A program takes HEADS heads of one query tile in a
+        # loop the pipeliner can overlap (the next head's loads under this head's math): short
+        # sequences leave the one-head-a-program kernel waiting on memory with little work to hide it.
+        b = tl.program_id(0)
+        h0 = tl.program_id(1) * HEADS
+        m0 = tl.program_id(2) * BLOCK_M
+        start32 = tl.load(cu_ptr + b).to(tl.int32)
+        seqlen = tl.load(cu_ptr + b + 1).to(tl.int32) - start32
+        if m0 >= seqlen:
+            return
+        start = start32.to(tl.int64)
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_mask = offs_m < seqlen
+        n_mask = offs_n < seqlen
+        d_mask = offs_d < head_dim
+        q_off = offs_m[:, None] * stride_qt + offs_d[None, :]
+        kt_off = offs_n[None, :] * stride_kt + offs_d[:, None]
+        v_off = offs_n[:, None] * stride_vt + offs_d[None, :]
+        o_off = offs_m[:, None] * stride_ot + offs_d[None, :]
+        for hh in range(HEADS):
+            h = h0 + hh
+            q = tl.load(q_ptr + start * stride_qt + h * stride_qh + q_off,
+                        mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+            kt = tl.load(k_ptr + start * stride_kt + h * stride_kh + kt_off,
+                         mask=d_mask[:, None] & n_mask[None, :], other=0.0)
+            v = tl.load(v_ptr + start * stride_vt + h * stride_vh + v_off,
+                        mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+                kt = kt.to(tl.float32)
+                v = v.to(tl.float32)
+            if DOT_IEEE:
+                s = tl.dot(q, kt, input_precision="ieee")
+            else:
+                s = tl.dot(q, kt)
+            s = tl.where(n_mask[None, :], s * qk_scale, float("-inf"))
+            p = tl.exp2(s - tl.max(s, axis=1)[:, None])
+            l_i = tl.sum(p, axis=1)
+            if DOT_IEEE:
+                acc = tl.dot(p, v, input_precision="ieee")
+            else:
+                acc = tl.dot(p.to(v.dtype), v)
+            acc = acc / l_i[:, None]
+            tl.store(o_ptr + start * stride_ot + h * stride_oh + o_off, acc.to(o_ptr.dtype.element_ty),
+                     mask=m_mask[:, None] & d_mask[None, :])
+
+
 # Tile shapes for 16-bit inputs that a GPU run should time against the choice _triton_config makes
 # (benchmarks/test_bench_encoder_kernels.py sweeps them; all compile for sm_90 without spills).
 # Short sequences (24-96 tokens) leave most of a 64-row tile empty, so smaller tiles are candidates.
+# "short_*": the one-key-tile kernel (batches with max_seqlen <= SHORT_MAX_SEQLEN; BLOCK_N is then the
+# padded max_seqlen), HEADS heads a program.
 CONFIG_CANDIDATES = {
     "m32_n32_w2": dict(BLOCK_M=32, BLOCK_N=32, num_warps=2, num_stages=2),
     "m32_n64_w4": dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
@@ -127,7 +187,15 @@ CONFIG_CANDIDATES = {
     "m64_n64_w4": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
     "m128_n32_w4": dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=2),
     "m128_n64_w8": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    "short_m64_h1_w4": dict(SHORT=True, HEADS=1, BLOCK_M=64, num_warps=4, num_stages=2),
+    "short_m64_h4_w4": dict(SHORT=True, HEADS=4, BLOCK_M=64, num_warps=4, num_stages=2),
+    "short_m64_h4_w4_s1": dict(SHORT=True, HEADS=4, BLOCK_M=64, num_warps=4, num_stages=1),
+    "short_m64_h12_w4": dict(SHORT=True, HEADS=12, BLOCK_M=64, num_warps=4, num_stages=3),
+    "short_m128_h4_w8": dict(SHORT=True, HEADS=4, BLOCK_M=128, num_warps=8, num_stages=2),
+    "short_m32_h4_w2": dict(SHORT=True, HEADS=4, BLOCK_M=32, num_warps=2, num_stages=2),
 }
+# The one-key-tile kernel holds a [BLOCK_M, max_seqlen] score tile in registers.
+SHORT_MAX_SEQLEN = 128
 
 
 def _triton_config(max_seqlen: int, head_dim: int, dtype: torch.dtype) -> dict:
@@ -136,15 +204,17 @@ def _triton_config(max_seqlen: int, head_dim: int, dtype: torch.dtype) -> dict:
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         # ieee fp32 dots run on FMA units; 32x32 tiles are the largest that compile for sm_90 without
-        # register spills at head_dim 32..128 (ptxas -v).
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=2)
+        # register spills at head_dim 32..128 (ptxas -v, as launched: aligned strides), on 8 warps
+        # (4 spill at head_dim 64).
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, num_warps=8, num_stages=2)
     block_m = 128 if (max_seqlen >= 256 and head_dim <= 64) else 64
     return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=block_d, num_warps=4 if block_m == 64 else 8,
                 num_stages=2)
 
 
 def _triton_varlen(q, k, v, cu_seqlens, max_seqlen, scale, config: dict | None = None):
-    """``config``: tile shape override (BLOCK_M, BLOCK_N, num_warps, num_stages), for benchmarks."""
+    """``config``: tile shape override (BLOCK_M, BLOCK_N, num_warps, num_stages; SHORT=True with
+    HEADS picks the one-key-tile kernel), for benchmarks."""
     T, H, D = q.shape
     batch = cu_seqlens.numel() - 1
     out = torch.empty((T, H, D), device=q.device, dtype=q.dtype)
@@ -152,6 +222,8 @@ def _triton_varlen(q, k, v, cu_seqlens, max_seqlen, scale, config: dict | None =
     if config is not None:
         cfg.update(config)
     upcast = interpreting()
+    if cfg.pop("SHORT", False):
+        return _triton_varlen_short(q, k, v, out, cu_seqlens, max_seqlen, scale, cfg, upcast)
     grid = (batch * H, triton.cdiv(max_seqlen, cfg["BLOCK_M"]))
     _varlen_attn_fwd_kernel[grid](
         q, k, v, out, cu_seqlens,
@@ -159,6 +231,27 @@ def _triton_varlen(q, k, v, cu_seqlens, max_seqlen, scale, config: dict | None =
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
         UPCAST=upcast, DOT_IEEE=upcast or q.dtype == torch.float32, **cfg,
+    )
+    return out
+
+
+def _triton_varlen_short(q, k, v, out, cu_seqlens, max_seqlen, scale, cfg, upcast):
+    """The one-key-tile kernel (max_seqlen <= SHORT_MAX_SEQLEN); ``cfg``: BLOCK_M, BLOCK_D, HEADS,
+    num_warps, num_stages (BLOCK_N is the padded max_seqlen)."""
+    if max_seqlen > SHORT_MAX_SEQLEN:
+        raise ValueError(f"the short-sequence kernel takes max_seqlen <= {SHORT_MAX_SEQLEN}, "
+                         f"got {max_seqlen}")
+    T, H, D = q.shape
+    heads = cfg.pop("HEADS", 1)
+    heads = max(d for d in range(1, min(heads, H) + 1) if H % d == 0)  # a divisor of H: no head masks
+    cfg.pop("BLOCK_N", None)
+    block_n = max(16, triton.next_power_of_2(max_seqlen))
+    grid = (cu_seqlens.numel() - 1, H // heads, triton.cdiv(max_seqlen, cfg["BLOCK_M"]))
+    _varlen_attn_short_kernel[grid](
+        q, k, v, out, cu_seqlens, D, scale * _LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1),
+        HEADS=heads, BLOCK_N=block_n, UPCAST=upcast, DOT_IEEE=upcast or q.dtype == torch.float32, **cfg,
     )
     return out
 

@@ -135,11 +135,12 @@ def _peaked(N, D, V, dtype, *, hot=(3, 5), lone_target=250):
     """Logits dominated by a +25 bias on a few hot columns: every other p is below ~1e-7, so at
     eps 1e-3 every tile without a hot column or a target is skipped.  Targets lie in [10, 96)
     except row 0's, `lone_target`, which is nobody else's."""
-    h, w, b, _ = _inputs(N, D, V, dtype)
+    dev = triton_device()  # CPU tensors only under the interpreter: a GPU run launches for real
+    h, w, b, _ = _inputs(N, D, V, dtype, device=dev)
     with torch.no_grad():
         b[:] = 0
         b[list(hot)] = 25.0
-    t = torch.randint(10, 96, (N,))
+    t = torch.randint(10, 96, (N,), device=dev)
     t[0] = lone_target
     return h, w, b, t
 
@@ -156,7 +157,7 @@ def _run(h, w, b, t, g_lp, g_ent, eps, temperature=1.0):
 def test_grad_filter_peaked_keeps_accuracy_and_target_term(dtype):
     N, D, V = 24, 32, 301
     h, w, b, t = _peaked(N, D, V, dtype)
-    g_lp, g_ent = torch.randn(N), torch.randn(N)
+    g_lp, g_ent = torch.randn(N, device=h.device), torch.randn(N, device=h.device)
     lp, ent, gh, gw, gb = _run(h, w, b, t, g_lp, g_ent, 1e-3)
     _, _, ghr, gwr, gbr = _reference_grads(h, w, b, t, 1.0, g_lp, g_ent)
     for got, want in ((gh, ghr), (gw, gwr), (gb, gbr)):
@@ -182,8 +183,9 @@ def test_grad_filter_huge_eps_changes_the_answer():
     # eps 0.5 drops every tile without a target on ordinary data: the -p part of the gradient is
     # mostly gone, so the gradients must miss the reference by far more than fp32 rounding.
     N, D, V = 20, 32, 301
-    h, w, b, t = _inputs(N, D, V, torch.float32)
-    g_lp, g_ent = torch.randn(N), torch.randn(N)
+    dev = triton_device()
+    h, w, b, t = _inputs(N, D, V, torch.float32, device=dev)
+    g_lp, g_ent = torch.randn(N, device=dev), torch.randn(N, device=dev)
     exact = _run(h, w, b, t, g_lp, g_ent, 0.0)
     huge = _run(h, w, b, t, g_lp, g_ent, 0.5)
     _, _, ghr, gwr, gbr = _reference_grads(h, w, b, t, 1.0, g_lp, g_ent)

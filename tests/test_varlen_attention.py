@@ -306,6 +306,8 @@ def test_kernel_compiles_for_sm90():
         cases = [(dtype, va._triton_config(max_seqlen, D, dtype)) for dtype, D, max_seqlen in launched]
         cases += [(torch.bfloat16, {**c, "BLOCK_D": D}) for D in (32, 64)
                   for c in va.CONFIG_CANDIDATES.values()]
+        # as a real launch specialises them: aligned buffers, head_dim and strides multiples of 16
+        aligned = ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "cu_ptr", "head_dim", *strides)
         for dtype, cfg in cases:
             dt = names[dtype]
             cfg = dict(cfg)
@@ -313,21 +315,55 @@ def test_kernel_compiles_for_sm90():
             sig = {"q_ptr": "*" + dt, "k_ptr": "*" + dt, "v_ptr": "*" + dt, "o_ptr": "*" + dt,
                    "cu_ptr": "*i32", "n_heads": "i32", "head_dim": "i32", "qk_scale": "fp32",
                    **{s: "i32" for s in strides}}
-            compile_sm90(va._varlen_attn_fwd_kernel, sig,
-                         {**cfg, "UPCAST": False, "DOT_IEEE": dtype == torch.float32},
-                         num_warps=nw, num_stages=ns)
+            consts = {**cfg, "UPCAST": False, "DOT_IEEE": dtype == torch.float32}
+            if consts.pop("SHORT", False):  # the one-key-tile kernel at the 24-96 rows' key tile
+                del sig["n_heads"]
+                compile_sm90(va._varlen_attn_short_kernel, sig, {**consts, "BLOCK_N": va.SHORT_MAX_SEQLEN},
+                             num_warps=nw, num_stages=ns, aligned=aligned)
+            else:
+                compile_sm90(va._varlen_attn_fwd_kernel, sig, consts, num_warps=nw, num_stages=ns,
+                             aligned=aligned)
     """)
-    assert out.count("compiled") == 4 + 2 * 6
+    assert out.count("compiled") == 4 + 2 * len(va_mod.CONFIG_CANDIDATES)
 
 
-@pytest.mark.parametrize("name", ["m32_n32_w2", "m128_n32_w4"])
+@pytest.mark.parametrize("name", list(va_mod.CONFIG_CANDIDATES))
 def test_config_override_keeps_the_result(name):
-    """The benchmark's tile override changes only the tiling (interpreter, fp32, ragged lengths)."""
+    """Every tile shape the GPU benchmark sweeps changes only the tiling (interpreter, fp32, ragged
+    lengths within the one-key-tile kernel's limit)."""
     g = torch.Generator().manual_seed(0)
     lens = torch.tensor([1, 37, 70, 5])
-    cu = torch.cat([torch.zeros(1, dtype=torch.int32), lens.cumsum(0).to(torch.int32)])
-    q, k, v = (torch.randn(int(cu[-1]), 2, 16, generator=g) for _ in range(3))
-    cfg = {key: val for key, val in va_mod.CONFIG_CANDIDATES[name].items() if key.startswith("BLOCK")}
-    got = va_mod._triton_varlen(q, k, v, cu, int(lens.max()), 0.25, config=cfg)
+    dev = triton_device()  # CPU tensors only under the interpreter: a GPU run launches for real
+    cu = torch.cat([torch.zeros(1, dtype=torch.int32), lens.cumsum(0).to(torch.int32)]).to(dev)
+    q, k, v = (torch.randn(int(cu[-1]), 2, 16, generator=g).to(dev) for _ in range(3))
+    got = va_mod._triton_varlen(q, k, v, cu, int(lens.max()), 0.25, config=va_mod.CONFIG_CANDIDATES[name])
     ref = varlen_attention_reference(q, k, v, cu, softmax_scale=0.25)
     torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------ one-key-tile kernel (a sweep candidate)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D, heads", [(32, 4), (64, 2), (16, 3)])  # 3 of 4 heads falls back to 2 (a divisor)
+def test_short_kernel_matches_reference(dtype, D, heads):
+    dev = triton_device()
+    lens = [1, 17, 33, 5, 0, 40, 16, 128]  # an empty sequence and one that fills the key tile
+    q, k, v = _qkv(lens, 4, D, dtype, dev)
+    cu = _cu(lens, dev)
+    out = va_mod._triton_varlen(q, k, v, cu, max(lens), D ** -0.5,
+                                config=dict(SHORT=True, HEADS=heads, BLOCK_M=32))
+    err = rel_err(out, varlen_attention_reference(q, k, v, cu))
+    assert err < TOL[dtype], f"{dtype} D={D} heads={heads}: rel err {err:.2e}"
+
+
+def test_short_kernel_reads_fused_qkv_views_and_checks_its_limit():
+    dev = triton_device()
+    lens = [7, 60, 2]
+    qkv = torch.randn(sum(lens), 3, 6, 16, device=dev)
+    q, k, v = qkv.unbind(1)  # token stride 3 * 6 * 16
+    cu = _cu(lens, dev)
+    cfg = dict(SHORT=True, HEADS=3, BLOCK_M=16)
+    out = va_mod._triton_varlen(q, k, v, cu, 60, 0.25, config=dict(cfg))
+    ref = varlen_attention_reference(q, k, v, cu, softmax_scale=0.25)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="max_seqlen <= 128"):
+        va_mod._triton_varlen(q, k, v, cu, 129, 0.25, config=dict(cfg))
