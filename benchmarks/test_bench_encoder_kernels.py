@@ -140,6 +140,20 @@ def test_cuda_attention(benchmark, model, lengths, method):
             dtype=dtype, device=torch.cuda.get_device_name())
 
 
+def _time_cuda(benchmark, run, group: str) -> float:
+    """Median seconds of ``run`` + a device sync over 30 rounds, after 3 untimed calls (compiles)."""
+    def fn():
+        out = run()
+        torch.cuda.synchronize()
+        return out
+
+    for _ in range(3):
+        fn()
+    benchmark.group = group
+    benchmark.pedantic(fn, rounds=30, warmup_rounds=2, iterations=1)
+    return benchmark.stats.stats.median
+
+
 # FFN up-projection, x [tokens, H] @ W1^T [H, 4H] + b1 then GELU: what the encoder runs today (cuBLAS
 # GEMM, then the bias_gelu pass), eager torch (cuBLAS addmm, then GELU), and the Triton GEMM with the
 # bias+GELU epilogue under its default and each candidate tile shape.
@@ -180,17 +194,7 @@ def test_cuda_linear_gelu(benchmark, model, lengths, variant):
     H, Fd = FFN_SHAPES[model]
     T = FFN_TOKENS[lengths]
     run = ffn_case(model, T, variant, "cuda")
-
-    def fn():
-        out = run()
-        torch.cuda.synchronize()
-        return out
-
-    for _ in range(3):
-        fn()
-    benchmark.group = f"encoder-linear-gelu-{model}-{lengths}"
-    benchmark.pedantic(fn, rounds=30, warmup_rounds=2, iterations=1)
-    median = benchmark.stats.stats.median
+    median = _time_cuda(benchmark, run, f"encoder-linear-gelu-{model}-{lengths}")
     benchmark.extra_info.update(
         method=variant, model=model, device=torch.cuda.get_device_name(), dtype="bfloat16", tokens=T,
         in_features=H, out_features=Fd, tflops=2 * T * H * Fd / median / 1e12,
@@ -232,17 +236,7 @@ def epilogue_case(model: str, tokens: int, kernel: str, variant: str, device: st
 def _time_epilogue(benchmark, model, kernel, variant):
     tokens = FFN_TOKENS["24-96"]
     run, moved = epilogue_case(model, tokens, kernel, variant, "cuda")
-
-    def fn():
-        out = run()
-        torch.cuda.synchronize()
-        return out
-
-    for _ in range(3):
-        fn()
-    benchmark.group = f"encoder-epilogue-{kernel}-{model}"
-    benchmark.pedantic(fn, rounds=30, warmup_rounds=2, iterations=1)
-    median = benchmark.stats.stats.median
+    median = _time_cuda(benchmark, run, f"encoder-epilogue-{kernel}-{model}")
     benchmark.extra_info.update(method=f"{kernel}_{variant}", model=model,
                                 device=torch.cuda.get_device_name(), dtype="bfloat16", tokens=tokens,
                                 gb_per_s=moved / median / 1e9, median_ms=median * 1e3)

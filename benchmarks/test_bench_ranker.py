@@ -159,6 +159,21 @@ def test_cpu_throughput_mixed(benchmark, cpu_setup, method):
             padded_tokens=padded, device="cpu", dtype=torch.float32, source="text")
 
 
+def _latency_case(tok, ce, hf, row, method, dev):
+    """(encoded pairs, callable) for one query against ``row`` = (n, lo, hi) candidates: ours through
+    ``Reranker.score_encoded``, the others on one padded (or packed) batch already on ``dev``."""
+    n, lo, hi = row
+    pairs = make_pairs(tok, [(n, lo, hi)], seed=2)
+    enc = ce.encode_pairs([(pairs[0][0], d) for _, d in pairs])  # one query against n candidates
+    if method.startswith("relsum_reranker"):
+        rr = Reranker(ce)
+        # _arrays: token ids held as int64 arrays (a serving cache), so packing skips the Python ints
+        ids = [(np.asarray(x, dtype=np.int64), nf) for x, nf in enc] if method.endswith("arrays") else enc
+        return enc, lambda: rr.score_encoded(ids)
+    # One padded batch of all candidates, as the anchors time HF.
+    return enc, _gpu_fn(method, ce, hf, enc, lambda sort: [list(range(n))], dev=dev)
+
+
 # Table 3 in small: one query against N candidates, from token ids, fp32.  The strong peer has no CPU
 # row: torch's varlen_attn is CUDA-only.
 CPU_LATENCY_ROWS = [(20, 24, 96), (100, 24, 96)]
@@ -170,15 +185,8 @@ CPU_LATENCY_VARIANTS = ["relsum_reranker", "relsum_reranker_arrays", "hf_eager_p
 def test_cpu_rerank_latency(benchmark, cpu_setup, row, method):
     tok, model, ce, *_ = cpu_setup
     n, lo, hi = row
-    pairs = make_pairs(tok, [(n, lo, hi)], seed=2)
-    enc = ce.encode_pairs([(pairs[0][0], d) for _, d in pairs])  # one query against n candidates
+    enc, run = _latency_case(tok, ce, model, row, method, "cpu")
     lens = [len(ids) for ids, _ in enc]
-    if method.startswith("relsum_reranker"):
-        rr = Reranker(ce)
-        ids = [(np.asarray(x, dtype=np.int64), nf) for x, nf in enc] if method.endswith("arrays") else enc
-        run = lambda: rr.score_encoded(ids)
-    else:
-        run = _gpu_fn(method, ce, model, enc, lambda sort: [list(range(n))], dev="cpu")
     ref = ce.score_encoded(enc)
     np.testing.assert_allclose(run(), ref, rtol=0, atol=1e-3)
     benchmark.group = f"ranker-cpu-latency-minilm-{n}cands-{lo}-{hi}"
@@ -391,18 +399,8 @@ LATENCY_VARIANTS = ["relsum_reranker", "relsum_reranker_arrays", "relsum_reranke
 def test_cuda_rerank_latency(benchmark, gpu_models, shape, row, method):
     tok, hf, ce = gpu_models[shape]
     n, lo, hi = row
-    pairs = make_pairs(tok, [(n, lo, hi)], seed=2)
-    query = pairs[0][0]
-    enc = ce.encode_pairs([(query, d) for _, d in pairs])  # one query against n candidates
+    enc, run = _latency_case(tok, ce, hf, row, method, "cuda")
     lens = [len(ids) for ids, _ in enc]
-    if method.startswith("relsum_reranker"):
-        rr = Reranker(ce)
-        # _arrays: token ids held as int64 arrays (a serving cache), so packing skips the Python ints
-        ids = [(np.asarray(x, dtype=np.int64), nf) for x, nf in enc] if method.endswith("arrays") else enc
-        run = lambda: rr.score_encoded(ids)
-    else:
-        # One padded batch of all candidates, as the anchors time HF.
-        run = _gpu_fn(method, ce, hf, enc, lambda sort: [list(range(n))])
     ref = _gpu_fn("relsum", ce, hf, enc, None)() if method.startswith("relsum_reranker") else None
     # _linear_gelu: the fused FFN kernel stays on while timed (the Reranker recaptures on a change)
     with _ffn_up_fused(ce, method.endswith("linear_gelu")):

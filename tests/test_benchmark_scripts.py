@@ -56,6 +56,15 @@ def test_profile_kinds_of_real_kernel_names():
     assert json.loads(res.stdout.strip().splitlines()[-1]) == cases
 
 
+def _interpreted_in_benchmarks(code: str) -> str:
+    """Run ``code`` from benchmarks/ with Triton's interpreter on (fixed per process); its stdout."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         cwd=ROOT / "benchmarks", env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
 def test_linear_gelu_benchmark_variants_dry_run():
     """Every FFN variant of test_cuda_linear_gelu (each candidate tile shape included) runs and checks
     itself on CPU through the Triton interpreter, at a small token count."""
@@ -64,11 +73,7 @@ def test_linear_gelu_benchmark_variants_dry_run():
             "    out = b.ffn_case('minilm', 70, v, 'cpu')()\n"
             "    assert out.shape == (70, 1536), (v, out.shape)\n"
             "    print('ok', v)\n")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                         cwd=ROOT / "benchmarks", env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("ok ") == 9
+    assert _interpreted_in_benchmarks(code).count("ok ") == 9
 
 
 def test_epilogue_benchmark_variants_dry_run():
@@ -80,8 +85,4 @@ def test_epilogue_benchmark_variants_dry_run():
             "        run, moved = b.epilogue_case('minilm', 40, kernel, v, 'cpu')\n"
             "        assert run().shape[0] == 40 and moved > 0, v\n"
             "        print('ok', kernel, v)\n")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                         cwd=ROOT / "benchmarks", env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("ok ") == 12
+    assert _interpreted_in_benchmarks(code).count("ok ") == 12
