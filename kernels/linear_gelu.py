@@ -3,7 +3,8 @@ forward only.
 
 Why: in a BERT layer the FFN up-projection writes [tokens, 4H] and the separate ``bias_gelu`` pass
 reads and writes it again.  At MiniLM's shape and 60k tokens that pass moves about 0.37 GB a layer,
-roughly 0.5 ms of a 6 ms H200 forward over six layers.  Here the [tokens, 4H] tensor is written once.
+roughly 0.5 ms of a 6 ms H200 forward over six layers (estimated from the card's bandwidth, not
+measured).  Here the [tokens, 4H] tensor is written once.
 Whether a Triton GEMM loses less to cuBLAS than the pass it saves is a GPU measurement
 (``benchmarks/test_bench_encoder_kernels.py::test_cuda_linear_gelu``), so the encoder uses this
 only when asked (``PackedBertEncoder.fused_ffn_up``).
