@@ -152,9 +152,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry-run", action="store_true",
                     help="CPU, a tiny model and 16 pairs: checks the wiring")
-    ap.add_argument("--rows", nargs="*", default=["minilm-l6-h384:24-96", "minilm-l6-h384:128-512",
-                                                   "bert-base:24-96", "bert-base:128-512"],
-                    help="SHAPE:LO-HI rows (default: the ANCHORS table-2 rows, most wanted first)")
+    ap.add_argument("--rows", nargs="*", default=["minilm-l6-h384:24-96", "minilm-l6-h384:24-96x100",
+                                                   "minilm-l6-h384:128-512", "bert-base:24-96",
+                                                   "bert-base:128-512"],
+                    help="SHAPE:LO-HI[xPAIRS] rows (default: the ANCHORS table-2 rows at --pairs, most "
+                         "wanted first, and the table-3 latency row's size, 100 pairs, eager: no CUDA graph)")
     ap.add_argument("--pairs", type=int, default=1024)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--no-peer", action="store_true", help="profile relsum only (no torch.compile)")
@@ -167,10 +169,10 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if cuda else torch.float32
     n_pairs = 16 if a.dry_run else a.pairs
     reps = 2 if a.dry_run else a.reps
-    rows = a.rows[:1] if a.dry_run else a.rows
+    rows = a.rows[:2] if a.dry_run else a.rows
     card = torch.cuda.get_device_name() if cuda else "cpu"
     lines = [f"# Packed cross-encoder forward, per-kernel time ({card}, {str(dtype).removeprefix('torch.')},"
-             f" {n_pairs} pairs, from token ids on the device)", ""]
+             f" from token ids on the device)", ""]
     print("\n".join(lines), flush=True)
     raw = {}
     models = {}  # shape -> (hf, ce, tok, peer): one torch.compile per model (dynamic shapes)
@@ -178,7 +180,11 @@ def main(argv=None) -> int:
         shape, span = row.split(":")
         if shape not in SHAPES:
             ap.error(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+        span, _, count = span.partition("x")
         lengths = tuple(int(x) for x in span.split("-"))
+        row_pairs = int(count) if count else n_pairs
+        if a.dry_run:
+            row_pairs = min(row_pairs, n_pairs)
         if shape not in models:
             hf, ce, tok = build_model(shape, device, dtype, dry_run=a.dry_run)
             peer = None
@@ -190,7 +196,7 @@ def main(argv=None) -> int:
                 peer = torch.compile(StrongPeer(hf, "torch_varlen"), dynamic=True)
             models[shape] = (hf, ce, tok, peer)
         hf, ce, tok, peer = models[shape]
-        args, tokens = build_batch(ce, tok, lengths, n_pairs, device)
+        args, tokens = build_batch(ce, tok, lengths, row_pairs, device)
         variants = {"relsum": lambda ce=ce, args=args: ce.encoder(*args),
                     "relsum_linear_gelu": lambda ce=ce, args=args: fused_ffn_forward(ce, args)}
         if peer is not None:
@@ -207,7 +213,7 @@ def main(argv=None) -> int:
                     raise SystemExit(f"{row} {name}: scores differ from relsum's by {err:.3g}")
                 res[name] = profile_forward(fn, cuda=cuda, reps=reps)
         raw[row] = res
-        rows_md = table(f"{row} ({tokens} tokens)", res)
+        rows_md = table(f"{row} ({row_pairs} pairs, {tokens} tokens)", res)
         print("\n".join(rows_md), flush=True)
         lines += rows_md
         if a.out:  # after every row: a time limit that cuts the run short keeps the rows done

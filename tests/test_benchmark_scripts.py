@@ -22,6 +22,7 @@ def test_profile_ranker_dry_run(tmp_path):
     text = out.read_text()
     assert "| | relsum | relsum_linear_gelu | peer_varlen_attn_compile |" in text
     assert "| wall ms per forward |" in text and "| gemm |" in text
+    assert "## minilm-l6-h384:24-96x100 (16 pairs," in text  # a row's own pair count (capped in a dry run)
     assert (tmp_path / "prof.json").exists()
 
 
