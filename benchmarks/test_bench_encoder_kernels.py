@@ -182,7 +182,9 @@ def ffn_case(model: str, tokens: int, variant: str, device: str):
         run = lambda: linear_gelu(x, w, b, impl="triton", config=cfg)
     n = min(tokens, 4096)
     ref = bias_gelu(F.linear(x[:n], w), b, impl="triton")
-    torch.testing.assert_close(run()[:n], ref, rtol=0, atol=5e-2)  # bf16 out: a broken GEMM is far off
+    # bf16: the paths round at different points (cuBLAS rounds z before the GELU), ~1 ulp of |y| <= 6;
+    # a broken GEMM is off by O(1)
+    torch.testing.assert_close(run()[:n], ref, rtol=2e-2, atol=2e-2)
     return run
 
 
@@ -224,12 +226,14 @@ def epilogue_case(model: str, tokens: int, kernel: str, variant: str, device: st
         moved = 2 * x.numel() * x.element_size()
     else:
         x, r = (torch.randn(tokens, H, generator=g, device=device).to(torch.bfloat16) for _ in range(2))
-        w, b, xb = (torch.randn(H, generator=g, device=device).to(torch.bfloat16) for _ in range(3))
+        w = (1 + 0.1 * torch.randn(H, generator=g, device=device)).to(torch.bfloat16)  # LayerNorm-like
+        b, xb = ((0.1 * torch.randn(H, generator=g, device=device)).to(torch.bfloat16) for _ in range(2))
         ref = lambda: residual_layernorm(x, r, w, b, x_bias=xb, impl="triton")
         run = (lambda: F.layer_norm(x + xb + r, (H,), w, b, 1e-12)) if variant == "torch" else (
             lambda: residual_layernorm(x, r, w, b, x_bias=xb, impl="triton", config=cfg))
         moved = 3 * x.numel() * x.element_size()
-    torch.testing.assert_close(run().float(), ref().float(), rtol=0, atol=6e-2)  # bf16 rounding apart
+    # eager torch adds in bf16 before its fp32 math, ours in fp32: ~1 ulp apart; a broken launch, O(1)
+    torch.testing.assert_close(run().float(), ref().float(), rtol=2e-2, atol=2e-2)
     return run, moved
 
 

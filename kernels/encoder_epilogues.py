@@ -129,8 +129,8 @@ def _ln_config(H: int) -> dict:
 
 
 # Launch shapes a GPU run compares with the ones above (benchmarks/test_bench_encoder_kernels.py::
-# test_cuda_epilogue_tiles); all compile for sm_90 without spills (a CI test checks).  Both kernels
-# are pure bandwidth: the sweep says how close to it each shape gets.
+# test_cuda_gelu_tiles / test_cuda_ln_tiles); all compile for sm_90 without spills (a CI test
+# checks).  Both kernels are pure bandwidth: the sweep says how close to it each shape gets.
 GELU_CONFIG_CANDIDATES = {
     "t32_f256_w8": dict(BLOCK_T=32, BLOCK_F=256, num_warps=8),
     "t8_f512_w4": dict(BLOCK_T=8, BLOCK_F=512, num_warps=4),

@@ -205,7 +205,7 @@ def _triton_config(max_seqlen: int, head_dim: int, dtype: torch.dtype) -> dict:
     if dtype == torch.float32:
         # ieee fp32 dots run on FMA units; 32x32 tiles are the largest that compile for sm_90 without
         # register spills at head_dim 32..128 (ptxas -v, as launched: aligned strides), on 8 warps
-        # (4 spill at head_dim 64).
+        # (on 4 warps head_dim 64 spills 12 bytes).
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, num_warps=8, num_stages=2)
     block_m = 128 if (max_seqlen >= 256 and head_dim <= 64) else 64
     return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=block_d, num_warps=4 if block_m == 64 else 8,
@@ -241,7 +241,7 @@ def _triton_varlen_short(q, k, v, out, cu_seqlens, max_seqlen, scale, cfg, upcas
     if max_seqlen > SHORT_MAX_SEQLEN:
         raise ValueError(f"the short-sequence kernel takes max_seqlen <= {SHORT_MAX_SEQLEN}, "
                          f"got {max_seqlen}")
-    T, H, D = q.shape
+    _, H, D = q.shape
     heads = cfg.pop("HEADS", 1)
     heads = max(d for d in range(1, min(heads, H) + 1) if H % d == 0)  # a divisor of H: no head masks
     cfg.pop("BLOCK_N", None)
