@@ -41,3 +41,9 @@ def resolve_impl(impl: str, tensor: torch.Tensor) -> str:
 def check_floating(name: str, t: torch.Tensor) -> None:
     if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def dot_precision(fp32_operands: bool) -> str:
+    """``tl.dot``'s input_precision: fp32 operands ask for fp32 answers (no tf32 rounding); 16-bit
+    operands ignore it."""
+    return "ieee" if fp32_operands else "tf32"

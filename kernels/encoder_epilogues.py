@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._common import HAS_TRITON, check_floating, interpreting, resolve_impl
+from ._common import HAS_TRITON, check_floating, dot_precision, interpreting, resolve_impl
 from .varlen_attention import _check_cu_seqlens
 
 if HAS_TRITON:
@@ -75,7 +75,7 @@ if HAS_TRITON:
     def _cls_score_kernel(h_ptr, cu_ptr, pw_ptr, pb_ptr, cw_ptr, cb_ptr, part_ptr, B, H,
                           stride_h, stride_pw,
                           BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
-                          UPCAST: tl.constexpr, DOT_IEEE: tl.constexpr):
+                          UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
         # One program: BLOCK_B sequences x BLOCK_J pooler features.  It writes its share of each
         # score, sum_j cls_w[j] * tanh(pooler(x)[j]), into part[pid_j, seqs]; the host sums the
         # column blocks (pid_j 0 adds cls_b), which keeps small batches spread over the GPU.
@@ -97,10 +97,7 @@ if HAS_TRITON:
             if UPCAST:  # interpreter (bf16 dots are wrong there) or mixed hidden/weight dtypes
                 a = a.to(tl.float32)
                 wt = wt.to(tl.float32)
-            if DOT_IEEE:
-                acc = tl.dot(a, wt, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, wt, acc)
+            acc = tl.dot(a, wt, acc, input_precision=DOT_PREC)
         z = acc + tl.load(pb_ptr + js, mask=jmask, other=0.0).to(tl.float32)[None, :]
         # tanh from exp of -2|z|: never overflows (no tl.tanh across triton versions)
         e = tl.exp(-2.0 * tl.abs(z))
@@ -327,7 +324,7 @@ def cls_score(hidden, cu_seqlens, pooler_w, pooler_b, cls_w, cls_b, *, impl="aut
     _cls_score_kernel[(triton.cdiv(B, cfg["BLOCK_B"]), n_j)](
         hidden, cu_seqlens, pooler_w, pooler_b.contiguous(), cls_w.contiguous(), cls_b, part, B, H,
         hidden.stride(0), pooler_w.stride(0),
-        UPCAST=upcast, DOT_IEEE=upcast or hidden.dtype == torch.float32, **cfg,
+        UPCAST=upcast, DOT_PREC=dot_precision(upcast or hidden.dtype == torch.float32), **cfg,
     )
     return part[0] if n_j == 1 else part.sum(0)
 

@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._common import HAS_TRITON, check_floating, interpreting, resolve_impl
+from ._common import HAS_TRITON, check_floating, dot_precision, interpreting, resolve_impl
 
 if HAS_TRITON:
     import triton
@@ -31,7 +31,7 @@ if HAS_TRITON:
     @triton.jit
     def _linear_gelu_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            EVEN_K: tl.constexpr, UPCAST: tl.constexpr, DOT_IEEE: tl.constexpr):
+                            EVEN_K: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
         # Column tiles vary fastest, so the programs in flight share a few row tiles of x in L2
         # (the whole weight, 4H x H, stays there anyway).
         pid = tl.program_id(0)
@@ -62,10 +62,7 @@ if HAS_TRITON:
             if UPCAST:  # interpreter: bf16 dots are wrong there
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
-            if DOT_IEEE:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         rows = pid_m * BLOCK_M + r
@@ -150,7 +147,8 @@ def linear_gelu(x, weight, bias, *, impl="auto", config: dict | None = None):
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _linear_gelu_kernel[grid](
         x2, w, bias.contiguous(), y, M, N, K, x2.stride(0), w.stride(0), y.stride(0),
-        EVEN_K=K % cfg["BLOCK_K"] == 0, UPCAST=upcast, DOT_IEEE=upcast or x.dtype == torch.float32, **cfg,
+        EVEN_K=K % cfg["BLOCK_K"] == 0, UPCAST=upcast,
+        DOT_PREC=dot_precision(upcast or x.dtype == torch.float32), **cfg,
     )
     return y.reshape(*x.shape[:-1], N)
 

@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from ._common import HAS_TRITON, check_floating, interpreting, resolve_impl
+from ._common import HAS_TRITON, check_floating, dot_precision, interpreting, resolve_impl
 
 if HAS_TRITON:
     import triton
@@ -186,11 +186,6 @@ def _launch_config(dtype: torch.dtype) -> dict:
     return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=3)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs ask for fp32 answers: no tf32 rounding of the logits.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _triton_forward(h, w, b, targets, inv_temp, need_ez=True):
     # E_p[z] costs one multiply-add per logit next to the matmul: always computed.
     N, D = h.shape
@@ -212,7 +207,8 @@ def _triton_forward(h, w, b, targets, inv_temp, need_ez=True):
     _logprob_fwd_kernel[(n_blocks, splits)](
         h, w, b if b is not None else h, targets, part,
         N, V, D, h.stride(0), w.stride(0), inv_temp, cols_per_split,
-        HAS_BIAS=b is not None, UPCAST=interpreting(), DOT_PREC=_dot_precision(h.dtype), **cfg,
+        HAS_BIAS=b is not None, UPCAST=interpreting(), DOT_PREC=dot_precision(h.dtype == torch.float32),
+        **cfg,
     )
     m, s, t, zt = part.unbind(0)
     m_all = m.max(dim=0).values
@@ -258,7 +254,7 @@ def _triton_backward(h, w, b, targets, lse, ez, g_lp, g_ent, inv_temp, filter_ep
                 gh, gw, grad_b[v0:v1] if b is not None else gh,
                 n1 - n0, v1 - v0, D, h.stride(0), w.stride(0), gh.stride(0), gw.stride(0), inv_temp,
                 log_eps, HAS_BIAS=b is not None, HAS_ENT_GRAD=has_ent, UPCAST=interpreting(),
-                DOT_PREC=_dot_precision(h.dtype), **cfg,
+                DOT_PREC=dot_precision(h.dtype == torch.float32), **cfg,
             )
             if not fp32:
                 grad_w[v0:v1] += gw

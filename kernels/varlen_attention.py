@@ -26,7 +26,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from ._common import HAS_TRITON, check_floating, interpreting, resolve_impl
+from ._common import HAS_TRITON, check_floating, dot_precision, interpreting, resolve_impl
 
 if HAS_TRITON:
     import triton
@@ -54,7 +54,7 @@ if HAS_TRITON:
         n_heads, head_dim, qk_scale,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        UPCAST: tl.constexpr, DOT_IEEE: tl.constexpr,
+        UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     ):
         # Axis 0 is (sequence, head): it may exceed 65535, which only axis 0 allows.
         pid_bh = tl.program_id(0)
@@ -95,10 +95,7 @@ if HAS_TRITON:
             if UPCAST:
                 kt = kt.to(tl.float32)
                 v = v.to(tl.float32)
-            if DOT_IEEE:
-                s = tl.dot(q, kt, input_precision="ieee")
-            else:
-                s = tl.dot(q, kt)
+            s = tl.dot(q, kt, input_precision=DOT_PREC)
             # Every key tile holds at least one real key (n0 < seqlen), so rows never go all -inf.
             s = tl.where(n_mask[None, :], s * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -106,10 +103,8 @@ if HAS_TRITON:
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None]
-            if DOT_IEEE:
-                acc = tl.dot(p, v, acc, input_precision="ieee")
-            else:  # tensor cores take p in the value dtype; accumulation stays fp32
-                acc = tl.dot(p.to(v.dtype), v, acc)
+            # tensor cores take p in the value dtype; accumulation stays fp32
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
             m_i = m_new
         acc = acc / l_i[:, None]
         o_base = o_ptr + start * stride_ot + h * stride_oh
@@ -123,7 +118,7 @@ if HAS_TRITON:
         head_dim, qk_scale,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
         HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        UPCAST: tl.constexpr, DOT_IEEE: tl.constexpr,
+        UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     ):
         # Batches whose longest sequence fits one key tile (max_seqlen <= BLOCK_N): a plain softmax
         # over that tile, no online rescaling.  A program takes HEADS heads of one query tile in a
@@ -159,18 +154,11 @@ if HAS_TRITON:
                 q = q.to(tl.float32)
                 kt = kt.to(tl.float32)
                 v = v.to(tl.float32)
-            if DOT_IEEE:
-                s = tl.dot(q, kt, input_precision="ieee")
-            else:
-                s = tl.dot(q, kt)
+            s = tl.dot(q, kt, input_precision=DOT_PREC)
             s = tl.where(n_mask[None, :], s * qk_scale, float("-inf"))
             p = tl.exp2(s - tl.max(s, axis=1)[:, None])
             l_i = tl.sum(p, axis=1)
-            if DOT_IEEE:
-                acc = tl.dot(p, v, input_precision="ieee")
-            else:
-                acc = tl.dot(p.to(v.dtype), v)
-            acc = acc / l_i[:, None]
+            acc = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC) / l_i[:, None]
             tl.store(o_ptr + start * stride_ot + h * stride_oh + o_off, acc.to(o_ptr.dtype.element_ty),
                      mask=m_mask[:, None] & d_mask[None, :])
 
@@ -230,7 +218,7 @@ def _triton_varlen(q, k, v, cu_seqlens, max_seqlen, scale, config: dict | None =
         H, D, scale * _LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
-        UPCAST=upcast, DOT_IEEE=upcast or q.dtype == torch.float32, **cfg,
+        UPCAST=upcast, DOT_PREC=dot_precision(upcast or q.dtype == torch.float32), **cfg,
     )
     return out
 
@@ -251,7 +239,8 @@ def _triton_varlen_short(q, k, v, out, cu_seqlens, max_seqlen, scale, cfg, upcas
         q, k, v, out, cu_seqlens, D, scale * _LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
-        HEADS=heads, BLOCK_N=block_n, UPCAST=upcast, DOT_IEEE=upcast or q.dtype == torch.float32, **cfg,
+        HEADS=heads, BLOCK_N=block_n, UPCAST=upcast,
+        DOT_PREC=dot_precision(upcast or q.dtype == torch.float32), **cfg,
     )
     return out
 

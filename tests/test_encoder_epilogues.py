@@ -326,7 +326,7 @@ def test_kernels_compile_for_sm90():
                 go(ep._cls_score_kernel, {"h_ptr": "*" + dt, "cu_ptr": "*i32", "pw_ptr": "*" + wdt,
                    "pb_ptr": "*" + wdt, "cw_ptr": "*" + wdt, "cb_ptr": "*" + wdt, "part_ptr": "*fp32",
                    "B": "i32", "H": "i32", "stride_h": "i32", "stride_pw": "i32"}, ep._cls_config(),
-                   UPCAST=up, DOT_IEEE=up or dt == "fp32")
+                   UPCAST=up, DOT_PREC="ieee" if up or dt == "fp32" else "tf32")
         # the sweep's candidates, bf16 as a GPU run launches them (aligned buffers and strides)
         for cfg in ep.GELU_CONFIG_CANDIDATES.values():
             go(ep._bias_gelu_kernel, {"x_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "T": "i32",

@@ -106,7 +106,8 @@ def test_linear_gelu_compiles_for_sm90():
                          {"x_ptr": "*" + dt, "w_ptr": "*" + dt, "b_ptr": "*" + dt, "y_ptr": "*" + dt,
                           "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32",
                           "stride_ym": "i32"},
-                         {**cfg, "EVEN_K": True, "UPCAST": False, "DOT_IEEE": dt == "fp32"},
+                         {**cfg, "EVEN_K": True, "UPCAST": False,
+                          "DOT_PREC": "ieee" if dt == "fp32" else "tf32"},
                          num_warps=nw, num_stages=ns,
                          # as launched on BERT shapes: aligned buffers, K, N and strides multiples of 16
                          aligned=("x_ptr", "w_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "stride_wn",

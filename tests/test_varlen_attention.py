@@ -315,7 +315,7 @@ def test_kernel_compiles_for_sm90():
             sig = {"q_ptr": "*" + dt, "k_ptr": "*" + dt, "v_ptr": "*" + dt, "o_ptr": "*" + dt,
                    "cu_ptr": "*i32", "n_heads": "i32", "head_dim": "i32", "qk_scale": "fp32",
                    **{s: "i32" for s in strides}}
-            consts = {**cfg, "UPCAST": False, "DOT_IEEE": dtype == torch.float32}
+            consts = {**cfg, "UPCAST": False, "DOT_PREC": "ieee" if dtype == torch.float32 else "tf32"}
             if consts.pop("SHORT", False):  # the one-key-tile kernel at the 24-96 rows' key tile
                 del sig["n_heads"]
                 compile_sm90(va._varlen_attn_short_kernel, sig, {**consts, "BLOCK_N": va.SHORT_MAX_SEQLEN},
