@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # test_bench_ranker (the benchmark's models and strong peer) sits beside this script, which makes
 # its folder sys.path[0] when run.
 import torch  # noqa: E402
-from test_bench_ranker import SHAPES, StrongPeer, _model, _tokenizer, make_pairs  # noqa: E402
+from test_bench_ranker import SHAPES, StrongPeer, _kernel_choices, _model, _tokenizer, make_pairs  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
@@ -139,13 +139,10 @@ def table(title: str, res: dict) -> list[str]:
     return out
 
 
-def fused_ffn_forward(ce, args):
-    """relsum's forward with the FFN up-projection as the Triton linear+GELU GEMM."""
-    ce.encoder.fused_ffn_up = True
-    try:
+def tuned_forward(ce, args):
+    """relsum's forward with the kernel candidates on (test_bench_ranker.TUNED)."""
+    with _kernel_choices(ce, tuned=True):
         return ce.encoder(*args)
-    finally:
-        ce.encoder.fused_ffn_up = False
 
 
 def main(argv=None) -> int:
@@ -198,7 +195,7 @@ def main(argv=None) -> int:
         hf, ce, tok, peer = models[shape]
         args, tokens = build_batch(ce, tok, lengths, row_pairs, device)
         variants = {"relsum": lambda ce=ce, args=args: ce.encoder(*args),
-                    "relsum_linear_gelu": lambda ce=ce, args=args: fused_ffn_forward(ce, args)}
+                    "relsum_tuned": lambda ce=ce, args=args: tuned_forward(ce, args)}
         if peer is not None:
             variants["peer_varlen_attn_compile"] = lambda peer=peer, args=args: peer(*args)
         res = {}

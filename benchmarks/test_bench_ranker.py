@@ -13,15 +13,16 @@ CUDA (skipped without it), bf16, ANCHORS.md table 2 / 2b / 3 shapes, every varia
 * throughput, 1024 pairs, lengths 24-96 and 128-512, MiniLM-L6-H384 and BERT-base: ours (one packed
   stream, Triton kernels) as ``relsum`` (``score_packed`` from host token ids: staging them in one
   pinned buffer and its host-to-device copy are timed), ``relsum_device`` (the packed forward from
-  ids already on the device, as every other variant here runs) and ``relsum_linear_gelu`` (the same
-  with the FFN up-projection as the Triton linear+GELU GEMM, ``PackedBertEncoder.fused_ffn_up``);
+  ids already on the device, as every other variant here runs) and ``relsum_tuned`` (the same with
+  the kernel candidates on: the FFN up-projection as the Triton linear+GELU GEMM and the attention
+  tiles named by RELSUM_BENCH_ATTENTION, default ``short_m64_h4_w4``; see ``TUNED``);
   HF eager / sdpa padded / sdpa length-sorted (micro-batches of 128); the strong peer (packed
   tokens, ``torch.nn.attention.varlen.varlen_attn``, ``torch.compile`` of the rest) eager and
   compiled, and the same with flash-attn's ``flash_attn_varlen_func`` when installed;
 * latency, one query with 100 / 1000 candidates: ours through ``Reranker.score_encoded`` (shape
   buckets + CUDA graphs; host packing, the bucket layout and the host-to-device copy are timed),
   from token ids as Python lists and (``relsum_reranker_arrays``) as int64 arrays (and
-  ``relsum_reranker_linear_gelu``: lists, graphs captured with ``fused_ffn_up``), HF
+  ``relsum_reranker_tuned``: lists, graphs captured with the ``TUNED`` kernels), HF
   eager / sdpa with the candidates in one padded batch and the strong peer on a packed batch, both
   already on the device (their input building is not timed, so the comparison favours them).
 
@@ -45,6 +46,7 @@ import torch.nn.functional as F  # noqa: E402
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification  # noqa: E402
 
 from relsum_core.ranker import CrossEncoder, PackedBatch, Reranker, packaged_minilm_path  # noqa: E402
+from relsum_kernels.varlen_attention import CONFIG_CANDIDATES as ATTENTION_CANDIDATES  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 SHAPES = {
@@ -285,7 +287,7 @@ def _padded_batches(enc, idx_batches, device):
     return out
 
 
-GPU_VARIANTS = ["relsum", "relsum_device", "relsum_linear_gelu", "hf_eager_padded", "hf_sdpa_padded",
+GPU_VARIANTS = ["relsum", "relsum_device", "relsum_tuned", "hf_eager_padded", "hf_sdpa_padded",
                 "hf_sdpa_sorted", "peer_varlen_attn_eager", "peer_varlen_attn_compile",
                 "peer_flash_attn_compile"]
 
@@ -298,12 +300,12 @@ def _gpu_fn(method, ce, hf, enc, batches_of, dev="cuda"):
     if method == "relsum":
         batch = PackedBatch(enc)  # host token ids; score_packed copies them over each run
         return lambda: ce.score_packed(batch).float().cpu().numpy()
-    if method in ("relsum_device", "relsum_linear_gelu"):
+    if method in ("relsum_device", "relsum_tuned"):
         args = _device_batch(enc, dev)  # made outside inference mode: cu_seqlens' host copy is cached
 
         @torch.inference_mode()
         def run_device():
-            with _ffn_up_fused(ce, method == "relsum_linear_gelu"):
+            with _kernel_choices(ce, tuned=method == "relsum_tuned"):
                 return ce.encoder(*args).float().cpu().numpy()
 
         return run_device
@@ -330,16 +332,24 @@ def _gpu_fn(method, ce, hf, enc, batches_of, dev="cuda"):
     return run
 
 
+# The kernel candidates the GPU sweeps time one by one, switched on together for an end-to-end
+# number: the FFN up-projection as the fused linear+GELU GEMM and one attention tile candidate.
+TUNED_ATTENTION = os.environ.get("RELSUM_BENCH_ATTENTION", "short_m64_h4_w4")
+TUNED = dict(fused_ffn_up=True, attention_config=ATTENTION_CANDIDATES[TUNED_ATTENTION])
+
+
 @contextlib.contextmanager
-def _ffn_up_fused(ce, on: bool):
-    """The encoder's FFN up-projection as the Triton linear+GELU GEMM (on) or cuBLAS + bias_gelu (off,
-    the default); the model is shared between variants, so the flag is put back."""
-    before = ce.encoder.fused_ffn_up
-    ce.encoder.fused_ffn_up = on
+def _kernel_choices(ce, tuned: bool):
+    """The encoder with the ``TUNED`` kernels (tuned) or its defaults; the model is shared between
+    variants, so the choices are put back."""
+    enc = ce.encoder
+    before = (enc.fused_ffn_up, enc.attention_config)
+    if tuned:
+        enc.fused_ffn_up, enc.attention_config = TUNED["fused_ffn_up"], TUNED["attention_config"]
     try:
         yield
     finally:
-        ce.encoder.fused_ffn_up = before
+        enc.fused_ffn_up, enc.attention_config = before
 
 
 @pytest.fixture(scope="module")
@@ -384,10 +394,12 @@ def test_cuda_throughput_1024(benchmark, gpu_models, shape, lengths, method):
         padded = sum(len(b) * max(lens[i] for i in b) for b in batches_of("sorted" in method))
     _record(benchmark, method=method, shape=shape, n_pairs=len(enc), tokens=sum(lens), padded_tokens=padded,
             device=torch.cuda.get_device_name(), dtype=torch.bfloat16, source="token ids")
+    if method.endswith("tuned"):
+        benchmark.extra_info["kernels"] = f"fused_ffn_up, attention {TUNED_ATTENTION}"
 
 
 LATENCY_ROWS = [(100, 24, 96), (100, 128, 512), (1000, 24, 96)]
-LATENCY_VARIANTS = ["relsum_reranker", "relsum_reranker_arrays", "relsum_reranker_linear_gelu",
+LATENCY_VARIANTS = ["relsum_reranker", "relsum_reranker_arrays", "relsum_reranker_tuned",
                     "hf_eager_padded", "hf_sdpa_padded", "peer_varlen_attn_compile",
                     "peer_flash_attn_compile"]
 
@@ -402,8 +414,8 @@ def test_cuda_rerank_latency(benchmark, gpu_models, shape, row, method):
     enc, run = _latency_case(tok, ce, hf, row, method, "cuda")
     lens = [len(ids) for ids, _ in enc]
     ref = _gpu_fn("relsum", ce, hf, enc, None)() if method.startswith("relsum_reranker") else None
-    # _linear_gelu: the fused FFN kernel stays on while timed (the Reranker recaptures on a change)
-    with _ffn_up_fused(ce, method.endswith("linear_gelu")):
+    # _tuned: the candidate kernels stay on while timed (the Reranker recaptures on a change)
+    with _kernel_choices(ce, tuned=method.endswith("tuned")):
         for _ in range(3):  # the Reranker captures its bucket's graph here
             scores = run()
         torch.cuda.synchronize()
@@ -414,6 +426,8 @@ def test_cuda_rerank_latency(benchmark, gpu_models, shape, row, method):
     _record(benchmark, method=method, shape=shape, n_pairs=n, tokens=sum(lens),
             padded_tokens=n * max(lens) if method.startswith("hf_") else None,
             device=torch.cuda.get_device_name(), dtype=torch.bfloat16, source="token ids")
+    if method.endswith("tuned"):
+        benchmark.extra_info["kernels"] = f"fused_ffn_up, attention {TUNED_ATTENTION}"
 
 
 def test_cpu_dry_run_of_gpu_variants():
@@ -438,7 +452,7 @@ def test_cpu_dry_run_of_gpu_variants():
 
     ours = _gpu_fn("relsum", ce, hf, enc, batches_of, dev="cpu")()
     assert np.ptp(ours) > 1e-3
-    for method in ("relsum_device", "relsum_linear_gelu", "hf_eager_padded", "hf_sdpa_padded",
+    for method in ("relsum_device", "relsum_tuned", "hf_eager_padded", "hf_sdpa_padded",
                    "hf_sdpa_sorted"):
         np.testing.assert_allclose(_gpu_fn(method, ce, hf, enc, batches_of, dev="cpu")(), ours, atol=1e-5)
     peer = StrongPeer(hf, lambda q, k, v, cu, m: varlen_attention(q, k, v, cu, m))

@@ -202,12 +202,12 @@ def _triton_config(max_seqlen: int, head_dim: int, dtype: torch.dtype) -> dict:
 
 def _triton_varlen(q, k, v, cu_seqlens, max_seqlen, scale, config: dict | None = None):
     """``config``: tile shape override (BLOCK_M, BLOCK_N, num_warps, num_stages; SHORT=True with
-    HEADS picks the one-key-tile kernel), for benchmarks."""
+    HEADS picks the one-key-tile kernel, for batches it can hold: others keep the default tiles)."""
     T, H, D = q.shape
     batch = cu_seqlens.numel() - 1
     out = torch.empty((T, H, D), device=q.device, dtype=q.dtype)
     cfg = _triton_config(max_seqlen, D, q.dtype)
-    if config is not None:
+    if config is not None and not (config.get("SHORT") and max_seqlen > SHORT_MAX_SEQLEN):
         cfg.update(config)
     upcast = interpreting()
     if cfg.pop("SHORT", False):
@@ -455,7 +455,8 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, softmax_scale):
     return _check_cu_seqlens(cu_seqlens, T, q.device, allow_empty_seqs=True)
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, softmax_scale=None, impl="auto"):
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, softmax_scale=None, impl="auto",
+                     config: dict | None = None):
     """Bidirectional attention within each packed sequence.
 
     q, k, v: [total_tokens, n_heads, head_dim] (fp32/fp16/bf16, one dtype and device; any token and
@@ -467,7 +468,9 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, softmax_scale=None, imp
     sync on CUDA), except while a CUDA graph is being captured (then the caller vouches for it).
     The copy is reused while the same cu_seqlens tensor is passed unchanged (its version counter),
     so an encoder pays it once per forward, not once per layer; inference-mode tensors have no
-    version counter and are read every call.
+    version counter and are read every call.  ``config``: a Triton tile override, one of
+    ``CONFIG_CANDIDATES``' values (a ``short_*`` one applies when max_seqlen <= SHORT_MAX_SEQLEN,
+    else the default tiles run); the torch path ignores it.
     """
     host = _validate(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
     if host is not None and host.longest > max_seqlen:
@@ -481,7 +484,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, softmax_scale=None, imp
         return _torch_varlen(q, k, v, host.values, scale)
     # The kernel addresses head_dim with unit stride.
     q, k, v = (t if t.stride(2) == 1 else t.contiguous() for t in (q, k, v))
-    return _triton_varlen(q, k, v, cu_seqlens, max_seqlen, scale)
+    return _triton_varlen(q, k, v, cu_seqlens, max_seqlen, scale, config)
 
 
 def varlen_attention_reference(q, k, v, cu_seqlens, *, softmax_scale=None):

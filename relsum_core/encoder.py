@@ -56,6 +56,9 @@ class PackedBertEncoder(nn.Module):
         # instead of cuBLAS + the bias_gelu pass.  Off until a GPU run shows it faster
         # (benchmarks: the ``relsum_linear_gelu`` throughput variant, ``test_cuda_linear_gelu``).
         self.fused_ffn_up = False
+        # Triton attention tiles (one of relsum_kernels.varlen_attention.CONFIG_CANDIDATES' values;
+        # None = the kernel's own choice), for the same reason: the GPU sweep picks.
+        self.attention_config: dict | None = None
 
     @classmethod
     def from_hf(cls, model: nn.Module) -> PackedBertEncoder:
@@ -78,6 +81,11 @@ class PackedBertEncoder(nn.Module):
                 hit = (key, torch.cat(params[:3]), torch.cat(params[3:]))
             self._fused_cache[i] = hit
         return hit[1], hit[2]
+
+    def kernel_choices(self) -> tuple:
+        """What a captured CUDA graph bakes in besides the weights (hashable)."""
+        att = tuple(sorted(self.attention_config.items())) if self.attention_config else None
+        return (self.fused_ffn_up, att)
 
     def _kernel_epilogues(self, x: torch.Tensor) -> bool:
         return self.impl != "auto" or x.is_cuda
@@ -129,7 +137,8 @@ class PackedBertEncoder(nn.Module):
             w_qkv, b_qkv = self._qkv(i, attn)
             qkv = F.linear(h, w_qkv, b_qkv).view(T, 3, self.num_heads, self.head_dim)
             q, k, v = qkv.unbind(1)  # views of one buffer: the torch path gathers them in one go
-            ctx = K.varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=scale, impl=self.impl)
+            ctx = K.varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=scale, impl=self.impl,
+                                     config=self.attention_config)
             out = layer.attention.output
             h = self._dense_residual_ln(ctx.reshape(T, hidden), out.dense, h, out.LayerNorm)
             mid = self._dense_act(h, layer.intermediate.dense)

@@ -604,8 +604,8 @@ class Reranker:
         return self.ce.encoder(*PackedBatch.unstage(inputs, layout.tokens), layout.max_seqlen)
 
     def _current_weights_key(self):
-        # what a captured graph baked in: the weights and the encoder's choice of FFN kernel
-        return (self.ce.encoder.fused_ffn_up, *((p.data_ptr(), p._version) for p in self._params))
+        # what a captured graph baked in: the weights and the encoder's kernel choices
+        return (self.ce.encoder.kernel_choices(), *((p.data_ptr(), p._version) for p in self._params))
 
     def _replay(self, layout: BucketLayout, batch: PackedBatch) -> np.ndarray:
         key = self._current_weights_key()

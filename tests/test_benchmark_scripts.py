@@ -20,7 +20,7 @@ def test_profile_ranker_dry_run(tmp_path):
         pytest.skip("the packaged MiniLM tokenizer is missing")
     assert res.returncode == 0, res.stderr[-3000:]
     text = out.read_text()
-    assert "| | relsum | relsum_linear_gelu | peer_varlen_attn_compile |" in text
+    assert "| | relsum | relsum_tuned | peer_varlen_attn_compile |" in text
     assert "| wall ms per forward |" in text and "| gemm |" in text
     assert "## minilm-l6-h384:24-96x100 (16 pairs," in text  # a row's own pair count (capped in a dry run)
     assert (tmp_path / "prof.json").exists()

@@ -7,6 +7,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from relsum_core.encoder import PackedBertEncoder
+from relsum_kernels.varlen_attention import CONFIG_CANDIDATES
 
 from conftest import triton_device
 
@@ -58,18 +59,25 @@ def test_kernel_wiring_matches_hf(impl, fused_ffn_up):
                       fused_ffn_up=fused_ffn_up)
 
 
+def test_attention_config_reaches_the_kernel():
+    """The one-key-tile attention (a sweep candidate), chosen through the encoder, matches HF."""
+    _check_against_hf([1, 33, 70, 2], "triton", device=triton_device(),
+                      attention_config=CONFIG_CANDIDATES["short_m64_h4_w4"])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("fused_ffn_up", [False, True], ids=["ffn_cublas", "ffn_linear_gelu"])
 def test_cuda_auto_path_matches_hf(fused_ffn_up):
     _check_against_hf([1, 2, 17, 64, 3, 128, 5, 512], "auto", device="cuda", fused_ffn_up=fused_ffn_up)
 
 
-def _check_against_hf(lens, impl, device="cpu", fused_ffn_up=False):
+def _check_against_hf(lens, impl, device="cpu", fused_ffn_up=False, attention_config=None):
     model = tiny_model()
     ref_model = copy.deepcopy(model)
     enc = PackedBertEncoder.from_hf(model.to(device))
     enc.impl = impl
     enc.fused_ffn_up = fused_ffn_up
+    enc.attention_config = attention_config
     seqs, types, ids, tt, pos, cu = packed_inputs(lens)
     with torch.inference_mode():
         got = enc(ids.to(device), tt.to(device), pos.to(device), cu.to(device), max(lens)).cpu()

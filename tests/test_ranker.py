@@ -416,13 +416,19 @@ def test_reranker_guards(tiny):
     with torch.no_grad():
         w.add_(0.0)
     assert rr._current_weights_key() != before
-    # ...and so must switching the encoder's FFN kernel (a graph replays what it captured)
+    # ...and so must switching the encoder's kernels (a graph replays what it captured)
     before = rr._current_weights_key()
     tiny.encoder.fused_ffn_up = True
     try:
         assert rr._current_weights_key() != before
     finally:
         tiny.encoder.fused_ffn_up = False
+    tiny.encoder.attention_config = {"SHORT": True, "HEADS": 4, "BLOCK_M": 64}
+    try:
+        assert rr._current_weights_key() != before
+    finally:
+        tiny.encoder.attention_config = None
+    assert rr._current_weights_key() == before
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter check; on CUDA: test_reranker_cuda_graphs")

@@ -366,4 +366,19 @@ def test_short_kernel_reads_fused_qkv_views_and_checks_its_limit():
     ref = varlen_attention_reference(q, k, v, cu, softmax_scale=0.25)
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="max_seqlen <= 128"):
-        va_mod._triton_varlen(q, k, v, cu, 129, 0.25, config=dict(cfg))
+        va_mod._triton_varlen_short(q, k, v, torch.empty_like(q), cu, 129, 0.25, dict(cfg), True)
+
+
+def test_public_config_picks_the_short_kernel_only_where_it_fits(monkeypatch):
+    dev = triton_device()
+    calls = []
+    real = va_mod._triton_varlen_short
+    monkeypatch.setattr(va_mod, "_triton_varlen_short", lambda *a: calls.append(a[5]) or real(*a))
+    cfg = va_mod.CONFIG_CANDIDATES["short_m32_h4_w2"]
+    for lens in ([5, 100, 1], [5, 130, 1]):
+        q, k, v = _qkv(lens, 4, 16, torch.float32, dev)
+        cu = _cu(lens, dev)
+        out = varlen_attention(q, k, v, cu, max(lens), impl="triton", config=cfg)
+        assert rel_err(out, varlen_attention_reference(q, k, v, cu)) < TOL[torch.float32]
+    assert calls == [100]  # the 130-token batch ran the default tiles
+    assert cfg["SHORT"] and cfg["HEADS"] == 4  # the caller's dict is left as it was
