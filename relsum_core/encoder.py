@@ -54,7 +54,7 @@ class PackedBertEncoder(nn.Module):
         self.impl = "auto"
         # FFN up-projection as one Triton GEMM with bias+GELU in its epilogue (kernels/linear_gelu.py)
         # instead of cuBLAS + the bias_gelu pass.  Off until a GPU run shows it faster
-        # (benchmarks: the ``relsum_linear_gelu`` throughput variant, ``test_cuda_linear_gelu``).
+        # (benchmarks: ``test_cuda_linear_gelu``, and the ``relsum_tuned`` end-to-end variants).
         self.fused_ffn_up = False
         # Triton attention tiles (one of relsum_kernels.varlen_attention.CONFIG_CANDIDATES' values;
         # None = the kernel's own choice), for the same reason: the GPU sweep picks.
