@@ -112,6 +112,21 @@ def _varlen_attn():
     return varlen_attn
 
 
+def _time_cuda(benchmark, run, group: str) -> float:
+    """Median seconds of ``run`` + a device sync over 30 rounds, after 3 untimed calls (compiles,
+    autotuning, allocator warm-up)."""
+    def fn():
+        out = run()
+        torch.cuda.synchronize()
+        return out
+
+    for _ in range(3):
+        fn()
+    benchmark.group = group
+    benchmark.pedantic(fn, rounds=30, warmup_rounds=2, iterations=1)
+    return benchmark.stats.stats.median
+
+
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("method", ["relsum_triton", "sdpa_padded", "torch_varlen_attn"])
 @pytest.mark.parametrize("lengths", LENGTHS, ids=lambda r: f"{r[0]}-{r[1]}")
@@ -133,31 +148,9 @@ def test_cuda_attention(benchmark, model, lengths, method):
             pytest.skip("torch.nn.attention.varlen.varlen_attn needs torch >= 2.10")
         qc, kc, vc = (t.contiguous() for t in (q, k, v))
         run = lambda: varlen_attn(qc, kc, vc, cu, cu, max_len, max_len)
-
-    def fn():
-        run()
-        torch.cuda.synchronize()
-
-    for _ in range(3):  # compile / autotune / allocator warm-up outside the timed rounds
-        fn()
-    benchmark.group = f"encoder-attention-cuda-{model}-{lengths[0]}-{lengths[1]}"
-    benchmark.pedantic(fn, rounds=30, warmup_rounds=2, iterations=1)
+    _time_cuda(benchmark, run, f"encoder-attention-cuda-{model}-{lengths[0]}-{lengths[1]}")
     _record(benchmark, method=method, model=model, lens=lens, heads=heads, head_dim=head_dim,
             dtype=dtype, device=torch.cuda.get_device_name())
-
-
-def _time_cuda(benchmark, run, group: str) -> float:
-    """Median seconds of ``run`` + a device sync over 30 rounds, after 3 untimed calls (compiles)."""
-    def fn():
-        out = run()
-        torch.cuda.synchronize()
-        return out
-
-    for _ in range(3):
-        fn()
-    benchmark.group = group
-    benchmark.pedantic(fn, rounds=30, warmup_rounds=2, iterations=1)
-    return benchmark.stats.stats.median
 
 
 # FFN up-projection, x [tokens, H] @ W1^T [H, 4H] + b1 then GELU: what the encoder runs today (cuBLAS
@@ -282,18 +275,10 @@ def test_cuda_attention_tiles(benchmark, model, lengths, variant):
     if cfg and cfg.get("SHORT") and max_len > SHORT_MAX_SEQLEN:
         pytest.skip(f"the one-key-tile kernel takes max_seqlen <= {SHORT_MAX_SEQLEN}")
     ref = varlen_attention(q, k, v, cu, max_len, impl="triton")
-
-    def fn():
-        out = _triton_varlen(q, k, v, cu, max_len, head_dim ** -0.5, config=cfg)
-        torch.cuda.synchronize()
-        return out
-
-    for _ in range(3):
-        out = fn()
-    torch.testing.assert_close(out, ref, rtol=0, atol=2e-2)  # bf16 output: a mis-tiled kernel is far off
+    run = lambda: _triton_varlen(q, k, v, cu, max_len, head_dim ** -0.5, config=cfg)
+    torch.testing.assert_close(run(), ref, rtol=0, atol=2e-2)  # bf16 output: a mis-tiled kernel is far off
     chosen = _triton_config(max_len, head_dim, dtype)
-    benchmark.group = f"encoder-attention-tiles-{model}-{lengths[0]}-{lengths[1]}"
-    benchmark.pedantic(fn, rounds=30, warmup_rounds=2, iterations=1)
+    _time_cuda(benchmark, run, f"encoder-attention-tiles-{model}-{lengths[0]}-{lengths[1]}")
     _record(benchmark, method=f"tiles_{variant}", model=model, lens=lens, heads=heads, head_dim=head_dim,
             dtype=dtype, device=torch.cuda.get_device_name())
     benchmark.extra_info.update(
