@@ -202,6 +202,27 @@ def _add_evaluate(sub) -> None:
     p.set_defaults(func=_evaluate)
 
 
+def _export_ranker(args: argparse.Namespace) -> int:
+    from relsum_core.export import export_ranker
+    from relsum_core.ranker import CrossEncoder
+
+    ranker = CrossEncoder.from_pretrained(args.model, device="cpu", max_length=args.max_length)
+    out = export_ranker(ranker, args.out)
+    print(f"exported {args.model} -> {out} (serve it with bindings/: relsum_rerank {out})")
+    return 0
+
+
+def _add_export_ranker(sub) -> None:
+    p = sub.add_parser("export-ranker", help="freeze a cross-encoder checkpoint into a directory the "
+                       "C++ API (bindings/) serves: AOTInductor package + tokenizer tables")
+    p.add_argument("--model", required=True, help="HF BERT-family checkpoint folder (e.g. runs/ranker/best)")
+    p.add_argument("--out", required=True, help="export directory (replaced atomically)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="pair length cap in tokens (default: the checkpoint's relsum_ranker.json, else "
+                        "the model's max_position_embeddings)")
+    p.set_defaults(func=_export_ranker)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relsum", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -221,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_summarize(sub)
     _add_evaluate(sub)
     _add_plot(sub)
+    _add_export_ranker(sub)
     return parser
 
 
