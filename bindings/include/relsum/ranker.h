@@ -1,0 +1,58 @@
+// relsum C++ API: score (query, document) pairs with a cross-encoder exported by
+// `relsum export-ranker` (an AOTInductor package plus tokenizer tables), no Python at run time.
+//
+// Same contract as the Python `relsum_core.ranker.CrossEncoder`: a pair is [CLS] query [SEP] doc [SEP];
+// the query keeps its first min(query_max_tokens, max_length - 3) tokens and the doc the rest of
+// max_length - 3; scores are the raw logits.  libtorch stays behind the pimpl: including this header
+// needs no torch headers (linking needs libtorch).
+#pragma once
+
+#include <cstddef>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "relsum/tokenizer.h"
+
+namespace relsum {
+
+struct Ranked {
+  std::size_t corpus_id;  // index into the docs given to rank()
+  float score;
+};
+
+class Ranker {
+ public:
+  // Loads export_dir (model.pt2, vocab.txt, text_rules.tsv, settings.txt).  Throws std::runtime_error
+  // for a missing or malformed file, or an export format this build does not read.
+  explicit Ranker(const std::string& export_dir);
+  ~Ranker();
+  Ranker(Ranker&&) noexcept;
+  Ranker& operator=(Ranker&&) noexcept;
+
+  // Scores in input order.  Pairs go through the model longest first, at most batch_size pairs a
+  // forward.  Throws std::invalid_argument for an empty list, batch_size 0 or text that is not UTF-8.
+  // Thread-safe: concurrent calls share one model instance and run one at a time.
+  std::vector<float> predict(const std::vector<std::pair<std::string, std::string>>& pairs,
+                             std::size_t batch_size = 128) const;
+
+  // docs sorted by score, highest first (ties: lower corpus_id first), cut to top_k when given.
+  // Throws std::invalid_argument for an empty docs list.
+  std::vector<Ranked> rank(const std::string& query, const std::vector<std::string>& docs,
+                           std::optional<std::size_t> top_k = std::nullopt,
+                           std::size_t batch_size = 128) const;
+
+  // Token ids of one pair after the truncation rule, with the special tokens (what the model sees).
+  std::vector<int64_t> encode_pair(const std::string& query, const std::string& doc) const;
+
+  const Tokenizer& tokenizer() const;
+  std::size_t max_length() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace relsum

@@ -1,0 +1,171 @@
+#include "relsum/ranker.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/InferenceMode.h>
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+
+#include <algorithm>
+#include <fstream>
+#include <mutex>
+#include <numeric>
+#include <stdexcept>
+
+#include "export_dir.h"
+
+namespace relsum {
+namespace {
+
+struct Encoded {
+  std::vector<int64_t> ids;
+  std::size_t first_type1;  // index of the first token of token type 1
+};
+
+}  // namespace
+
+struct Ranker::Impl {
+  explicit Impl(const std::string& dir)
+      : settings(dir),
+        tokenizer(dir),
+        loader(detail::join(dir, "model.pt2")),
+        max_length(static_cast<std::size_t>(settings.integer("max_length"))),
+        query_max_tokens(static_cast<std::size_t>(settings.integer("query_max_tokens"))),
+        cls_id(settings.integer("cls_id")),
+        sep_id(settings.integer("sep_id")),
+        two_types(settings.integer("two_token_types") != 0),
+        max_packed_tokens(static_cast<std::size_t>(settings.integer("max_packed_tokens"))),
+        max_batch(static_cast<std::size_t>(settings.integer("max_batch"))) {
+    if (max_length < 3 || max_packed_tokens < max_length || max_batch < 1)
+      throw std::runtime_error("relsum: " + settings.path() + ": inconsistent max_length / max_packed_tokens / max_batch");
+  }
+
+  Encoded encode(const std::string& query, const std::string& doc) const {
+    const auto q = tokenizer.encode(query);
+    const auto d = tokenizer.encode(doc);
+    const auto budget = max_length - 3;
+    const auto nq = std::min({q.size(), query_max_tokens, budget});
+    const auto nd = std::min(d.size(), budget - nq);
+    Encoded e;
+    e.ids.reserve(nq + nd + 3);
+    e.ids.push_back(cls_id);
+    e.ids.insert(e.ids.end(), q.begin(), q.begin() + static_cast<std::ptrdiff_t>(nq));
+    e.ids.push_back(sep_id);
+    e.ids.insert(e.ids.end(), d.begin(), d.begin() + static_cast<std::ptrdiff_t>(nd));
+    e.ids.push_back(sep_id);
+    e.first_type1 = two_types ? nq + 2 : e.ids.size();
+    return e;
+  }
+
+  // The exported model's six inputs for these sequences (relsum_core/export.py: export_inputs).
+  std::vector<float> score(const std::vector<const Encoded*>& seqs) {
+    const auto B = static_cast<int64_t>(seqs.size());
+    int64_t T = 0, L = 0;
+    for (const auto* s : seqs) {
+      T += static_cast<int64_t>(s->ids.size());
+      L = std::max<int64_t>(L, static_cast<int64_t>(s->ids.size()));
+    }
+    const auto opts = at::TensorOptions().dtype(at::kLong);
+    auto ids = at::empty({T}, opts), types = at::empty({T}, opts), pos = at::empty({T}, opts);
+    auto pad_index = at::full({B, L}, T, opts), slot = at::empty({T}, opts), cls = at::empty({B}, opts);
+    auto* pi = ids.data_ptr<int64_t>();
+    auto* pt = types.data_ptr<int64_t>();
+    auto* pp = pos.data_ptr<int64_t>();
+    auto* pad = pad_index.data_ptr<int64_t>();
+    auto* ps = slot.data_ptr<int64_t>();
+    auto* pc = cls.data_ptr<int64_t>();
+    int64_t t = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      const auto& s = *seqs[static_cast<std::size_t>(b)];
+      pc[b] = t;
+      for (std::size_t j = 0; j < s.ids.size(); ++j, ++t) {
+        pi[t] = s.ids[j];
+        pt[t] = j >= s.first_type1 ? 1 : 0;
+        pp[t] = static_cast<int64_t>(j);
+        pad[b * L + static_cast<int64_t>(j)] = t;
+        ps[t] = b * L + static_cast<int64_t>(j);
+      }
+    }
+    std::vector<at::Tensor> out;
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      c10::InferenceMode guard;
+      out = loader.run({ids, types, pos, pad_index, slot, cls});
+    }
+    const auto scores = out.at(0).to(at::kFloat).contiguous();
+    const auto* p = scores.data_ptr<float>();
+    return std::vector<float>(p, p + B);
+  }
+
+  detail::Settings settings;
+  Tokenizer tokenizer;
+  torch::inductor::AOTIModelPackageLoader loader;
+  std::mutex mutex;
+  std::size_t max_length, query_max_tokens;
+  int64_t cls_id, sep_id;
+  bool two_types;
+  std::size_t max_packed_tokens, max_batch;
+};
+
+Ranker::Ranker(const std::string& export_dir) {
+  // Check the plain files first: their errors name what is wrong; the loader's would not.
+  const detail::Settings settings(export_dir);
+  const auto package = detail::join(export_dir, "model.pt2");
+  if (!std::ifstream(package)) throw std::runtime_error("relsum: cannot read " + package);
+  impl_ = std::make_unique<Impl>(export_dir);
+}
+Ranker::~Ranker() = default;
+Ranker::Ranker(Ranker&&) noexcept = default;
+Ranker& Ranker::operator=(Ranker&&) noexcept = default;
+
+const Tokenizer& Ranker::tokenizer() const { return impl_->tokenizer; }
+std::size_t Ranker::max_length() const { return impl_->max_length; }
+
+std::vector<int64_t> Ranker::encode_pair(const std::string& query, const std::string& doc) const {
+  return impl_->encode(query, doc).ids;
+}
+
+std::vector<float> Ranker::predict(const std::vector<std::pair<std::string, std::string>>& pairs,
+                                   std::size_t batch_size) const {
+  if (pairs.empty()) throw std::invalid_argument("relsum: pairs is empty: nothing to score");
+  if (batch_size == 0) throw std::invalid_argument("relsum: batch_size must be >= 1");
+  batch_size = std::min(batch_size, impl_->max_batch);
+  std::vector<Encoded> enc;
+  enc.reserve(pairs.size());
+  for (const auto& [q, d] : pairs) enc.push_back(impl_->encode(q, d));
+  // Longest first: each batch pads its attention to its own longest pair.
+  std::vector<std::size_t> order(enc.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](std::size_t a, std::size_t b) { return enc[a].ids.size() > enc[b].ids.size(); });
+  std::vector<float> scores(enc.size());
+  for (std::size_t i = 0; i < order.size();) {
+    std::vector<const Encoded*> batch;
+    std::size_t tokens = 0;
+    std::size_t j = i;
+    for (; j < order.size() && batch.size() < batch_size; ++j) {
+      const auto n = enc[order[j]].ids.size();
+      if (!batch.empty() && tokens + n > impl_->max_packed_tokens) break;
+      batch.push_back(&enc[order[j]]);
+      tokens += n;
+    }
+    const auto s = impl_->score(batch);
+    for (std::size_t k = 0; k < s.size(); ++k) scores[order[i + k]] = s[k];
+    i = j;
+  }
+  return scores;
+}
+
+std::vector<Ranked> Ranker::rank(const std::string& query, const std::vector<std::string>& docs,
+                                 std::optional<std::size_t> top_k, std::size_t batch_size) const {
+  if (docs.empty()) throw std::invalid_argument("relsum: docs is empty: nothing to rank");
+  std::vector<std::pair<std::string, std::string>> pairs;
+  pairs.reserve(docs.size());
+  for (const auto& d : docs) pairs.emplace_back(query, d);
+  const auto scores = predict(pairs, batch_size);
+  std::vector<Ranked> ranked(scores.size());
+  for (std::size_t i = 0; i < scores.size(); ++i) ranked[i] = {i, scores[i]};
+  std::stable_sort(ranked.begin(), ranked.end(), [](const Ranked& a, const Ranked& b) { return a.score > b.score; });
+  if (top_k && *top_k < ranked.size()) ranked.resize(*top_k);
+  return ranked;
+}
+
+}  // namespace relsum

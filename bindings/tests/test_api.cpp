@@ -1,0 +1,109 @@
+// The C++ API's own checks, against an export directory given on the command line
+// (tests/test_bindings.py builds one from a small random BERT with a real vocabulary).
+// Score and tokenisation parity with Python are checked there, through relsum_rerank.
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "relsum/ranker.h"
+
+namespace {
+
+int failures = 0;
+
+void check(bool ok, const std::string& what) {
+  if (!ok) {
+    ++failures;
+    std::fprintf(stderr, "FAIL: %s\n", what.c_str());
+  }
+}
+
+// Runs f, expects exception type E whose message contains `needle`.
+template <typename E>
+void expect_throw(const std::function<void()>& f, const std::string& needle, const std::string& what) {
+  try {
+    f();
+  } catch (const E& e) {
+    check(std::string(e.what()).find(needle) != std::string::npos,
+          what + ": message `" + e.what() + "` lacks `" + needle + "`");
+    return;
+  } catch (const std::exception& e) {
+    check(false, what + ": wrong exception type: " + e.what());
+    return;
+  }
+  check(false, what + ": no exception");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 2) {
+    std::fprintf(stderr, "usage: relsum_api_test EXPORT_DIR\n");
+    return 2;
+  }
+  const relsum::Ranker ranker(argv[1]);
+  const std::vector<std::string> docs = {
+      "stainless steel water bottle, 32 oz, vacuum insulated",
+      "",
+      "dog food",
+      "organic green tea bags, 100 count, caffeine free, non-GMO, individually wrapped for freshness",
+      "water bottle",
+  };
+  const std::string query = "insulated water bottle";
+
+  // rank() agrees with predict(), sorts best first and cuts to top_k.
+  std::vector<std::pair<std::string, std::string>> pairs;
+  for (const auto& d : docs) pairs.emplace_back(query, d);
+  const auto scores = ranker.predict(pairs);
+  const auto ranked = ranker.rank(query, docs);
+  check(ranked.size() == docs.size(), "rank returns every doc");
+  for (std::size_t i = 0; i < ranked.size(); ++i) {
+    check(ranked[i].score == scores[ranked[i].corpus_id], "rank score == predict score");
+    if (i > 0) check(ranked[i - 1].score >= ranked[i].score, "rank is sorted, best first");
+  }
+  const auto top2 = ranker.rank(query, docs, 2);
+  check(top2.size() == 2 && top2[0].corpus_id == ranked[0].corpus_id && top2[1].corpus_id == ranked[1].corpus_id,
+        "top_k keeps the best k");
+  check(ranker.rank(query, docs, 100).size() == docs.size(), "top_k above the count keeps all");
+
+  // Batching does not change scores (each batch pads attention to its own longest pair).
+  const auto one_by_one = ranker.predict(pairs, 1);
+  for (std::size_t i = 0; i < scores.size(); ++i)
+    check(std::fabs(one_by_one[i] - scores[i]) < 1e-5f, "batch_size 1 gives the same scores");
+
+  // Concurrent callers get the same answers.
+  std::vector<float> a, b;
+  std::thread t1([&] { a = ranker.predict(pairs); });
+  std::thread t2([&] { b = ranker.predict(pairs); });
+  t1.join();
+  t2.join();
+  check(a == scores && b == scores, "two threads predicting at once");
+
+  // Truncation: a doc far past max_length is cut to exactly max_length tokens.
+  std::string long_doc;
+  for (int i = 0; i < 2000; ++i) long_doc += "bottle ";
+  check(ranker.encode_pair(query, long_doc).size() == ranker.max_length(), "long doc cut to max_length");
+  check(ranker.encode_pair("", "").size() == 3, "empty pair is [CLS] [SEP] [SEP]");
+
+  // Bad input: clear errors, no crash.
+  expect_throw<std::invalid_argument>([&] { ranker.rank(query, {}); }, "docs is empty", "empty docs");
+  expect_throw<std::invalid_argument>([&] { ranker.predict({}); }, "pairs is empty", "empty pairs");
+  expect_throw<std::invalid_argument>([&] { ranker.predict(pairs, 0); }, "batch_size", "batch_size 0");
+  expect_throw<std::invalid_argument>([&] { ranker.rank("caf\xc3", docs); }, "truncated sequence at byte 3",
+                                      "truncated UTF-8");
+  expect_throw<std::invalid_argument>([&] { ranker.rank(query, {"ok", "\xc0\xaf"}); }, "overlong",
+                                      "overlong UTF-8");
+  expect_throw<std::invalid_argument>([&] { ranker.tokenizer().encode("\xed\xa0\x80"); }, "surrogate",
+                                      "UTF-8 surrogate");
+  expect_throw<std::invalid_argument>([&] { ranker.tokenizer().encode("a\xff"); }, "bad lead byte at byte 1",
+                                      "bad lead byte");
+  expect_throw<std::runtime_error>([&] { relsum::Ranker("/nonexistent/relsum-export"); },
+                                   "/nonexistent/relsum-export/settings.txt", "missing export directory");
+
+  if (failures == 0) std::printf("relsum_api_test: all checks passed\n");
+  return failures == 0 ? 0 : 1;
+}

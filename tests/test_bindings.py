@@ -1,0 +1,225 @@
+"""The C++ API (bindings/) against Python: `relsum export-ranker`, then the CMake build, then the same
+tokens and scores as ``CrossEncoder`` on the bundled ESCI texts and on hostile strings.
+
+Costs about a minute: one AOTInductor compile of a tiny model and one C++ build."""
+
+import os
+import random
+import shutil
+import subprocess
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from relsum_core import cli  # noqa: E402
+from relsum_core.data import load_dataset  # noqa: E402
+from relsum_core.export import export_ranker, text_rules  # noqa: E402
+from relsum_core.ranker import CrossEncoder  # noqa: E402
+from relsum_core.text import attributes_text  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+HOSTILE = [
+    "", " ", "\t\n", "café crème brûlée", "ÀÉÎÕÜ ÅÆØ ß ẞ", "Σίσυφος ΣΑΣ ςσ", "İstanbul ǅungla ﬁne ﬀ",
+    "Москва ЁЖИК", "中文字符和日本語のテキスト 한국어", "emoji 😀👍🏽 ok", "zero\u200bwidth\u200dj",
+    "control\x00\x01\x7f\x1b chars", "nbsp\u00a0and\u3000ideographic", "line\u2028sep\u2029para",
+    "x[SEP]y [cls] [MASK]z [PAD][UNK]", "[CLS]", "a" * 101, "b" * 100, "supercalifragilisticexpialidocious",
+    "$19.99 & 50% off!!! (2-pack) #1 @home <b>bold</b>", "e\u0301 o\u0308 a\u0327\u0301", "\ufffd\ufeffbom",
+    "ｆｕｌｌｗｉｄｔｈ ＡＢＣ", "Ⅻ ① ½ ㎏ ™", "tab\there", "back\\slash", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 math", "ﷺ ﷽",
+]
+
+
+def _random_texts(n: int, seed: int = 0) -> list[str]:
+    """Random strings over the parts of Unicode a tokenizer gets wrong first."""
+    rng = random.Random(seed)
+    pools = [(0x20, 0x7E), (0xA0, 0x24F), (0x300, 0x36F), (0x370, 0x3FF), (0x400, 0x4FF), (0x590, 0x6FF),
+             (0x900, 0x97F), (0x1E00, 0x1EFF), (0x2000, 0x206F), (0x3000, 0x30FF), (0x4E00, 0x4E80),
+             (0xAC00, 0xAC40), (0xFB00, 0xFB4F), (0xFE00, 0xFE6F), (0xFF00, 0xFFEF), (0x1F300, 0x1F64F),
+             (0x1D400, 0x1D4FF), (0x0, 0x1F)]
+    out = []
+    for _ in range(n):
+        chars = []
+        for _ in range(rng.randint(1, 40)):
+            lo, hi = rng.choice(pools)
+            chars.append(chr(rng.randint(lo, hi)) if rng.random() < 0.7 else rng.choice(" abcde"))
+        out.append("".join(chars))
+    return out
+
+
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+
+
+@pytest.fixture(scope="module")
+def binaries(tmp_path_factory) -> Path:
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake is not installed: the C++ bindings cannot be built")
+    build = tmp_path_factory.mktemp("bindings_build")
+    prefix = torch.utils.cmake_prefix_path
+    subprocess.run(["cmake", "-S", str(REPO / "bindings"), "-B", str(build), f"-DCMAKE_PREFIX_PATH={prefix}"],
+                   check=True, capture_output=True, text=True)
+    done = subprocess.run(["cmake", "--build", str(build), "-j", "2"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return build
+
+
+@pytest.fixture(scope="module")
+def ranker_dir(tmp_path_factory) -> Path:
+    """A tiny random ranker with MiniLM's real tokenizer; weights large enough that scores spread."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from conftest import minilm_dir
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    torch.manual_seed(1)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128, num_labels=1, initializer_range=0.2)
+    path = tmp_path_factory.mktemp("spread_ranker")
+    BertForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(ranker_dir, tmp_path_factory) -> Path:
+    """`relsum export-ranker` on the tiny checkpoint (MiniLM's real tokenizer), as a user runs it."""
+    out = tmp_path_factory.mktemp("export") / "ranker"
+    assert cli.main(["export-ranker", "--model", str(ranker_dir), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def ranker(ranker_dir) -> CrossEncoder:
+    return CrossEncoder.from_pretrained(ranker_dir, device="cpu")
+
+
+def _run(binaries: Path, args: list[str], lines: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([str(binaries / "relsum_rerank"), *args], input="".join(f"{x}\n" for x in lines),
+                          capture_output=True, text=True, encoding="utf-8", errors="surrogateescape")
+
+
+@pytest.fixture(scope="module")
+def esci_texts() -> tuple[list[str], list[str]]:
+    products, judgments = load_dataset()
+    queries = sorted({j.query for j in judgments})
+    docs = [f"{p.title} {attributes_text(p)}" for p in sorted(products.values(), key=lambda p: p.product_id)]
+    return queries, docs
+
+
+def test_tokenizer_matches_hf_on_esci_and_hostile_text(binaries, exported, ranker, esci_texts):
+    queries, docs = esci_texts
+    texts = queries + docs + HOSTILE + _random_texts(400)
+    done = _run(binaries, [str(exported), "--tokenize"], [_escape(t) for t in texts])
+    assert done.returncode == 0, done.stderr
+    got = [[int(x) for x in line.split()] for line in done.stdout.splitlines()]
+    assert len(got) == len(texts)
+    want = ranker.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    wrong = [(t, g, w) for t, g, w in zip(texts, got, want) if g != w]
+    assert not wrong, f"{len(wrong)} of {len(texts)} texts tokenised differently, first: {wrong[0]}"
+
+
+def test_scores_match_python_predict(binaries, exported, ranker, esci_texts):
+    queries, docs = esci_texts
+    rng = random.Random(0)
+    # mixed lengths: short titles to docs far past max_length (128), plus empty strings
+    pairs = [(rng.choice(queries), rng.choice(docs)[: rng.choice([20, 80, 400, 4000])]) for _ in range(150)]
+    pairs += [("", ""), ("", "a doc"), ("a query", ""), ("x " * 300, "y " * 300)]
+    lines = [f"{_escape(q)}\t{_escape(d)}" for q, d in pairs]
+    done = _run(binaries, [str(exported), "--batch-size", "32"], lines)
+    assert done.returncode == 0, done.stderr
+    got = np.array([float(x) for x in done.stdout.split()], dtype=np.float32)
+    want = ranker.predict(pairs)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+    assert np.std(want) > 0.05  # the scores differ between pairs: the comparison can fail
+
+    ids = _run(binaries, [str(exported), "--encode-pair"], lines)
+    assert ids.returncode == 0, ids.stderr
+    got_ids = [[int(x) for x in line.split()] for line in ids.stdout.splitlines()]
+    assert got_ids == [e[0] for e in ranker.encode_pairs(pairs)]
+    assert max(map(len, got_ids)) == ranker.max_length  # the truncation rule was exercised
+
+
+def test_rank_matches_python_rank(binaries, exported, ranker, esci_texts):
+    queries, docs = esci_texts
+    query, cands = queries[3], docs[:60]
+    done = _run(binaries, [str(exported), "--rank", "--top-k", "10"], [_escape(t) for t in (query, *cands)])
+    assert done.returncode == 0, done.stderr
+    rows = [line.split("\t") for line in done.stdout.splitlines()]
+    want = ranker.rank(query, cands, top_k=10)
+    assert [int(r[0]) for r in rows] == [w["corpus_id"] for w in want]
+    np.testing.assert_allclose([float(r[1]) for r in rows], [w["score"] for w in want], atol=1e-4)
+
+
+def test_cpp_api_checks(binaries, exported):
+    """bindings/tests/test_api.cpp: ordering, top_k, batching, threads, truncation, bad input."""
+    done = subprocess.run([str(binaries / "relsum_api_test"), str(exported)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "all checks passed" in done.stdout
+
+
+def test_cli_bad_input_is_a_clear_error(binaries, exported, tmp_path):
+    bad_utf8 = subprocess.run([str(binaries / "relsum_rerank"), str(exported)], input=b"caf\xc3\tdoc\n",
+                              capture_output=True)
+    assert bad_utf8.returncode == 1 and b"not valid UTF-8" in bad_utf8.stderr
+    no_tab = _run(binaries, [str(exported)], ["query without a doc"])
+    assert no_tab.returncode == 1 and "line 1: expected QUERY<TAB>DOC" in no_tab.stderr
+    empty_rank = _run(binaries, [str(exported), "--rank"], ["just a query"])
+    assert empty_rank.returncode == 1 and "docs is empty" in empty_rank.stderr
+    missing = _run(binaries, [str(tmp_path / "nope")], ["q\td"])
+    assert missing.returncode == 1 and "cannot read" in missing.stderr and "settings.txt" in missing.stderr
+    assert _run(binaries, [str(exported), "--frobnicate"], []).returncode == 2
+
+    newer = tmp_path / "newer"
+    shutil.copytree(exported, newer)
+    settings = newer / "settings.txt"
+    settings.write_text(settings.read_text().replace("format 1\n", "format 2\n"))
+    future = _run(binaries, [str(newer)], ["q\td"])
+    assert future.returncode == 1 and "export format 2" in future.stderr
+
+    (newer / "settings.txt").write_text(settings.read_text().replace("format 2\n", "format 1\n"))
+    (newer / "text_rules.tsv").write_text("norm\t41\tZZ\tmap\t61\n")
+    broken = _run(binaries, [str(newer), "--tokenize"], ["abc"])
+    assert broken.returncode == 1 and "text_rules.tsv:1: bad code point `ZZ`" in broken.stderr
+
+
+def test_export_rejects_non_wordpiece_tokenizer(ranker_dir, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    ce = CrossEncoder.from_pretrained(ranker_dir, device="cpu")
+    bpe = Tokenizer(models.BPE(vocab={"[CLS]": 0, "[SEP]": 1, "a": 2}, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    ce.tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, cls_token="[CLS]", sep_token="[SEP]")
+    with pytest.raises(ValueError, match="BERT WordPiece"):
+        export_ranker(ce, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_failed_export_keeps_the_previous_one(exported, ranker, tmp_path, monkeypatch):
+    target = tmp_path / "ranker"
+    shutil.copytree(exported, target)
+    before = sorted(p.name for p in target.iterdir())
+
+    def boom(*a, **k):
+        raise RuntimeError("compiler crashed")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", boom)
+    with pytest.raises(RuntimeError, match="compiler crashed"):
+        export_ranker(ranker, target)
+    assert sorted(p.name for p in target.iterdir()) == before
+    assert (target / "model.pt2").stat().st_size == (exported / "model.pt2").stat().st_size
+    assert [p.name for p in tmp_path.iterdir()] == ["ranker"]  # no temp dir left behind
+
+
+def test_text_rules_cover_what_the_tokenizer_changes(ranker):
+    rules = [line.split("\t") for line in text_rules(ranker.tokenizer) if not line.startswith("#")]
+    norm = {r[3] for r in rules if r[0] == "norm"}
+    assert norm == {"drop", "isolate", "map"}
+    spans = [(int(r[1], 16), int(r[2], 16)) for r in rules if r[0] == "split"]
+    assert spans == sorted(spans) and all(a <= b for a, b in spans)
+    assert any(a <= ord(",") <= b for a, b in spans) and any(a <= ord(" ") <= b for a, b in spans)
