@@ -8,9 +8,12 @@ weights with a seeded head, fp32, both timed *from text* (tokenising included):
   tokenise, score; what a cold start of a C++ service costs.  Its ``extra_info`` also carries
   ``warm_median_ms`` / ``warm_p90_ms``: the same binary timing ``Ranker::rank`` in process over
   ``RELSUM_BENCH_CPP_REPEAT`` calls after one warm-up (the steady-state latency of a C++ service).
+- ``*_bf16``: the same with the model in bf16 (``CrossEncoder(dtype=torch.bfloat16)``,
+  ``relsum export-ranker --dtype bfloat16``).
 
-The export and the build happen once per session (about 40 s).  ``--batch-size`` of the binary
-follows ``RELSUM_BENCH_CPP_BATCH`` (default 128, as ``predict``'s).
+The build and each export happen once per session (about 10 s and 25 s).  The binary runs with its
+defaults (``--max-tokens 2048`` padded tokens a forward) and ``--batch-size`` from
+``RELSUM_BENCH_CPP_BATCH`` (default 128, as ``predict``'s).
 """
 
 from __future__ import annotations
@@ -48,15 +51,17 @@ def setup(tmp_path_factory):
         pytest.skip(str(e))
     from relsum_core.export import export_ranker
 
-    ce = CrossEncoder.from_pretrained(minilm, device="cpu", max_length=128)
     root = tmp_path_factory.mktemp("bench_bindings")
-    export = export_ranker(ce, root / "export")
+    models, exports = {}, {}
+    for dtype in (torch.float32, torch.bfloat16):
+        models[dtype] = CrossEncoder.from_pretrained(minilm, device="cpu", dtype=dtype, max_length=128)
+        exports[dtype] = export_ranker(models[dtype], root / f"export-{dtype}", dtype=dtype)
     build = root / "build"
     subprocess.run(["cmake", "-S", str(REPO / "bindings"), "-B", str(build),
                     f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"], check=True, capture_output=True)
     subprocess.run(["cmake", "--build", str(build), "-j", "2", "--target", "relsum_rerank"], check=True,
                    capture_output=True)
-    return ce, export, build / "relsum_rerank"
+    return models, exports, build / "relsum_rerank"
 
 
 def _case(ce: CrossEncoder, n: int, lo: int, hi: int, seed: int = 0) -> tuple[str, list[str]]:
@@ -73,17 +78,19 @@ def _escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
 
 
-@pytest.mark.parametrize("method", ["python_rank", "cpp_process"])
+@pytest.mark.parametrize("method", ["python_rank", "cpp_process", "python_rank_bf16", "cpp_process_bf16"])
 @pytest.mark.parametrize("row", ROWS, ids=lambda r: f"{r[0]}cands-{r[1]}-{r[2]}")
 def test_cpu_cpp_rerank_latency(benchmark, setup, row, method):
-    ce, export, binary = setup
+    models, exports, binary = setup
+    dtype = torch.bfloat16 if method.endswith("_bf16") else torch.float32
+    ce, export = models[dtype], exports[dtype]
     query, cands = _case(ce, *row)
     lens = [len(ids) for ids, _ in ce.encode_pairs([(query, c) for c in cands])]
     stdin = "".join(_escape(t) + "\n" for t in (query, *cands))
     torch.set_num_threads(os.cpu_count() or 1)
     want = {r["corpus_id"]: r["score"] for r in ce.rank(query, cands)}
     warm = {}
-    if method == "python_rank":
+    if method.startswith("python_rank"):
         def run():
             return ce.rank(query, cands)
     else:
@@ -94,13 +101,15 @@ def test_cpu_cpp_rerank_latency(benchmark, setup, row, method):
         timed = subprocess.run(cmd, input=stdin, capture_output=True, text=True, check=True)
         got = {int(i): float(s) for i, s in (line.split("\t") for line in timed.stdout.splitlines())}
         assert got.keys() == want.keys()
-        assert max(abs(got[i] - want[i]) for i in want) < 1e-3, "C++ scores differ from CrossEncoder.rank's"
+        tol = 1e-3 if dtype == torch.float32 else 2e-2  # bf16: the two sides round in different places
+        assert max(abs(got[i] - want[i]) for i in want) < tol, "C++ scores differ from CrossEncoder.rank's"
         m = re.search(r"median ([\d.]+) ms, p90 ([\d.]+) ms", timed.stderr)
         warm = dict(warm_median_ms=float(m.group(1)), warm_p90_ms=float(m.group(2)), warm_runs=REPEAT)
     benchmark.group = f"bindings-cpu-rerank-minilm-{row[0]}cands-{row[1]}-{row[2]}"
     benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1, iterations=1)
     benchmark.extra_info.update(
-        method=method, model="minilm-l6-h384", device="cpu", dtype="float32", timed_from="text",
+        method=method, model="minilm-l6-h384", device="cpu", dtype=str(dtype).removeprefix("torch."),
+        timed_from="text",
         pairs=len(cands), tokens=sum(lens), median_ms=benchmark.stats.stats.median * 1e3,
         cpp_batch_size=int(BATCH), **warm,
     )

@@ -176,26 +176,40 @@ def _latency_case(tok, ce, hf, row, method, dev):
     return enc, _gpu_fn(method, ce, hf, enc, lambda sort: [list(range(n))], dev=dev)
 
 
-# Table 3 in small: one query against N candidates, from token ids, fp32.  The strong peer has no CPU
-# row: torch's varlen_attn is CUDA-only.
+# Table 3 in small: one query against N candidates, from token ids, fp32 (and bf16: twice the GEMM
+# rate on CPUs with AVX512-BF16 or AMX, such as the project's).  The strong peer has no CPU row:
+# torch's varlen_attn is CUDA-only.
 CPU_LATENCY_ROWS = [(20, 24, 96), (100, 24, 96)]
-CPU_LATENCY_VARIANTS = ["relsum_reranker", "relsum_reranker_arrays", "hf_eager_padded", "hf_sdpa_padded"]
+CPU_LATENCY_VARIANTS = ["relsum_reranker", "relsum_reranker_arrays", "hf_eager_padded", "hf_sdpa_padded",
+                        "relsum_reranker_bf16", "hf_sdpa_padded_bf16"]
+
+
+@pytest.fixture(scope="module")
+def cpu_bf16(cpu_setup):
+    """bf16 copies of the CPU model and its CrossEncoder (the fp32 ones are left as they are)."""
+    import copy
+
+    tok, model, *_ = cpu_setup
+    hf = copy.deepcopy(model).to(torch.bfloat16)
+    return hf, CrossEncoder.from_model(hf, tok)
 
 
 @pytest.mark.parametrize("method", CPU_LATENCY_VARIANTS)
 @pytest.mark.parametrize("row", CPU_LATENCY_ROWS, ids=lambda r: f"{r[0]}cands-{r[1]}-{r[2]}")
-def test_cpu_rerank_latency(benchmark, cpu_setup, row, method):
+def test_cpu_rerank_latency(benchmark, cpu_setup, request, row, method):
     tok, model, ce, *_ = cpu_setup
     n, lo, hi = row
-    enc, run = _latency_case(tok, ce, model, row, method, "cpu")
+    bf16 = method.endswith("_bf16")
+    hf, ce_run = request.getfixturevalue("cpu_bf16") if bf16 else (model, ce)
+    enc, run = _latency_case(tok, ce_run, hf, row, method.removesuffix("_bf16"), "cpu")
     lens = [len(ids) for ids, _ in enc]
-    ref = ce.score_encoded(enc)
-    np.testing.assert_allclose(run(), ref, rtol=0, atol=1e-3)
+    ref = ce.score_encoded(enc)  # fp32
+    np.testing.assert_allclose(run(), ref, rtol=0, atol=1e-2 if bf16 else 1e-3)
     benchmark.group = f"ranker-cpu-latency-minilm-{n}cands-{lo}-{hi}"
     benchmark.pedantic(run, rounds=max(5, CPU_ROUNDS), warmup_rounds=1, iterations=1)
     _record(benchmark, method=method, shape="minilm-l6-h384", n_pairs=n, tokens=sum(lens),
             padded_tokens=n * max(lens) if method.startswith("hf_") else None, device="cpu",
-            dtype=torch.float32, source="token ids")
+            dtype=torch.bfloat16 if bf16 else torch.float32, source="token ids")
 
 
 # --------------------------------------------------------------------------------------------

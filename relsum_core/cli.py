@@ -203,11 +203,13 @@ def _add_evaluate(sub) -> None:
 
 
 def _export_ranker(args: argparse.Namespace) -> int:
+    import torch
+
     from relsum_core.export import export_ranker
     from relsum_core.ranker import CrossEncoder
 
     ranker = CrossEncoder.from_pretrained(args.model, device="cpu", max_length=args.max_length)
-    out = export_ranker(ranker, args.out)
+    out = export_ranker(ranker, args.out, dtype=getattr(torch, args.dtype))
     print(f"exported {args.model} -> {out} (serve it with bindings/: relsum_rerank {out})")
     return 0
 
@@ -220,6 +222,8 @@ def _add_export_ranker(sub) -> None:
     p.add_argument("--max-length", type=int, default=None,
                    help="pair length cap in tokens (default: the checkpoint's relsum_ranker.json, else "
                         "the model's max_position_embeddings)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="bfloat16 runs about 2x faster on CPUs with AVX512-BF16 or AMX (scores move ~1e-2)")
     p.set_defaults(func=_export_ranker)
 
 

@@ -223,3 +223,18 @@ def test_text_rules_cover_what_the_tokenizer_changes(ranker):
     spans = [(int(r[1], 16), int(r[2], 16)) for r in rules if r[0] == "split"]
     assert spans == sorted(spans) and all(a <= b for a, b in spans)
     assert any(a <= ord(",") <= b for a, b in spans) and any(a <= ord(" ") <= b for a, b in spans)
+
+
+def test_bf16_export_scores_and_ranks_like_fp32(binaries, ranker, esci_texts, tmp_path):
+    queries, docs = esci_texts
+    out = export_ranker(ranker, tmp_path / "bf16", dtype=torch.bfloat16)
+    assert "dtype bfloat16" in (out / "settings.txt").read_text()
+    pairs = [(queries[5], d[:300]) for d in docs[:80]]
+    done = _run(binaries, [str(out)], [f"{_escape(q)}\t{_escape(d)}" for q, d in pairs])
+    assert done.returncode == 0, done.stderr
+    got = np.array([float(x) for x in done.stdout.split()])
+    want = ranker.predict(pairs)  # fp32
+    assert np.abs(got - want).max() < 0.05 * max(1.0, np.abs(want).max())
+    assert np.corrcoef(np.argsort(np.argsort(got)), np.argsort(np.argsort(want)))[0, 1] > 0.97
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        export_ranker(ranker, tmp_path / "fp16", dtype=torch.float16)

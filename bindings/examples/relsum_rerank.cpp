@@ -1,6 +1,7 @@
 // relsum_rerank: the C++ API from the command line (and the bindings' test driver).
 //
-//   relsum_rerank EXPORT_DIR [--batch-size N]        stdin: QUERY<TAB>DOC a line; stdout: a score a line
+//   relsum_rerank EXPORT_DIR [--batch-size N] [--max-tokens N]
+//                                                    stdin: QUERY<TAB>DOC a line; stdout: a score a line
 //   relsum_rerank EXPORT_DIR --rank [--top-k K]      stdin: the query, then a candidate a line;
 //                                                    stdout: CORPUS_ID<TAB>SCORE, best first
 //   relsum_rerank EXPORT_DIR --rank --repeat N       also times rank() N times (after one warm-up)
@@ -24,7 +25,8 @@ namespace {
 
 int usage(bool asked = false) {
   (asked ? std::cout : std::cerr)
-      << "usage: relsum_rerank EXPORT_DIR [--batch-size N]     stdin QUERY<TAB>DOC lines -> a score a line\n"
+      << "usage: relsum_rerank EXPORT_DIR [--batch-size N] [--max-tokens N]\n"
+         "                                      stdin QUERY<TAB>DOC lines -> a score a line\n"
          "       relsum_rerank EXPORT_DIR --rank [--top-k K] [--repeat N]\n"
          "                                      stdin: the query, then a candidate a line -> CORPUS_ID<TAB>SCORE\n"
          "       relsum_rerank EXPORT_DIR --tokenize       stdin: a text a line -> its token ids\n"
@@ -72,16 +74,17 @@ int main(int argc, char** argv) {
   if (argc < 2) return usage();
   std::string mode = "predict";
   std::optional<std::size_t> top_k;
-  std::size_t batch_size = 128, repeat = 0;
+  std::size_t batch_size = 128, max_tokens = 2048, repeat = 0;
   try {
     for (int i = 2; i < argc; ++i) {
       const std::string a = argv[i];
       if (a == "--rank" || a == "--tokenize" || a == "--encode-pair") {
         mode = a.substr(2);
-      } else if ((a == "--top-k" || a == "--batch-size" || a == "--repeat") && i + 1 < argc) {
+      } else if ((a == "--top-k" || a == "--batch-size" || a == "--max-tokens" || a == "--repeat") && i + 1 < argc) {
         const auto v = parse_count(argv[++i], a.c_str());
         if (a == "--top-k") top_k = v;
         else if (a == "--batch-size") batch_size = v;
+        else if (a == "--max-tokens") max_tokens = v;
         else repeat = v;
       } else {
         return usage();
@@ -104,18 +107,18 @@ int main(int argc, char** argv) {
     } else if (mode == "predict") {
       std::vector<std::pair<std::string, std::string>> pairs;
       for (std::size_t i = 0; i < lines.size(); ++i) pairs.push_back(split_pair(lines[i], i + 1));
-      for (const auto s : ranker.predict(pairs, batch_size)) std::printf("%.9g\n", s);
+      for (const auto s : ranker.predict(pairs, batch_size, max_tokens)) std::printf("%.9g\n", s);
     } else {  // rank
       if (lines.empty()) throw std::invalid_argument("stdin is empty: the first line must be the query");
       const auto query = unescape(lines[0]);
       std::vector<std::string> docs;
       for (std::size_t i = 1; i < lines.size(); ++i) docs.push_back(unescape(lines[i]));
-      auto ranked = ranker.rank(query, docs, top_k, batch_size);
+      auto ranked = ranker.rank(query, docs, top_k, batch_size, max_tokens);
       if (repeat > 0) {
         std::vector<double> ms;
         for (std::size_t r = 0; r < repeat; ++r) {
           const auto t0 = std::chrono::steady_clock::now();
-          ranked = ranker.rank(query, docs, top_k, batch_size);
+          ranked = ranker.rank(query, docs, top_k, batch_size, max_tokens);
           ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
         }
         std::sort(ms.begin(), ms.end());

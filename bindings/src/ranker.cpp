@@ -124,10 +124,12 @@ std::vector<int64_t> Ranker::encode_pair(const std::string& query, const std::st
 }
 
 std::vector<float> Ranker::predict(const std::vector<std::pair<std::string, std::string>>& pairs,
-                                   std::size_t batch_size) const {
+                                   std::size_t batch_size, std::size_t max_tokens) const {
   if (pairs.empty()) throw std::invalid_argument("relsum: pairs is empty: nothing to score");
   if (batch_size == 0) throw std::invalid_argument("relsum: batch_size must be >= 1");
+  if (max_tokens == 0) throw std::invalid_argument("relsum: max_tokens must be >= 1");
   batch_size = std::min(batch_size, impl_->max_batch);
+  max_tokens = std::min(max_tokens, impl_->max_packed_tokens);  // padded >= packed: within the export
   std::vector<Encoded> enc;
   enc.reserve(pairs.size());
   for (const auto& [q, d] : pairs) enc.push_back(impl_->encode(q, d));
@@ -138,14 +140,12 @@ std::vector<float> Ranker::predict(const std::vector<std::pair<std::string, std:
                    [&](std::size_t a, std::size_t b) { return enc[a].ids.size() > enc[b].ids.size(); });
   std::vector<float> scores(enc.size());
   for (std::size_t i = 0; i < order.size();) {
+    const auto longest = enc[order[i]].ids.size();  // sorted: the batch's first pair is its longest
     std::vector<const Encoded*> batch;
-    std::size_t tokens = 0;
     std::size_t j = i;
     for (; j < order.size() && batch.size() < batch_size; ++j) {
-      const auto n = enc[order[j]].ids.size();
-      if (!batch.empty() && tokens + n > impl_->max_packed_tokens) break;
+      if (!batch.empty() && (batch.size() + 1) * longest > max_tokens) break;
       batch.push_back(&enc[order[j]]);
-      tokens += n;
     }
     const auto s = impl_->score(batch);
     for (std::size_t k = 0; k < s.size(); ++k) scores[order[i + k]] = s[k];
@@ -155,12 +155,13 @@ std::vector<float> Ranker::predict(const std::vector<std::pair<std::string, std:
 }
 
 std::vector<Ranked> Ranker::rank(const std::string& query, const std::vector<std::string>& docs,
-                                 std::optional<std::size_t> top_k, std::size_t batch_size) const {
+                                 std::optional<std::size_t> top_k, std::size_t batch_size,
+                                 std::size_t max_tokens) const {
   if (docs.empty()) throw std::invalid_argument("relsum: docs is empty: nothing to rank");
   std::vector<std::pair<std::string, std::string>> pairs;
   pairs.reserve(docs.size());
   for (const auto& d : docs) pairs.emplace_back(query, d);
-  const auto scores = predict(pairs, batch_size);
+  const auto scores = predict(pairs, batch_size, max_tokens);
   std::vector<Ranked> ranked(scores.size());
   for (std::size_t i = 0; i < scores.size(); ++i) ranked[i] = {i, scores[i]};
   std::stable_sort(ranked.begin(), ranked.end(), [](const Ranked& a, const Ranked& b) { return a.score > b.score; });

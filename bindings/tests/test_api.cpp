@@ -72,8 +72,13 @@ int main(int argc, char** argv) {
 
   // Batching does not change scores (each batch pads attention to its own longest pair).
   const auto one_by_one = ranker.predict(pairs, 1);
-  for (std::size_t i = 0; i < scores.size(); ++i)
+  const auto token_capped = ranker.predict(pairs, 128, 1);  // max_tokens below one pair: one a forward
+  const auto one_batch = ranker.predict(pairs, 128, 1 << 20);
+  for (std::size_t i = 0; i < scores.size(); ++i) {
     check(std::fabs(one_by_one[i] - scores[i]) < 1e-5f, "batch_size 1 gives the same scores");
+    check(std::fabs(token_capped[i] - scores[i]) < 1e-5f, "max_tokens 1 gives the same scores");
+    check(std::fabs(one_batch[i] - scores[i]) < 1e-5f, "one forward gives the same scores");
+  }
 
   // Concurrent callers get the same answers.
   std::vector<float> a, b;
@@ -93,6 +98,7 @@ int main(int argc, char** argv) {
   expect_throw<std::invalid_argument>([&] { ranker.rank(query, {}); }, "docs is empty", "empty docs");
   expect_throw<std::invalid_argument>([&] { ranker.predict({}); }, "pairs is empty", "empty pairs");
   expect_throw<std::invalid_argument>([&] { ranker.predict(pairs, 0); }, "batch_size", "batch_size 0");
+  expect_throw<std::invalid_argument>([&] { ranker.predict(pairs, 8, 0); }, "max_tokens", "max_tokens 0");
   expect_throw<std::invalid_argument>([&] { ranker.rank("caf\xc3", docs); }, "truncated sequence at byte 3",
                                       "truncated UTF-8");
   expect_throw<std::invalid_argument>([&] { ranker.rank(query, {"ok", "\xc0\xaf"}); }, "overlong",

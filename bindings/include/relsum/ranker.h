@@ -32,17 +32,20 @@ class Ranker {
   Ranker(Ranker&&) noexcept;
   Ranker& operator=(Ranker&&) noexcept;
 
-  // Scores in input order.  Pairs go through the model longest first, at most batch_size pairs a
-  // forward.  Throws std::invalid_argument for an empty list, batch_size 0 or text that is not UTF-8.
+  // Scores in input order.  Pairs go through the model longest first, at most batch_size pairs and
+  // max_tokens padded tokens (pairs x longest pair: attention runs padded) a forward, and always at
+  // least one pair.  Forwards of similar lengths pad little: on a 2-core CPU, 100 candidates of
+  // 24-96 tokens ran ~10% faster in forwards of 1-4k padded tokens than in one.  Throws
+  // std::invalid_argument for an empty list, batch_size or max_tokens 0, or text that is not UTF-8.
   // Thread-safe: concurrent calls share one model instance and run one at a time.
   std::vector<float> predict(const std::vector<std::pair<std::string, std::string>>& pairs,
-                             std::size_t batch_size = 128) const;
+                             std::size_t batch_size = 128, std::size_t max_tokens = 2048) const;
 
   // docs sorted by score, highest first (ties: lower corpus_id first), cut to top_k when given.
   // Throws std::invalid_argument for an empty docs list.
   std::vector<Ranked> rank(const std::string& query, const std::vector<std::string>& docs,
-                           std::optional<std::size_t> top_k = std::nullopt,
-                           std::size_t batch_size = 128) const;
+                           std::optional<std::size_t> top_k = std::nullopt, std::size_t batch_size = 128,
+                           std::size_t max_tokens = 2048) const;
 
   // Token ids of one pair after the truncation rule, with the special tokens (what the model sees).
   std::vector<int64_t> encode_pair(const std::string& query, const std::string& doc) const;
