@@ -93,6 +93,12 @@ int main(int argc, char** argv) {
   for (int i = 0; i < 2000; ++i) long_doc += "bottle ";
   check(ranker.encode_pair(query, long_doc).size() == ranker.max_length(), "long doc cut to max_length");
   check(ranker.encode_pair("", "").size() == 3, "empty pair is [CLS] [SEP] [SEP]");
+  // The smallest shapes the export allows: one pair of 3 tokens, one candidate.
+  const auto lone = ranker.predict({{"", ""}});
+  check(lone.size() == 1 && std::isfinite(lone[0]), "a lone empty pair scores");
+  const auto single = ranker.rank(query, {docs[0]});
+  check(single.size() == 1 && single[0].corpus_id == 0 && std::fabs(single[0].score - scores[0]) < 1e-5f,
+        "one candidate");
 
   // Bad input: clear errors, no crash.
   expect_throw<std::invalid_argument>([&] { ranker.rank(query, {}); }, "docs is empty", "empty docs");
