@@ -181,7 +181,12 @@ def test_cli_bad_input_is_a_clear_error(binaries, exported, tmp_path):
     future = _run(binaries, [str(newer)], ["q\td"])
     assert future.returncode == 1 and "export format 2" in future.stderr
 
-    (newer / "settings.txt").write_text(settings.read_text().replace("format 2\n", "format 1\n"))
+    good = settings.read_text().replace("format 2\n", "format 1\n")
+    settings.write_text(good.replace("added_token 101 [CLS]", "added_token 7 [CLS]"))
+    wrong_id = _run(binaries, [str(newer), "--tokenize"], ["abc"])
+    assert wrong_id.returncode == 1 and "added_token `7 [CLS]` does not match vocab.txt" in wrong_id.stderr
+
+    settings.write_text(good)
     (newer / "text_rules.tsv").write_text("norm\t41\tZZ\tmap\t61\n")
     broken = _run(binaries, [str(newer), "--tokenize"], ["abc"])
     assert broken.returncode == 1 and "text_rules.tsv:1: bad code point `ZZ`" in broken.stderr

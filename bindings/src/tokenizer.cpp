@@ -105,10 +105,12 @@ Tokenizer::Tokenizer(const std::string& export_dir) {
   unk_id_ = settings.integer("unk_id");
   for (const auto& added : settings.all("added_token")) {  // "ID CONTENT"
     const auto space = added.find(' ');
-    const auto id = space == std::string::npos ? -1 : std::stoll(added.substr(0, space));
-    if (id < 0 || static_cast<std::size_t>(id) >= vocab_size_)
-      throw std::runtime_error("relsum: " + settings.path() + ": bad added_token `" + added + "`");
-    added_.emplace_back(decode_utf8(added.substr(space + 1)), id);
+    const auto id = space == std::string::npos ? "" : added.substr(0, space);
+    const auto vocab_id = vocab_.find(space == std::string::npos ? "" : added.substr(space + 1));
+    if (vocab_id == vocab_.end() || std::to_string(vocab_id->second) != id)
+      throw std::runtime_error("relsum: " + settings.path() + ": added_token `" + added +
+                               "` does not match vocab.txt");
+    added_.emplace_back(decode_utf8(vocab_id->first), vocab_id->second);
   }
   std::stable_sort(added_.begin(), added_.end(),
                    [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
