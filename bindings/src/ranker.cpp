@@ -9,6 +9,8 @@
 #include <mutex>
 #include <numeric>
 #include <stdexcept>
+#include <string_view>
+#include <unordered_map>
 
 #include "export_dir.h"
 
@@ -38,9 +40,8 @@ struct Ranker::Impl {
       throw std::runtime_error("relsum: " + settings.path() + ": inconsistent max_length / max_packed_tokens / max_batch");
   }
 
-  Encoded encode(const std::string& query, const std::string& doc) const {
-    const auto q = tokenizer.encode(query);
-    const auto d = tokenizer.encode(doc);
+  // The truncation rule on token ids without specials (relsum_core.ranker.truncate_pair).
+  Encoded cut(const std::vector<int64_t>& q, const std::vector<int64_t>& d) const {
     const auto budget = max_length - 3;
     const auto nq = std::min({q.size(), query_max_tokens, budget});
     const auto nd = std::min(d.size(), budget - nq);
@@ -120,7 +121,7 @@ const Tokenizer& Ranker::tokenizer() const { return impl_->tokenizer; }
 std::size_t Ranker::max_length() const { return impl_->max_length; }
 
 std::vector<int64_t> Ranker::encode_pair(const std::string& query, const std::string& doc) const {
-  return impl_->encode(query, doc).ids;
+  return impl_->cut(impl_->tokenizer.encode(query), impl_->tokenizer.encode(doc)).ids;
 }
 
 std::vector<float> Ranker::predict(const std::vector<std::pair<std::string, std::string>>& pairs,
@@ -132,7 +133,12 @@ std::vector<float> Ranker::predict(const std::vector<std::pair<std::string, std:
   max_tokens = std::min(max_tokens, impl_->max_packed_tokens);  // padded >= packed: within the export
   std::vector<Encoded> enc;
   enc.reserve(pairs.size());
-  for (const auto& [q, d] : pairs) enc.push_back(impl_->encode(q, d));
+  std::unordered_map<std::string_view, std::vector<int64_t>> query_ids;  // each query tokenised once
+  for (const auto& [q, d] : pairs) {
+    auto it = query_ids.find(q);
+    if (it == query_ids.end()) it = query_ids.emplace(q, impl_->tokenizer.encode(q)).first;
+    enc.push_back(impl_->cut(it->second, impl_->tokenizer.encode(d)));
+  }
   // Longest first: each batch pads its attention to its own longest pair.
   std::vector<std::size_t> order(enc.size());
   std::iota(order.begin(), order.end(), 0);

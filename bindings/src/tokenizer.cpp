@@ -144,9 +144,15 @@ Tokenizer::Tokenizer(const std::string& export_dir) {
       detail::malformed(rules_path, i + 1, "ranges must be increasing and disjoint");
     table->push_back(std::move(r));
   }
+  for (char32_t cp = 0; cp < 128; ++cp) {
+    const auto* n = find(norm_, cp);
+    const auto* s = find(split_, cp);
+    ascii_norm_[cp] = n ? static_cast<int32_t>(n - norm_.data()) : -1;
+    ascii_split_[cp] = s ? static_cast<int32_t>(s - split_.data()) : -1;
+  }
 }
 
-const Tokenizer::Range* Tokenizer::find(const std::vector<Range>& table, char32_t cp) const {
+const Tokenizer::Range* Tokenizer::find(const std::vector<Range>& table, char32_t cp) {
   auto it = std::upper_bound(table.begin(), table.end(), cp,
                              [](char32_t c, const Range& r) { return c < r.first; });
   if (it == table.begin()) return nullptr;
@@ -194,7 +200,7 @@ void Tokenizer::encode_plain(const std::u32string& text, std::vector<int64_t>& o
   std::u32string normal;
   normal.reserve(text.size());
   for (const auto cp : text) {
-    const auto* r = find(norm_, cp);
+    const auto* r = norm_rule(cp);
     if (r == nullptr) {
       normal += cp;
     } else if (r->kind == 'i') {
@@ -207,7 +213,7 @@ void Tokenizer::encode_plain(const std::u32string& text, std::vector<int64_t>& o
   }
   std::u32string word;
   for (const auto cp : normal) {
-    const auto* r = find(split_, cp);
+    const auto* r = split_rule(cp);
     if (r == nullptr) {
       word += cp;
       continue;

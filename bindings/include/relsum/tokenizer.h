@@ -3,6 +3,7 @@
 // No libtorch here: a front end can tokenise (and cache ids) without the model.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -34,13 +35,18 @@ class Tokenizer {
     char kind;              // norm: 'd' drop, 'i' isolate, 'm' map; split: 's' space, 'p' punct
     std::u32string replace;  // for 'm'
   };
-  const Range* find(const std::vector<Range>& table, char32_t cp) const;
+  static const Range* find(const std::vector<Range>& table, char32_t cp);
+  const Range* norm_rule(char32_t cp) const { return cp < 128 ? at(norm_, ascii_norm_[cp]) : find(norm_, cp); }
+  const Range* split_rule(char32_t cp) const { return cp < 128 ? at(split_, ascii_split_[cp]) : find(split_, cp); }
+  static const Range* at(const std::vector<Range>& table, int32_t i) { return i < 0 ? nullptr : &table[i]; }
   void wordpiece(const std::u32string& word, std::vector<int64_t>& out) const;
   void encode_plain(const std::u32string& text, std::vector<int64_t>& out) const;
 
   std::unordered_map<std::string, int64_t> vocab_;
   std::size_t vocab_size_ = 0;
   std::vector<Range> norm_, split_;
+  // Most text is ASCII: its rules by index (indices, not pointers, so copies stay valid).
+  std::array<int32_t, 128> ascii_norm_{}, ascii_split_{};
   std::vector<std::pair<std::u32string, int64_t>> added_;  // longest first
   std::string prefix_ = "##";
   std::size_t max_word_chars_ = 100;
