@@ -1,6 +1,6 @@
 // relsum_rerank: the C++ API from the command line (and the bindings' test driver).
 //
-//   relsum_rerank EXPORT_DIR [--batch-size N] [--max-tokens N]
+//   relsum_rerank EXPORT_DIR [--batch-size N] [--max-tokens N] [--threads N]
 //                                                    stdin: QUERY<TAB>DOC a line; stdout: a score a line
 //   relsum_rerank EXPORT_DIR --rank [--top-k K]      stdin: the query, then a candidate a line;
 //                                                    stdout: CORPUS_ID<TAB>SCORE, best first
@@ -25,7 +25,7 @@ namespace {
 
 int usage(bool asked = false) {
   (asked ? std::cout : std::cerr)
-      << "usage: relsum_rerank EXPORT_DIR [--batch-size N] [--max-tokens N]\n"
+      << "usage: relsum_rerank EXPORT_DIR [--batch-size N] [--max-tokens N] [--threads N]\n"
          "                                      stdin QUERY<TAB>DOC lines -> a score a line\n"
          "       relsum_rerank EXPORT_DIR --rank [--top-k K] [--repeat N]\n"
          "                                      stdin: the query, then a candidate a line -> CORPUS_ID<TAB>SCORE\n"
@@ -74,17 +74,19 @@ int main(int argc, char** argv) {
   if (argc < 2) return usage();
   std::string mode = "predict";
   std::optional<std::size_t> top_k;
-  std::size_t batch_size = 128, max_tokens = 2048, repeat = 0;
+  std::size_t batch_size = 128, max_tokens = 2048, repeat = 0, threads = 0;
   try {
     for (int i = 2; i < argc; ++i) {
       const std::string a = argv[i];
       if (a == "--rank" || a == "--tokenize" || a == "--encode-pair") {
         mode = a.substr(2);
-      } else if ((a == "--top-k" || a == "--batch-size" || a == "--max-tokens" || a == "--repeat") && i + 1 < argc) {
+      } else if ((a == "--top-k" || a == "--batch-size" || a == "--max-tokens" || a == "--repeat" ||
+                  a == "--threads") && i + 1 < argc) {
         const auto v = parse_count(argv[++i], a.c_str());
         if (a == "--top-k") top_k = v;
         else if (a == "--batch-size") batch_size = v;
         else if (a == "--max-tokens") max_tokens = v;
+        else if (a == "--threads") threads = v;
         else repeat = v;
       } else {
         return usage();
@@ -98,7 +100,7 @@ int main(int argc, char** argv) {
       for (const auto& l : lines) print_ids(tok.encode(unescape(l)));
       return 0;
     }
-    const relsum::Ranker ranker(argv[1]);
+    const relsum::Ranker ranker(argv[1], {1, static_cast<int>(std::min<std::size_t>(threads, 1024))});
     if (mode == "encode-pair") {
       for (std::size_t i = 0; i < lines.size(); ++i) {
         const auto [q, d] = split_pair(lines[i], i + 1);

@@ -1,12 +1,12 @@
 #include "relsum/ranker.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
 #include <algorithm>
 #include <fstream>
-#include <mutex>
 #include <numeric>
 #include <stdexcept>
 #include <string_view>
@@ -25,10 +25,10 @@ struct Encoded {
 }  // namespace
 
 struct Ranker::Impl {
-  explicit Impl(const std::string& dir)
+  Impl(const std::string& dir, std::size_t num_runners)
       : settings(dir),
         tokenizer(dir),
-        loader(detail::join(dir, "model.pt2")),
+        loader(detail::join(dir, "model.pt2"), "model", /*run_single_threaded=*/false, num_runners),
         max_length(static_cast<std::size_t>(settings.integer("max_length"))),
         query_max_tokens(static_cast<std::size_t>(settings.integer("query_max_tokens"))),
         cls_id(settings.integer("cls_id")),
@@ -87,8 +87,8 @@ struct Ranker::Impl {
     }
     std::vector<at::Tensor> out;
     {
-      std::lock_guard<std::mutex> lock(mutex);
       c10::InferenceMode guard;
+      // The package's model container hands each concurrent call its own model instance.
       out = loader.run({ids, types, pos, pad_index, slot, cls});
     }
     const auto scores = out.at(0).to(at::kFloat).contiguous();
@@ -99,19 +99,21 @@ struct Ranker::Impl {
   detail::Settings settings;
   Tokenizer tokenizer;
   torch::inductor::AOTIModelPackageLoader loader;
-  std::mutex mutex;
   std::size_t max_length, query_max_tokens;
   int64_t cls_id, sep_id;
   bool two_types;
   std::size_t max_packed_tokens, max_batch;
 };
 
-Ranker::Ranker(const std::string& export_dir) {
+Ranker::Ranker(const std::string& export_dir, const RankerOptions& options) {
+  if (options.num_runners == 0) throw std::invalid_argument("relsum: num_runners must be >= 1");
+  if (options.num_threads < 0) throw std::invalid_argument("relsum: num_threads must be >= 0");
   // Check the plain files first: their errors name what is wrong; the loader's would not.
   const detail::Settings settings(export_dir);
   const auto package = detail::join(export_dir, "model.pt2");
   if (!std::ifstream(package)) throw std::runtime_error("relsum: cannot read " + package);
-  impl_ = std::make_unique<Impl>(export_dir);
+  impl_ = std::make_unique<Impl>(export_dir, options.num_runners);
+  if (options.num_threads > 0) at::set_num_threads(options.num_threads);
 }
 Ranker::~Ranker() = default;
 Ranker::Ranker(Ranker&&) noexcept = default;

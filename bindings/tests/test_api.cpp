@@ -80,13 +80,15 @@ int main(int argc, char** argv) {
     check(std::fabs(one_batch[i] - scores[i]) < 1e-5f, "one forward gives the same scores");
   }
 
-  // Concurrent callers get the same answers.
-  std::vector<float> a, b;
-  std::thread t1([&] { a = ranker.predict(pairs); });
-  std::thread t2([&] { b = ranker.predict(pairs); });
-  t1.join();
-  t2.join();
-  check(a == scores && b == scores, "two threads predicting at once");
+  // Concurrent callers get the same answers, on one model instance and on several.
+  for (const std::size_t runners : {1, 3}) {
+    const relsum::Ranker pooled(argv[1], {runners, 0});
+    std::vector<std::vector<float>> got(4);
+    std::vector<std::thread> threads;
+    for (auto& g : got) threads.emplace_back([&] { g = pooled.predict(pairs); });
+    for (auto& t : threads) t.join();
+    for (const auto& g : got) check(g == scores, std::to_string(runners) + " runner(s), four threads at once");
+  }
 
   // Truncation: a doc far past max_length is cut to exactly max_length tokens.
   std::string long_doc;
@@ -113,6 +115,8 @@ int main(int argc, char** argv) {
                                       "UTF-8 surrogate");
   expect_throw<std::invalid_argument>([&] { ranker.tokenizer().encode("a\xff"); }, "bad lead byte at byte 1",
                                       "bad lead byte");
+  expect_throw<std::invalid_argument>([&] { relsum::Ranker(argv[1], {0, 0}); }, "num_runners", "0 runners");
+  expect_throw<std::invalid_argument>([&] { relsum::Ranker(argv[1], {1, -2}); }, "num_threads", "-2 threads");
   expect_throw<std::runtime_error>([&] { relsum::Ranker("/nonexistent/relsum-export"); },
                                    "/nonexistent/relsum-export/settings.txt", "missing export directory");
 

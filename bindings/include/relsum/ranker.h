@@ -23,11 +23,20 @@ struct Ranked {
   float score;
 };
 
+struct RankerOptions {
+  // Model instances: up to this many predict()/rank() calls run at once; more wait for one to free.
+  std::size_t num_runners = 1;
+  // libtorch's intra-op threads, process-wide (at::set_num_threads); 0 leaves its default, one per
+  // core.  A service running several requests at once wants num_runners x num_threads <= cores.
+  int num_threads = 0;
+};
+
 class Ranker {
  public:
   // Loads export_dir (model.pt2, vocab.txt, text_rules.tsv, settings.txt).  Throws std::runtime_error
-  // for a missing or malformed file, or an export format this build does not read.
-  explicit Ranker(const std::string& export_dir);
+  // for a missing or malformed file, or an export format this build does not read, and
+  // std::invalid_argument for num_runners 0 or negative num_threads.
+  explicit Ranker(const std::string& export_dir, const RankerOptions& options = {});
   ~Ranker();
   Ranker(Ranker&&) noexcept;
   Ranker& operator=(Ranker&&) noexcept;
@@ -37,7 +46,7 @@ class Ranker {
   // least one pair.  Forwards of similar lengths pad little: on a 2-core CPU, 100 candidates of
   // 24-96 tokens ran ~10% faster in forwards of 1-4k padded tokens than in one.  Throws
   // std::invalid_argument for an empty list, batch_size or max_tokens 0, or text that is not UTF-8.
-  // Thread-safe: concurrent calls share one model instance and run one at a time.
+  // Thread-safe: concurrent calls share RankerOptions::num_runners model instances.
   std::vector<float> predict(const std::vector<std::pair<std::string, std::string>>& pairs,
                              std::size_t batch_size = 128, std::size_t max_tokens = 2048) const;
 
