@@ -36,9 +36,9 @@ class Tokenizer {
     std::u32string replace;  // for 'm'
   };
   static const Range* find(const std::vector<Range>& table, char32_t cp);
-  const Range* norm_rule(char32_t cp) const { return cp < 128 ? at(norm_, ascii_norm_[cp]) : find(norm_, cp); }
-  const Range* split_rule(char32_t cp) const { return cp < 128 ? at(split_, ascii_split_[cp]) : find(split_, cp); }
-  static const Range* at(const std::vector<Range>& table, int32_t i) { return i < 0 ? nullptr : &table[i]; }
+  const Range* norm_rule(char32_t cp) const { return cp < 128 ? rule_at(norm_, ascii_norm_[cp]) : find(norm_, cp); }
+  const Range* split_rule(char32_t cp) const { return cp < 128 ? rule_at(split_, ascii_split_[cp]) : find(split_, cp); }
+  static const Range* rule_at(const std::vector<Range>& table, int32_t i) { return i < 0 ? nullptr : &table[i]; }
   void wordpiece(const std::u32string& word, std::vector<int64_t>& out) const;
   void encode_plain(const std::u32string& text, std::vector<int64_t>& out) const;
 
