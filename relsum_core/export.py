@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .io import atomic_write_dir, atomic_write_text
-from .ranker import SPECIAL_TOKENS, CrossEncoder
+from .ranker import SPECIAL_TOKENS, CrossEncoder, PackedBatch
 
 FORMAT_VERSION = 1
 PACKAGE_FILE = "model.pt2"
@@ -89,21 +89,14 @@ class ExportEncoder(nn.Module):
 
 def export_inputs(encoded: Sequence[tuple[Sequence[int], int]]) -> tuple[torch.Tensor, ...]:
     """The six input tensors of ``ExportEncoder`` for encoded pairs (``CrossEncoder.encode_pairs``):
-    the layout the C++ packer builds, here for tests and the trace example."""
-    if not encoded:
-        raise ValueError("no pairs to pack")
-    lens = [len(ids) for ids, _ in encoded]
-    T, B, L = sum(lens), len(lens), max(lens)
-    ids = torch.tensor([t for s, _ in encoded for t in s], dtype=torch.long)
-    types = torch.tensor([int(j >= first) for s, first in encoded for j in range(len(s))], dtype=torch.long)
-    pos = torch.cat([torch.arange(n) for n in lens])
-    pad_index = torch.full((B, L), T, dtype=torch.long)
-    slot = torch.empty(T, dtype=torch.long)
-    starts = torch.tensor([0, *lens[:-1]]).cumsum(0)
-    for b, (n, s) in enumerate(zip(lens, starts.tolist())):
-        pad_index[b, :n] = torch.arange(s, s + n)
-        slot[s:s + n] = b * L + torch.arange(n)
-    return ids, types, pos, pad_index, slot, starts
+    the layout the C++ packer builds, here for the trace example and the tests."""
+    batch = PackedBatch(encoded)  # ids / token types / positions, and the checks on the sequences
+    T, B, L = batch.input_ids.numel(), len(batch.lens), batch.max_seqlen
+    slot = batch.position_ids + torch.repeat_interleave(torch.arange(B) * L, torch.tensor(batch.lens))
+    pad_index = torch.full((B * L,), T, dtype=torch.long)
+    pad_index[slot] = torch.arange(T)
+    return (batch.input_ids, batch.token_type_ids, batch.position_ids, pad_index.view(B, L), slot,
+            batch.cu_seqlens[:-1].long())
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 from relsum_core import cli  # noqa: E402
 from relsum_core.data import load_dataset  # noqa: E402
-from relsum_core.export import export_ranker, text_rules  # noqa: E402
+from relsum_core.export import ExportEncoder, export_inputs, export_ranker, text_rules  # noqa: E402
 from relsum_core.ranker import CrossEncoder  # noqa: E402
 from relsum_core.text import attributes_text  # noqa: E402
 
@@ -191,6 +191,11 @@ def test_cli_bad_input_is_a_clear_error(binaries, exported, tmp_path):
     broken = _run(binaries, [str(newer), "--tokenize"], ["abc"])
     assert broken.returncode == 1 and "text_rules.tsv:1: bad code point `ZZ`" in broken.stderr
 
+    shutil.copy(exported / "text_rules.tsv", newer / "text_rules.tsv")
+    (newer / "model.pt2").unlink()
+    no_model = _run(binaries, [str(newer)], ["q\td"])
+    assert no_model.returncode == 1 and f"cannot read {newer / 'model.pt2'}" in no_model.stderr
+
 
 def test_export_rejects_non_wordpiece_tokenizer(ranker_dir, tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -219,6 +224,17 @@ def test_failed_export_keeps_the_previous_one(exported, ranker, tmp_path, monkey
     assert sorted(p.name for p in target.iterdir()) == before
     assert (target / "model.pt2").stat().st_size == (exported / "model.pt2").stat().st_size
     assert [p.name for p in tmp_path.iterdir()] == ["ranker"]  # no temp dir left behind
+
+
+def test_export_encoder_matches_the_packed_encoder(ranker, esci_texts):
+    """The traced formulation (padded attention through pad_index) before any compiling."""
+    queries, docs = esci_texts
+    enc = ranker.encode_pairs([(queries[i], docs[i][: 40 * i]) for i in range(12)] + [("", "")])
+    with torch.inference_mode():
+        got = ExportEncoder(ranker.model).eval()(*export_inputs(enc))
+    np.testing.assert_allclose(got.numpy(), ranker.score_encoded(enc), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="at least one sequence"):
+        export_inputs([])
 
 
 def test_text_rules_cover_what_the_tokenizer_changes(ranker):

@@ -17,6 +17,13 @@
 namespace relsum {
 namespace {
 
+// The package path, checked first: the loader's own error for a missing file names nothing useful.
+std::string package_path(const std::string& dir) {
+  const auto package = detail::join(dir, "model.pt2");
+  if (!std::ifstream(package)) throw std::runtime_error("relsum: cannot read " + package);
+  return package;
+}
+
 struct Encoded {
   std::vector<int64_t> ids;
   std::size_t first_type1;  // index of the first token of token type 1
@@ -28,7 +35,7 @@ struct Ranker::Impl {
   Impl(const std::string& dir, std::size_t num_runners)
       : settings(dir),
         tokenizer(dir),
-        loader(detail::join(dir, "model.pt2"), "model", /*run_single_threaded=*/false, num_runners),
+        loader(package_path(dir), "model", /*run_single_threaded=*/false, num_runners),
         max_length(static_cast<std::size_t>(settings.integer("max_length"))),
         query_max_tokens(static_cast<std::size_t>(settings.integer("query_max_tokens"))),
         cls_id(settings.integer("cls_id")),
@@ -108,10 +115,6 @@ struct Ranker::Impl {
 Ranker::Ranker(const std::string& export_dir, const RankerOptions& options) {
   if (options.num_runners == 0) throw std::invalid_argument("relsum: num_runners must be >= 1");
   if (options.num_threads < 0) throw std::invalid_argument("relsum: num_threads must be >= 0");
-  // Check the plain files first: their errors name what is wrong; the loader's would not.
-  const detail::Settings settings(export_dir);
-  const auto package = detail::join(export_dir, "model.pt2");
-  if (!std::ifstream(package)) throw std::runtime_error("relsum: cannot read " + package);
   impl_ = std::make_unique<Impl>(export_dir, options.num_runners);
   if (options.num_threads > 0) at::set_num_threads(options.num_threads);
 }
