@@ -219,8 +219,6 @@ def export_ranker(ranker: CrossEncoder | str | Path, out: str | Path, *,
     if not isinstance(ranker, CrossEncoder):
         ranker = CrossEncoder.from_pretrained(ranker, device="cpu")
     spec = _check_tokenizer(ranker.tokenizer)
-    if ranker.max_length < SPECIAL_TOKENS:
-        raise ValueError(f"max_length {ranker.max_length} leaves no room for the special tokens")
     model = copy.deepcopy(ranker.model).to(device="cpu", dtype=dtype).eval()
     encoder = ExportEncoder(model).eval()
     example = export_inputs(ranker.encode_pairs([("a query", "a document"), ("q", "a longer document text")]))
