@@ -34,7 +34,7 @@ def _train_ranker(args: argparse.Namespace) -> int:
 
 def _add_train_ranker(sub) -> None:
     p = sub.add_parser("train-ranker", help="fine-tune a cross-encoder ranker on graded judgments")
-    p.add_argument("--data", default=None, help="ESCI-style data dir (default: the bundled ESCI-150q)")
+    p.add_argument("--data", default=None, help="ESCI-style or WANDS folder (default: bundled ESCI-150q)")
     p.add_argument("--base", default=None, help="HF BERT-family folder (default: packaged all-MiniLM-L6-v2)")
     p.add_argument("--cosine-base", default=None,
                    help="encoder for the cosine baseline (default: --base; set it when --base is fine-tuned)")
@@ -90,7 +90,7 @@ def _add_train(sub) -> None:
     p.add_argument("--algo", choices=["grpo", "dpo"], default="grpo")
     p.add_argument("--ranker", required=True, help="frozen ranker checkpoint (e.g. train-ranker's best/)")
     p.add_argument("--policy", default=None, help="HF causal-LM folder (default: packaged SmolLM2-135M)")
-    p.add_argument("--data", default=None, help="ESCI-style data dir (default: the bundled ESCI-150q)")
+    p.add_argument("--data", default=None, help="ESCI-style or WANDS folder (default: bundled ESCI-150q)")
     p.add_argument("--out", required=True, help="output dir: checkpoint/, metrics.jsonl")
     for name, typ in (("steps", int), ("products-per-step", int), ("group-size", int), ("grad-accum", int),
                       ("lr", float), ("warmup-steps", int), ("beta", float), ("dpo-beta", float),
@@ -177,7 +177,7 @@ def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="ranking metrics (NDCG@5/10, recall@P90, bootstrap intervals) of "
                        "title, title + description prefix and title + summaries")
     p.add_argument("--ranker", required=True, help="frozen ranker checkpoint")
-    p.add_argument("--data", default=None, help="ESCI-style data dir (default: the bundled ESCI-150q)")
+    p.add_argument("--data", default=None, help="ESCI-style or WANDS folder (default: bundled ESCI-150q)")
     p.add_argument("--out", required=True, help="output dir: report.json, report.md, ndcg.png")
     p.add_argument("--summaries", action="append", default=[], metavar="NAME=JSONL",
                    help="a relsum summarize output to evaluate as title + summary (repeatable)")

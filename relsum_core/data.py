@@ -1,10 +1,18 @@
-"""Catalog and relevance-judgment loading (ESCI-style files) and the split of queries.
+"""Catalog and relevance-judgment loading (ESCI-style and WANDS folders) and the split of queries.
 
-A data directory holds ``products.jsonl`` or ``products.jsonl.gz`` (one JSON object a line with
-``product_id``, ``title`` and optionally ``description``, ``bullet_points``, ``brand``, ``color``)
-and ``judgments.csv`` (columns ``query_id``, ``query``, ``product_id`` and ``grade`` 0..3 and/or
-``esci_label`` E/S/C/I).  Every malformed row raises :class:`DataError` naming file and line: a
-silently dropped judgment changes every metric computed downstream.
+An ESCI-style data directory holds ``products.jsonl`` or ``products.jsonl.gz`` (one JSON object a
+line with ``product_id``, ``title`` and optionally ``description``, ``bullet_points``, ``brand``,
+``color``) and ``judgments.csv`` (columns ``query_id``, ``query``, ``product_id`` and ``grade``
+0..3 and/or ``esci_label`` E/S/C/I).
+
+A WANDS folder (Wayfair ANnotation Dataset, the ``dataset/`` folder of its repository, or the
+repository itself) holds the tab-separated ``product.csv``, ``query.csv`` and ``label.csv``.
+``product_name`` is the title, ``product_description`` the description, and each
+``attribute:value`` of the ``|``-separated ``product_features`` one bullet.  Labels map onto the
+ESCI grades: Exact 3, Partial 2 (ESCI's Substitute, the nearest meaning), Irrelevant 0.
+
+Every malformed row raises :class:`DataError` naming file and line: a silently dropped judgment
+changes every metric computed downstream.
 """
 
 from __future__ import annotations
@@ -24,6 +32,9 @@ MAX_GRADE = 3
 
 CATALOG_NAMES = ("products.jsonl.gz", "products.jsonl")
 JUDGMENTS_NAME = "judgments.csv"
+
+WANDS_PRODUCTS, WANDS_QUERIES, WANDS_LABELS = "product.csv", "query.csv", "label.csv"
+WANDS_GRADES = {"exact": 3, "partial": 2, "irrelevant": 0}
 
 
 class DataError(ValueError):
@@ -46,7 +57,7 @@ class Judgment:
     query: str
     product_id: str
     grade: int  # 0..3, E=3 S=2 C=1 I=0
-    label: str | None = None  # the ESCI letter when the file has one
+    label: str | None = None  # the file's own label when it has one: ESCI letter, WANDS word
 
 
 def bundled_data_dir() -> Path:
@@ -57,11 +68,25 @@ def bundled_data_dir() -> Path:
     return path
 
 
+def wands_folder(data_dir: Path) -> Path | None:
+    """The folder holding WANDS's files when ``data_dir`` is (or contains, as ``dataset/``) one."""
+    for folder in (data_dir, data_dir / "dataset"):
+        names = (WANDS_PRODUCTS, WANDS_QUERIES, WANDS_LABELS)
+        present = [name for name in names if (folder / name).is_file()]
+        if present and not any((data_dir / name).is_file() for name in (*CATALOG_NAMES, JUDGMENTS_NAME)):
+            missing = set(names) - set(present)
+            if missing:
+                raise DataError(f"{folder}: a WANDS folder without {', '.join(sorted(missing))}")
+            return folder
+    return None
+
+
 def _catalog_path(data_dir: Path) -> Path:
     for name in CATALOG_NAMES:
         if (data_dir / name).is_file():
             return data_dir / name
-    raise DataError(f"{data_dir}: no catalog file (expected one of {', '.join(CATALOG_NAMES)})")
+    raise DataError(f"{data_dir}: no catalog file (expected one of {', '.join(CATALOG_NAMES)}, "
+                    f"or WANDS's {WANDS_PRODUCTS}, {WANDS_QUERIES} and {WANDS_LABELS})")
 
 
 def _text_field(row: dict, key: str, where: str) -> str:
@@ -90,7 +115,12 @@ def load_catalog(path: str | Path | None = None) -> dict[str, Product]:
     """Products by id from a JSONL(.gz) file or a data directory; default: the bundled copy."""
     path = Path(path) if path is not None else bundled_data_dir()
     if path.is_dir():
+        wands = wands_folder(path)
+        if wands is not None:
+            return _load_wands_catalog(wands / WANDS_PRODUCTS)
         path = _catalog_path(path)
+    elif path.name == WANDS_PRODUCTS:
+        return _load_wands_catalog(path)
     opener = gzip.open if path.suffix == ".gz" else open
     products: dict[str, Product] = {}
     try:
@@ -159,6 +189,9 @@ def load_judgments(
     """
     path = Path(path) if path is not None else bundled_data_dir()
     if path.is_dir():
+        wands = wands_folder(path)
+        if wands is not None:
+            return _load_wands_judgments(wands, catalog)
         path = path / JUDGMENTS_NAME
     judgments: list[Judgment] = []
     seen: set[tuple[str, str]] = set()
@@ -194,6 +227,91 @@ def load_judgments(
         raise DataError(f"{path}: cannot read judgments ({e})") from e
     if not judgments:
         raise DataError(f"{path}: no judgments")
+    return judgments
+
+
+def _wands_rows(path: Path, required: set[str]):
+    """(where, row) of a WANDS tab-separated file, its header checked for ``required``."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        missing = required - set(reader.fieldnames or ())
+        if missing:
+            raise DataError(f"{path}:1: header lacks column(s) {', '.join(sorted(missing))} "
+                            f"(is it tab-separated?)")
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            if None in row:
+                raise DataError(f"{where}: more fields than the header names")
+            yield where, {k: (v or "").strip() for k, v in row.items()}
+
+
+def _wands_features(value: str) -> tuple[str, ...]:
+    # "overallwidth-sidetoside:64.7|producttype : slow cooker| : gray wood" -> "key: value" bullets
+    bullets = []
+    for item in value.split("|"):
+        key, sep, val = item.partition(":")
+        key, val = (key.strip(), val.strip()) if sep else ("", key.strip())
+        if val:
+            bullets.append(f"{key}: {val}" if key else val)
+    return tuple(bullets)
+
+
+def _load_wands_catalog(path: Path) -> dict[str, Product]:
+    products: dict[str, Product] = {}
+    try:
+        for where, row in _wands_rows(path, {"product_id", "product_name"}):
+            pid, title = row["product_id"], row["product_name"]
+            if not pid:
+                raise DataError(f"{where}: empty product_id")
+            if not title:
+                raise DataError(f"{where}: product {pid!r} has an empty product_name")
+            if pid in products:
+                raise DataError(f"{where}: duplicate product_id {pid!r}")
+            products[pid] = Product(
+                product_id=pid,
+                title=title,
+                description=row.get("product_description", ""),
+                bullets=_wands_features(row.get("product_features", "")),
+            )
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: cannot read WANDS products ({e})") from e
+    if not products:
+        raise DataError(f"{path}: catalog is empty")
+    return products
+
+
+def _load_wands_judgments(folder: Path, catalog: dict[str, Product] | None) -> list[Judgment]:
+    queries: dict[str, str] = {}
+    judgments: list[Judgment] = []
+    seen: set[tuple[str, str]] = set()
+    path = folder / WANDS_QUERIES
+    try:
+        for where, row in _wands_rows(path, {"query_id", "query"}):
+            qid, query = row["query_id"], row["query"]
+            if not qid or not query:
+                raise DataError(f"{where}: empty query_id or query")
+            if qid in queries:
+                raise DataError(f"{where}: duplicate query_id {qid}")
+            queries[qid] = query
+        path = folder / WANDS_LABELS
+        for where, row in _wands_rows(path, {"query_id", "product_id", "label"}):
+            qid, pid, label = row["query_id"], row["product_id"], row["label"]
+            if not qid or not pid:
+                raise DataError(f"{where}: empty query_id or product_id")
+            if qid not in queries:
+                raise DataError(f"{where}: query_id {qid} is not in {WANDS_QUERIES}")
+            if label.lower() not in WANDS_GRADES:
+                raise DataError(f"{where}: label {label!r} is not one of Exact, Partial, Irrelevant")
+            if catalog is not None and pid not in catalog:
+                raise DataError(f"{where}: product {pid!r} is not in the catalog")
+            if (qid, pid) in seen:
+                raise DataError(f"{where}: product {pid!r} judged twice for query_id {qid}")
+            seen.add((qid, pid))
+            judgments.append(Judgment(qid, queries[qid], pid, WANDS_GRADES[label.lower()], label))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: cannot read WANDS judgments ({e})") from e
+    if not judgments:
+        raise DataError(f"{folder / WANDS_LABELS}: no judgments")
     return judgments
 
 

@@ -140,3 +140,79 @@ def test_split_is_deterministic_disjoint_and_order_free():
         split_queries(ids, 1.0)
     with pytest.raises(ValueError):
         split_queries(["a"], 0.5)
+
+
+# WANDS as its repository ships it: tab-separated, csv-quoted where a field holds a quote, empty
+# cells for missing values, a header with a space in it.
+WANDS_PRODUCTS = (
+    "product_id\tproduct_name\tproduct_class\tcategory hierarchy\tproduct_description\tproduct_features"
+    "\trating_count\taverage_rating\treview_count\n"
+    "0\tsolid wood platform bed\tBeds\tFurniture / Bedroom Furniture\tgood , deep sleep\t"
+    "overallwidth-sidetoside:64.7|producttype : bed| : gray wood|emptyvalue: |\t15.0\t4.5\t15.0\n"
+    '1\t"fawkes 36"" blue vanity"\tVanities|Bath\t\t\tcolor : blue\t\t\t\n'
+    "2\tall-clad 7 qt . slow cooker\tSlow Cookers\tKitchen\tcreate delicious meals\t\t100.0\t2.0\t98.0\n"
+)
+WANDS_QUERIES = "query_id\tquery\tquery_class\n0\tsalon chair\tMassage Chairs\n1\tblue vanity\t\n"
+WANDS_LABELS = "id\tquery_id\tproduct_id\tlabel\n0\t1\t1\tExact\n1\t1\t0\tIrrelevant\n2\t0\t0\tPartial\n"
+
+
+@pytest.fixture
+def wands_repo(tmp_path):
+    """A clone of the WANDS repository: the files sit in its dataset/ folder."""
+    folder = tmp_path / "WANDS" / "dataset"
+    folder.mkdir(parents=True)
+    (folder / "product.csv").write_text(WANDS_PRODUCTS)
+    (folder / "query.csv").write_text(WANDS_QUERIES)
+    (folder / "label.csv").write_text(WANDS_LABELS)
+    return tmp_path / "WANDS"
+
+
+def test_wands_folder_loads_with_esci_grades(wands_repo):
+    for where in (wands_repo, wands_repo / "dataset"):  # the repository or its dataset/ folder
+        catalog, judgments = load_dataset(where)
+        assert list(catalog) == ["0", "1", "2"]
+        bed, vanity = catalog["0"], catalog["1"]
+        assert (bed.title, bed.description) == ("solid wood platform bed", "good , deep sleep")
+        assert bed.bullets == ("overallwidth-sidetoside: 64.7", "producttype: bed", "gray wood")
+        assert vanity.title == 'fawkes 36" blue vanity'  # csv-quoted, its quote doubled
+        assert (vanity.description, vanity.bullets) == ("", ("color: blue",))
+        assert catalog["2"].bullets == ()
+        assert [(j.query_id, j.query, j.product_id, j.grade, j.label) for j in judgments] == [
+            ("1", "blue vanity", "1", 3, "Exact"),
+            ("1", "blue vanity", "0", 0, "Irrelevant"),
+            ("0", "salon chair", "0", 2, "Partial"),
+        ]
+    assert list(load_catalog(wands_repo / "dataset" / "product.csv")) == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize(
+    "name, line, message",
+    [
+        ("label.csv", "3\t1\t2\tMaybe\n", "label 'Maybe' is not one of Exact, Partial, Irrelevant"),
+        ("label.csv", "3\t7\t2\tExact\n", "query_id 7 is not in query.csv"),
+        ("label.csv", "3\t1\t9\tExact\n", "product '9' is not in the catalog"),
+        ("label.csv", "3\t1\t1\tPartial\n", "product '1' judged twice for query_id 1"),
+        ("label.csv", "3\t1\t2\tExact\textra\n", "more fields"),
+        ("query.csv", "0\tother\tX\n", "duplicate query_id 0"),
+        ("query.csv", "5\t\tX\n", "empty query_id or query"),
+        ("product.csv", "3\t\tBeds\t\t\t\t\t\t\n", "product '3' has an empty product_name"),
+        ("product.csv", "2\tagain\tBeds\t\t\t\t\t\t\n", "duplicate product_id '2'"),
+    ],
+)
+def test_bad_wands_rows_name_file_and_line(wands_repo, name, line, message):
+    path = wands_repo / "dataset" / name
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines) + line)
+    with pytest.raises(DataError, match=message) as e:
+        load_dataset(wands_repo)
+    assert f"{path}:{len(lines) + 1}:" in str(e.value)
+
+
+def test_wands_folder_missing_a_file_or_comma_separated(wands_repo):
+    (wands_repo / "dataset" / "query.csv").unlink()
+    with pytest.raises(DataError, match="a WANDS folder without query.csv"):
+        load_dataset(wands_repo)
+    (wands_repo / "dataset" / "query.csv").write_text("query_id,query,query_class\n0,salon chair,X\n")
+    with pytest.raises(DataError, match=r"query.csv:1: header lacks column\(s\) query, query_id "
+                                        r"\(is it tab-separated\?\)"):
+        load_dataset(wands_repo)
