@@ -232,7 +232,7 @@ def load_judgments(
 
 def _wands_rows(path: Path, required: set[str]):
     """(where, row) of a WANDS tab-separated file, its header checked for ``required``."""
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: files saved by spreadsheet tools
         reader = csv.DictReader(f, delimiter="\t")
         missing = required - set(reader.fieldnames or ())
         if missing:

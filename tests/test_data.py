@@ -183,6 +183,8 @@ def test_wands_folder_loads_with_esci_grades(wands_repo):
             ("0", "salon chair", "0", 2, "Partial"),
         ]
     assert list(load_catalog(wands_repo / "dataset" / "product.csv")) == ["0", "1", "2"]
+    (wands_repo / "dataset" / "query.csv").write_text("\ufeff" + WANDS_QUERIES)  # a byte-order mark
+    assert len(load_dataset(wands_repo)[1]) == 3
 
 
 @pytest.mark.parametrize(
