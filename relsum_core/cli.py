@@ -24,7 +24,7 @@ def _train_ranker(args: argparse.Namespace) -> int:
         max_attr_tokens=args.max_attr_tokens, max_length=args.max_length, eval_every=args.eval_every,
         max_queries=args.max_queries, progress=not args.no_progress, device=args.device, targets=args.targets,
         freeze_layers=args.freeze_layers, pseudo_steps=args.pseudo_steps,
-        pointwise_weight=args.pointwise_weight, keyword_prob=args.keyword_prob,
+        pointwise_weight=args.pointwise_weight, keyword_prob=args.keyword_prob, precision=args.precision,
     )
     report = train_ranker(cfg)
     print((Path(args.out) / "report.md").read_text(), end="")
@@ -65,6 +65,8 @@ def _add_train_ranker(sub) -> None:
     p.add_argument("--eval-every", type=int, default=None, help="validate every N steps (and each epoch end)")
     p.add_argument("--max-queries", type=int, default=None, help="use only the first N queries")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="training forwards: auto = bf16 on CUDA and on CPUs with bf16 dot products")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train_ranker)
 

@@ -10,6 +10,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 from relsum_core.cli import main
 from relsum_core.data import Judgment, group_by_query, load_dataset, split_queries
 from relsum_core.ranker import CrossEncoder
+from relsum_core.trainers import ranker as ranker_trainer
 from relsum_core.trainers.ranker import (
     _train_scores,
     default_base,
@@ -20,6 +21,7 @@ from relsum_core.trainers.ranker import (
     pointwise_loss,
     pseudo_query,
     save_checkpoint,
+    train_dtype,
 )
 
 
@@ -71,14 +73,41 @@ def test_train_scores_keep_input_order(tiny_base):
     model = AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=1).eval()
     tok = AutoTokenizer.from_pretrained(tiny_base)
     pairs = [("q", "a long product text " * k) for k in (5, 1, 9, 0, 3)] + [("other query", "short")]
-    chunked = _train_scores(model, tok, pairs, 64, "cpu", chunk=2)
+    chunked = _train_scores(model, tok, pairs, 64, "cpu", torch.float32, chunk=2)
     assert chunked.requires_grad
-    whole = _train_scores(model, tok, pairs, 64, "cpu", chunk=len(pairs))
+    whole = _train_scores(model, tok, pairs, 64, "cpu", torch.float32, chunk=len(pairs))
     np.testing.assert_allclose(chunked.detach().numpy(), whole.detach().numpy(), rtol=1e-5, atol=1e-5)
     # training's HF forward and evaluation's packed CrossEncoder must agree, or selection is off
     reference = CrossEncoder.from_model(model, tok, max_length=64).predict(pairs)
     np.testing.assert_allclose(chunked.detach().numpy(), reference, rtol=1e-4, atol=1e-4)
     assert len(set(np.round(reference, 6))) == len(pairs)  # distinct, so a permutation would show
+
+
+def test_train_dtype_choices(monkeypatch):
+    assert train_dtype("fp32", "cuda") == torch.float32
+    assert train_dtype("bf16", "cpu") == torch.bfloat16
+    assert train_dtype("auto", "cuda") == torch.bfloat16
+    for native in (True, False):  # auto on CPU: bf16 only where the CPU multiplies bf16 natively
+        monkeypatch.setattr(ranker_trainer, "cpu_has_bf16_dot", lambda native=native: native)
+        assert train_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
+    with pytest.raises(ValueError, match="precision must be one of auto, bf16, fp32, got 'fp16'"):
+        train_dtype("fp16", "cpu")
+
+
+def test_bf16_train_scores_follow_fp32_and_train_fp32_weights(tiny_base):
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=1).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    pairs = [("q", "a long product text " * k) for k in (5, 1, 9, 0, 3)] + [("other query", "short")]
+    fp32 = _train_scores(model, tok, pairs, 64, "cpu", torch.float32)
+    bf16 = _train_scores(model, tok, pairs, 64, "cpu", torch.bfloat16)
+    assert bf16.dtype == torch.float32  # the loss is taken in fp32
+    assert (bf16 - fp32).abs().max().item() < 0.02 * fp32.abs().max().item()  # a few bf16 ulps
+    assert not torch.equal(bf16, fp32)  # autocast did run in bf16
+    bf16.sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
 def test_save_checkpoint_replaces_atomically(tmp_path, tiny_base):
@@ -112,6 +141,8 @@ def test_train_ranker_end_to_end(tmp_path, tiny_base, capsys):
     first8 = list(group_by_query(load_dataset()[1]))[:8]
     assert report["split"]["val_query_ids"] == split_queries(first8, 0.25, seed=0)[1]  # --split-seed
     assert report["config"]["cosine_base"] == str(tiny_base)
+    assert report["config"]["precision"] == "auto"
+    assert report["config"]["train_dtype"] == str(train_dtype("auto", "cpu")).removeprefix("torch.")
     assert report["steps"] == 2 * report["steps_per_epoch"] > 0
     assert set(report["table"]) == {"fine-tuned cross-encoder", "BM25 (bm25s)", "untuned encoder cosine"}
     for row in report["table"].values():
@@ -221,12 +252,13 @@ def test_train_ranker_with_pseudo_warmup_and_frozen_layers(tmp_path, tiny_base):
     main(["train-ranker", "--base", str(tiny_base), "--out", str(out), "--max-queries", "6",
           "--val-fraction", "0.34", "--epochs", "1", "--max-steps", "2", "--batch-size", "2",
           "--group-size", "4", "--max-attr-tokens", "8", "--max-length", "48", "--no-progress",
-          "--pseudo-steps", "3", "--freeze-layers", "1"])
+          "--pseudo-steps", "3", "--freeze-layers", "1", "--precision", "fp32"])
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     pseudo = [x for x in lines if x["event"] == "pseudo"]
     assert [x["step"] for x in pseudo] == [3] and math.isfinite(pseudo[0]["loss"])
     base = BertModel.from_pretrained(tiny_base)
     tuned = AutoModelForSequenceClassification.from_pretrained(out / "best")
+    assert json.loads((out / "report.json").read_text())["config"]["train_dtype"] == "float32"
     # frozen: embeddings and layer 0 keep the base weights; layer 1 moved
     assert torch.equal(tuned.bert.embeddings.word_embeddings.weight, base.embeddings.word_embeddings.weight)
     layer, base_layer = tuned.bert.encoder.layer, base.encoder.layer
@@ -265,3 +297,39 @@ def test_train_ranker_pointwise_weight(tmp_path, tiny_base):
             main(args[:4] + [str(tmp_path / f"bad{bad}")] + args[5:] + ["--pointwise-weight", bad])
         with pytest.raises(ValueError, match=r"keyword_prob must be in \[0, 1\]"):
             main(args[:4] + [str(tmp_path / f"badk{bad}")] + args[5:] + ["--keyword-prob", bad])
+
+
+def test_train_ranker_reads_a_wands_folder(tmp_path, tiny_base):
+    # Eight bundled ESCI queries rewritten as WANDS's three tab-separated files (E/S/C/I as
+    # Exact/Partial/Partial/Irrelevant): the trainer takes that folder as it takes an ESCI one.
+    catalog, judgments = load_dataset()
+    by_query = group_by_query(judgments)
+    keep = [j for q in list(by_query)[:8] for j in by_query[q]]
+    wands = tmp_path / "wands"
+    wands.mkdir()
+
+    def clean(text):  # no tabs, newlines or quotes inside a cell
+        return " ".join(text.split()).replace('"', "'")
+
+    products = ["product_id\tproduct_name\tproduct_description\tproduct_features"]
+    for pid in dict.fromkeys(j.product_id for j in keep):
+        p = catalog[pid]
+        features = "|".join(f"feature{i}:{clean(b)}" for i, b in enumerate(p.bullets))
+        products.append("\t".join([pid, clean(p.title), clean(p.description), features]))
+    (wands / "product.csv").write_text("\n".join(products) + "\n")
+    queries = dict((j.query_id, j.query) for j in keep)
+    (wands / "query.csv").write_text("query_id\tquery\n" + "".join(f"{q}\t{t}\n" for q, t in queries.items()))
+    word = {3: "Exact", 2: "Partial", 1: "Partial", 0: "Irrelevant"}
+    (wands / "label.csv").write_text("id\tquery_id\tproduct_id\tlabel\n" + "".join(
+        f"{i}\t{j.query_id}\t{j.product_id}\t{word[j.grade]}\n" for i, j in enumerate(keep)))
+
+    out = tmp_path / "run"
+    main(["train-ranker", "--data", str(wands), "--base", str(tiny_base), "--out", str(out),
+          "--val-fraction", "0.25", "--epochs", "1", "--max-steps", "2", "--batch-size", "2",
+          "--group-size", "4", "--max-attr-tokens", "8", "--max-length", "48", "--no-progress",
+          "--pseudo-steps", "2"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["split"]["train_queries"] == 6 and report["split"]["val_queries"] == 2
+    assert report["split"]["train_pairs"] + report["split"]["val_pairs"] == len(keep)
+    assert report["config"]["data"] == str(wands)
+    assert set(report["table"]) == {"fine-tuned cross-encoder", "BM25 (bm25s)", "untuned encoder cosine"}

@@ -71,6 +71,7 @@ class RankerTrainConfig:
     max_queries: int | None = None  # use only the first N queries (smoke runs, tests)
     progress: bool = True
     device: str | None = None  # default: cuda when available
+    precision: str = "auto"  # training forwards: "bf16" autocast, "fp32", or "auto" (see train_dtype)
 
 
 def default_base() -> str:
@@ -197,7 +198,8 @@ def make_pseudo_groups(by_query, query_ids, catalog: dict[str, Product], group_s
 # Scoring
 
 
-def _train_scores(model, tokenizer, pairs, max_length: int, device, chunk: int = 16) -> torch.Tensor:
+def _train_scores(model, tokenizer, pairs, max_length: int, device, dtype: torch.dtype,
+                  chunk: int = 16) -> torch.Tensor:
     """Differentiable scores of ``pairs`` in input order.
 
     Random prefixes make lengths within a batch vary a lot; length-sorted chunks pad each to its
@@ -205,17 +207,17 @@ def _train_scores(model, tokenizer, pairs, max_length: int, device, chunk: int =
     """
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
     parts = []
-    for i in range(0, len(order), chunk):
-        idx = order[i : i + chunk]
-        enc = tokenizer(
-            [pairs[j][0] for j in idx],
-            [pairs[j][1] for j in idx],
-            padding=True,
-            truncation="longest_first",
-            max_length=max_length,
-            return_tensors="pt",
-        ).to(device)
-        with _autocast(device):
+    with _autocast(device, dtype):  # one region: chunks share its cache of bf16 weight copies
+        for i in range(0, len(order), chunk):
+            idx = order[i : i + chunk]
+            enc = tokenizer(
+                [pairs[j][0] for j in idx],
+                [pairs[j][1] for j in idx],
+                padding=True,
+                truncation="longest_first",
+                max_length=max_length,
+                return_tensors="pt",
+            ).to(device)
             parts.append(model(**enc).logits[:, 0].float())
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(order))
@@ -230,11 +232,33 @@ def _predictor(model, tokenizer, batch_size: int, max_length: int) -> Callable:
     return lambda pairs: np.asarray(ce.predict(pairs, batch_size=batch_size), dtype=np.float64)
 
 
-def _autocast(device):
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)  # fp32 on CPU: bf16 there is slower without AMX
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def cpu_has_bf16_dot() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere oneDNN emulates it."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch.cpu helpers
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def train_dtype(precision: str, device) -> torch.dtype:
+    """The autocast dtype of training forwards.
+
+    "auto" is bf16 on CUDA and on CPUs with bf16 dot products, where a MiniLM training step runs
+    about 1.4x faster than in fp32; other CPUs emulate bf16 and are faster in fp32.  Weights,
+    gradients and optimizer state stay fp32 either way, and validation scores in fp32.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        fast = torch.device(device).type == "cuda" or cpu_has_bf16_dot()
+        precision = "bf16" if fast else "fp32"
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def _autocast(device, dtype: torch.dtype):
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,7 +408,7 @@ def freeze_lower(model, n_layers: int) -> None:
 
 
 def pseudo_warmup(model, tokenizer, by_query, train_q, catalog, sampler, cfg: RankerTrainConfig,
-                  device, log: JsonlLog) -> None:
+                  device, dtype: torch.dtype, log: JsonlLog) -> None:
     """``cfg.pseudo_steps`` steps of softmax cross-entropy on title pseudo-queries (positive first)."""
     from tqdm.auto import tqdm
     from transformers.optimization import get_linear_schedule_with_warmup
@@ -401,7 +425,7 @@ def pseudo_warmup(model, tokenizer, by_query, train_q, catalog, sampler, cfg: Ra
                 raise ValueError("no pseudo-query groups: no train query has group_size candidates")
         batch, groups = groups[: cfg.batch_size], groups[cfg.batch_size:]
         pairs = [(query, sampler.sample(catalog[pid])) for query, pids in batch for pid in pids]
-        scores = _train_scores(model, tokenizer, pairs, cfg.max_length, device).view(len(batch), -1)
+        scores = _train_scores(model, tokenizer, pairs, cfg.max_length, device, dtype).view(len(batch), -1)
         positive_first = torch.zeros(len(batch), dtype=torch.long, device=device)
         loss = torch.nn.functional.cross_entropy(scores, positive_first)
         loss.backward()
@@ -440,6 +464,7 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     base = cfg.base or default_base()
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = train_dtype(cfg.precision, device)  # checked before the baselines' minute, not after
 
     catalog, judgments = load_dataset(cfg.data)
     by_query = group_by_query(judgments)
@@ -507,7 +532,7 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
 
     model.train()
     if cfg.pseudo_steps > 0:
-        pseudo_warmup(model, tokenizer, by_query, train_q, catalog, sampler, cfg, device, log)
+        pseudo_warmup(model, tokenizer, by_query, train_q, catalog, sampler, cfg, device, dtype, log)
     step, pairs_seen, t_train = 0, 0, time.time()
     bar = tqdm(total=total_steps, desc="train-ranker", disable=not cfg.progress)
     for epoch in range(cfg.epochs):
@@ -518,7 +543,7 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
             batch = groups[b : b + cfg.batch_size]
             flat = [j for g in batch for j in g]
             pairs = [(j.query, sampler.sample(catalog[j.product_id])) for j in flat]
-            scores = _train_scores(model, tokenizer, pairs, cfg.max_length, device)
+            scores = _train_scores(model, tokenizer, pairs, cfg.max_length, device, dtype)
             grades = torch.tensor([j.grade for j in flat], device=device)
             group_ids = torch.tensor([i for i, g in enumerate(batch) for _ in g], device=device)
             listwise = listwise_loss(scores, grades, group_ids, cfg.targets)
@@ -567,7 +592,8 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
 
     report = {
         "split": split,
-        "config": asdict(cfg) | {"base": base, "cosine_base": cosine_base, "device": str(device)},
+        "config": asdict(cfg) | {"base": base, "cosine_base": cosine_base, "device": str(device),
+                                 "train_dtype": str(dtype).removeprefix("torch.")},
         "steps": step,
         "steps_per_epoch": steps_per_epoch,
         "best": {"step": best["step"], f"{SELECT_VARIANT}/ndcg@10": best["value"]},
