@@ -120,7 +120,7 @@ def _summarize(args: argparse.Namespace) -> int:
                              batch_size=args.batch_size, temperature=args.temperature, seed=args.seed,
                              max_product_tokens=args.max_product_tokens, shard=args.shard,
                              num_shards=args.num_shards, device=args.device, progress=not args.no_progress,
-                             task=args.task)
+                             task=args.task, precision=args.precision)
     print(f"summaries in {path}")
     return 0
 
@@ -157,6 +157,8 @@ def _add_summarize(sub) -> None:
     p.add_argument("--shard", type=int, default=None, help="default: torchrun RANK")
     p.add_argument("--num-shards", type=int, default=None, help="default: torchrun WORLD_SIZE")
     p.add_argument("--device", default=None)
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="sampling dtype: auto = bf16 on CPUs with bf16 dot products, else fp32")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_summarize)
 
@@ -170,7 +172,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         split=args.split, val_fraction=args.val_fraction,
         split_seed=args.split_seed, desc_tokens=args.desc_tokens, budget=args.budget,
         max_product_tokens=args.max_product_tokens, batch_size=args.batch_size, device=args.device,
-        progress=not args.no_progress)
+        progress=not args.no_progress, precision=args.precision)
     print((Path(args.out) / "report.md").read_text(), end="")
     return 0
 
@@ -200,6 +202,8 @@ def _add_evaluate(sub) -> None:
                    help="--policy / --doc2query: product text tokens")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default=None)
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="--policy / --doc2query sampling: auto = bf16 on CPUs with bf16 dot products")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_evaluate)
 

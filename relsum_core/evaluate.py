@@ -33,6 +33,7 @@ import numpy as np
 from relsum_core.data import group_by_query, load_dataset, split_queries
 from relsum_core.io import atomic_write_bytes, atomic_write_text
 from relsum_core.metrics import POSITIVE_GRADE, PRECISION_TARGET, ndcg_at_k, recall_at_precision
+from relsum_core.precision import resolve_precision
 from relsum_core.text import attributes_text, cut_to_tokens, join_title, normalise
 
 N_BOOTSTRAP = 1000
@@ -179,13 +180,16 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
                        doc2query: Mapping[str, str] | None = None, split: str = "validation",
                        val_fraction: float = 0.2, split_seed: int = 0,
                        desc_tokens: Sequence[int] = (32,), budget: int = 32, max_product_tokens: int = 128,
-                       batch_size: int = 16, device=None, progress: bool = True, plot: bool = True) -> dict:
+                       batch_size: int = 16, device=None, progress: bool = True, plot: bool = True,
+                       precision: str = "auto") -> dict:
     """Score the variants and write report.json / report.md (/ ndcg.png); returns the report.
 
     ``summaries``: name -> a ``relsum summarize`` JSONL; ``policies``: name -> policy folder
     (``"default"`` = the packaged SmolLM2) to summarise the evaluated products with first, greedily,
     under ``budget`` tokens from ``max_product_tokens`` of product text (use the run's own settings);
     ``doc2query``: name -> policy folder that writes search queries for each product instead.
+    ``precision``: the policies' sampling dtype (`relsum_core.summarize.summarize_catalog`); the ranker
+    always scores in fp32.
     """
     from relsum_core.ranker import CrossEncoder
     from relsum_core.summarize import summarize_catalog
@@ -199,6 +203,7 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
         raise ValueError(f"split must be 'validation' or 'all', got {split!r}")
     if any(k < 1 for k in desc_tokens):
         raise ValueError(f"description prefixes need >= 1 token, got {list(desc_tokens)}")
+    resolve_precision(precision)  # a bad value fails before any scoring
     for name, path in summaries.items():
         if not Path(path).is_file():
             raise FileNotFoundError(f"summaries {name!r}: {path} does not exist")
@@ -227,7 +232,7 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
         summarize_catalog(path, policy=None if policy == "default" else policy, catalog=data, budget=budget,
                           batch_size=batch_size, max_product_tokens=max_product_tokens,
                           product_ids=ev.product_ids, num_shards=1, shard=0, device=device, progress=progress,
-                          task=task)
+                          task=task, precision=precision)
         summaries[name] = str(path)
         given[name] = read_summaries(path)  # covers every evaluated product (skipped ones map to "")
 
@@ -244,7 +249,10 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
     base = ev.score(variants["title"]["texts"])
     report = {"ranker": str(ranker), "split": split, "n_queries": len(ev.queries), "n_pairs": len(ev.pairs),
               "n_products": len(ev.product_ids), "positive_grade": POSITIVE_GRADE,
-              "precision_target": PRECISION_TARGET, "summaries": summaries, "variants": {}}
+              "precision_target": PRECISION_TARGET, "summaries": summaries,
+              "sampling_dtype": {name: str(resolve_precision(precision, device, auto_on_cuda=False))
+                                 .removeprefix("torch.") for name, _, _ in tasks},
+              "variants": {}}
     for name, v in variants.items():
         scores = base if name == "title" else ev.score(v["texts"])
         m = ev.metrics(scores, None if name == "title" else base)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from relsum_core.data import load_catalog
 from relsum_core.policy import PROMPTS, SUMMARY_BUDGET, build_prompt, load_policy, sample
+from relsum_core.precision import resolve_precision
 
 
 def shard_path(out: str | os.PathLike, shard: int, num_shards: int) -> Path:
@@ -43,8 +44,13 @@ def summarize_catalog(out: str | os.PathLike, *, policy: str | None = None, cata
                       budget: int = SUMMARY_BUDGET, batch_size: int = 16, temperature: float = 0.0,
                       seed: int = 0, max_product_tokens: int = 384, product_ids=None,
                       shard: int | None = None, num_shards: int | None = None, device=None,
-                      progress: bool = True, task: str = "summary") -> Path:
-    """Summarise the catalog (or only ``product_ids`` of it) into ``out``; returns the file written."""
+                      progress: bool = True, task: str = "summary", precision: str = "auto") -> Path:
+    """Summarise the catalog (or only ``product_ids`` of it) into ``out``; returns the file written.
+
+    ``precision`` "auto" samples in bf16 on CPUs with bf16 dot products (1.7x faster there; the
+    prompt's prefill is most of the work) and in fp32 elsewhere, GPUs included, where bf16 sampling
+    has not been measured yet.
+    """
     from tqdm.auto import tqdm
 
     num_shards = int(os.environ.get("WORLD_SIZE", 1)) if num_shards is None else num_shards
@@ -57,6 +63,7 @@ def summarize_catalog(out: str | os.PathLike, *, policy: str | None = None, cata
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if task not in PROMPTS:
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(PROMPTS)}")
+    dtype = resolve_precision(precision, device, auto_on_cuda=False)
     products = load_catalog(catalog)
     wanted = sorted(products)
     if product_ids is not None:
@@ -71,7 +78,7 @@ def summarize_catalog(out: str | os.PathLike, *, policy: str | None = None, cata
     todo = [pid for pid in mine if pid not in done]
     if not todo:
         return path
-    model, tok = load_policy(policy, device=device)
+    model, tok = load_policy(policy, device=device, dtype=dtype)
     with open(path, "a", encoding="utf-8") as f, tqdm(total=len(mine), initial=len(mine) - len(todo),
                                                        disable=not progress, desc="summarize") as bar:
         for start in range(0, len(todo), batch_size):

@@ -3,10 +3,13 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from relsum_core.data import Judgment
 from relsum_core.evaluate import Evaluation, evaluate_summaries, parse_named, read_summaries
 from relsum_core.metrics import recall_at_precision
+from relsum_core.policy import load_policy
+from relsum_core.precision import resolve_precision
 from relsum_core.summarize import summarize_catalog
 
 PRODUCTS = [  # id, title, bullets
@@ -123,6 +126,8 @@ def test_evaluate_summaries_end_to_end(tmp_path, data_dir, tiny_ranker_dir, tiny
     rows = [json.loads(x) for x in (out / "summaries-tiny.jsonl").read_text().splitlines()]
     assert sorted(r["product_id"] for r in rows) == [p for p, _, _ in PRODUCTS]
     assert all(0 < r["tokens"] <= 4 for r in rows)
+    want = str(resolve_precision("auto", "cpu", auto_on_cuda=False)).removeprefix("torch.")
+    assert report["sampling_dtype"] == {"tiny": want, "d2q": want}
 
 
 def test_evaluate_summaries_bad_input(tmp_path, data_dir, tiny_ranker_dir):
@@ -142,6 +147,9 @@ def test_evaluate_summaries_bad_input(tmp_path, data_dir, tiny_ranker_dir):
                            summaries={"gone": str(tmp_path / "gone.jsonl")}, split="all", device="cpu")
     with pytest.raises(ValueError, match="split must be"):
         evaluate_summaries(tmp_path / "e", ranker=str(tiny_ranker_dir), split="test")
+    with pytest.raises(ValueError, match="precision must be one of auto, bf16, fp32"):
+        evaluate_summaries(tmp_path / "e", ranker=str(tiny_ranker_dir), policies={"a": "default"},
+                           precision="half")
     with pytest.raises(ValueError, match="more than one of summaries files / policies / doc2query"):
         evaluate_summaries(tmp_path / "e", ranker=str(tiny_ranker_dir), policies={"a": "default"},
                            doc2query={"a": "default"})
@@ -159,6 +167,30 @@ def test_summarize_only_the_given_products(tmp_path, data_dir, tiny_policy_dir):
         summarize_catalog(out, policy=str(tiny_policy_dir), catalog=str(data_dir), product_ids=["p1", "zz"])
     with pytest.raises(ValueError, match="unknown task 'queries'"):
         summarize_catalog(out, policy=str(tiny_policy_dir), catalog=str(data_dir), task="queries")
+
+
+def test_summarize_samples_in_the_asked_precision(tmp_path, data_dir, tiny_policy_dir, monkeypatch):
+    import relsum_core.summarize as summarize
+
+    loaded = []
+
+    def recording_load_policy(*args, **kwargs):
+        model, tok = load_policy(*args, **kwargs)
+        loaded.append(next(model.parameters()).dtype)
+        return model, tok
+
+    monkeypatch.setattr(summarize, "load_policy", recording_load_policy)
+    for precision in ("fp32", "bf16", "auto"):
+        out = tmp_path / f"{precision}.jsonl"
+        summarize_catalog(out, policy=str(tiny_policy_dir), catalog=str(data_dir), budget=3,
+                          progress=False, precision=precision)
+        rows = [json.loads(x) for x in out.read_text().splitlines()]
+        assert len(rows) == len(PRODUCTS) and all(0 < r["tokens"] <= 3 for r in rows)
+    assert loaded == [torch.float32, torch.bfloat16, resolve_precision("auto", "cpu", auto_on_cuda=False)]
+    with pytest.raises(ValueError, match="precision must be one of"):
+        summarize_catalog(tmp_path / "x.jsonl", policy=str(tiny_policy_dir), catalog=str(data_dir),
+                          precision="fp16")
+    assert len(loaded) == 3 and not (tmp_path / "x.jsonl").exists()  # refused before loading anything
 
 
 def test_doc2query_prompt_asks_for_queries(tiny_policy_dir):

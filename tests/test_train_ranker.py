@@ -9,8 +9,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 
 from relsum_core.cli import main
 from relsum_core.data import Judgment, group_by_query, load_dataset, split_queries
+from relsum_core.precision import resolve_precision
 from relsum_core.ranker import CrossEncoder
-from relsum_core.trainers import ranker as ranker_trainer
 from relsum_core.trainers.ranker import (
     _train_scores,
     default_base,
@@ -21,7 +21,6 @@ from relsum_core.trainers.ranker import (
     pointwise_loss,
     pseudo_query,
     save_checkpoint,
-    train_dtype,
 )
 
 
@@ -83,17 +82,6 @@ def test_train_scores_keep_input_order(tiny_base):
     assert len(set(np.round(reference, 6))) == len(pairs)  # distinct, so a permutation would show
 
 
-def test_train_dtype_choices(monkeypatch):
-    assert train_dtype("fp32", "cuda") == torch.float32
-    assert train_dtype("bf16", "cpu") == torch.bfloat16
-    assert train_dtype("auto", "cuda") == torch.bfloat16
-    for native in (True, False):  # auto on CPU: bf16 only where the CPU multiplies bf16 natively
-        monkeypatch.setattr(ranker_trainer, "cpu_has_bf16_dot", lambda native=native: native)
-        assert train_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
-    with pytest.raises(ValueError, match="precision must be one of auto, bf16, fp32, got 'fp16'"):
-        train_dtype("fp16", "cpu")
-
-
 def test_bf16_train_scores_follow_fp32_and_train_fp32_weights(tiny_base):
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=1).eval()
@@ -142,7 +130,7 @@ def test_train_ranker_end_to_end(tmp_path, tiny_base, capsys):
     assert report["split"]["val_query_ids"] == split_queries(first8, 0.25, seed=0)[1]  # --split-seed
     assert report["config"]["cosine_base"] == str(tiny_base)
     assert report["config"]["precision"] == "auto"
-    assert report["config"]["train_dtype"] == str(train_dtype("auto", "cpu")).removeprefix("torch.")
+    assert report["config"]["train_dtype"] == str(resolve_precision("auto", "cpu")).removeprefix("torch.")
     assert report["steps"] == 2 * report["steps_per_epoch"] > 0
     assert set(report["table"]) == {"fine-tuned cross-encoder", "BM25 (bm25s)", "untuned encoder cosine"}
     for row in report["table"].values():

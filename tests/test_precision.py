@@ -1,0 +1,18 @@
+import pytest
+import torch
+
+from relsum_core import precision
+from relsum_core.precision import resolve_precision
+
+
+def test_precision_choices(monkeypatch):
+    assert resolve_precision("fp32", "cuda") == torch.float32
+    assert resolve_precision("bf16", "cpu") == torch.bfloat16
+    assert resolve_precision("auto", "cuda") == torch.bfloat16
+    assert resolve_precision("auto", "cuda", auto_on_cuda=False) == torch.float32
+    for native in (True, False):  # auto on CPU: bf16 only where the CPU multiplies bf16 natively
+        monkeypatch.setattr(precision, "cpu_has_bf16_dot", lambda native=native: native)
+        for device in ("cpu", None):
+            assert resolve_precision("auto", device) == (torch.bfloat16 if native else torch.float32)
+    with pytest.raises(ValueError, match="precision must be one of auto, bf16, fp32, got 'fp16'"):
+        resolve_precision("fp16", "cpu")
