@@ -68,10 +68,10 @@ def bundled_data_dir() -> Path:
     return path
 
 
-def wands_folder(data_dir: Path) -> Path | None:
+def _wands_folder(data_dir: Path) -> Path | None:
     """The folder holding WANDS's files when ``data_dir`` is (or contains, as ``dataset/``) one."""
+    names = (WANDS_PRODUCTS, WANDS_QUERIES, WANDS_LABELS)
     for folder in (data_dir, data_dir / "dataset"):
-        names = (WANDS_PRODUCTS, WANDS_QUERIES, WANDS_LABELS)
         present = [name for name in names if (folder / name).is_file()]
         if present and not any((data_dir / name).is_file() for name in (*CATALOG_NAMES, JUDGMENTS_NAME)):
             missing = set(names) - set(present)
@@ -115,7 +115,7 @@ def load_catalog(path: str | Path | None = None) -> dict[str, Product]:
     """Products by id from a JSONL(.gz) file or a data directory; default: the bundled copy."""
     path = Path(path) if path is not None else bundled_data_dir()
     if path.is_dir():
-        wands = wands_folder(path)
+        wands = _wands_folder(path)
         if wands is not None:
             return _load_wands_catalog(wands / WANDS_PRODUCTS)
         path = _catalog_path(path)
@@ -189,7 +189,7 @@ def load_judgments(
     """
     path = Path(path) if path is not None else bundled_data_dir()
     if path.is_dir():
-        wands = wands_folder(path)
+        wands = _wands_folder(path)
         if wands is not None:
             return _load_wands_judgments(wands, catalog)
         path = path / JUDGMENTS_NAME
