@@ -47,7 +47,7 @@ def summarize_catalog(out: str | os.PathLike, *, policy: str | None = None, cata
                       progress: bool = True, task: str = "summary", precision: str = "auto") -> Path:
     """Summarise the catalog (or only ``product_ids`` of it) into ``out``; returns the file written.
 
-    ``precision`` "auto" samples in bf16 on CPUs with bf16 dot products (1.6-1.7x faster there; the
+    ``precision`` "auto" samples in bf16 on CPUs with bf16 dot products (1.6x faster there; the
     prompt's prefill is most of the work) and in fp32 elsewhere, GPUs included, where bf16 sampling
     has not been measured yet.
     """
