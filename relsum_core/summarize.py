@@ -79,8 +79,9 @@ def summarize_catalog(out: str | os.PathLike, *, policy: str | None = None, cata
     if not todo:
         return path
     model, tok = load_policy(policy, device=device, dtype=dtype)
+    desc = f"summarize ({str(dtype).removeprefix('torch.')})"  # which precision --precision auto chose
     with open(path, "a", encoding="utf-8") as f, tqdm(total=len(mine), initial=len(mine) - len(todo),
-                                                       disable=not progress, desc="summarize") as bar:
+                                                       disable=not progress, desc=desc) as bar:
         for start in range(0, len(todo), batch_size):
             batch, prompts, lines = [], [], []
             for pid in todo[start: start + batch_size]:
