@@ -513,7 +513,8 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
     if cfg.pseudo_steps > 0:
         pseudo_warmup(model, tokenizer, by_query, train_q, catalog, sampler, cfg, device, dtype, log)
     step, pairs_seen, t_train = 0, 0, time.time()
-    bar = tqdm(total=total_steps, desc="train-ranker", disable=not cfg.progress)
+    bar = tqdm(total=total_steps, desc=f"train-ranker ({str(dtype).removeprefix('torch.')})",
+               disable=not cfg.progress)
     for epoch in range(cfg.epochs):
         groups = make_groups(by_query, train_q, cfg.group_size, rng)
         for b in range(0, len(groups), cfg.batch_size):
