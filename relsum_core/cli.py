@@ -6,6 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
+# relsum_core.precision.PRECISIONS, spelled out so that `relsum --help` does not import torch
+PRECISION_CHOICES = ("auto", "bf16", "fp32")
+
+
+def _add_precision(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="auto", help=help)
+
 
 def _bench_logprob(args: argparse.Namespace) -> int:
     from relsum_core.bench_logprob import main as run
@@ -65,8 +72,7 @@ def _add_train_ranker(sub) -> None:
     p.add_argument("--eval-every", type=int, default=None, help="validate every N steps (and each epoch end)")
     p.add_argument("--max-queries", type=int, default=None, help="use only the first N queries")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="training forwards: auto = bf16 on CUDA and on CPUs with bf16 dot products")
+    _add_precision(p, "training forwards: auto = bf16 on CUDA and on CPUs with bf16 dot products")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train_ranker)
 
@@ -157,8 +163,7 @@ def _add_summarize(sub) -> None:
     p.add_argument("--shard", type=int, default=None, help="default: torchrun RANK")
     p.add_argument("--num-shards", type=int, default=None, help="default: torchrun WORLD_SIZE")
     p.add_argument("--device", default=None)
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="sampling dtype: auto = bf16 on CPUs with bf16 dot products, else fp32")
+    _add_precision(p, "sampling dtype: auto = bf16 on CPUs with bf16 dot products, else fp32")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_summarize)
 
@@ -202,8 +207,7 @@ def _add_evaluate(sub) -> None:
                    help="--policy / --doc2query: product text tokens")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default=None)
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="--policy / --doc2query sampling: auto = bf16 on CPUs with bf16 dot products")
+    _add_precision(p, "--policy / --doc2query sampling: auto = bf16 on CPUs with bf16 dot products")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_evaluate)
 

@@ -16,3 +16,9 @@ def test_precision_choices(monkeypatch):
             assert resolve_precision("auto", device) == (torch.bfloat16 if native else torch.float32)
     with pytest.raises(ValueError, match="precision must be one of auto, bf16, fp32, got 'fp16'"):
         resolve_precision("fp16", "cpu")
+
+
+def test_cli_choices_match():
+    from relsum_core.cli import PRECISION_CHOICES
+
+    assert PRECISION_CHOICES == precision.PRECISIONS
