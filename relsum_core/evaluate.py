@@ -203,7 +203,8 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
         raise ValueError(f"split must be 'validation' or 'all', got {split!r}")
     if any(k < 1 for k in desc_tokens):
         raise ValueError(f"description prefixes need >= 1 token, got {list(desc_tokens)}")
-    resolve_precision(precision)  # a bad value fails before any scoring
+    # resolved here so a bad value fails before any scoring; summarize_catalog resolves it alike
+    sampling_dtype = str(resolve_precision(precision, device, auto_on_cuda=False)).removeprefix("torch.")
     for name, path in summaries.items():
         if not Path(path).is_file():
             raise FileNotFoundError(f"summaries {name!r}: {path} does not exist")
@@ -250,8 +251,7 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
     report = {"ranker": str(ranker), "split": split, "n_queries": len(ev.queries), "n_pairs": len(ev.pairs),
               "n_products": len(ev.product_ids), "positive_grade": POSITIVE_GRADE,
               "precision_target": PRECISION_TARGET, "summaries": summaries,
-              "sampling_dtype": {name: str(resolve_precision(precision, device, auto_on_cuda=False))
-                                 .removeprefix("torch.") for name, _, _ in tasks},
+              "sampling_dtype": {name: sampling_dtype for name, _, _ in tasks},
               "variants": {}}
     for name, v in variants.items():
         scores = base if name == "title" else ev.score(v["texts"])
