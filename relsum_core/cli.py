@@ -115,6 +115,8 @@ def _add_train(sub) -> None:
     p.add_argument("--compile-decode", action="store_true", default=None,
                    help="GPU: torch.compile the CUDA-graph decode step (faster after ~20 s per shape)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    _add_precision(p, "sampling and update: auto = bf16 on CUDA and on CPUs with bf16 dot products "
+                      "(weights and optimizer stay fp32)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_train)
 

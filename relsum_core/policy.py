@@ -355,6 +355,7 @@ def completion_logprobs(model, rollouts: Rollouts, *, temperature: float = 1.0, 
     give 0 and no gradient.
     """
     from relsum_kernels import fused_logprob
+    from relsum_kernels._common import resolve_impl
 
     if getattr(model.config, "final_logit_softcapping", None):
         raise ValueError("models with logit soft-capping are not supported by the fused LM head")
@@ -367,8 +368,19 @@ def completion_logprobs(model, rollouts: Rollouts, *, temperature: float = 1.0, 
     B, T = rollouts.completion_ids.shape
     h = hidden[:, P - 1: P + T - 1].reshape(B * T, -1)
     targets = rollouts.completion_ids.masked_fill(rollouts.completion_mask == 0, -100).reshape(-1)
-    out = fused_logprob(h, head.weight.to(h.dtype), targets, bias=getattr(head, "bias", None),
-                        temperature=temperature, with_entropy=with_entropy, impl=impl)
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if torch.is_autocast_enabled(h.device.type):
+        # Mixed precision: the body ran in bf16, the head leaves autocast (which would round the
+        # torch path's fp32 matmul to bf16: logits of 10-20 off by ~0.05 nats, the size of the KL
+        # the trainer controls).  The Triton kernel takes bf16 inputs and accumulates in fp32.
+        dtype = torch.get_autocast_dtype(h.device.type) if resolve_impl(impl, h) == "triton" else torch.float32
+        with torch.autocast(h.device.type, enabled=False):
+            out = fused_logprob(h.to(dtype), weight.to(dtype), targets,
+                                bias=None if bias is None else bias.to(dtype), temperature=temperature,
+                                with_entropy=with_entropy, impl=impl)
+    else:
+        out = fused_logprob(h, weight.to(h.dtype), targets, bias=bias, temperature=temperature,
+                            with_entropy=with_entropy, impl=impl)
     if with_entropy:
         return out[0].view(B, T), out[1].view(B, T)
     return out.view(B, T)

@@ -142,6 +142,33 @@ def test_completion_logprobs_match_full_logits_and_mask(tiny_policy_dir):
     assert torch.allclose(model.lm_head.weight.grad, g_live, rtol=1e-5, atol=1e-7)
 
 
+def test_completion_logprobs_under_autocast_keep_the_head_in_fp32(tiny_policy_dir):
+    """The trainer's bf16 update: the body under autocast, the LM head outside it (the torch path)."""
+    from relsum_core.policy import completion_logprobs
+    from relsum_kernels import logprob_reference
+
+    model, tok = load_policy(tiny_policy_dir)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(8.0)  # logits of size ~10, where bf16 rounding shows
+    prompts = [build_prompt(_product(title="dog food", bullets=()), tok), build_prompt(_product(), tok)]
+    r = sample(model, tok, prompts, max_new_tokens=6, temperature=1.0, seed=3)
+    ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
+    mask = torch.cat([r.prompt_mask, r.completion_mask], 1)
+    P, (B, T) = r.prompt_ids.shape[1], r.completion_ids.shape
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp = completion_logprobs(model, r, temperature=0.8)
+        hidden = model.base_model(input_ids=ids, attention_mask=mask,
+                                  position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).last_hidden_state
+    assert logp.dtype == torch.float32
+    h = hidden[:, P - 1:P + T - 1].reshape(B * T, -1).detach()
+    W = model.lm_head.weight.detach()
+    ref, _ = logprob_reference(h, W, r.completion_ids.reshape(-1), temperature=0.8)
+    assert torch.allclose(logp.double().reshape(-1), ref, atol=1e-5)
+    # what an autocast head would give (bf16 inputs): far enough off for this test to tell
+    rounded, _ = logprob_reference(h.bfloat16(), W.bfloat16(), r.completion_ids.reshape(-1), temperature=0.8)
+    assert (rounded - ref).abs().max() > 1e-3  # ~5e-3 here, against 1e-5 above
+
+
 def test_per_row_seeds_make_rows_batch_independent(tiny_policy_dir):
     model, tok = load_policy(tiny_policy_dir)
     prompts = [build_prompt(_product(title=t), tok) for t in ("dog food", "red shirt", "kids bottle")]

@@ -47,7 +47,7 @@ def _cfg(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir, **kw):
     base = dict(out=str(tmp_path / "run"), ranker=str(tiny_ranker_dir), policy=str(tiny_policy_dir),
                 data=str(data_dir), steps=2, products_per_step=2, group_size=3, budget=6,
                 max_product_tokens=16, val_fraction=0.34, eval_products=2, eval_every=1, save_every=1,
-                lr=1e-3, warmup_steps=1, beta=0.1, progress=False, device="cpu")
+                lr=1e-3, warmup_steps=1, beta=0.1, progress=False, device="cpu", precision="fp32")
     base.update(kw)
     return SummarizerConfig(**base)
 
@@ -175,6 +175,42 @@ def test_bad_config(tmp_path):
         SummarizerConfig(out=str(tmp_path), ranker="x", kl_target=0.1, algo="dpo")
     with pytest.raises(ValueError, match="divisible by grad_accum"):
         SummarizerConfig(out=str(tmp_path), ranker="x", products_per_step=3, group_size=1, grad_accum=2)
+    with pytest.raises(ValueError, match="precision must be one of auto, bf16, fp32, got 'fp16'"):
+        SummarizerConfig(out=str(tmp_path), ranker="x", precision="fp16")
+
+
+def test_bf16_trains_fp32_weights_and_samples_from_a_refreshed_bf16_copy(tmp_path, data_dir, tiny_policy_dir,
+                                                                          tiny_ranker_dir):
+    t = SummarizerTrainer(_cfg(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir, precision="bf16"))
+    assert t.sampler is not t.policy
+    grads = _record_grads(t)
+    before = {n: p.detach().clone() for n, p in t.policy.named_parameters()}
+    row = t.train_step()
+    # the policy equals the reference at the first step, and both forwards ran alike: KL exactly 0
+    assert row["kl"] == 0.0
+    assert all(g.dtype == torch.float32 for g in grads.values()) and sum(float(g.abs().sum()) for g in grads.values()) > 0
+    assert all(p.dtype == torch.float32 for p in t.policy.parameters())
+    assert all(v.dtype == torch.float32 for st in t.opt.state.values() for v in st.values() if v.is_floating_point())
+    moved = [n for n, p in t.policy.named_parameters() if not torch.equal(p, before[n])]
+    assert moved  # the step changed the fp32 weights ...
+    sampler = dict(t.sampler.named_parameters())
+    for n, p in t.policy.named_parameters():  # ... and the sampler holds them, rounded to bf16
+        assert sampler[n].dtype == torch.bfloat16 and torch.equal(sampler[n], p.detach().bfloat16()), n
+    assert all(b.dtype == torch.float32 for b in t.sampler.buffers() if b.is_floating_point())
+
+
+@pytest.mark.parametrize("precision", ["auto", "fp32"])
+def test_train_dtype_is_logged(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir, precision):
+    from relsum_core.precision import resolve_precision
+
+    train_summarizer(_cfg(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir, precision=precision, steps=1))
+    config = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())
+    assert config["event"] == "config" and config["precision"] == precision
+    assert config["train_dtype"] == str(resolve_precision(precision, "cpu")).removeprefix("torch.")
+    if config["train_dtype"] == "float32":
+        t = SummarizerTrainer(_cfg(tmp_path / "again", data_dir, tiny_policy_dir, tiny_ranker_dir,
+                                   precision=precision))
+        assert t.sampler is t.policy  # no copy in fp32
 
 
 def _record_grads(trainer) -> dict:
