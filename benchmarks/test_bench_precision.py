@@ -6,7 +6,13 @@
 - ``test_summarize_batch``: one `relsum summarize` batch: greedy summaries of real ESCI products
   by the packaged SmolLM2-135M, loaded in the dtype ``--precision`` gives.
 
-Both run on this machine's device. On a CPU without bf16 dot products bf16 is emulated, which is
+- ``test_grpo_step``: one `relsum train --algo grpo` step as the trainer runs it (4 products x 4
+  summaries, 64 product tokens, 32-token budget, temperature 0.7, KL to the reference): sampling,
+  ranker reward, update and AdamW.  bf16 samples from the trainer's bf16 copy and updates under
+  autocast; the ranker is the packaged all-MiniLM-L6-v2 with a fresh head (the reward's values do
+  not matter here, its cost does).
+
+All run on this machine's device. On a CPU without bf16 dot products bf16 is emulated, which is
 why ``--precision auto`` keeps fp32 there; ``extra_info.cpu_has_bf16_dot`` says which case ran.
 """
 
@@ -128,3 +134,32 @@ def test_summarize_batch(benchmark, summarize_prompts, precision):
     _info(benchmark, dev, precision, prompts=len(prompts), new_tokens=SUMMARIZE["new_tokens"],
           product_tokens=SUMMARIZE["product_tokens"],
           generated_tokens=int(out["r"].lengths.sum()), first_summary=out["r"].texts[0][:120])
+
+
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_grpo_step(benchmark, summarize_prompts, ranker_batches, precision, tmp_path):
+    import statistics
+
+    from relsum_core.trainers.summarizer import SummarizerConfig, SummarizerTrainer
+
+    policy, _ = summarize_prompts
+    base = ranker_batches[0]
+    cfg = SummarizerConfig(out=str(tmp_path / "run"), ranker=str(base), policy=str(policy), algo="grpo",
+                           products_per_step=4, group_size=4, max_product_tokens=64, budget=32, lr=1.5e-5,
+                           warmup_steps=5, beta=0.04, temperature=0.7, top_p=0.95, progress=False,
+                           device=str(bench_device()), precision=precision)
+    torch.manual_seed(0)
+    trainer = SummarizerTrainer(cfg)
+    rows = []
+
+    def step():
+        rows.append(trainer.train_step())
+        _sync(trainer.device)
+
+    step()  # warm-up: AdamW state, oneDNN / cuBLAS kernels
+    benchmark.pedantic(step, rounds=3 if trainer.device.type == "cpu" else 10, iterations=1)
+    timed = rows[1:]
+    _info(benchmark, trainer.device, precision, train_dtype=str(trainer.dtype).removeprefix("torch."),
+          summaries_per_step=cfg.products_per_step * cfg.group_size,
+          **{f"median_{k}": statistics.median(r[k] for r in timed)
+             for k in ("time_sample_s", "time_reward_s", "time_update_s", "summary_tokens", "kl")})

@@ -10,8 +10,8 @@ from pathlib import Path
 PRECISION_CHOICES = ("auto", "bf16", "fp32")
 
 
-def _add_precision(p: argparse.ArgumentParser, help: str) -> None:
-    p.add_argument("--precision", choices=PRECISION_CHOICES, default="auto", help=help)
+def _add_precision(p: argparse.ArgumentParser, help: str, default: str = "auto") -> None:
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default=default, help=help)
 
 
 def _bench_logprob(args: argparse.Namespace) -> int:
@@ -115,8 +115,10 @@ def _add_train(sub) -> None:
     p.add_argument("--compile-decode", action="store_true", default=None,
                    help="GPU: torch.compile the CUDA-graph decode step (faster after ~20 s per shape)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    _add_precision(p, "sampling and update: auto = bf16 on CUDA and on CPUs with bf16 dot products "
-                      "(weights and optimizer stay fp32)")
+    _add_precision(p, "sampling and update; bf16 (or auto: bf16 on CUDA and on CPUs with bf16 dot products) "
+                      "makes a step 1.6x faster on CPU, but in two GRPO runs its summaries gained less "
+                      "novelty than fp32's, hence the default fp32 (weights and optimizer are fp32 in all)",
+                   default="fp32")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_train)
 

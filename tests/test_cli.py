@@ -18,6 +18,15 @@ def test_train_requires_a_ranker():
         build_parser().parse_args(["train", "--out", "x"])
 
 
+def test_precision_defaults():
+    parser = build_parser()
+    # the summarizer's RL trains in fp32 unless asked (bf16 changed what GRPO learned); the rest pick
+    assert parser.parse_args(["train", "--ranker", "r", "--out", "x"]).precision == "fp32"
+    assert parser.parse_args(["train", "--ranker", "r", "--out", "x", "--precision", "bf16"]).precision == "bf16"
+    assert parser.parse_args(["train-ranker", "--out", "x"]).precision == "auto"
+    assert parser.parse_args(["summarize", "--out", "x"]).precision == "auto"
+
+
 def test_summarize_cli_end_to_end(tmp_path, tiny_policy_dir, capsys):
     catalog = tmp_path / "products.jsonl"
     row = {"product_id": "p1", "title": "red shirt", "bullet_points": "cotton"}

@@ -15,11 +15,14 @@ reward them with the ranker (`relsum_core.rewards`).  Then
 Log-probs of policy and reference come from `fused_logprob` on the LM head: no [tokens x vocab]
 logits.
 
-Precision (``precision="auto"``): bf16 on CUDA and on CPUs with bf16 dot products, else fp32.  In
-bf16 the policy's weights, gradients and AdamW state stay fp32; the update's forwards (policy and
-reference) run under bf16 autocast with the LM head kept in fp32 (or in the Triton kernel's fp32
-accumulation), and rollouts come from a bf16 copy of the policy, refreshed after every optimizer
-step.  On the project's 2-core CPU that halves the update and takes 40% off sampling.
+Precision: fp32 unless asked.  ``precision="bf16"`` (or ``"auto"``: bf16 on CUDA and on CPUs with
+bf16 dot products) keeps the policy's weights, gradients and AdamW state fp32, runs the update's
+forwards (policy and reference) under bf16 autocast with the LM head outside it (fp32 on the torch
+path, fp32 accumulation in the Triton kernel), and samples from a bf16 copy of the policy refreshed
+after every optimizer step.  A step is 1.6x faster on the project's CPU
+(`benchmarks/results/cpu-precision.md`), but in two GRPO runs on ESCI the bf16 summaries gained
+less novelty (words of the product text the title lacks) than the fp32 ones and copied more
+(`benchmarks/results/rl_cpu/bf16/`), so it is not the default.
 
 Data parallel: under ``torchrun --nproc_per_node=N`` each process takes ``products_per_step / N``
 of the step's products (the same global draw everywhere), samples them with per-row seeds (so a
@@ -89,7 +92,7 @@ class SummarizerConfig:
     seed: int = 0
     device: str | None = None
     compile_decode: bool = False  # GPU: torch.compile the sampler's decode step (~20 s once per shape)
-    precision: str = "auto"  # "bf16", "fp32" or "auto" (bf16 on CUDA and on CPUs with bf16 dot products)
+    precision: str = "fp32"  # or "bf16", or "auto" (bf16 on CUDA and on CPUs with bf16 dot products)
     progress: bool = True
     # reward weights: RewardConfig's defaults, kept in one place
     reward_relevance: float = RewardConfig.relevance
