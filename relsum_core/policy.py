@@ -370,9 +370,9 @@ def completion_logprobs(model, rollouts: Rollouts, *, temperature: float = 1.0, 
     targets = rollouts.completion_ids.masked_fill(rollouts.completion_mask == 0, -100).reshape(-1)
     weight, bias = head.weight, getattr(head, "bias", None)
     if torch.is_autocast_enabled(h.device.type):
-        # Mixed precision: the body ran in bf16, the head leaves autocast (which would round the
-        # torch path's fp32 matmul to bf16: logits of 10-20 off by ~0.05 nats, the size of the KL
-        # the trainer controls).  The Triton kernel takes bf16 inputs and accumulates in fp32.
+        # Mixed precision: the body ran in bf16; the head leaves autocast, which would round the
+        # torch path's fp32 matmul, and with it every log-prob, to bf16.  The Triton kernel takes
+        # bf16 inputs and accumulates in fp32.
         dtype = torch.get_autocast_dtype(h.device.type) if resolve_impl(impl, h) == "triton" else torch.float32
         with torch.autocast(h.device.type, enabled=False):
             out = fused_logprob(h.to(dtype), weight.to(dtype), targets,
