@@ -373,7 +373,8 @@ def completion_logprobs(model, rollouts: Rollouts, *, temperature: float = 1.0, 
         # Mixed precision: the body ran in bf16; the head leaves autocast, which would round the
         # torch path's fp32 matmul, and with it every log-prob, to bf16.  The Triton kernel takes
         # bf16 inputs and accumulates in fp32.
-        dtype = torch.get_autocast_dtype(h.device.type) if resolve_impl(impl, h) == "triton" else torch.float32
+        triton = resolve_impl(impl, h) == "triton"
+        dtype = torch.get_autocast_dtype(h.device.type) if triton else torch.float32
         with torch.autocast(h.device.type, enabled=False):
             out = fused_logprob(h.to(dtype), weight.to(dtype), targets,
                                 bias=None if bias is None else bias.to(dtype), temperature=temperature,

@@ -188,9 +188,11 @@ def test_bf16_trains_fp32_weights_and_samples_from_a_refreshed_bf16_copy(tmp_pat
     row = t.train_step()
     # the policy equals the reference at the first step, and both forwards ran alike: KL exactly 0
     assert row["kl"] == 0.0
-    assert all(g.dtype == torch.float32 for g in grads.values()) and sum(float(g.abs().sum()) for g in grads.values()) > 0
+    assert all(g.dtype == torch.float32 for g in grads.values())
+    assert sum(float(g.abs().sum()) for g in grads.values()) > 0
     assert all(p.dtype == torch.float32 for p in t.policy.parameters())
-    assert all(v.dtype == torch.float32 for st in t.opt.state.values() for v in st.values() if v.is_floating_point())
+    assert all(v.dtype == torch.float32
+               for st in t.opt.state.values() for v in st.values() if v.is_floating_point())
     moved = [n for n, p in t.policy.named_parameters() if not torch.equal(p, before[n])]
     assert moved  # the step changed the fp32 weights ...
     sampler = dict(t.sampler.named_parameters())

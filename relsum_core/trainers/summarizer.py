@@ -408,7 +408,8 @@ class SummarizerTrainer:
         if not ids:
             return {}
         self.policy.eval()
-        r = sample(self.sampler, self.tok, self._prompts(ids), max_new_tokens=self.cfg.budget, temperature=0.0)
+        r = sample(self.sampler, self.tok, self._prompts(ids), max_new_tokens=self.cfg.budget,
+                   temperature=0.0)
         rewards = self.reward(ids, r.texts, r.lengths.tolist())
         return {"step": self.step, "reward": float(rewards["total"].mean()),
                 **{f"reward_{c}": float(rewards[c].mean()) for c in COMPONENTS},
