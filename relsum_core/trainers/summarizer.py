@@ -431,18 +431,18 @@ class SummarizerTrainer:
 
         cfg = self.cfg
         lead = self.rank == 0
+        dtype_name = str(self.dtype).removeprefix("torch.")  # which precision auto chose
         log = None
         if lead:
             self.out.mkdir(parents=True, exist_ok=True)
             log = JsonlLog(self.out / "metrics.jsonl", append=self.step > 0)
             if self.step == 0:
-                log.write("config", **asdict(cfg), world_size=self.world,
-                          train_dtype=str(self.dtype).removeprefix("torch."))
+                log.write("config", **asdict(cfg), world_size=self.world, train_dtype=dtype_name)
                 log.write("eval", **self.evaluate())
         last = {}
         t_start = time.perf_counter()
         show = cfg.progress and lead
-        desc = f"{cfg.algo} ({str(self.dtype).removeprefix('torch.')})"  # which precision auto chose
+        desc = f"{cfg.algo} ({dtype_name})"
         with tqdm(total=cfg.steps, initial=self.step, disable=not show, desc=desc) as bar:
             while self.step < cfg.steps:
                 last = self.train_step()
