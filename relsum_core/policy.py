@@ -7,6 +7,7 @@ It is de-quantized once into a plain safetensors folder under the user cache dir
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -368,19 +369,17 @@ def completion_logprobs(model, rollouts: Rollouts, *, temperature: float = 1.0, 
     B, T = rollouts.completion_ids.shape
     h = hidden[:, P - 1: P + T - 1].reshape(B * T, -1)
     targets = rollouts.completion_ids.masked_fill(rollouts.completion_mask == 0, -100).reshape(-1)
-    weight, bias = head.weight, getattr(head, "bias", None)
+    bias, head_context = getattr(head, "bias", None), contextlib.nullcontext()
     if torch.is_autocast_enabled(h.device.type):
         # Mixed precision: the body ran in bf16; the head leaves autocast, which would round the
         # torch path's fp32 matmul, and with it every log-prob, to bf16.  The Triton kernel takes
         # bf16 inputs and accumulates in fp32.
         triton = resolve_impl(impl, h) == "triton"
-        dtype = torch.get_autocast_dtype(h.device.type) if triton else torch.float32
-        with torch.autocast(h.device.type, enabled=False):
-            out = fused_logprob(h.to(dtype), weight.to(dtype), targets,
-                                bias=None if bias is None else bias.to(dtype), temperature=temperature,
-                                with_entropy=with_entropy, impl=impl)
-    else:
-        out = fused_logprob(h, weight.to(h.dtype), targets, bias=bias, temperature=temperature,
+        h = h.to(torch.get_autocast_dtype(h.device.type) if triton else torch.float32)
+        bias = None if bias is None else bias.to(h.dtype)
+        head_context = torch.autocast(h.device.type, enabled=False)
+    with head_context:
+        out = fused_logprob(h, head.weight.to(h.dtype), targets, bias=bias, temperature=temperature,
                             with_entropy=with_entropy, impl=impl)
     if with_entropy:
         return out[0].view(B, T), out[1].view(B, T)

@@ -17,11 +17,15 @@ def cpu_has_bf16_dot() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
 def resolve_precision(precision: str, device=None, *, auto_on_cuda: bool = True) -> torch.dtype:
     """``"bf16"`` or ``"fp32"`` as asked; ``"auto"`` is bf16 on CPUs with bf16 dot products and, with
     ``auto_on_cuda``, on CUDA devices, fp32 elsewhere.  ``device`` None means the CPU."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    check_precision(precision)
     if precision == "auto":
         on_cuda = torch.device(device or "cpu").type == "cuda"
         fast = auto_on_cuda if on_cuda else cpu_has_bf16_dot()

@@ -54,7 +54,7 @@ from relsum_core.data import load_dataset, split_queries
 from relsum_core.io import JsonlLog, atomic_write_dir
 from relsum_core.losses import dpo_loss, grpo_loss, sequence_logprob
 from relsum_core.policy import Rollouts, build_prompt, completion_logprobs, load_policy, sample
-from relsum_core.precision import PRECISIONS, resolve_precision
+from relsum_core.precision import check_precision, resolve_precision
 from relsum_core.rewards import COMPONENTS, RankerReward, RewardConfig, decoupled_advantages, group_advantages
 
 
@@ -109,8 +109,7 @@ class SummarizerConfig:
             raise ValueError(f"advantage must be 'decoupled' or 'total', got {self.advantage!r}")
         if self.algo == "dpo" and self.group_size < 2:
             raise ValueError("dpo needs group_size >= 2 to form a (best, worst) pair")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_precision(self.precision)
         if self.budget <= 0:
             raise ValueError(f"budget must be > 0 tokens, got {self.budget}")
         if self.kl_target is not None:
