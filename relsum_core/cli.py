@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -264,9 +265,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Bad input (a missing folder, a malformed data row, a checkpoint of the wrong kind, a bad option value)
+# ends the command with one line naming the problem, as argparse's own errors do; RELSUM_TRACEBACK=1
+# shows the traceback as well.  PolicyLoadError derives from RuntimeError, so it is named on its own.
+def _input_errors() -> tuple[type[BaseException], ...]:
+    from relsum_core.policy import PolicyLoadError
+
+    return (ValueError, TypeError, OSError, PolicyLoadError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    prog = f"{parser.prog} {args.command}"
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        # checkpoints and outputs are written atomically, so what was saved before this is intact
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except _input_errors() as e:
+        if os.environ.get("RELSUM_TRACEBACK", "") not in ("", "0"):
+            raise
+        parser.exit(2, f"{prog}: error: {type(e).__name__}: {e}\n"
+                       f"(set RELSUM_TRACEBACK=1 for the traceback)\n")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,33 @@ def test_summarize_cli_end_to_end(tmp_path, tiny_policy_dir, capsys):
     assert "summaries in" in capsys.readouterr().out
 
 
-def test_train_cli_bad_budget_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="budget must be > 0"):
+def test_train_cli_bad_budget_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
         main(["train", "--ranker", "r", "--out", str(tmp_path), "--budget", "0"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("relsum train: error: ValueError: ") and "budget must be > 0" in err
+    assert "Traceback" not in err
+
+
+def test_cli_input_error_is_one_line_unless_traceback_asked(tmp_path, capsys, monkeypatch):
+    args = ["evaluate", "--ranker", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "relsum evaluate: error: FileNotFoundError: " in err and "missing is not a directory" in err
+    monkeypatch.setenv("RELSUM_TRACEBACK", "1")
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        main(args)
+
+
+def test_cli_interrupt_exits_130(monkeypatch, capsys):
+    import relsum_core.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_plot", interrupted)  # the parser binds it when main() builds it
+    assert cli.main(["plot", "m.jsonl"]) == 130
+    assert "relsum plot: interrupted" in capsys.readouterr().err

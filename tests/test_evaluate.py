@@ -218,5 +218,6 @@ def test_evaluate_cli(tmp_path, data_dir, tiny_ranker_dir, capsys):
                  "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "| title+desc4 |" in printed and "| title+hand |" in printed
-    with pytest.raises(ValueError, match="NAME=PATH"):
+    with pytest.raises(SystemExit):
         main(["evaluate", "--ranker", str(tiny_ranker_dir), "--out", str(out), "--summaries", str(hand)])
+    assert "NAME=PATH" in capsys.readouterr().err
