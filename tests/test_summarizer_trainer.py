@@ -241,9 +241,41 @@ def _ddp_worker(rank, world, store, cfg_kw, out_file):
         t.train_step()
         if rank == 0:
             torch.save(grads, out_file)
+        t.close()  # drops DDP; the group is the test's to leave
+        assert dist.is_initialized()
         dist.barrier()  # neither process tears down its connections while the other still uses them
     finally:
         dist.destroy_process_group()
+
+
+def _torchrun_worker(rank, world, port, cfg_kw, flag_dir):
+    import os
+
+    import torch.distributed as dist
+
+    # what torchrun sets; the trainer joins the group itself, as under `torchrun relsum train`
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    train_summarizer(SummarizerConfig(**cfg_kw))
+    with open(os.path.join(flag_dir, f"rank{rank}"), "w") as f:
+        f.write(str(dist.is_initialized()))
+
+
+def test_torchrun_run_leaves_the_group_it_joined(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:  # a free port (the race with another process taking it is tiny)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg_kw = vars(_cfg(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir, steps=1))
+    mp.spawn(_torchrun_worker, args=(2, port, cfg_kw, str(tmp_path)), nprocs=2, join=True)
+    # a group left alive (or a DDP module left to interpreter shutdown) can abort the process at exit
+    assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == ["False", "False"]
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in rows if r["event"] == "train"] == [1]
+    assert rows[0]["world_size"] == 2 and (tmp_path / "run" / "checkpoint" / "trainer.pt").is_file()
 
 
 @pytest.mark.parametrize("algo", ["grpo", "dpo"])

@@ -161,16 +161,18 @@ def _rollout_rows(r: Rollouts, rows: slice | torch.Tensor) -> Rollouts:
                     texts)
 
 
-def _distributed(device_type: str) -> tuple[int, int]:
-    """(rank, world size), joining the torchrun process group when there is one."""
+def _distributed(device_type: str) -> tuple[int, int, bool]:
+    """(rank, world size, whether this call joined the process group), joining the torchrun group
+    when there is one."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return 0, 1
+        return 0, 1, False
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    joined = not dist.is_initialized()
+    if joined:
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size()
+    return dist.get_rank(), dist.get_world_size(), joined
 
 
 def _all_sum(values: list[float], device) -> list[float]:
@@ -201,7 +203,7 @@ class SummarizerTrainer:
         self.cfg = cfg
         self.out = Path(cfg.out)
         device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.rank, self.world = _distributed(device.type)
+        self.rank, self.world, self._joined_group = _distributed(device.type)
         if device.type == "cuda" and self.world > 1:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.rank)))
         self.device = device
@@ -466,8 +468,31 @@ class SummarizerTrainer:
             log.close()
         return last
 
+    def close(self) -> None:
+        """Leave data parallelism after a finished run: drop the DDP wrapper, and leave the process
+        group if this trainer joined it.  A process that exits with a gloo group still alive (left
+        joined, or held by a DDP module that a reference cycle keeps until shutdown) can abort at
+        interpreter shutdown ("terminate called without an active exception") after all its work
+        is saved, and torchrun then reports the run failed."""
+        if self.world == 1:
+            return
+        import gc
+
+        import torch.distributed as dist
+
+        if isinstance(self.logprobs, nn.parallel.DistributedDataParallel):
+            self.logprobs = self.logprobs.module
+            gc.collect()  # a cycle through the wrapper goes now, while the interpreter is whole
+        if self._joined_group and dist.is_initialized():
+            dist.barrier()  # rank 0 may still be evaluating and saving
+            dist.destroy_process_group()
+
 
 def train_summarizer(cfg: SummarizerConfig) -> dict:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    return SummarizerTrainer(cfg).train()
+    trainer = SummarizerTrainer(cfg)
+    last = trainer.train()
+    # Only after success: a process that failed must not wait in a barrier the others never reach.
+    trainer.close()
+    return last
