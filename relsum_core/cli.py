@@ -87,7 +87,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = SummarizerConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None},
                            progress=not args.no_progress)
     last = train_summarizer(cfg)
-    if last:
+    if last and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 wrote the metrics
         print(f"step {last['step']}: reward {last['reward']:.4f}; "
               f"metrics in {Path(args.out) / 'metrics.jsonl'}")
     return 0

@@ -1,5 +1,6 @@
 import csv
 import json
+import os
 
 import pytest
 import torch
@@ -276,6 +277,26 @@ def test_torchrun_run_leaves_the_group_it_joined(tmp_path, data_dir, tiny_policy
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["step"] for r in rows if r["event"] == "train"] == [1]
     assert rows[0]["world_size"] == 2 and (tmp_path / "run" / "checkpoint" / "trainer.pt").is_file()
+
+
+def test_readme_torchrun_command_runs_and_exits_cleanly(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir):
+    import subprocess
+    import sys
+
+    # the README's data-parallel line (torchrun -m relsum_core.cli train), on the tiny models
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "relsum_core.cli", "train", "--ranker", str(tiny_ranker_dir),
+           "--policy", str(tiny_policy_dir), "--data", str(data_dir), "--out", str(out),
+           "--steps", "1", "--products-per-step", "2", "--group-size", "2", "--budget", "4",
+           "--max-product-tokens", "16", "--eval-products", "2",
+           "--device", "cpu", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("step 1: reward") == 1  # rank 0 reports; both processes exited 0
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert rows[0]["world_size"] == 2 and [r["step"] for r in rows if r["event"] == "train"] == [1]
 
 
 @pytest.mark.parametrize("algo", ["grpo", "dpo"])
