@@ -177,8 +177,11 @@ if HAS_TRITON:
 
 
 def _launch_config(dtype: torch.dtype) -> dict:
-    """Tile sizes and warps.  GPU ones compile for sm_90 without register spills (ptxas -v):
-    fp32 tiles are smaller because their dot operands take twice the registers."""
+    """Tile sizes and warps.  GPU ones compile for sm_90 without register spills (ptxas -v) with
+    triton 3.7: fp32 tiles are smaller because their dot operands take twice the registers.
+    Triton 3.6 (the GPU image's) spills 44 bytes in the 16-bit backward at 255 registers; BLOCK_D 16
+    (218 registers) or 16 warps (128) do not spill on either, but a smaller tile would multiply the
+    backward's atomics, and neither has been timed, so the tile stays."""
     if interpreting():  # small tiles keep the interpreter quick
         return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=32)
     if dtype == torch.float32:
