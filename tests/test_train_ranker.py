@@ -267,7 +267,7 @@ def test_pointwise_loss_by_hand():
         listwise_loss(s, g, torch.zeros(3, dtype=torch.long)).item(), abs=1e-6)
 
 
-def test_train_ranker_pointwise_weight(tmp_path, tiny_base):
+def test_train_ranker_pointwise_weight(tmp_path, tiny_base, capsys):
     out = tmp_path / "run"
     args = ["train-ranker", "--base", str(tiny_base), "--out", str(out), "--max-queries", "6",
             "--val-fraction", "0.34", "--epochs", "1", "--max-steps", "3", "--batch-size", "2",
@@ -282,10 +282,11 @@ def test_train_ranker_pointwise_weight(tmp_path, tiny_base):
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["pointwise_weight"] == 2.5 and report["config"]["keyword_prob"] == 0.5
     for bad in ("-1", "nan"):
-        with pytest.raises(ValueError, match="pointwise_weight must be a finite number >= 0"):
-            main(args[:4] + [str(tmp_path / f"bad{bad}")] + args[5:] + ["--pointwise-weight", bad])
-        with pytest.raises(ValueError, match=r"keyword_prob must be in \[0, 1\]"):
-            main(args[:4] + [str(tmp_path / f"badk{bad}")] + args[5:] + ["--keyword-prob", bad])
+        for flag, message in (("--pointwise-weight", "pointwise_weight must be a finite number >= 0"),
+                              ("--keyword-prob", "keyword_prob must be in [0, 1]")):
+            with pytest.raises(SystemExit) as e:
+                main(args[:4] + [str(tmp_path / f"bad{flag}{bad}")] + args[5:] + [flag, bad])
+            assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_train_ranker_reads_a_wands_folder(tmp_path, tiny_base):
