@@ -117,8 +117,8 @@ def _add_train(sub) -> None:
                    help="GPU: torch.compile the CUDA-graph decode step (faster after ~20 s per shape)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     _add_precision(p, "sampling and update; bf16 (or auto: bf16 on CUDA and on CPUs with bf16 dot products) "
-                      "makes a step 1.6x faster on CPU, but in two GRPO runs its summaries gained less "
-                      "novelty than fp32's, hence the default fp32 (weights and optimizer are fp32 in all)",
+                      "makes a step 1.6x faster on CPU; the default is fp32 because in one of three GRPO "
+                      "seeds its summaries gained far less novelty (weights and optimizer are fp32 in all)",
                    default="fp32")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_train)

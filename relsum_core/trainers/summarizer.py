@@ -20,9 +20,9 @@ bf16 dot products) keeps the policy's weights, gradients and AdamW state fp32, r
 forwards (policy and reference) under bf16 autocast with the LM head outside it (fp32 on the torch
 path, fp32 accumulation in the Triton kernel), and samples from a bf16 copy of the policy refreshed
 after every optimizer step.  A step is 1.6x faster on the project's CPU
-(`benchmarks/results/cpu-precision.md`), but in two GRPO runs on ESCI the bf16 summaries gained
-less novelty (words of the product text the title lacks) than the fp32 ones and copied more
-(`benchmarks/results/rl_cpu/bf16/`), so it is not the default.
+(`benchmarks/results/cpu-precision.md`).  It is not the default because in one of three GRPO
+seeds on ESCI the bf16 summaries gained far less novelty (words of the product text the title
+lacks) than the fp32 ones; in the other two they ended close (`benchmarks/results/rl_cpu/bf16/`).
 
 Data parallel: under ``torchrun --nproc_per_node=N`` each process takes ``products_per_step / N``
 of the step's products (the same global draw everywhere), samples them with per-row seeds (so a

@@ -18,6 +18,8 @@ RUNS = {  # file: (label, colour, line style)
     "seed1-fp32.jsonl": ("seed 1, fp32", "tab:blue", "--"),
     "seed1-bf16.jsonl": ("seed 1, bf16", "tab:red", "--"),
     "seed1-bf16-autocast-sampling.jsonl": ("seed 1, bf16, autocast sampling", "tab:orange", ":"),
+    "seed2-fp32.jsonl": ("seed 2, fp32", "tab:blue", "-."),
+    "seed2-bf16.jsonl": ("seed 2, bf16", "tab:red", "-."),
 }
 
 
