@@ -110,6 +110,9 @@ def _add_train(sub) -> None:
                       ("reward-faithfulness", float), ("reward-novelty", float), ("max-minutes", float),
                       ("kl-target", float)):
         p.add_argument(f"--{name}", type=typ, default=None)
+    p.add_argument("--split-seed", type=int, default=None,
+                   help="train/validation split of the queries (default 0: train-ranker's and evaluate's)")
+    p.add_argument("--val-fraction", type=float, default=None, help="share of queries held out (default 0.2)")
     p.add_argument("--loss-type", choices=["dapo", "grpo", "dr_grpo"], default=None)
     p.add_argument("--advantage", choices=["decoupled", "total"], default=None,
                    help="grpo: normalise each reward component within its group (default) or their sum")

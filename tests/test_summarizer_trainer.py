@@ -216,6 +216,19 @@ def test_train_dtype_is_logged(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_
         assert t.sampler is t.policy  # no copy in fp32
 
 
+def test_query_split_follows_split_seed_not_seed(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir):
+    from relsum_core.data import load_dataset, split_queries
+
+    _, judgments = load_dataset(data_dir)
+    queries = sorted({j.query_id for j in judgments})
+    for seed, split_seed in ((0, 0), (4, 0), (0, 1), (4, 2)):  # seed 4 alone would pick another query
+        t = SummarizerTrainer(_cfg(tmp_path / f"{seed}-{split_seed}", data_dir, tiny_policy_dir,
+                                   tiny_ranker_dir, seed=seed, split_seed=split_seed))
+        _, val_q = split_queries(queries, val_fraction=0.34, seed=split_seed)  # as train-ranker splits
+        assert t.val_ids == sorted({j.product_id for j in judgments if j.query_id in val_q})
+        assert not set(t.train_ids) & set(t.val_ids)
+
+
 def _record_grads(trainer) -> dict:
     """The (clipped) gradients the optimizer step sees, by parameter name."""
     grads, step = {}, trainer.opt.step
