@@ -242,8 +242,6 @@ def _record_grads(trainer) -> dict:
 
 
 def _ddp_worker(rank, world, store, cfg_kw, out_file):
-    import os
-
     import torch.distributed as dist
 
     # A file store instead of a TCP port: no race for a free port between parallel test runs.
@@ -263,8 +261,6 @@ def _ddp_worker(rank, world, store, cfg_kw, out_file):
 
 
 def _torchrun_worker(rank, world, port, cfg_kw, flag_dir):
-    import os
-
     import torch.distributed as dist
 
     # what torchrun sets; the trainer joins the group itself, as under `torchrun relsum train`
