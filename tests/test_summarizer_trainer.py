@@ -104,11 +104,15 @@ def test_resume_gives_the_same_next_step(tmp_path, data_dir, tiny_policy_dir, ti
 def test_grad_accum_matches_one_batch(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir):
     one = SummarizerTrainer(_cfg(tmp_path / "a", data_dir, tiny_policy_dir, tiny_ranker_dir, grad_accum=1))
     two = SummarizerTrainer(_cfg(tmp_path / "b", data_dir, tiny_policy_dir, tiny_ranker_dir, grad_accum=2))
+    g1, g2 = _record_grads(one), _record_grads(two)
     m1, m2 = one.train_step(), two.train_step()
     assert m1["reward"] == pytest.approx(m2["reward"])
     assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-4)
-    for a, b in zip(one.policy.parameters(), two.policy.parameters()):
-        assert torch.allclose(a, b, atol=1e-6)
+    # Gradients, not weights: AdamW's first step moves a weight by ~lr * sign(grad), so float noise on
+    # a gradient entry near zero can move one weight by up to 2 * lr (seen on an AMX Xeon: 1 of 20k).
+    assert g1.keys() == g2.keys() and sum(float(g.abs().sum()) for g in g1.values()) > 0
+    for name, g in g1.items():
+        assert rel_err(g2[name], g) < 1e-4, name
 
 
 def test_dpo_pairs_best_and_worst_of_each_group(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir):
