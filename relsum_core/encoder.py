@@ -92,9 +92,15 @@ class PackedBertEncoder(nn.Module):
 
     def _dense_act(self, x: torch.Tensor, dense: nn.Linear) -> torch.Tensor:
         if not self._kernel_epilogues(x):
-            # CPU: the bias rides in the GEMM (addmm) for free; a separate bias pass costs ~5%.
+            # CPU: the bias rides in the GEMM (addmm); a separate bias pass costs ~5%.
             y = F.linear(x, dense.weight, dense.bias)
-            return F.gelu(y) if self.act == "gelu" else self._hf_act(y)
+            if self.act != "gelu":
+                return self._hf_act(y)
+            if torch.is_grad_enabled() and y.requires_grad:
+                return F.gelu(y)
+            # In place: one [T, 4H] buffer less at the peak (18.6 MB in bf16 at 100 candidates), and
+            # a second one would be fresh memory, page faults and all, on every call.
+            return torch.ops.aten.gelu_(y)
         if self.act == "gelu" and self.fused_ffn_up:
             return K.linear_gelu(x, dense.weight, dense.bias, impl=self.impl)
         y = F.linear(x, dense.weight)
