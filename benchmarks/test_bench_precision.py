@@ -76,18 +76,20 @@ def ranker_batches():
 def test_train_ranker_step(benchmark, ranker_batches, precision):
     from transformers import AutoModelForSequenceClassification
 
+    from relsum_core.ranker import CrossEncoder
     from relsum_core.trainers.ranker import RankerTrainConfig, _param_groups, _train_scores, listwise_loss
 
     base, tok, batches = ranker_batches
     dev = bench_device()
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1).to(dev).train()
+    ce = CrossEncoder.from_model(model, tok, max_length=144)
     opt = torch.optim.AdamW(_param_groups(model, RankerTrainConfig(out="-")), lr=1e-5)
     dtype, turn = PRECISIONS[precision], iter(range(10**9))
 
     def step():
         pairs, grades, group_ids = batches[next(turn) % len(batches)]
-        scores = _train_scores(model, tok, pairs, 144, dev, dtype)
+        scores = _train_scores(ce, pairs, dtype)
         listwise_loss(scores, grades.to(dev), group_ids.to(dev)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

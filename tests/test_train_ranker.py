@@ -68,27 +68,31 @@ def test_groups_cover_each_candidate_once_with_mixed_grades():
     assert max(len(g) for g in groups) - min(len(g) for g in groups) <= 1
 
 
-def test_train_scores_keep_input_order(tiny_base):
+def test_train_scores_keep_input_order_and_follow_the_serving_rule(tiny_base):
     model = AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=1).eval()
-    tok = AutoTokenizer.from_pretrained(tiny_base)
+    ce = CrossEncoder.from_model(model, AutoTokenizer.from_pretrained(tiny_base), max_length=64)
     pairs = [("q", "a long product text " * k) for k in (5, 1, 9, 0, 3)] + [("other query", "short")]
-    chunked = _train_scores(model, tok, pairs, 64, "cpu", torch.float32, chunk=2)
+    # Past the 64-token cap: a long query (the rule keeps its first 61 tokens and no doc, where HF's
+    # longest_first would share the budget) and a long doc.
+    pairs += [("red running shoe " * 30, "nike air " * 20), ("q", "a long product text " * 40)]
+    chunked = _train_scores(ce, pairs, torch.float32, chunk=2)
     assert chunked.requires_grad
-    whole = _train_scores(model, tok, pairs, 64, "cpu", torch.float32, chunk=len(pairs))
+    whole = _train_scores(ce, pairs, torch.float32, chunk=len(pairs))
     np.testing.assert_allclose(chunked.detach().numpy(), whole.detach().numpy(), rtol=1e-5, atol=1e-5)
     # training's HF forward and evaluation's packed CrossEncoder must agree, or selection is off
-    reference = CrossEncoder.from_model(model, tok, max_length=64).predict(pairs)
-    np.testing.assert_allclose(chunked.detach().numpy(), reference, rtol=1e-4, atol=1e-4)
-    assert len(set(np.round(reference, 6))) == len(pairs)  # distinct, so a permutation would show
+    # (scores of this random model differ by ~1e-5 between pairs, so the tolerance is tight)
+    reference = ce.predict(pairs)
+    np.testing.assert_allclose(chunked.detach().numpy(), reference, rtol=0, atol=1e-6)
+    assert len(set(np.round(reference, 7))) == len(pairs)  # distinct, so a permutation would show
 
 
 def test_bf16_train_scores_follow_fp32_and_train_fp32_weights(tiny_base):
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=1).eval()
-    tok = AutoTokenizer.from_pretrained(tiny_base)
+    ce = CrossEncoder.from_model(model, AutoTokenizer.from_pretrained(tiny_base), max_length=64)
     pairs = [("q", "a long product text " * k) for k in (5, 1, 9, 0, 3)] + [("other query", "short")]
-    fp32 = _train_scores(model, tok, pairs, 64, "cpu", torch.float32)
-    bf16 = _train_scores(model, tok, pairs, 64, "cpu", torch.bfloat16)
+    fp32 = _train_scores(ce, pairs, torch.float32)
+    bf16 = _train_scores(ce, pairs, torch.bfloat16)
     assert bf16.dtype == torch.float32  # the loss is taken in fp32
     assert (bf16 - fp32).abs().max().item() < 0.02 * fp32.abs().max().item()  # a few bf16 ulps
     assert not torch.equal(bf16, fp32)  # autocast did run in bf16

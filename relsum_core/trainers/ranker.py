@@ -199,37 +199,40 @@ def make_pseudo_groups(by_query, query_ids, catalog: dict[str, Product], group_s
 # Scoring
 
 
-def _train_scores(model, tokenizer, pairs, max_length: int, device, dtype: torch.dtype,
-                  chunk: int = 16) -> torch.Tensor:
-    """Differentiable scores of ``pairs`` in input order.
+def _train_scores(ce, pairs, dtype: torch.dtype, chunk: int = 16) -> torch.Tensor:
+    """Differentiable scores of ``pairs`` in input order from ``ce.model`` (the HF model being trained).
 
-    Random prefixes make lengths within a batch vary a lot; length-sorted chunks pad each to its
-    own longest pair instead of the batch's, which saves about a third of the tokens on CPU.
+    Pairs are tokenised and truncated by the serving rule (``CrossEncoder.encode_pairs``), so the
+    ranker trains on exactly the token sequences it is later scored on.  Random prefixes make
+    lengths within a batch vary a lot; length-sorted chunks pad each to its own longest pair
+    instead of the batch's, which saves about a third of the tokens on CPU.
     """
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    encoded = ce.encode_pairs(pairs)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+    pad_id = ce.tokenizer.pad_token_id or 0
     parts = []
-    with _autocast(device, dtype):  # one region: chunks share its cache of bf16 weight copies
+    with _autocast(ce.device, dtype):  # one region: chunks share its cache of bf16 weight copies
         for i in range(0, len(order), chunk):
             idx = order[i : i + chunk]
-            enc = tokenizer(
-                [pairs[j][0] for j in idx],
-                [pairs[j][1] for j in idx],
-                padding=True,
-                truncation="longest_first",
-                max_length=max_length,
-                return_tensors="pt",
-            ).to(device)
-            parts.append(model(**enc).logits[:, 0].float())
+            width = max(len(encoded[j][0]) for j in idx)
+            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+            types = torch.zeros_like(ids)
+            mask = torch.zeros_like(ids)
+            for row, j in enumerate(idx):
+                tokens, type_start = encoded[j]
+                ids[row, : len(tokens)] = torch.tensor(tokens)
+                types[row, type_start : len(tokens)] = 1
+                mask[row, : len(tokens)] = 1
+            out = ce.model(input_ids=ids.to(ce.device), token_type_ids=types.to(ce.device),
+                           attention_mask=mask.to(ce.device))
+            parts.append(out.logits[:, 0].float())
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(order))
-    return torch.cat(parts)[inverse.to(device)]
+    return torch.cat(parts)[inverse.to(ce.device)]
 
 
-def _predictor(model, tokenizer, batch_size: int, max_length: int) -> Callable:
+def _predictor(ce, batch_size: int) -> Callable:
     """pairs -> scores with the library's packed CrossEncoder, sharing the weights being trained."""
-    from relsum_core.ranker import CrossEncoder
-
-    ce = CrossEncoder.from_model(model, tokenizer, max_length=max_length)
     return lambda pairs: np.asarray(ce.predict(pairs, batch_size=batch_size), dtype=np.float64)
 
 
@@ -384,12 +387,14 @@ def freeze_lower(model, n_layers: int) -> None:
             p.requires_grad_(False)
 
 
-def pseudo_warmup(model, tokenizer, by_query, train_q, catalog, sampler, cfg: RankerTrainConfig,
-                  device, dtype: torch.dtype, log: JsonlLog) -> None:
-    """``cfg.pseudo_steps`` steps of softmax cross-entropy on title pseudo-queries (positive first)."""
+def pseudo_warmup(ce, by_query, train_q, catalog, sampler, cfg: RankerTrainConfig, device, dtype: torch.dtype,
+                  log: JsonlLog) -> None:
+    """``cfg.pseudo_steps`` steps of softmax cross-entropy on title pseudo-queries (positive first),
+    training ``ce.model``."""
     from tqdm.auto import tqdm
     from transformers.optimization import get_linear_schedule_with_warmup
 
+    model = ce.model
     rng = random.Random(cfg.seed + 1)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * cfg.pseudo_steps),
@@ -402,7 +407,7 @@ def pseudo_warmup(model, tokenizer, by_query, train_q, catalog, sampler, cfg: Ra
                 raise ValueError("no pseudo-query groups: no train query has group_size candidates")
         batch, groups = groups[: cfg.batch_size], groups[cfg.batch_size:]
         pairs = [(query, sampler.sample(catalog[pid])) for query, pids in batch for pid in pids]
-        scores = _train_scores(model, tokenizer, pairs, cfg.max_length, device, dtype).view(len(batch), -1)
+        scores = _train_scores(ce, pairs, dtype).view(len(batch), -1)
         positive_first = torch.zeros(len(batch), dtype=torch.long, device=device)
         loss = torch.nn.functional.cross_entropy(scores, positive_first)
         loss.backward()
@@ -487,7 +492,8 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * total_steps), total_steps)
-    predict = _predictor(model, tokenizer, cfg.eval_batch_size, cfg.max_length)
+    ce = CrossEncoder.from_model(model, tokenizer, max_length=cfg.max_length)  # shares model's weights
+    predict = _predictor(ce, cfg.eval_batch_size)
     meta = {
         "base": base,
         "text_rule": "title | bullets+description (relsum_core.text)",
@@ -511,7 +517,7 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
 
     model.train()
     if cfg.pseudo_steps > 0:
-        pseudo_warmup(model, tokenizer, by_query, train_q, catalog, sampler, cfg, device, dtype, log)
+        pseudo_warmup(ce, by_query, train_q, catalog, sampler, cfg, device, dtype, log)
     step, pairs_seen, t_train = 0, 0, time.time()
     bar = tqdm(total=total_steps, desc=f"train-ranker ({str(dtype).removeprefix('torch.')})",
                disable=not cfg.progress)
@@ -523,7 +529,7 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
             batch = groups[b : b + cfg.batch_size]
             flat = [j for g in batch for j in g]
             pairs = [(j.query, sampler.sample(catalog[j.product_id])) for j in flat]
-            scores = _train_scores(model, tokenizer, pairs, cfg.max_length, device, dtype)
+            scores = _train_scores(ce, pairs, dtype)
             grades = torch.tensor([j.grade for j in flat], device=device)
             group_ids = torch.tensor([i for i, g in enumerate(batch) for _ in g], device=device)
             listwise = listwise_loss(scores, grades, group_ids, cfg.targets)
