@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import resource
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -206,10 +207,16 @@ def test_cpu_rerank_latency(benchmark, cpu_setup, request, row, method):
     ref = ce.score_encoded(enc)  # fp32
     np.testing.assert_allclose(run(), ref, rtol=0, atol=1e-2 if bf16 else 1e-3)
     benchmark.group = f"ranker-cpu-latency-minilm-{n}cands-{lo}-{hi}"
-    benchmark.pedantic(run, rounds=max(5, CPU_ROUNDS), warmup_rounds=1, iterations=1)
+    rounds = max(5, CPU_ROUNDS)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    benchmark.pedantic(run, rounds=rounds, warmup_rounds=1, iterations=1)
+    # Page faults: fresh memory for big transient tensors costs ~1.4 us a page, which malloc settings
+    # (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_) or tcmalloc remove (benchmarks/results/cpu-ranker.md).
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (rounds + 1)
     _record(benchmark, method=method, shape="minilm-l6-h384", n_pairs=n, tokens=sum(lens),
             padded_tokens=n * max(lens) if method.startswith("hf_") else None, device="cpu",
             dtype=torch.bfloat16 if bf16 else torch.float32, source="token ids")
+    benchmark.extra_info["page_faults_per_call"] = round(faults)
 
 
 # --------------------------------------------------------------------------------------------
