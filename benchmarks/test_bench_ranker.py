@@ -211,7 +211,7 @@ def test_cpu_rerank_latency(benchmark, cpu_setup, request, row, method):
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     benchmark.pedantic(run, rounds=rounds, warmup_rounds=1, iterations=1)
     # Page faults: fresh memory for big transient tensors costs ~1.4 us a page, which malloc settings
-    # (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_) or tcmalloc remove (benchmarks/results/cpu-ranker.md).
+    # (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_) or tcmalloc remove (results/cpu-xeon-amx/README.md).
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (rounds + 1)
     _record(benchmark, method=method, shape="minilm-l6-h384", n_pairs=n, tokens=sum(lens),
             padded_tokens=n * max(lens) if method.startswith("hf_") else None, device="cpu",
