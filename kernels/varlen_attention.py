@@ -323,10 +323,12 @@ _PLAN_CACHE: tuple = (None, None, None)
 def _cached_plan(cu_host: list[int], H: int, device) -> tuple[torch.Tensor, list[tuple]]:
     global _PLAN_CACHE
     key, key_hd, plan = _PLAN_CACHE
-    if key_hd == (H, device) and key == cu_host:
+    # Index tensors made under inference_mode cannot be saved for a backward: one plan per mode.
+    mode = (H, device, torch.is_inference_mode_enabled())
+    if key_hd == mode and key == cu_host:
         return plan
     plan = _bucket_plan(cu_host, H, device)
-    _PLAN_CACHE = (list(cu_host), (H, device), plan)
+    _PLAN_CACHE = (list(cu_host), mode, plan)
     return plan
 
 

@@ -205,6 +205,18 @@ def test_inference_mode_tensors(impl):
             varlen_attention(q, k, v, cu, 8, impl=impl)
 
 
+def test_torch_path_backward_after_an_inference_call_on_the_same_batch():
+    # The bucket plan is cached by cu_seqlens; one built under inference_mode must not serve autograd.
+    lens = [3, 8, 5]
+    q, k, v = _qkv(lens, 2, 32, torch.float32)
+    cu = _cu(lens)
+    with torch.inference_mode():
+        varlen_attention(q, k, v, cu, 8, impl="torch")
+    q.requires_grad_(True)
+    varlen_attention(q, k, v, cu, 8, impl="torch").sum().backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0
+
+
 def test_fused_qkv_detection():
     qkv = torch.randn(10, 3, 2, 4)
     q, k, v = qkv.unbind(1)
