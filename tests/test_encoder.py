@@ -86,6 +86,33 @@ def _check_against_hf(lens, impl, device="cpu", fused_ffn_up=False, attention_co
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn_linear", "addmm"])
+def test_bf16_cpu_inference_follows_fp32(monkeypatch, onednn):
+    """bf16 on CPU: oneDNN's fused linear (bias + GELU / residual in the GEMM) or addmm, both near
+    the fp32 HF scores and near each other; with gradients on, always addmm."""
+    import relsum_core.encoder as encoder_module
+
+    if onednn and not encoder_module._ONEDNN_LINEAR:
+        pytest.skip("this torch has no oneDNN fused linear")
+    monkeypatch.setattr(encoder_module, "_ONEDNN_LINEAR", onednn)
+    fits, taken = encoder_module._onednn_fits, []
+    monkeypatch.setattr(encoder_module, "_onednn_fits", lambda *a: taken.append(fits(*a)) or taken[-1])
+    model = tiny_model()
+    lens = [1, 2, 17, 64, 3, 128, 5]
+    seqs, types, ids, tt, pos, cu = packed_inputs(lens)
+    ref = hf_scores(copy.deepcopy(model), seqs, types)
+    enc = PackedBertEncoder.from_hf(model.to(torch.bfloat16))
+    with torch.inference_mode():
+        got = enc(ids, tt, pos, cu, max(lens))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=0, atol=2e-3)  # both paths 3-4e-4 off, scores up to 0.12
+    assert len(taken) == 4 * 2 and all(t == onednn for t in taken)  # QKV, output, FFN up and down
+    taken.clear()
+    # the same batch with gradients, after the inference forward (which must not leak its tensors)
+    enc(ids, tt, pos, cu, max(lens)).sum().backward()
+    assert taken and not any(taken)
+
+
 def test_scores_do_not_depend_on_batch_neighbours():
     model = tiny_model()
     enc = PackedBertEncoder.from_hf(model)
