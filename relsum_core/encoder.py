@@ -122,7 +122,7 @@ class PackedBertEncoder(nn.Module):
 
     def _dense_residual_ln(self, x: torch.Tensor, dense: nn.Linear, residual: torch.Tensor, ln: nn.LayerNorm):
         if not self._kernel_epilogues(x):
-            if _onednn_fits(x, dense) and residual.dtype == x.dtype:
+            if _onednn_fits(x, dense) and residual.dtype == x.dtype and residual.is_contiguous():
                 y = torch.ops.mkldnn._linear_pointwise.binary(x, residual, dense.weight, dense.bias, "add")
             else:
                 y = F.linear(x, dense.weight, dense.bias).add_(residual)
