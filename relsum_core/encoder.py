@@ -23,8 +23,9 @@ from torch import nn
 import relsum_kernels as K
 
 # oneDNN's linear with bias and a GELU or residual add in its epilogue (the op torch.compile's CPU
-# backend emits).  Private to torch, so used only where it exists.
-_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# backend emits).  Private to torch: used only once a probe shows it exists and computes what addmm
+# does (None until then).
+_ONEDNN_LINEAR: bool | None = None
 
 
 class PackedBertEncoder(nn.Module):
@@ -175,9 +176,35 @@ def _onednn_fits(x: torch.Tensor, *weights) -> bool:
     whose bias is a separate broadcast copy there; fp32 measured no faster, so it keeps addmm.
     ``weights``: nn.Linear modules or tensors.
     """
-    if not (_ONEDNN_LINEAR and x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.is_contiguous()):
+    if not (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.is_contiguous()):
+        return False
+    global _ONEDNN_LINEAR
+    if _ONEDNN_LINEAR is None:
+        _ONEDNN_LINEAR = _probe_onednn_linear()
+    if not _ONEDNN_LINEAR:
         return False
     tensors = [t for w in weights for t in ((w.weight, w.bias) if isinstance(w, nn.Linear) else (w,))]
     if any(t is None or t.dtype != x.dtype for t in tensors):
         return False
     return not (torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors)))
+
+
+def _probe_onednn_linear() -> bool:
+    """Whether this torch's ``mkldnn._linear_pointwise`` (both forms) takes our arguments and matches
+    F.linear + GELU / + residual in bf16 on a small case."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    g = torch.Generator().manual_seed(0)
+    x, w, r = (torch.randn(*shape, generator=g).to(torch.bfloat16) for shape in ((5, 16), (24, 16), (5, 24)))
+    b = torch.randn(24, generator=g).to(torch.bfloat16)
+    try:
+        with torch.no_grad():
+            act = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none")
+            add = torch.ops.mkldnn._linear_pointwise.binary(x, r, w, b, "add")
+            plain = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    y = F.linear(x.float(), w.float(), b.float())
+    want = (F.gelu(y), y + r.float(), y)
+    return all(got.shape == ref.shape and torch.allclose(got.float(), ref, rtol=2e-2, atol=5e-2)
+               for got, ref in zip((act, add, plain), want))

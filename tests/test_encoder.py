@@ -92,8 +92,8 @@ def test_bf16_cpu_inference_follows_fp32(monkeypatch, onednn):
     the fp32 HF scores and near each other; with gradients on, always addmm."""
     import relsum_core.encoder as encoder_module
 
-    if onednn and not encoder_module._ONEDNN_LINEAR:
-        pytest.skip("this torch has no oneDNN fused linear")
+    if onednn and not encoder_module._probe_onednn_linear():
+        pytest.skip("this torch has no working oneDNN fused linear")
     monkeypatch.setattr(encoder_module, "_ONEDNN_LINEAR", onednn)
     fits, taken = encoder_module._onednn_fits, []
     monkeypatch.setattr(encoder_module, "_onednn_fits", lambda *a: taken.append(fits(*a)) or taken[-1])
@@ -111,6 +111,24 @@ def test_bf16_cpu_inference_follows_fp32(monkeypatch, onednn):
     # the same batch with gradients, after the inference forward (which must not leak its tensors)
     enc(ids, tt, pos, cu, max(lens)).sum().backward()
     assert taken and not any(taken)
+
+
+def test_onednn_probe_turns_a_changed_private_op_down(monkeypatch):
+    import relsum_core.encoder as encoder_module
+
+    def changed(*args):  # a torch whose private op no longer takes these arguments
+        raise RuntimeError("mkldnn::_linear_pointwise() expected 7 arguments")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", changed, raising=False)
+    assert encoder_module._probe_onednn_linear() is False
+    monkeypatch.setattr(encoder_module, "_ONEDNN_LINEAR", None)
+    model = tiny_model()
+    seqs, types, ids, tt, pos, cu = packed_inputs([6, 20])
+    ref = hf_scores(copy.deepcopy(model), seqs, types)
+    with torch.inference_mode():  # bf16 scoring still works, through addmm
+        got = PackedBertEncoder.from_hf(model.to(torch.bfloat16))(ids, tt, pos, cu, 20)
+    torch.testing.assert_close(got, ref, rtol=0, atol=2e-3)
+    assert encoder_module._ONEDNN_LINEAR is False
 
 
 def test_scores_do_not_depend_on_batch_neighbours():
