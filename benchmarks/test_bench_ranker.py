@@ -117,7 +117,8 @@ def _hf_batches(tok, pairs, *, sort: bool):
 # CPU: small mixed-length set, from text
 # --------------------------------------------------------------------------------------------
 CPU_SPEC = [(256, 24, 96), (64, 128, 512)]
-CPU_VARIANTS = ["relsum_packed", "hf_eager_padded", "hf_sdpa_padded", "hf_sdpa_sorted"]
+CPU_VARIANTS = ["relsum_packed", "hf_eager_padded", "hf_sdpa_padded", "hf_sdpa_sorted",
+                "relsum_packed_bf16", "hf_sdpa_sorted_bf16"]  # bf16: CPUs with bf16 dot products
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +135,12 @@ def cpu_setup():
 
 
 @pytest.mark.parametrize("method", CPU_VARIANTS)
-def test_cpu_throughput_mixed(benchmark, cpu_setup, method):
+def test_cpu_throughput_mixed(benchmark, cpu_setup, request, method):
     tok, model, ce, pairs, tokens, ref = cpu_setup
+    bf16 = method.endswith("_bf16")
+    if bf16:
+        model, ce = request.getfixturevalue("cpu_bf16")
+        method = method.removesuffix("_bf16")
     padded = tokens
     if method == "relsum_packed":
         run = lambda: ce.predict(pairs, batch_size=MICRO_BATCH)
@@ -157,9 +162,10 @@ def test_cpu_throughput_mixed(benchmark, cpu_setup, method):
 
     benchmark.group = "ranker-cpu-minilm-mixed"
     scores = benchmark.pedantic(run, rounds=CPU_ROUNDS, warmup_rounds=0, iterations=1)
-    np.testing.assert_allclose(scores[:8], ref, rtol=0, atol=1e-3)
-    _record(benchmark, method=method, shape="minilm-l6-h384", n_pairs=len(pairs), tokens=tokens,
-            padded_tokens=padded, device="cpu", dtype=torch.float32, source="text")
+    np.testing.assert_allclose(scores[:8], ref, rtol=0, atol=1e-2 if bf16 else 1e-3)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    _record(benchmark, method=method + ("_bf16" if bf16 else ""), shape="minilm-l6-h384", n_pairs=len(pairs),
+            tokens=tokens, padded_tokens=padded, device="cpu", dtype=dtype, source="text")
 
 
 def _latency_case(tok, ce, hf, row, method, dev):
