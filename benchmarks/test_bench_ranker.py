@@ -46,7 +46,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification  # noqa: E402
 
-from relsum_core.ranker import CrossEncoder, PackedBatch, Reranker, packaged_minilm_path  # noqa: E402
+from relsum_core.ranker import CrossEncoder, PackedBatch, Reranker, packaged_minilm_path, padded_pairs  # noqa: E402
 from relsum_kernels.varlen_attention import CONFIG_CANDIDATES as ATTENTION_CANDIDATES  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -299,19 +299,7 @@ def _device_batch(enc, device):
 
 
 def _padded_batches(enc, idx_batches, device):
-    out = []
-    for b in idx_batches:
-        L = max(len(enc[i][0]) for i in b)
-        ids = torch.zeros(len(b), L, dtype=torch.long)
-        types = torch.zeros(len(b), L, dtype=torch.long)
-        mask = torch.zeros(len(b), L, dtype=torch.long)
-        for r, i in enumerate(b):
-            seq, nf = enc[i]
-            ids[r, : len(seq)] = torch.tensor(seq)
-            types[r, nf: len(seq)] = 1
-            mask[r, : len(seq)] = 1
-        out.append((b, ids.to(device), types.to(device), mask.to(device)))
-    return out
+    return [(b, *(t.to(device) for t in padded_pairs([enc[i] for i in b]))) for b in idx_batches]
 
 
 GPU_VARIANTS = ["relsum", "relsum_device", "relsum_tuned", "hf_eager_padded", "hf_sdpa_padded",

@@ -114,6 +114,21 @@ class PackedBatch:
         return staged[:T], staged[T:2 * T], staged[2 * T:3 * T], staged[3 * T:].to(torch.int32)
 
 
+def padded_pairs(seqs: Sequence[tuple[Sequence[int], int]], pad_id: int = 0) -> tuple[torch.Tensor, ...]:
+    """The padded [B, L] counterpart of :class:`PackedBatch` for Hugging Face forwards: int64
+    (input_ids, token_type_ids, attention_mask) of ``encode_pairs`` output, right-padded with ``pad_id``
+    to the longest sequence."""
+    width = max(len(ids) for ids, _ in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    types = torch.zeros_like(ids)
+    mask = torch.zeros_like(ids)
+    for row, (tokens, type_start) in enumerate(seqs):
+        ids[row, : len(tokens)] = torch.as_tensor(tokens)
+        types[row, type_start : len(tokens)] = 1
+        mask[row, : len(tokens)] = 1
+    return ids, types, mask
+
+
 def _check_text(x, what: str) -> str:
     if not isinstance(x, str):
         raise TypeError(f"{what} must be a str, got {type(x).__name__}")

@@ -33,6 +33,7 @@ from relsum_core.data import Judgment, Product, group_by_query, load_dataset, sp
 from relsum_core.io import JsonlLog, atomic_write_dir, atomic_write_text
 from relsum_core.metrics import POSITIVE_GRADE, gains_of, mean_ndcg, recall_at_precision
 from relsum_core.precision import resolve_precision
+from relsum_core.ranker import CrossEncoder, padded_pairs
 from relsum_core.text import PrefixSampler, product_text
 
 # Validation text variants: (name, attribute-token budget).
@@ -213,16 +214,7 @@ def _train_scores(ce, pairs, dtype: torch.dtype, chunk: int = 16) -> torch.Tenso
     parts = []
     with _autocast(ce.device, dtype):  # one region: chunks share its cache of bf16 weight copies
         for i in range(0, len(order), chunk):
-            idx = order[i : i + chunk]
-            width = max(len(encoded[j][0]) for j in idx)
-            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            types = torch.zeros_like(ids)
-            mask = torch.zeros_like(ids)
-            for row, j in enumerate(idx):
-                tokens, type_start = encoded[j]
-                ids[row, : len(tokens)] = torch.tensor(tokens)
-                types[row, type_start : len(tokens)] = 1
-                mask[row, : len(tokens)] = 1
+            ids, types, mask = padded_pairs([encoded[j] for j in order[i : i + chunk]], pad_id)
             out = ce.model(input_ids=ids.to(ce.device), token_type_ids=types.to(ce.device),
                            attention_mask=mask.to(ce.device))
             parts.append(out.logits[:, 0].float())
@@ -432,7 +424,6 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
     from transformers.optimization import get_linear_schedule_with_warmup
 
     from relsum_core.baselines import CosineScorer, bm25_scores
-    from relsum_core.ranker import CrossEncoder
 
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.group_size < 2 or (cfg.max_steps or 1) < 1:
         raise ValueError("epochs, batch_size and max_steps must be >= 1 and group_size >= 2")
