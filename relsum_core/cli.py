@@ -31,7 +31,8 @@ def _train_ranker(args: argparse.Namespace) -> int:
         max_steps=args.max_steps, seed=args.seed, split_seed=args.split_seed, val_fraction=args.val_fraction,
         max_attr_tokens=args.max_attr_tokens, max_length=args.max_length, eval_every=args.eval_every,
         max_queries=args.max_queries, progress=not args.no_progress, device=args.device, targets=args.targets,
-        freeze_layers=args.freeze_layers, pseudo_steps=args.pseudo_steps,
+        freeze_layers=args.freeze_layers, pseudo_steps=args.pseudo_steps, pseudo_lr=args.pseudo_lr,
+        pseudo_head_lr=args.pseudo_head_lr, pseudo_attr_prob=args.pseudo_attr_prob,
         pointwise_weight=args.pointwise_weight, keyword_prob=args.keyword_prob, precision=args.precision,
     )
     report = train_ranker(cfg)
@@ -48,8 +49,17 @@ def _add_train_ranker(sub) -> None:
                    help="encoder for the cosine baseline (default: --base; set it when --base is fine-tuned)")
     p.add_argument("--out", required=True, help="output dir: best/ checkpoint, metrics.jsonl, report.*")
     p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--lr", type=float, default=1e-4, help="encoder learning rate")
-    p.add_argument("--head-lr", type=float, default=1e-3, help="pooler + classifier learning rate")
+    p.add_argument("--lr", type=float, default=None,
+                   help="encoder learning rate of the graded phase (default: 2e-5 after the pseudo-query "
+                        "warm-up, 1e-4 with --pseudo-steps 0)")
+    p.add_argument("--head-lr", type=float, default=None,
+                   help="pooler + classifier learning rate of the graded phase (default: 1e-4 after the "
+                        "warm-up, 1e-3 with --pseudo-steps 0, when the head is new)")
+    p.add_argument("--pseudo-attr-prob", type=float, default=0.0,
+                   help="share of warm-up pseudo-queries extended by words of the positive's shown "
+                        "attributes")
+    p.add_argument("--pseudo-lr", type=float, default=1e-4, help="encoder learning rate of the warm-up")
+    p.add_argument("--pseudo-head-lr", type=float, default=1e-3, help="head learning rate of the warm-up")
     p.add_argument("--batch-size", type=int, default=4, help="queries per step")
     p.add_argument("--group-size", type=int, default=8, help="candidates of a query per softmax")
     p.add_argument("--max-steps", type=int, default=None)

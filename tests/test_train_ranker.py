@@ -11,14 +11,20 @@ from relsum_core.cli import main
 from relsum_core.data import Judgment, group_by_query, load_dataset, split_queries
 from relsum_core.precision import resolve_precision
 from relsum_core.ranker import CrossEncoder
+from relsum_core.text import PrefixSampler
 from relsum_core.trainers.ranker import (
+    _WORD,
+    RankerTrainConfig,
     _train_scores,
+    add_attribute_words,
     default_base,
     freeze_lower,
+    graded_rates,
     listwise_loss,
     make_groups,
     make_pseudo_groups,
     pointwise_loss,
+    pseudo_pairs,
     pseudo_query,
     save_checkpoint,
 )
@@ -227,6 +233,51 @@ def test_pseudo_groups_put_the_titles_product_first():
         assert any(set(pids) <= s for s in judged.values())  # negatives judged for the same query
         title = catalog[pids[0]].title.lower()
         assert all(w in title for w in query.split())
+        for negative in pids[1:]:  # a negative never holds every query word: it would be a positive
+            words = set(_WORD.findall(catalog[negative].title.lower()))
+            assert not set(query.split()) <= words
+
+
+def test_add_attribute_words():
+    rng = random.Random(0)
+    title = "Organic Bone Broth"
+    text = title + " | Grain-free, for dogs. Chicken broth; 12 oz."
+    for _ in range(30):
+        q = add_attribute_words("bone broth", text, title, rng).split()
+        assert q[:2] == ["bone", "broth"] and 1 <= len(q) - 2 <= 2
+        # content words of the shown attributes only: no stop words, no repeats, no trailing dots
+        assert set(q[2:]) <= {"grain-free", "dogs", "chicken", "12", "oz"}
+    assert add_attribute_words("bone broth", title, title, rng) == "bone broth"  # nothing shown
+    assert add_attribute_words("bone broth", title + " | for the broth", title, rng) == "bone broth"
+
+
+def test_pseudo_pairs_extend_queries_from_the_positive(tiny_base):
+    catalog, judgments = load_dataset()
+    by_query = group_by_query(judgments)
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    groups = make_pseudo_groups(by_query, list(by_query)[:5], catalog, 4, random.Random(1))[:6]
+    plain = pseudo_pairs(groups, catalog, PrefixSampler(tok, 16, seed=2), random.Random(3), 0.0)
+    assert [q for q, _ in plain[::4]] == [q for q, _ in groups]
+    extended = pseudo_pairs(groups, catalog, PrefixSampler(tok, 16, seed=2), random.Random(3), 1.0)
+    assert [t for _, t in extended] == [t for _, t in plain]  # the same texts: the sampler's draws
+    grew = 0
+    for i, (query, _) in enumerate(groups):
+        new_query, positive_text = extended[4 * i]
+        assert all(q == new_query for q, _ in extended[4 * i : 4 * i + 4])  # one query per group
+        assert new_query.startswith(query)
+        added = new_query[len(query):].split()
+        assert all(w in positive_text.lower() for w in added)
+        grew += bool(added)
+    assert grew >= 3
+
+
+def test_graded_rates():
+    # after the warm-up the head is trained: lower rates, so the graded phase builds on the warm-up
+    assert graded_rates(RankerTrainConfig(out="x")) == (2e-5, 1e-4)
+    # without one the head is new and random: the warm-up's rates
+    assert graded_rates(RankerTrainConfig(out="x", pseudo_steps=0)) == (1e-4, 1e-3)
+    assert graded_rates(RankerTrainConfig(out="x", lr=3e-5, head_lr=5e-4)) == (3e-5, 5e-4)
+    assert graded_rates(RankerTrainConfig(out="x", pseudo_steps=0, lr=3e-5)) == (3e-5, 1e-3)
 
 
 def test_freeze_lower_layers(tiny_base):
@@ -249,6 +300,10 @@ def test_train_ranker_with_pseudo_warmup_and_frozen_layers(tmp_path, tiny_base):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     pseudo = [x for x in lines if x["event"] == "pseudo"]
     assert [x["step"] for x in pseudo] == [3] and math.isfinite(pseudo[0]["loss"])
+    # the warm-up's model is validated (step 0) before the graded phase, as a candidate checkpoint
+    assert [x["step"] for x in lines if x["event"] == "eval"] == [0, 2]
+    config = json.loads((out / "report.json").read_text())["config"]
+    assert (config["lr"], config["head_lr"]) == (2e-5, 1e-4)  # graded rates after a warm-up
     base = BertModel.from_pretrained(tiny_base)
     tuned = AutoModelForSequenceClassification.from_pretrained(out / "best")
     assert json.loads((out / "report.json").read_text())["config"]["train_dtype"] == "float32"
@@ -287,7 +342,9 @@ def test_train_ranker_pointwise_weight(tmp_path, tiny_base, capsys):
     assert report["config"]["pointwise_weight"] == 2.5 and report["config"]["keyword_prob"] == 0.5
     for bad in ("-1", "nan"):
         for flag, message in (("--pointwise-weight", "pointwise_weight must be a finite number >= 0"),
-                              ("--keyword-prob", "keyword_prob must be in [0, 1]")):
+                              ("--keyword-prob", "keyword_prob must be in [0, 1]"),
+                              ("--lr", "lr must be a finite number > 0"),
+                              ("--pseudo-head-lr", "pseudo_head_lr must be a finite number > 0")):
             with pytest.raises(SystemExit) as e:
                 main(args[:4] + [str(tmp_path / f"bad{flag}{bad}")] + args[5:] + [flag, bad])
             assert e.value.code == 2 and message in capsys.readouterr().err
