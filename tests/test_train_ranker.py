@@ -344,7 +344,8 @@ def test_train_ranker_pointwise_weight(tmp_path, tiny_base, capsys):
         for flag, message in (("--pointwise-weight", "pointwise_weight must be a finite number >= 0"),
                               ("--keyword-prob", "keyword_prob must be in [0, 1]"),
                               ("--lr", "lr must be a finite number > 0"),
-                              ("--pseudo-head-lr", "pseudo_head_lr must be a finite number > 0")):
+                              ("--pseudo-head-lr", "pseudo_head_lr must be a finite number > 0"),
+                              ("--pseudo-attr-prob", "pseudo_attr_prob must be in [0, 1]")):
             with pytest.raises(SystemExit) as e:
                 main(args[:4] + [str(tmp_path / f"bad{flag}{bad}")] + args[5:] + [flag, bad])
             assert e.value.code == 2 and message in capsys.readouterr().err
