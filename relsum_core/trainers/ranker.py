@@ -195,14 +195,14 @@ def make_pseudo_groups(by_query, query_ids, catalog: dict[str, Product], group_s
     for q in query_ids:
         pids = [j.product_id for j in by_query[q]]
         rng.shuffle(pids)
+        title_words = {p: set(_WORD.findall(catalog[p].title.lower())) for p in pids}
         for g in range(0, len(pids) - group_size + 1, group_size):
             positive = pids[g]
             query = pseudo_query(catalog[positive].title, rng)
             if query is None:
                 continue
-            words = query.split()
-            negatives = [p for p in pids if p != positive
-                         and not set(words) <= set(_WORD.findall(catalog[p].title.lower()))]
+            words = set(query.split())
+            negatives = [p for p in pids if p != positive and not words <= title_words[p]]
             if len(negatives) >= group_size - 1:
                 groups.append((query, [positive, *rng.sample(negatives, group_size - 1)]))
     rng.shuffle(groups)
