@@ -104,6 +104,28 @@ def mean_ndcg(
     return (float(np.mean(values)) if values else math.nan), len(values)
 
 
+def paired_difference(ours: Mapping[str, float], theirs: Mapping[str, float], tie: float = 1e-9) -> dict:
+    """Per-query ``ours - theirs`` over the queries where both are defined (not NaN).
+
+    Why: with tens of validation queries, per-query NDCG differences spread by ~0.2, so a mean
+    difference of a few hundredths means nothing without its standard error; wins/ties/losses say
+    whether a gain is broad or rests on a few queries.  ``se`` is the sample standard deviation over
+    sqrt(n) (NaN below two queries).
+    """
+    if set(ours) != set(theirs):
+        raise ValueError(f"the two scorers cover different queries: {sorted(set(ours) ^ set(theirs))[:3]}")
+    d = np.array([ours[q] - theirs[q] for q in ours if not (math.isnan(ours[q]) or math.isnan(theirs[q]))])
+    n = len(d)
+    return {
+        "mean": float(d.mean()) if n else math.nan,
+        "se": float(d.std(ddof=1) / math.sqrt(n)) if n >= 2 else math.nan,
+        "wins": int((d > tie).sum()),
+        "ties": int((np.abs(d) <= tie).sum()),
+        "losses": int((d < -tie).sum()),
+        "n": n,
+    }
+
+
 def recall_at_precision(scores: Sequence[float], positive: Sequence[bool],
                         precision: float = PRECISION_TARGET) -> float:
     """The largest recall of a score threshold whose precision is at least ``precision``; 0 if none,

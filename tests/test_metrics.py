@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from relsum_core.metrics import dcg_at_k, gains_of, mean_ndcg, ndcg_at_k, per_query_ndcg
+from relsum_core.metrics import dcg_at_k, gains_of, mean_ndcg, ndcg_at_k, paired_difference, per_query_ndcg
 
 L3 = math.log2(3)  # discount denominator at rank 2
 L4 = 2.0  # rank 3
@@ -90,3 +90,22 @@ def test_bad_input():
         ndcg_at_k([float("nan"), 1.0], [3, 2], k=5)
     with pytest.raises(ValueError, match="no scores"):
         per_query_ndcg({"a": [1.0]}, {"a": [3], "b": [2]}, 5)
+
+
+def test_paired_difference_by_hand():
+    ours = {"a": 0.9, "b": 0.5, "c": 0.7, "d": math.nan}
+    theirs = {"a": 0.6, "b": 0.6, "c": 0.7, "d": 0.4}
+    d = paired_difference(ours, theirs)
+    # differences +0.3, -0.1, 0 ("d" is undefined for ours and skipped)
+    assert d["n"] == 3 and (d["wins"], d["ties"], d["losses"]) == (1, 1, 1)
+    assert d["mean"] == pytest.approx(0.2 / 3)
+    assert d["se"] == pytest.approx(np.std([0.3, -0.1, 0.0], ddof=1) / math.sqrt(3))
+
+
+def test_paired_difference_edges():
+    one = paired_difference({"a": 0.5}, {"a": 0.25})
+    assert one["mean"] == 0.25 and math.isnan(one["se"]) and one["n"] == 1
+    none = paired_difference({"a": math.nan}, {"a": 0.1})
+    assert none["n"] == 0 and math.isnan(none["mean"])
+    with pytest.raises(ValueError, match="different queries"):
+        paired_difference({"a": 0.5}, {"b": 0.5})

@@ -152,10 +152,21 @@ def test_train_ranker_end_to_end(tmp_path, tiny_base, capsys):
             assert math.isnan(r) or 0.0 <= r <= 1.0
     assert "| BM25 (bm25s) |" in (out / "report.md").read_text()
     assert "R@P90" in (out / "report.md").read_text()
+    # Paired per-query differences agree with the table's means (both cover the same 2 queries).
+    ours = report["table"]["fine-tuned cross-encoder"]
+    assert set(report["paired_ndcg@10"]) == {"BM25 (bm25s)", "untuned encoder cosine"}
+    for name, by_variant in report["paired_ndcg@10"].items():
+        for variant in ("title", "title+64"):
+            d = by_variant[variant]
+            assert d["n"] == 2 and d["wins"] + d["ties"] + d["losses"] == 2
+            want = ours[f"{variant}/ndcg@10"] - report["table"][name][f"{variant}/ndcg@10"]
+            assert d["mean"] == pytest.approx(want, abs=1e-12)
+        assert f"fine-tuned minus {name}" in (out / "report.md").read_text()
 
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     events = [x["event"] for x in lines]
     assert events[0] == "split" and events.count("baseline") == 2 and events[-1] == "final"
+    assert lines[-1]["paired_ndcg10"] == report["paired_ndcg@10"]
     train = [x for x in lines if x["event"] == "train"]
     assert train and all({"step", "loss", "lr", "epoch"} <= set(x) for x in train)
     assert all(math.isfinite(x["loss"]) and x["lr"] >= 0 for x in train)

@@ -33,7 +33,14 @@ import torch
 
 from relsum_core.data import Judgment, Product, group_by_query, load_dataset, split_queries
 from relsum_core.io import JsonlLog, atomic_write_dir, atomic_write_text
-from relsum_core.metrics import POSITIVE_GRADE, gains_of, mean_ndcg, recall_at_precision
+from relsum_core.metrics import (
+    POSITIVE_GRADE,
+    gains_of,
+    mean_ndcg,
+    paired_difference,
+    per_query_ndcg,
+    recall_at_precision,
+)
 from relsum_core.precision import resolve_precision
 from relsum_core.ranker import CrossEncoder, padded_pairs
 from relsum_core.text import SEPARATOR, PrefixSampler, product_text
@@ -299,16 +306,13 @@ class ValSet:
     def n_pairs(self) -> int:
         return sum(len(g) for g in self.grades.values())
 
-    def evaluate_per_query(self, score_fn: Callable[[str, list[str]], np.ndarray]) -> dict[str, float]:
-        """NDCG@k per variant from a per-query scorer (baselines)."""
-        out = {}
-        for name, _ in EVAL_VARIANTS:
-            scores = {q: score_fn(self.queries[q], self.texts[name][q]) for q in self.query_ids}
-            out.update(self._metrics(name, scores))
-        return out
+    def score_per_query(self, score_fn: Callable[[str, list[str]], np.ndarray]) -> dict[str, dict]:
+        """{variant: {query id: scores}} from a per-query scorer (baselines)."""
+        return {name: {q: score_fn(self.queries[q], self.texts[name][q]) for q in self.query_ids}
+                for name, _ in EVAL_VARIANTS}
 
-    def evaluate_pairs(self, predict: Callable[[list[tuple[str, str]]], np.ndarray]) -> dict[str, float]:
-        """NDCG@k per variant from a batched pair scorer (the cross-encoder)."""
+    def score_pairs(self, predict: Callable[[list[tuple[str, str]]], np.ndarray]) -> dict[str, dict]:
+        """{variant: {query id: scores}} from a batched pair scorer (the cross-encoder)."""
         out = {}
         for name, _ in EVAL_VARIANTS:
             pairs = [(self.queries[q], t) for q in self.query_ids for t in self.texts[name][q]]
@@ -318,8 +322,28 @@ class ValSet:
                 n = len(self.grades[q])
                 scores[q] = flat[i : i + n]
                 i += n
+            out[name] = scores
+        return out
+
+    def metrics(self, scores_by_variant: dict[str, dict]) -> dict[str, float]:
+        out = {}
+        for name, scores in scores_by_variant.items():
             out.update(self._metrics(name, scores))
         return out
+
+    def evaluate_per_query(self, score_fn: Callable[[str, list[str]], np.ndarray]) -> dict[str, float]:
+        """NDCG@k per variant from a per-query scorer (baselines)."""
+        return self.metrics(self.score_per_query(score_fn))
+
+    def evaluate_pairs(self, predict: Callable[[list[tuple[str, str]]], np.ndarray]) -> dict[str, float]:
+        """NDCG@k per variant from a batched pair scorer (the cross-encoder)."""
+        return self.metrics(self.score_pairs(predict))
+
+    def paired(self, ours: dict[str, dict], theirs: dict[str, dict], k: int = 10) -> dict[str, dict]:
+        """Per variant, ``paired_difference`` of per-query NDCG@k, ours minus theirs."""
+        return {name: paired_difference(per_query_ndcg(ours[name], self.grades, k),
+                                        per_query_ndcg(theirs[name], self.grades, k))
+                for name, _ in EVAL_VARIANTS}
 
     def _metrics(self, name, scores) -> dict[str, float]:
         out = {}
@@ -373,6 +397,13 @@ def markdown_table(report: dict) -> str:
         f"Fine-tuned checkpoint: step {report['best']['step']} of {report['steps']}, selected by "
         f"validation {SELECT_VARIANT} NDCG@10 (so its row is mildly optimistic)."
     )
+    for name, by_variant in report.get("paired_ndcg@10", {}).items():
+        lines.append("")
+        lines.append(f"Per query, fine-tuned minus {name} "
+                     "(NDCG@10, mean ± standard error; better / tied / worse):")
+        for variant, d in by_variant.items():
+            lines.append(f"- {variant}: {d['mean']:+.4f} ± {_fmt(d['se'])}; "
+                         f"{d['wins']} / {d['ties']} / {d['losses']} of {d['n']} queries")
     lines.append("")
     lines.append("R@P90: recall of exact matches (E) at 90% precision, one score threshold over all "
                  "validation pairs; it needs scores comparable across queries (`--pointwise-weight`).")
@@ -528,12 +559,12 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
     log.write("split", **split)
 
     # Baselines first: they need no training and tell at once what the ranker has to beat.
-    table: dict[str, dict] = {}
-    table["BM25 (bm25s)"] = val.evaluate_per_query(bm25_scores)
+    baseline_scores = {"BM25 (bm25s)": val.score_per_query(bm25_scores)}
     cosine_base = cfg.cosine_base or base
     encoder = CosineScorer(AutoModel.from_pretrained(cosine_base), tokenizer, device=device)
-    table["untuned encoder cosine"] = val.evaluate_per_query(encoder.scores)
+    baseline_scores["untuned encoder cosine"] = val.score_per_query(encoder.scores)
     del encoder
+    table = {name: val.metrics(scores) for name, scores in baseline_scores.items()}
     for name, m in table.items():
         log.write("baseline", scorer=name, **m)
 
@@ -632,10 +663,12 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
     best_path = out / "best"
     ce = CrossEncoder.from_pretrained(best_path, device=device)
     loaded_predict = lambda pairs: np.asarray(ce.predict(pairs, batch_size=cfg.eval_batch_size))
-    final = val.evaluate_pairs(loaded_predict)
+    final_scores = val.score_pairs(loaded_predict)
+    final = val.metrics(final_scores)
     ranker_table = {"fine-tuned cross-encoder": final}
     ranker_table.update(table)
-    log.write("final", scorer="fine-tuned cross-encoder", step=best["step"], **final)
+    paired = {name: val.paired(final_scores, scores) for name, scores in baseline_scores.items()}
+    log.write("final", scorer="fine-tuned cross-encoder", step=best["step"], **final, paired_ndcg10=paired)
     log.close()
 
     report = {
@@ -650,6 +683,7 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
         "scored_with": "relsum_core.ranker.CrossEncoder (packed encoder)",
         "gains": "esci",
         "table": ranker_table,
+        "paired_ndcg@10": paired,
         "elapsed_s": round(time.time() - t_start, 1),
         "versions": {
             "python": platform.python_version(),
