@@ -35,6 +35,13 @@ def _train_ranker(args: argparse.Namespace) -> int:
         pseudo_head_lr=args.pseudo_head_lr, pseudo_attr_prob=args.pseudo_attr_prob,
         pointwise_weight=args.pointwise_weight, keyword_prob=args.keyword_prob, precision=args.precision,
     )
+    if args.folds is not None:
+        from relsum_core.trainers.ranker_cv import cross_validate_ranker
+
+        cross_validate_ranker(cfg, args.folds)
+        print((Path(args.out) / "cv_report.md").read_text(), end="")
+        print(f"checkpoints: {Path(args.out) / 'fold<i>' / 'best'}")
+        return 0
     report = train_ranker(cfg)
     print((Path(args.out) / "report.md").read_text(), end="")
     print(f"checkpoint: {report['checkpoint']}")
@@ -66,6 +73,9 @@ def _add_train_ranker(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="data order, prefix lengths, head init")
     p.add_argument("--split-seed", type=int, default=0, help="train/validation split of the queries")
     p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--folds", type=int, default=None,
+                   help="K-fold cross-validation instead of one --val-fraction split: K runs into "
+                        "OUT/fold<i>, every query validated once, pooled into OUT/cv_report.*")
     p.add_argument("--max-attr-tokens", type=int, default=64, help="training prefixes: 0..N attribute tokens")
     p.add_argument("--targets", choices=["grade", "esci"], default="grade",
                    help="listwise targets: softmax(grade) or proportional to the ESCI NDCG gains")

@@ -348,3 +348,24 @@ def split_queries(
     random.Random(seed).shuffle(ids)
     n_val = min(len(ids) - 1, max(1, round(val_fraction * len(ids))))
     return sorted(ids[n_val:]), sorted(ids[:n_val])
+
+
+def fold_queries(
+    query_ids: Sequence[str], folds: int, fold: int, seed: int = 0
+) -> tuple[list[str], list[str]]:
+    """(train, validation) of fold ``fold`` in a deterministic ``folds``-fold split of the query ids.
+
+    Same sort and seeded shuffle as ``split_queries``, then dealt round-robin, so the folds' validation
+    sets are disjoint, cover every query once and differ in size by at most one.  Cross-validation
+    is how a few hundred labelled queries give a verdict: every query is validated once.
+    """
+    if folds < 2:
+        raise ValueError(f"folds must be >= 2, got {folds}")
+    if not 0 <= fold < folds:
+        raise ValueError(f"fold must be in [0, {folds}), got {fold}")
+    ids = sorted(set(query_ids))
+    if len(ids) < folds:
+        raise ValueError(f"need at least {folds} distinct queries for {folds} folds, got {len(ids)}")
+    random.Random(seed).shuffle(ids)
+    val = set(ids[fold::folds])
+    return sorted(i for i in ids if i not in val), sorted(val)

@@ -6,6 +6,7 @@ import pytest
 from relsum_core.data import (
     DataError,
     bundled_data_dir,
+    fold_queries,
     group_by_query,
     load_catalog,
     load_dataset,
@@ -140,6 +141,22 @@ def test_split_is_deterministic_disjoint_and_order_free():
         split_queries(ids, 1.0)
     with pytest.raises(ValueError):
         split_queries(["a"], 0.5)
+
+
+
+def test_folds_cover_every_query_once():
+    ids = [str(i) for i in range(110)]
+    vals = [fold_queries(ids, 5, f, seed=0)[1] for f in range(5)]
+    assert [len(v) for v in vals] == [22] * 5
+    assert sorted(q for v in vals for q in v) == sorted(ids)
+    train, val = fold_queries(ids, 5, 3, seed=0)
+    assert set(train).isdisjoint(val) and set(train) | set(val) == set(ids)
+    assert fold_queries(list(reversed(ids)) + ids[:5], 5, 3, seed=0) == (train, val)
+    assert fold_queries(ids, 5, 3, seed=1)[1] != val
+    assert sorted(len(fold_queries(ids[:7], 3, f)[1]) for f in range(3)) == [2, 2, 3]
+    for folds, fold, n in ((1, 0, 10), (5, 5, 10), (5, -1, 10), (5, 0, 4)):
+        with pytest.raises(ValueError, match="fold"):
+            fold_queries(ids[:n], folds, fold)
 
 
 # WANDS as its repository ships it: tab-separated, csv-quoted where a field holds a quote, empty

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from relsum_core.data import Judgment, Product, group_by_query, load_dataset, split_queries
+from relsum_core.data import Judgment, Product, fold_queries, group_by_query, load_dataset, split_queries
 from relsum_core.io import JsonlLog, atomic_write_dir, atomic_write_text
 from relsum_core.metrics import (
     POSITIVE_GRADE,
@@ -70,6 +70,8 @@ class RankerTrainConfig:
     seed: int = 0  # data order, prefix lengths, dropout, head init
     split_seed: int = 0  # the train/validation split, kept apart so reseeded runs share validation
     val_fraction: float = 0.2
+    folds: int = 0  # > 1: validate on fold ``fold`` of a folds-fold split (seeded by split_seed), not
+    fold: int = 0  # on a val_fraction split; ``relsum_core.trainers.ranker_cv`` runs every fold
     max_attr_tokens: int = 64  # training prefixes are 0..max_attr_tokens attribute tokens
     targets: str = "grade"  # listwise targets: softmax(grade) or proportional to ESCI gains
     pointwise_weight: float = 0.0  # weight of the E-vs-rest logistic loss added to the listwise one
@@ -339,6 +341,11 @@ class ValSet:
         """NDCG@k per variant from a batched pair scorer (the cross-encoder)."""
         return self.metrics(self.score_pairs(predict))
 
+    def per_query(self, scores_by_variant: dict[str, dict]) -> dict[str, dict[str, float]]:
+        """{"<variant>/ndcg@<k>": {query id: NDCG}} (NaN where a query has no positive gain)."""
+        return {f"{name}/ndcg@{k}": per_query_ndcg(scores, self.grades, k)
+                for name, scores in scores_by_variant.items() for k in KS}
+
     def paired(self, ours: dict[str, dict], theirs: dict[str, dict], k: int = 10) -> dict[str, dict]:
         """Per variant, ``paired_difference`` of per-query NDCG@k, ours minus theirs."""
         return {name: paired_difference(per_query_ndcg(ours[name], self.grades, k),
@@ -542,8 +549,12 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
     catalog, judgments = load_dataset(cfg.data)
     by_query = group_by_query(judgments)
     qids = list(by_query)[: cfg.max_queries] if cfg.max_queries else list(by_query)
-    train_q, val_q = split_queries(qids, cfg.val_fraction, cfg.split_seed)
+    if cfg.folds:
+        train_q, val_q = fold_queries(qids, cfg.folds, cfg.fold, cfg.split_seed)
+    else:
+        train_q, val_q = split_queries(qids, cfg.val_fraction, cfg.split_seed)
     split = {
+        **({"folds": cfg.folds, "fold": cfg.fold} if cfg.folds else {}),
         "train_queries": len(train_q),
         "val_queries": len(val_q),
         "train_pairs": sum(len(by_query[q]) for q in train_q),
@@ -684,6 +695,9 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
         "gains": "esci",
         "table": ranker_table,
         "paired_ndcg@10": paired,
+        # Per query, so folds of a cross-validation pool into one verdict over every query.
+        "per_query_ndcg": {name: val.per_query(scores) for name, scores in
+                           {"fine-tuned cross-encoder": final_scores, **baseline_scores}.items()},
         "elapsed_s": round(time.time() - t_start, 1),
         "versions": {
             "python": platform.python_version(),

@@ -1,0 +1,86 @@
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertModel
+
+from relsum_core.cli import main
+from relsum_core.data import fold_queries, group_by_query, load_dataset
+from relsum_core.trainers.ranker import RankerTrainConfig, default_base
+from relsum_core.trainers.ranker_cv import RANKER, _same_settings, pool_folds
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_bert_cv")
+    tok = AutoTokenizer.from_pretrained(default_base())
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _args(base, out, *extra):
+    return ["train-ranker", "--base", str(base), "--out", str(out), "--max-queries", "6", "--folds", "3",
+            "--epochs", "1", "--batch-size", "2", "--group-size", "4", "--max-attr-tokens", "16",
+            "--max-length", "64", "--no-progress", "--pseudo-steps", "0", *extra]
+
+
+def test_cross_validation_pools_every_query_and_resumes(tmp_path, tiny_base, capsys):
+    out = tmp_path / "cv"
+    assert main(_args(tiny_base, out)) == 0
+    printed = capsys.readouterr().out
+    assert "3-fold cross-validation" in printed and printed.count("training into") == 3
+
+    first6 = list(group_by_query(load_dataset()[1]))[:6]
+    report = json.loads((out / "cv_report.json").read_text())
+    assert report["folds"] == 3 and len(report["fold_rows"]) == 3
+    for i in range(3):
+        fold = json.loads((out / f"fold{i}" / "report.json").read_text())
+        assert fold["split"]["val_query_ids"] == fold_queries(first6, 3, i)[1]
+    table = report["table"]
+    assert table[RANKER]["n_queries"] == 6 == table["BM25 (bm25s)"]["n_queries"]
+    for scorer in ("BM25 (bm25s)", "untuned encoder cosine"):
+        for variant in ("title", "title+64"):
+            d = report["paired_ndcg@10"][scorer][variant]
+            assert d["wins"] + d["ties"] + d["losses"] == d["n"]
+            if d["n"] == 6:  # every query defined: the paired mean is the difference of pooled means
+                want = table[RANKER][f"{variant}/ndcg@10"] - table[scorer][f"{variant}/ndcg@10"]
+                assert d["mean"] == pytest.approx(want, abs=1e-12)
+    assert "| fold | queries | kept step |" in (out / "cv_report.md").read_text()
+
+    # A second run with the same settings reuses every fold instead of training again.
+    mtime = (out / "fold1" / "report.json").stat().st_mtime_ns
+    assert main(_args(tiny_base, out)) == 0
+    assert capsys.readouterr().out.count("reusing") == 3
+    assert (out / "fold1" / "report.json").stat().st_mtime_ns == mtime
+
+
+def test_saved_fold_is_reused_only_with_the_same_settings():
+    cfg = RankerTrainConfig(out="x", folds=3, fold=1, epochs=2)
+    saved = {k: v for k, v in vars(cfg).items()} | {"out": "elsewhere", "progress": False, "lr": 2e-5}
+    assert _same_settings(saved, cfg)  # out/progress ignored; lr None = the default the run resolved
+    assert not _same_settings(saved | {"epochs": 3}, cfg)
+    assert not _same_settings(saved | {"fold": 2}, cfg)
+    assert not _same_settings({k: v for k, v in saved.items() if k != "seed"}, cfg)
+
+
+def _fake(fold, values):
+    per_query = {f"{v}/ndcg@{k}": dict(values) for v in ("title", "title+64") for k in (5, 10)}
+    row = {f"{v}/ndcg@10": 0.5 for v in ("title", "title+64")}
+    bm25 = {m: {q: 0.5 for q in d} for m, d in per_query.items()}
+    return {"split": {"fold": fold, "val_queries": len(values)}, "best": {"step": 1}, "steps": 2,
+            "table": {RANKER: row, "BM25": row}, "per_query_ndcg": {RANKER: per_query, "BM25": bm25}}
+
+
+def test_pool_folds_by_hand_and_rejects_overlap():
+    pooled = pool_folds([_fake(0, {"a": 0.9, "b": math.nan}), _fake(1, {"c": 0.3})])
+    assert pooled["table"][RANKER]["title/ndcg@10"] == pytest.approx(0.6)  # NaN skipped
+    assert pooled["table"][RANKER]["n_queries"] == 2 and pooled["table"]["BM25"]["n_queries"] == 3
+    d = pooled["paired_ndcg@10"]["BM25"]["title+64"]
+    assert (d["n"], d["wins"], d["losses"]) == (2, 1, 1) and d["mean"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="overlap"):
+        pool_folds([_fake(0, {"a": 0.9}), _fake(1, {"a": 0.3})])
