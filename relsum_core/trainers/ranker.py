@@ -12,8 +12,11 @@ Output directory::
     best/            HF checkpoint (model + tokenizer + relsum_ranker.json), best val NDCG@10
     metrics.jsonl    one JSON object a line: event "split" | "baseline" | "pseudo" | "train" | "eval" |
                      "final" (the warm-up's eval is step 0)
-    report.json      split sizes, config, the validation table
-    report.md        the validation table in markdown
+    report.json      split sizes, config, the validation table, per-query NDCG of every scorer and
+                     the ranker's paired difference to each baseline
+    report.md        the validation table and the paired differences in markdown
+
+``--folds K`` runs K of these, one per fold (``relsum_core.trainers.ranker_cv``).
 """
 
 from __future__ import annotations
