@@ -383,8 +383,10 @@ def save_checkpoint(model, tokenizer, dest: Path, meta: dict) -> None:
     atomic_write_dir(dest, fill)
 
 
-def _fmt(x: float) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+def format_metric(x: float, signed: bool = False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:+.4f}" if signed else f"{x:.4f}"
 
 
 def markdown_table(report: dict) -> str:
@@ -399,8 +401,8 @@ def markdown_table(report: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for name, m in rows.items():
-        cells = [_fmt(m[f"{v}/ndcg@{k}"]) for v, _ in EVAL_VARIANTS for k in KS]
-        cells.append(_fmt(m.get(f"{SELECT_VARIANT}/recall@p90")))
+        cells = [format_metric(m[f"{v}/ndcg@{k}"]) for v, _ in EVAL_VARIANTS for k in KS]
+        cells.append(format_metric(m.get(f"{SELECT_VARIANT}/recall@p90")))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
@@ -412,7 +414,7 @@ def markdown_table(report: dict) -> str:
         lines.append(f"Per query, fine-tuned minus {name} "
                      "(NDCG@10, mean ± standard error; better / tied / worse):")
         for variant, d in by_variant.items():
-            lines.append(f"- {variant}: {d['mean']:+.4f} ± {_fmt(d['se'])}; "
+            lines.append(f"- {variant}: {format_metric(d['mean'], signed=True)} ± {format_metric(d['se'])}; "
                          f"{d['wins']} / {d['ties']} / {d['losses']} of {d['n']} queries")
     lines.append("")
     lines.append("R@P90: recall of exact matches (E) at 90% precision, one score threshold over all "

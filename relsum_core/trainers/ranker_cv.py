@@ -27,7 +27,7 @@ import numpy as np
 
 from relsum_core.io import atomic_write_text
 from relsum_core.metrics import paired_difference
-from relsum_core.trainers.ranker import SELECT_VARIANT, RankerTrainConfig, train_ranker
+from relsum_core.trainers.ranker import SELECT_VARIANT, RankerTrainConfig, format_metric, train_ranker
 
 RANKER = "fine-tuned cross-encoder"
 # A saved fold is reused when every setting matches, except these (they do not change what is
@@ -101,12 +101,6 @@ def _nanmean(values: dict[str, float]) -> float:
     return float(np.mean(defined)) if defined else math.nan
 
 
-def _fmt(x: float, signed: bool = False) -> str:
-    if x is None or math.isnan(x):
-        return "n/a"
-    return f"{x:+.4f}" if signed else f"{x:.4f}"
-
-
 def cv_markdown(pooled: dict, folds: int) -> str:
     table = pooled["table"]
     metrics = [m for m in next(iter(table.values())) if m != "n_queries"]
@@ -119,19 +113,20 @@ def cv_markdown(pooled: dict, folds: int) -> str:
         "|---|" + "---|" * len(metrics),
     ]
     for scorer, row in table.items():
-        lines.append(f"| {scorer} | " + " | ".join(_fmt(row[m]) for m in metrics) + " |")
+        lines.append(f"| {scorer} | " + " | ".join(format_metric(row[m]) for m in metrics) + " |")
     lines += ["", "Per query, fine-tuned minus baseline "
               "(NDCG@10, mean ± standard error; better / tied / worse):"]
     for scorer, by_variant in pooled["paired_ndcg@10"].items():
         for variant, d in by_variant.items():
-            lines.append(f"- {scorer}, {variant}: {_fmt(d['mean'], True)} ± {_fmt(d['se'])}; "
+            mean, se = format_metric(d["mean"], signed=True), format_metric(d["se"])
+            lines.append(f"- {scorer}, {variant}: {mean} ± {se}; "
                          f"{d['wins']} / {d['ties']} / {d['losses']} of {d['n']}")
     scorers = list(table)
     lines += ["", f"Per fold, {SELECT_VARIANT} NDCG@10:", "",
               "| fold | queries | kept step | " + " | ".join(scorers) + " |",
               "|---|---|---|" + "---|" * len(scorers)]
     for f in pooled["fold_rows"]:
-        cells = [_fmt(f[f"{s}/{SELECT_VARIANT}/ndcg@10"]) for s in scorers]
+        cells = [format_metric(f[f"{s}/{SELECT_VARIANT}/ndcg@10"]) for s in scorers]
         lines.append(f"| {f['fold']} | {f['val_queries']} | {f['kept_step']} of {f['steps']} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
