@@ -84,3 +84,14 @@ def test_pool_folds_by_hand_and_rejects_overlap():
     assert (d["n"], d["wins"], d["losses"]) == (2, 1, 1) and d["mean"] == pytest.approx(0.1)
     with pytest.raises(ValueError, match="overlap"):
         pool_folds([_fake(0, {"a": 0.9}), _fake(1, {"a": 0.3})])
+
+
+@pytest.mark.parametrize("folds, message", [("1", "folds must be >= 2"),
+                                            ("9", "at least 9 distinct queries")])
+def test_bad_folds_are_a_clear_error(tmp_path, tiny_base, capsys, folds, message):
+    args = _args(tiny_base, tmp_path / "cv")
+    args[args.index("--folds") + 1] = folds
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "cv" / "cv_report.json").exists()
