@@ -1,13 +1,19 @@
 """BM25, untuned cosine and their per-query z-score blend over all 110 queries (label-free teachers)."""
-import numpy as np, torch
-from transformers import AutoTokenizer, AutoModel
+
+import numpy as np
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from relsum_core.baselines import CosineScorer, bm25_scores
 from relsum_core.data import group_by_query, load_dataset
-from relsum_core.trainers import ranker as R
-from relsum_core.baselines import bm25_scores, CosineScorer
 from relsum_core.metrics import per_query_ndcg
+from relsum_core.trainers import ranker as R
+
 torch.set_num_threads(1)
-catalog, judg = load_dataset(None); bq = group_by_query(judg)
-base = R.default_base(); tok = AutoTokenizer.from_pretrained(base)
+catalog, judg = load_dataset(None)
+bq = group_by_query(judg)
+base = R.default_base()
+tok = AutoTokenizer.from_pretrained(base)
 vs = R.ValSet(bq, list(bq), catalog, tok)
 enc = CosineScorer(AutoModel.from_pretrained(base), tok, device=torch.device("cpu"))
 z = lambda x: (x - x.mean()) / (x.std() + 1e-9)
