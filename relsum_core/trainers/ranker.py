@@ -52,6 +52,7 @@ from relsum_core.text import SEPARATOR, PrefixSampler, product_text
 EVAL_VARIANTS = (("title", 0), ("title+64", 64))
 SELECT_VARIANT = "title+64"  # the budgeted text a summary will fill; best checkpoint by its NDCG@10
 KS = (5, 10)
+RANKER = "fine-tuned cross-encoder"  # the fine-tuned model's row in every table
 
 
 @dataclass
@@ -349,12 +350,6 @@ class ValSet:
         return {f"{name}/ndcg@{k}": per_query_ndcg(scores, self.grades, k)
                 for name, scores in scores_by_variant.items() for k in KS}
 
-    def paired(self, ours: dict[str, dict], theirs: dict[str, dict], k: int = 10) -> dict[str, dict]:
-        """Per variant, ``paired_difference`` of per-query NDCG@k, ours minus theirs."""
-        return {name: paired_difference(per_query_ndcg(ours[name], self.grades, k),
-                                        per_query_ndcg(theirs[name], self.grades, k))
-                for name, _ in EVAL_VARIANTS}
-
     def _metrics(self, name, scores) -> dict[str, float]:
         out = {}
         for k in KS:
@@ -381,6 +376,16 @@ def save_checkpoint(model, tokenizer, dest: Path, meta: dict) -> None:
         (tmp / "relsum_ranker.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     atomic_write_dir(dest, fill)
+
+
+def paired_ndcg10(per_query: dict[str, dict[str, dict[str, float]]], ours: str = RANKER) -> dict:
+    """{baseline: {variant: ``paired_difference`` of NDCG@10, ours minus that baseline}}, from the
+    per-query NDCG of every scorer (``ValSet.per_query``'s shape, or several folds' pooled)."""
+    return {
+        scorer: {name: paired_difference(per_query[ours][f"{name}/ndcg@10"], by_metric[f"{name}/ndcg@10"])
+                 for name, _ in EVAL_VARIANTS}
+        for scorer, by_metric in per_query.items() if scorer != ours
+    }
 
 
 def format_metric(x: float, signed: bool = False) -> str:
@@ -681,10 +686,13 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
     loaded_predict = lambda pairs: np.asarray(ce.predict(pairs, batch_size=cfg.eval_batch_size))
     final_scores = val.score_pairs(loaded_predict)
     final = val.metrics(final_scores)
-    ranker_table = {"fine-tuned cross-encoder": final}
+    ranker_table = {RANKER: final}
     ranker_table.update(table)
-    paired = {name: val.paired(final_scores, scores) for name, scores in baseline_scores.items()}
-    log.write("final", scorer="fine-tuned cross-encoder", step=best["step"], **final, paired_ndcg10=paired)
+    # Per query, so folds of a cross-validation pool into one verdict over every query.
+    per_query = {name: val.per_query(scores)
+                 for name, scores in {RANKER: final_scores, **baseline_scores}.items()}
+    paired = paired_ndcg10(per_query)
+    log.write("final", scorer=RANKER, step=best["step"], **final, paired_ndcg10=paired)
     log.close()
 
     report = {
@@ -700,9 +708,7 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
         "gains": "esci",
         "table": ranker_table,
         "paired_ndcg@10": paired,
-        # Per query, so folds of a cross-validation pool into one verdict over every query.
-        "per_query_ndcg": {name: val.per_query(scores) for name, scores in
-                           {"fine-tuned cross-encoder": final_scores, **baseline_scores}.items()},
+        "per_query_ndcg": per_query,
         "elapsed_s": round(time.time() - t_start, 1),
         "versions": {
             "python": platform.python_version(),

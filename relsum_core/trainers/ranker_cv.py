@@ -26,10 +26,15 @@ from pathlib import Path
 import numpy as np
 
 from relsum_core.io import atomic_write_text
-from relsum_core.metrics import paired_difference
-from relsum_core.trainers.ranker import SELECT_VARIANT, RankerTrainConfig, format_metric, train_ranker
+from relsum_core.trainers.ranker import (
+    RANKER,
+    SELECT_VARIANT,
+    RankerTrainConfig,
+    format_metric,
+    paired_ndcg10,
+    train_ranker,
+)
 
-RANKER = "fine-tuned cross-encoder"
 # A saved fold is reused when every setting matches, except these (they do not change what is
 # trained) and those left None here, which mean "the default" and which the saved report resolved.
 _IGNORED = {"progress", "out"}
@@ -76,12 +81,7 @@ def pool_folds(reports: list[dict]) -> dict:
         | {"n_queries": sum(not math.isnan(v) for v in by_metric[f"{SELECT_VARIANT}/ndcg@10"].values())}
         for scorer, by_metric in per_query.items()
     }
-    metric10 = [m for m in per_query[RANKER] if m.endswith("/ndcg@10")]
-    paired = {
-        scorer: {m.removesuffix("/ndcg@10"): paired_difference(per_query[RANKER][m], per_query[scorer][m])
-                 for m in metric10}
-        for scorer in per_query if scorer != RANKER
-    }
+    paired = paired_ndcg10(per_query)
     fold_rows = [
         {
             "fold": r["split"].get("fold"),
