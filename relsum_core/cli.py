@@ -33,6 +33,7 @@ def _train_ranker(args: argparse.Namespace) -> int:
         max_queries=args.max_queries, progress=not args.no_progress, device=args.device, targets=args.targets,
         freeze_layers=args.freeze_layers, pseudo_steps=args.pseudo_steps, pseudo_lr=args.pseudo_lr,
         pseudo_head_lr=args.pseudo_head_lr, pseudo_attr_prob=args.pseudo_attr_prob,
+        warmup=args.warmup, distill_temperature=args.distill_temperature,
         pointwise_weight=args.pointwise_weight, keyword_prob=args.keyword_prob, precision=args.precision,
     )
     if args.folds is not None:
@@ -89,7 +90,12 @@ def _add_train_ranker(sub) -> None:
     p.add_argument("--freeze-layers", type=int, default=0,
                    help="keep the embeddings and the first N encoder layers frozen")
     p.add_argument("--pseudo-steps", type=int, default=240,
-                   help="warm-up steps on title pseudo-queries (other candidates as negatives) first")
+                   help="warm-up steps before the graded phase, of the --warmup kind (0: no warm-up)")
+    p.add_argument("--warmup", choices=["pseudo", "cosine"], default="pseudo",
+                   help="pseudo: title pseudo-queries, other candidates as negatives; cosine: distil the "
+                        "untuned encoder's cosine over the training queries' candidates (label-free)")
+    p.add_argument("--distill-temperature", type=float, default=0.03,
+                   help="--warmup cosine: target softmax(cosine / T) over a group of candidates")
     p.add_argument("--eval-every", type=int, default=None, help="validate every N steps (and each epoch end)")
     p.add_argument("--max-queries", type=int, default=None, help="use only the first N queries")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

@@ -17,6 +17,8 @@ from relsum_core.trainers.ranker import (
     RankerTrainConfig,
     _train_scores,
     add_attribute_words,
+    candidate_groups,
+    cosine_distill_loss,
     default_base,
     freeze_lower,
     graded_rates,
@@ -282,6 +284,52 @@ def test_pseudo_pairs_extend_queries_from_the_positive(tiny_base):
     assert grew >= 3
 
 
+def test_candidate_groups_are_full_one_query_groups_whatever_the_grades():
+    j = lambda q, p, g: Judgment(q, f"query {q}", p, g)
+    by_query = {"a": [j("a", f"a{i}", 3) for i in range(9)],  # one grade: still grouped (label-free)
+                "b": [j("b", f"b{i}", i % 4) for i in range(3)]}  # fewer than a group: none
+    groups = candidate_groups(by_query, ["a", "b"], 4, random.Random(0))
+    assert len(groups) == 2 and all(len(g) == 4 for g in groups)
+    ids = [x.product_id for g in groups for x in g]
+    assert len(set(ids)) == 8 and all(i.startswith("a") for i in ids)
+    regraded = {q: [Judgment(x.query_id, x.query, x.product_id, 0) for x in v] for q, v in by_query.items()}
+    same = candidate_groups(regraded, ["a", "b"], 4, random.Random(0))
+    assert [[x.product_id for x in g] for g in same] == [[x.product_id for x in g] for g in groups]
+
+
+def test_cosine_distill_loss_by_hand(tiny_base):
+    """Cross-entropy of softmax(ranker scores) against softmax(teacher cosine / T), per group."""
+    catalog, judgments = load_dataset()
+    by_query = group_by_query(judgments)
+    train_q = list(by_query)[:3]
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    ce = CrossEncoder.from_model(AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=1),
+                                 tok, max_length=48)
+    ce.model.eval()  # no dropout: the same pairs score the same twice
+    calls = []
+
+    class Teacher:
+        def scores(self, query, texts):
+            calls.append((query, list(texts)))
+            return np.linspace(0.3, 0.5, len(texts))[::-1]  # first candidate most similar
+
+    cfg = RankerTrainConfig(out="x", batch_size=2, group_size=4, distill_temperature=0.05)
+    batch_loss = cosine_distill_loss(ce, Teacher(), by_query, train_q, catalog, PrefixSampler(tok, 8, seed=0),
+                                     cfg, torch.device("cpu"), torch.float32)
+    loss = batch_loss()
+    assert len(calls) == 2 and all(len(texts) == 4 for _, texts in calls)
+    train_queries = {by_query[q][0].query for q in train_q}
+    assert all(query in train_queries for query, _ in calls)
+    pairs = [(query, t) for query, texts in calls for t in texts]
+    with torch.no_grad():
+        scores = _train_scores(ce, pairs, torch.float32).view(2, 4).double()
+    target = torch.softmax(torch.tensor(np.linspace(0.5, 0.3, 4)) / 0.05, dim=0)
+    expected = -(target * torch.log_softmax(scores, dim=-1)).sum(-1).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    loss.backward()  # differentiable through the ranker
+    assert ce.model.classifier.weight.grad is not None
+
+
 def test_graded_rates():
     # after the warm-up the head is trained: lower rates, so the graded phase builds on the warm-up
     assert graded_rates(RankerTrainConfig(out="x")) == (2e-5, 1e-4)
@@ -323,6 +371,31 @@ def test_train_ranker_with_pseudo_warmup_and_frozen_layers(tmp_path, tiny_base):
     layer, base_layer = tuned.bert.encoder.layer, base.encoder.layer
     assert torch.equal(layer[0].output.dense.weight, base_layer[0].output.dense.weight)
     assert not torch.equal(layer[1].output.dense.weight, base_layer[1].output.dense.weight)
+
+
+def test_train_ranker_with_cosine_distillation_warmup(tmp_path, tiny_base, capsys):
+    out = tmp_path / "run"
+    args = ["train-ranker", "--base", str(tiny_base), "--out", str(out), "--max-queries", "6",
+            "--val-fraction", "0.34", "--epochs", "1", "--max-steps", "2", "--batch-size", "2",
+            "--group-size", "4", "--max-attr-tokens", "8", "--max-length", "48", "--no-progress",
+            "--pseudo-steps", "3", "--warmup", "cosine", "--precision", "fp32"]
+    assert main(args) == 0
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    distill = [x for x in lines if x["event"] == "distill"]
+    assert [x["step"] for x in distill] == [3] and math.isfinite(distill[0]["loss"])
+    assert not [x for x in lines if x["event"] == "pseudo"]
+    assert [x["step"] for x in lines if x["event"] == "eval"] == [0, 2]
+    config = json.loads((out / "report.json").read_text())["config"]
+    assert (config["warmup"], config["distill_temperature"]) == ("cosine", 0.03)
+    assert (config["lr"], config["head_lr"]) == (2e-5, 1e-4)  # graded rates after a warm-up
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([*args, "--warmup", "teacher"])
+    assert "invalid choice: 'teacher'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--distill-temperature", "0"])
+    assert exit_info.value.code == 2
+    assert "distill_temperature must be a finite number > 0, got 0.0" in capsys.readouterr().err
 
 
 def test_pointwise_loss_by_hand():

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,14 +37,16 @@ from relsum_core.trainers.ranker import (
 
 # A saved fold is reused when every setting matches, except these (they do not change what is
 # trained) and those left None here, which mean "the default" and which the saved report resolved.
+# A setting the saved report lacks was added later, at a default that keeps the old behaviour.
 _IGNORED = {"progress", "out"}
+_DEFAULTS = {f.name: f.default for f in fields(RankerTrainConfig)}
 
 
 def _same_settings(saved: dict, cfg: RankerTrainConfig) -> bool:
     for key, value in asdict(cfg).items():
         if key in _IGNORED or value is None:
             continue
-        if saved.get(key) != value:
+        if saved.get(key, _DEFAULTS[key]) != value:
             return False
     return True
 
