@@ -33,7 +33,7 @@ def _train_ranker(args: argparse.Namespace) -> int:
         max_queries=args.max_queries, progress=not args.no_progress, device=args.device, targets=args.targets,
         freeze_layers=args.freeze_layers, pseudo_steps=args.pseudo_steps, pseudo_lr=args.pseudo_lr,
         pseudo_head_lr=args.pseudo_head_lr, pseudo_attr_prob=args.pseudo_attr_prob,
-        warmup=args.warmup, distill_temperature=args.distill_temperature,
+        warmup=args.warmup, distill_temperature=args.distill_temperature, distill_weight=args.distill_weight,
         pointwise_weight=args.pointwise_weight, keyword_prob=args.keyword_prob, precision=args.precision,
     )
     if args.folds is not None:
@@ -95,7 +95,10 @@ def _add_train_ranker(sub) -> None:
                    help="pseudo: title pseudo-queries, other candidates as negatives; cosine: distil the "
                         "untuned encoder's cosine over the training queries' candidates (label-free)")
     p.add_argument("--distill-temperature", type=float, default=0.03,
-                   help="--warmup cosine: target softmax(cosine / T) over a group of candidates")
+                   help="distillation target: softmax(untuned cosine / T) over a group of candidates")
+    p.add_argument("--distill-weight", type=float, default=0.0,
+                   help="graded phase: add W x the distillation loss to the untuned cosine on the same "
+                        "groups (keeps the bi-encoder's semantics while fitting the labelled queries)")
     p.add_argument("--eval-every", type=int, default=None, help="validate every N steps (and each epoch end)")
     p.add_argument("--max-queries", type=int, default=None, help="use only the first N queries")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

@@ -20,6 +20,7 @@ from relsum_core.trainers.ranker import (
     candidate_groups,
     cosine_distill_loss,
     default_base,
+    distillation_loss,
     freeze_lower,
     graded_rates,
     listwise_loss,
@@ -297,6 +298,23 @@ def test_candidate_groups_are_full_one_query_groups_whatever_the_grades():
     assert [[x.product_id for x in g] for g in same] == [[x.product_id for x in g] for g in groups]
 
 
+def test_distillation_loss_by_hand_over_unequal_groups():
+    scores = torch.tensor([1.0, 2.0, 3.0, 0.0, 1.0])
+    teacher = torch.tensor([0.1, 0.2, 0.3, 0.5, 0.4])
+    groups = torch.tensor([0, 0, 0, 1, 1])
+
+    def ce(s, t):
+        p = [math.exp(x / 0.1) for x in t]
+        logz = math.log(sum(math.exp(x) for x in s))
+        return -sum(pi / sum(p) * (x - logz) for pi, x in zip(p, s))
+
+    expected = (ce([1, 2, 3], [0.1, 0.2, 0.3]) + ce([0, 1], [0.5, 0.4])) / 2
+    assert distillation_loss(scores, teacher, groups, 0.1).item() == pytest.approx(expected, rel=1e-6)
+    # scores ordered as the teacher orders them lose less than scores ordered against it
+    assert distillation_loss(teacher * 30, teacher, groups, 0.1) < distillation_loss(-teacher * 30, teacher,
+                                                                                      groups, 0.1)
+
+
 def test_cosine_distill_loss_by_hand(tiny_base):
     """Cross-entropy of softmax(ranker scores) against softmax(teacher cosine / T), per group."""
     catalog, judgments = load_dataset()
@@ -392,10 +410,26 @@ def test_train_ranker_with_cosine_distillation_warmup(tmp_path, tiny_base, capsy
     with pytest.raises(SystemExit):
         main([*args, "--warmup", "teacher"])
     assert "invalid choice: 'teacher'" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_info:
-        main([*args, "--distill-temperature", "0"])
-    assert exit_info.value.code == 2
-    assert "distill_temperature must be a finite number > 0, got 0.0" in capsys.readouterr().err
+    for option, value, message in (("--distill-temperature", "0", "distill_temperature must be a finite "
+                                    "number > 0, got 0.0"),
+                                   ("--distill-weight", "-1", "distill_weight must be a finite number >= 0")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, option, value])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+def test_train_ranker_distill_weight_adds_the_cosine_loss_to_the_graded_phase(tmp_path, tiny_base):
+    out = tmp_path / "run"
+    assert main(["train-ranker", "--base", str(tiny_base), "--out", str(out), "--max-queries", "6",
+                 "--val-fraction", "0.34", "--epochs", "1", "--max-steps", "2", "--batch-size", "2",
+                 "--group-size", "4", "--max-attr-tokens", "8", "--max-length", "48", "--no-progress",
+                 "--pseudo-steps", "0", "--distill-weight", "0.5", "--precision", "fp32"]) == 0
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in lines if x["event"] == "train"]
+    assert train and all(math.isfinite(x["distill_loss"]) for x in train)
+    for x in train:  # the logged total is the sum of its weighted parts
+        assert x["loss"] == pytest.approx(x["listwise_loss"] + 0.5 * x["distill_loss"], rel=1e-5)
 
 
 def test_pointwise_loss_by_hand():

@@ -86,7 +86,8 @@ class RankerTrainConfig:
     freeze_layers: int = 0  # keep the embeddings and the first N encoder layers at the base weights
     pseudo_steps: int = 240  # warm-up steps before the graded fine-tuning (either kind; 0 = none)
     warmup: str = "pseudo"  # "pseudo": title pseudo-queries; "cosine": distil the untuned encoder's cosine
-    distill_temperature: float = 0.03  # "cosine" warm-up: target softmax(cosine / T) over a group
+    distill_temperature: float = 0.03  # target softmax(cosine / T) over a group ("cosine" warm-up and
+    distill_weight: float = 0.0  # graded phase: add W x that distillation loss on the graded groups)
     pseudo_attr_prob: float = 0.0  # share of pseudo-queries that also name words of the shown attributes
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
@@ -568,14 +569,33 @@ def cosine_distill_loss(ce, teacher, by_query, train_q, catalog, sampler, cfg: R
                 raise ValueError("no distillation groups: no train query has group_size candidates")
         batch, groups = groups[: cfg.batch_size], groups[cfg.batch_size:]
         texts = [[sampler.sample(catalog[j.product_id]) for j in g] for g in batch]
-        target = torch.tensor(np.stack([teacher.scores(g[0].query, t) for g, t in zip(batch, texts)]),
-                              dtype=torch.float32, device=device)
         pairs = [(g[0].query, text) for g, t in zip(batch, texts) for text in t]
-        scores = _train_scores(ce, pairs, dtype).view(len(batch), -1)
-        soft = torch.softmax(target / cfg.distill_temperature, dim=-1)
-        return -(soft * torch.log_softmax(scores, dim=-1)).sum(-1).mean()
+        scores = _train_scores(ce, pairs, dtype)
+        group_ids = torch.arange(len(batch), device=device).repeat_interleave(cfg.group_size)
+        return distillation_loss(scores, teacher_scores(teacher, batch, texts, device), group_ids,
+                                 cfg.distill_temperature)
 
     return batch_loss
+
+
+def teacher_scores(teacher, groups: Sequence[list[Judgment]], texts: Sequence[list[str]],
+                   device) -> torch.Tensor:
+    """The teacher's scores of each group's texts against its query, flat in group order."""
+    flat = np.concatenate([teacher.scores(g[0].query, t) for g, t in zip(groups, texts)])
+    return torch.tensor(flat, dtype=torch.float32, device=device)
+
+
+def distillation_loss(scores: torch.Tensor, teacher: torch.Tensor, group_ids: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """Mean over groups of the cross-entropy between softmax(teacher / T) and softmax(scores)."""
+    scores = scores.float()
+    n_groups = int(group_ids.max()) + 1
+    total = scores.new_zeros(())
+    for g in range(n_groups):
+        m = group_ids == g
+        target = torch.softmax(teacher[m].float() / temperature, dim=0)
+        total = total - (target * torch.log_softmax(scores[m], dim=0)).sum()
+    return total / n_groups
 
 
 def _seed_all(seed: int) -> None:
@@ -594,8 +614,10 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
 
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.group_size < 2 or (cfg.max_steps or 1) < 1:
         raise ValueError("epochs, batch_size and max_steps must be >= 1 and group_size >= 2")
-    if not (math.isfinite(cfg.pointwise_weight) and cfg.pointwise_weight >= 0):
-        raise ValueError(f"pointwise_weight must be a finite number >= 0, got {cfg.pointwise_weight}")
+    for name in ("pointwise_weight", "distill_weight"):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     if not 0.0 <= cfg.keyword_prob <= 1.0:  # checked before the baselines' minute, not after
         raise ValueError(f"keyword_prob must be in [0, 1], got {cfg.keyword_prob}")
     if cfg.warmup not in WARMUPS:
@@ -698,6 +720,7 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
         # Step 0 is a candidate checkpoint too: if the graded phase cannot improve on the warm-up,
         # the run keeps the warm-up (and the metrics say so).
         evaluate(model, 0, -1)
+    teacher = encoder if cfg.distill_weight else None
     del encoder
     step, pairs_seen, t_train = 0, 0, time.time()
     bar = tqdm(total=total_steps, desc=f"train-ranker ({str(dtype).removeprefix('torch.')})",
@@ -709,13 +732,18 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
                 break
             batch = groups[b : b + cfg.batch_size]
             flat = [j for g in batch for j in g]
-            pairs = [(j.query, sampler.sample(catalog[j.product_id])) for j in flat]
+            texts = [[sampler.sample(catalog[j.product_id]) for j in g] for g in batch]
+            pairs = [(j.query, t) for g, ts in zip(batch, texts) for j, t in zip(g, ts)]
             scores = _train_scores(ce, pairs, dtype)
             grades = torch.tensor([j.grade for j in flat], device=device)
             group_ids = torch.tensor([i for i, g in enumerate(batch) for _ in g], device=device)
             listwise = listwise_loss(scores, grades, group_ids, cfg.targets)
             pointwise = pointwise_loss(scores, grades)
             loss = listwise + cfg.pointwise_weight * pointwise if cfg.pointwise_weight else listwise
+            if teacher is not None:
+                distill = distillation_loss(scores, teacher_scores(teacher, batch, texts, device), group_ids,
+                                            cfg.distill_temperature)
+                loss = loss + cfg.distill_weight * distill
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -733,6 +761,7 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
                     loss=loss.item(),
                     listwise_loss=listwise.item(),
                     pointwise_loss=pointwise.item(),  # logged even at weight 0: how calibrated
+                    **({"distill_loss": distill.item()} if teacher is not None else {}),
                     lr=scheduler.get_last_lr()[0],  # encoder (first group: embeddings come first)
                     grad_norm=float(grad_norm),
                     pairs=pairs_seen,
