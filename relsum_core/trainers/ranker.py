@@ -86,8 +86,8 @@ class RankerTrainConfig:
     freeze_layers: int = 0  # keep the embeddings and the first N encoder layers at the base weights
     pseudo_steps: int = 240  # warm-up steps before the graded fine-tuning (either kind; 0 = none)
     warmup: str = "pseudo"  # "pseudo": title pseudo-queries; "cosine": distil the untuned encoder's cosine
-    distill_temperature: float = 0.03  # target softmax(cosine / T) over a group ("cosine" warm-up and
-    distill_weight: float = 0.0  # graded phase: add W x that distillation loss on the graded groups)
+    distill_temperature: float = 0.03  # distillation target: softmax(untuned cosine / T) over a group
+    distill_weight: float = 0.0  # graded phase: add W x the distillation loss on its own groups
     pseudo_attr_prob: float = 0.0  # share of pseudo-queries that also name words of the shown attributes
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
