@@ -28,7 +28,7 @@ import platform
 import random
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -130,18 +130,27 @@ def listwise_loss(scores: torch.Tensor, grades: torch.Tensor, group_ids: torch.T
     """
     if targets not in ("grade", "esci"):
         raise ValueError(f"targets must be 'grade' or 'esci', got {targets!r}")
-    scores = scores.float()
-    n_groups = int(group_ids.max()) + 1
-    total, used = scores.new_zeros(()), 0
-    for g in range(n_groups):
-        m = group_ids == g
+
+    def target_of(m: torch.Tensor) -> torch.Tensor | None:
         if targets == "grade":
-            target = torch.softmax(grades[m].float(), dim=0)
-        else:
-            gains = torch.tensor(gains_of(grades[m].tolist()), dtype=torch.float32, device=scores.device)
-            if gains.sum() <= 0:
-                continue
-            target = gains / gains.sum()
+            return torch.softmax(grades[m].float(), dim=0)
+        gains = torch.tensor(gains_of(grades[m].tolist()), dtype=torch.float32, device=scores.device)
+        return gains / gains.sum() if gains.sum() > 0 else None
+
+    return group_cross_entropy(scores, group_ids, target_of)
+
+
+def group_cross_entropy(scores: torch.Tensor, group_ids: torch.Tensor,
+                        target_of: Callable[[torch.Tensor], torch.Tensor | None]) -> torch.Tensor:
+    """Mean over groups of the cross-entropy between ``target_of(group mask)`` (a distribution over
+    the group, or None to skip the group) and softmax(scores) within the group."""
+    scores = scores.float()
+    total, used = scores.new_zeros(()), 0
+    for g in range(int(group_ids.max()) + 1):
+        m = group_ids == g
+        target = target_of(m)
+        if target is None:
+            continue
         total = total - (target * torch.log_softmax(scores[m], dim=0)).sum()
         used += 1
     return total / max(used, 1)
@@ -515,19 +524,27 @@ def run_warmup(ce, cfg: RankerTrainConfig, batch_loss: Callable[[], torch.Tensor
             log.write(event, step=step, loss=loss.item(), lr=scheduler.get_last_lr()[0])
 
 
+def _dealt_batches(make_groups: Callable[[], list], batch_size: int, kind: str) -> Iterator[list]:
+    """Endless batches of ``batch_size`` groups, dealing a fresh ``make_groups()`` when fewer remain."""
+    groups: list = []
+    while True:
+        if len(groups) < batch_size:
+            groups = make_groups()
+            if not groups:
+                raise ValueError(f"no {kind} groups: no train query has group_size candidates")
+        batch, groups = groups[:batch_size], groups[batch_size:]
+        yield batch
+
+
 def pseudo_query_loss(ce, by_query, train_q, catalog, sampler, cfg: RankerTrainConfig, device,
                       dtype: torch.dtype) -> Callable[[], torch.Tensor]:
     """Next batch's softmax cross-entropy on title pseudo-queries (positive first)."""
     rng = random.Random(cfg.seed + 1)
-    groups: list = []
+    batches = _dealt_batches(lambda: make_pseudo_groups(by_query, train_q, catalog, cfg.group_size, rng),
+                             cfg.batch_size, "pseudo-query")
 
     def batch_loss() -> torch.Tensor:
-        nonlocal groups
-        if len(groups) < cfg.batch_size:
-            groups = make_pseudo_groups(by_query, train_q, catalog, cfg.group_size, rng)
-            if not groups:
-                raise ValueError("no pseudo-query groups: no train query has group_size candidates")
-        batch, groups = groups[: cfg.batch_size], groups[cfg.batch_size:]
+        batch = next(batches)
         pairs = pseudo_pairs(batch, catalog, sampler, rng, cfg.pseudo_attr_prob)
         scores = _train_scores(ce, pairs, dtype).view(len(batch), -1)
         positive_first = torch.zeros(len(batch), dtype=torch.long, device=device)
@@ -561,15 +578,11 @@ def cosine_distill_loss(ce, teacher, by_query, train_q, catalog, sampler, cfg: R
     (0.654 against 0.638) and ended 0.009 behind the default recipe.
     """
     rng = random.Random(cfg.seed + 1)
-    groups: list = []
+    batches = _dealt_batches(lambda: candidate_groups(by_query, train_q, cfg.group_size, rng), cfg.batch_size,
+                             "distillation")
 
     def batch_loss() -> torch.Tensor:
-        nonlocal groups
-        if len(groups) < cfg.batch_size:
-            groups = candidate_groups(by_query, train_q, cfg.group_size, rng)
-            if not groups:
-                raise ValueError("no distillation groups: no train query has group_size candidates")
-        batch, groups = groups[: cfg.batch_size], groups[cfg.batch_size:]
+        batch = next(batches)
         texts = [[sampler.sample(catalog[j.product_id]) for j in g] for g in batch]
         pairs = [(g[0].query, text) for g, t in zip(batch, texts) for text in t]
         scores = _train_scores(ce, pairs, dtype)
@@ -590,14 +603,8 @@ def teacher_scores(teacher, groups: Sequence[list[Judgment]], texts: Sequence[li
 def distillation_loss(scores: torch.Tensor, teacher: torch.Tensor, group_ids: torch.Tensor,
                       temperature: float) -> torch.Tensor:
     """Mean over groups of the cross-entropy between softmax(teacher / T) and softmax(scores)."""
-    scores = scores.float()
-    n_groups = int(group_ids.max()) + 1
-    total = scores.new_zeros(())
-    for g in range(n_groups):
-        m = group_ids == g
-        target = torch.softmax(teacher[m].float() / temperature, dim=0)
-        total = total - (target * torch.log_softmax(scores[m], dim=0)).sum()
-    return total / n_groups
+    return group_cross_entropy(scores, group_ids,
+                               lambda m: torch.softmax(teacher[m].float() / temperature, dim=0))
 
 
 def _seed_all(seed: int) -> None:
@@ -715,10 +722,10 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
     if cfg.pseudo_steps > 0:
         data = (by_query, train_q, catalog, sampler, cfg, device, dtype)
         if cfg.warmup == "cosine":
-            batch_loss = cosine_distill_loss(ce, encoder, *data)
+            batch_loss, event = cosine_distill_loss(ce, encoder, *data), "distill"
         else:
-            batch_loss = pseudo_query_loss(ce, *data)
-        run_warmup(ce, cfg, batch_loss, "distill" if cfg.warmup == "cosine" else "pseudo", log)
+            batch_loss, event = pseudo_query_loss(ce, *data), "pseudo"
+        run_warmup(ce, cfg, batch_loss, event, log)
         # Step 0 is a candidate checkpoint too: if the graded phase cannot improve on the warm-up,
         # the run keeps the warm-up (and the metrics say so).
         evaluate(model, 0, -1)
