@@ -1,4 +1,4 @@
-"""Encoder kernels: relsum's varlen attention against padded SDPA and torch's varlen; the FFN GEMM.
+"""Encoder kernels: relsum's varlen attention against padded SDPA and torch's varlen; the fused GEMMs.
 
 CPU (always): the torch path of ``varlen_attention`` (length buckets, one SDPA call each) against
 one SDPA call over the batch padded to its longest pair, on a small mixed-length batch.
@@ -10,6 +10,9 @@ kernel under each tile shape of ``CONFIG_CANDIDATES`` against the one it picks t
 (``test_cuda_attention_tiles``).  And the FFN up-projection with its bias+GELU: cuBLAS + the
 ``bias_gelu`` pass (the encoder's default) against the Triton GEMM with a fused epilogue
 (``linear_gelu``) under each of its candidate tile shapes (``test_cuda_linear_gelu``); the
+attention-output and FFN-down projections with their bias+residual+LayerNorm: cuBLAS + the
+``residual_layernorm`` pass against the Triton GEMM with that epilogue (``linear_residual_layernorm``)
+under each candidate tile shape (``test_cuda_linear_ln``); the
 bias+GELU and residual+LayerNorm epilogues under each candidate launch shape against eager torch
 (``test_cuda_gelu_tiles``, ``test_cuda_ln_tiles``, with GB/s).
 
@@ -26,9 +29,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from relsum_kernels import bias_gelu, linear_gelu, residual_layernorm, varlen_attention
+from relsum_kernels import (
+    bias_gelu,
+    linear_gelu,
+    linear_residual_layernorm,
+    residual_layernorm,
+    varlen_attention,
+)
 from relsum_kernels.encoder_epilogues import GELU_CONFIG_CANDIDATES, LN_CONFIG_CANDIDATES
 from relsum_kernels.linear_gelu import CONFIG_CANDIDATES as LINEAR_GELU_CANDIDATES
+from relsum_kernels.linear_residual_ln import CONFIG_CANDIDATES as LINEAR_LN_CANDIDATES
+from relsum_kernels.linear_residual_ln import sweep_candidates as linear_ln_sweep
 from relsum_kernels.varlen_attention import (
     CONFIG_CANDIDATES,
     SHORT_MAX_SEQLEN,
@@ -200,6 +211,61 @@ def test_cuda_linear_gelu(benchmark, model, lengths, variant):
         method=variant, model=model, device=torch.cuda.get_device_name(), dtype="bfloat16", tokens=T,
         in_features=H, out_features=Fd, tflops=2 * T * H * Fd / median / 1e12,
         gb_per_s=2 * (T * H + H * Fd + T * Fd) / median / 1e9, median_ms=median * 1e3,
+    )
+
+
+# The two projections that end in add & norm (attention output: K = H; FFN down: K = 4H), N = H:
+# what the encoder runs today (cuBLAS GEMM, then the residual_layernorm pass with the bias) against
+# the Triton GEMM with the bias+residual+LayerNorm epilogue under its default and each candidate tile
+# shape that suits the width (``sweep_candidates``), at the 24-96 throughput row's token count.
+DENSE_LN_PROJECTIONS = {"attn_out": 1, "ffn_down": 4}  # K as a multiple of H
+DENSE_LN_VARIANTS = ["cublas_residual_ln", "triton_default", *(f"triton_{n}" for n in LINEAR_LN_CANDIDATES)]
+
+
+def dense_ln_case(model: str, tokens: int, projection: str, variant: str, device: str):
+    """A callable running one DENSE_LN_VARIANTS variant on random bf16 inputs, or None where the
+    candidate does not suit the model's width; it checks its first rows against the encoder's default
+    path once (CPU runs need TRITON_INTERPRET=1)."""
+    H = FFN_SHAPES[model][0]
+    K = H * DENSE_LN_PROJECTIONS[projection]
+    name = variant.removeprefix("triton_")
+    if name not in ("cublas_residual_ln", "default") and name not in linear_ln_sweep(H):
+        return None
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(tokens, K, generator=g, device=device).to(torch.bfloat16)
+    r = torch.randn(tokens, H, generator=g, device=device).to(torch.bfloat16)
+    w = (torch.randn(H, K, generator=g, device=device) / K ** 0.5).to(torch.bfloat16)
+    lw = (1 + 0.1 * torch.randn(H, generator=g, device=device)).to(torch.bfloat16)  # LayerNorm-like
+    b, lb = ((0.1 * torch.randn(H, generator=g, device=device)).to(torch.bfloat16) for _ in range(2))
+    ref = lambda: residual_layernorm(F.linear(x, w), r, lw, lb, x_bias=b, impl="triton")
+    if variant == "cublas_residual_ln":
+        run = ref
+    else:
+        cfg = None if name == "default" else LINEAR_LN_CANDIDATES[name]
+        run = lambda: linear_residual_layernorm(x, w, b, r, lw, lb, impl="triton", config=cfg)
+    n = min(tokens, 4096)
+    # bf16: cuBLAS rounds the product before the add & norm, the fused GEMM does not; ~1-2 ulp of
+    # |y| <= 5.  A broken GEMM or statistic is off by O(1)
+    torch.testing.assert_close(run()[:n].float(), ref()[:n].float(), rtol=2e-2, atol=5e-2)
+    return run
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("variant", DENSE_LN_VARIANTS)
+@pytest.mark.parametrize("projection", list(DENSE_LN_PROJECTIONS))
+@pytest.mark.parametrize("model", list(FFN_SHAPES))
+def test_cuda_linear_ln(benchmark, model, projection, variant):
+    H = FFN_SHAPES[model][0]
+    K = H * DENSE_LN_PROJECTIONS[projection]
+    T = FFN_TOKENS["24-96"]
+    run = dense_ln_case(model, T, projection, variant, "cuda")
+    if run is None:
+        pytest.skip(f"{variant} does not suit width {H} (linear_residual_ln.sweep_candidates)")
+    median = _time_cuda(benchmark, run, f"encoder-linear-ln-{model}-{projection}")
+    benchmark.extra_info.update(
+        method=variant, model=model, device=torch.cuda.get_device_name(), dtype="bfloat16", tokens=T,
+        in_features=K, out_features=H, tflops=2 * T * K * H / median / 1e12,
+        gb_per_s=2 * (T * K + H * K + 2 * T * H) / median / 1e9, median_ms=median * 1e3,
     )
 
 

@@ -14,8 +14,9 @@ CUDA (skipped without it), bf16, ANCHORS.md table 2 / 2b / 3 shapes, every varia
   stream, Triton kernels) as ``relsum`` (``score_packed`` from host token ids: staging them in one
   pinned buffer and its host-to-device copy are timed), ``relsum_device`` (the packed forward from
   ids already on the device, as every other variant here runs) and ``relsum_tuned`` (the same with
-  the kernel candidates on: the FFN up-projection as the Triton linear+GELU GEMM and the attention
-  tiles named by RELSUM_BENCH_ATTENTION, default ``short_m64_h4_w4``; see ``TUNED``);
+  the kernel candidates on: the FFN up-projection as the Triton linear+GELU GEMM, the attention-output
+  and FFN-down projections as the Triton linear+residual+LayerNorm GEMM, and the attention tiles
+  named by RELSUM_BENCH_ATTENTION, default ``short_m64_h4_w4``; see ``TUNED``);
   HF eager / sdpa padded / sdpa length-sorted (micro-batches of 128); the strong peer (packed
   tokens, ``torch.nn.attention.varlen.varlen_attn``, ``torch.compile`` of the rest) eager and
   compiled, and the same with flash-attn's ``flash_attn_varlen_func`` when installed;
@@ -348,9 +349,11 @@ def _gpu_fn(method, ce, hf, enc, batches_of, dev="cuda"):
 
 
 # The kernel candidates the GPU sweeps time one by one, switched on together for an end-to-end
-# number: the FFN up-projection as the fused linear+GELU GEMM and one attention tile candidate.
+# number: the FFN up-projection as the fused linear+GELU GEMM, the two add & norm projections as the
+# fused linear+residual+LayerNorm GEMM and one attention tile candidate.
 TUNED_ATTENTION = os.environ.get("RELSUM_BENCH_ATTENTION", "short_m64_h4_w4")
-TUNED = dict(fused_ffn_up=True, attention_config=ATTENTION_CANDIDATES[TUNED_ATTENTION])
+TUNED = dict(fused_ffn_up=True, fused_dense_ln=True, attention_config=ATTENTION_CANDIDATES[TUNED_ATTENTION])
+TUNED_LABEL = f"fused_ffn_up, fused_dense_ln, attention {TUNED_ATTENTION}"
 
 
 @contextlib.contextmanager
@@ -358,13 +361,15 @@ def _kernel_choices(ce, tuned: bool):
     """The encoder with the ``TUNED`` kernels (tuned) or its defaults; the model is shared between
     variants, so the choices are put back."""
     enc = ce.encoder
-    before = (enc.fused_ffn_up, enc.attention_config)
+    before = {k: getattr(enc, k) for k in TUNED}
     if tuned:
-        enc.fused_ffn_up, enc.attention_config = TUNED["fused_ffn_up"], TUNED["attention_config"]
+        for k, v in TUNED.items():
+            setattr(enc, k, v)
     try:
         yield
     finally:
-        enc.fused_ffn_up, enc.attention_config = before
+        for k, v in before.items():
+            setattr(enc, k, v)
 
 
 @pytest.fixture(scope="module")
@@ -410,7 +415,7 @@ def test_cuda_throughput_1024(benchmark, gpu_models, shape, lengths, method):
     _record(benchmark, method=method, shape=shape, n_pairs=len(enc), tokens=sum(lens), padded_tokens=padded,
             device=torch.cuda.get_device_name(), dtype=torch.bfloat16, source="token ids")
     if method.endswith("tuned"):
-        benchmark.extra_info["kernels"] = f"fused_ffn_up, attention {TUNED_ATTENTION}"
+        benchmark.extra_info["kernels"] = TUNED_LABEL
 
 
 LATENCY_ROWS = [(100, 24, 96), (100, 128, 512), (1000, 24, 96)]
@@ -442,7 +447,7 @@ def test_cuda_rerank_latency(benchmark, gpu_models, shape, row, method):
             padded_tokens=n * max(lens) if method.startswith("hf_") else None,
             device=torch.cuda.get_device_name(), dtype=torch.bfloat16, source="token ids")
     if method.endswith("tuned"):
-        benchmark.extra_info["kernels"] = f"fused_ffn_up, attention {TUNED_ATTENTION}"
+        benchmark.extra_info["kernels"] = TUNED_LABEL
 
 
 def test_cpu_dry_run_of_gpu_variants():

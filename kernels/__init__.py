@@ -40,6 +40,7 @@ if __name__ != "kernels" or not _hand_over_to_hf_kernels():
         residual_layernorm_reference,
     )
     from .linear_gelu import linear_gelu, linear_gelu_reference
+    from .linear_residual_ln import linear_residual_layernorm, linear_residual_layernorm_reference
     from .logprob import fused_logprob, logprob_reference
     from .varlen_attention import varlen_attention, varlen_attention_reference
 
@@ -56,4 +57,6 @@ __all__ = [
     "cls_score_reference",
     "linear_gelu",
     "linear_gelu_reference",
+    "linear_residual_layernorm",
+    "linear_residual_layernorm_reference",
 ]

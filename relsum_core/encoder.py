@@ -4,9 +4,11 @@ All sequences of a batch are concatenated into one token stream described by ``c
 matrix product runs on real tokens only.  On CUDA the attention, bias+GELU, residual+LayerNorm and the
 [CLS] scoring head are the Triton kernels of ``relsum_kernels``, the dense layers cuBLAS GEMMs whose
 bias the next kernel fuses (or, with ``fused_ffn_up``, the FFN up-projection a Triton GEMM with the
-bias+GELU in its epilogue); on CPU attention and the head take the kernels' torch paths (attention as a
-few padded SDPA calls over length buckets) and the dense biases go into the GEMMs (addmm) instead, or,
-for bf16 inference, into oneDNN's fused linear with the GELU or the residual add as well.
+bias+GELU in its epilogue, and with ``fused_dense_ln`` the attention-output and FFN-down projections
+Triton GEMMs with bias+residual+LayerNorm in theirs); on CPU attention and the head take the kernels'
+torch paths (attention as a few padded SDPA calls over length buckets) and the dense biases go into the
+GEMMs (addmm) instead, or, for bf16 inference, into oneDNN's fused linear with the GELU or the
+residual add as well.
 
 The module *shares* its parameters with the Hugging Face model it is built from, so fine-tuning either
 one updates both and ``save`` of the HF model always writes what ``forward`` computes.
@@ -62,6 +64,10 @@ class PackedBertEncoder(nn.Module):
         # instead of cuBLAS + the bias_gelu pass.  Off until a GPU run shows it faster
         # (benchmarks: ``test_cuda_linear_gelu``, and the ``relsum_tuned`` end-to-end variants).
         self.fused_ffn_up = False
+        # The two dense layers that end in add & norm as one Triton GEMM each with bias+residual+
+        # LayerNorm in the epilogue (kernels/linear_residual_ln.py), for the same reason
+        # (``test_cuda_linear_ln``).
+        self.fused_dense_ln = False
         # Triton attention tiles (one of relsum_kernels.varlen_attention.CONFIG_CANDIDATES' values;
         # None = the kernel's own choice), for the same reason: the GPU sweep picks.
         self.attention_config: dict | None = None
@@ -91,7 +97,7 @@ class PackedBertEncoder(nn.Module):
     def kernel_choices(self) -> tuple:
         """What a captured CUDA graph bakes in besides the weights (hashable)."""
         att = tuple(sorted(self.attention_config.items())) if self.attention_config else None
-        return (self.fused_ffn_up, att)
+        return (self.fused_ffn_up, self.fused_dense_ln, att)
 
     def _kernel_epilogues(self, x: torch.Tensor) -> bool:
         return self.impl != "auto" or x.is_cuda
@@ -128,6 +134,9 @@ class PackedBertEncoder(nn.Module):
             else:
                 y = F.linear(x, dense.weight, dense.bias).add_(residual)
             return F.layer_norm(y, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+        if self.fused_dense_ln:
+            return K.linear_residual_layernorm(x, dense.weight, dense.bias, residual, ln.weight, ln.bias,
+                                               eps=ln.eps, impl=self.impl)
         y = F.linear(x, dense.weight)
         return K.residual_layernorm(y, residual, ln.weight, ln.bias, eps=ln.eps, x_bias=dense.bias,
                                     impl=self.impl)

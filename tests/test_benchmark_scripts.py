@@ -33,6 +33,7 @@ def test_profile_kinds_of_real_kernel_names():
         "_bias_gelu_kernel": "relsum bias+gelu",
         "_linear_gelu_kernel": "relsum linear+gelu gemm",
         "_residual_ln_kernel": "relsum residual+ln",
+        "_linear_residual_ln_kernel": "relsum linear+residual+ln gemm",
         "_cls_score_kernel": "relsum cls head",
         "triton_per_fused_add_native_layer_norm_3": "inductor fused",
         "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<32, 128, 128, 4>>":
@@ -75,6 +76,23 @@ def test_linear_gelu_benchmark_variants_dry_run():
             "    assert out.shape == (70, 1536), (v, out.shape)\n"
             "    print('ok', v)\n")
     assert _interpreted_in_benchmarks(code).count("ok ") == 9
+
+
+def test_linear_ln_benchmark_variants_dry_run():
+    """Every variant of test_cuda_linear_ln runs and checks itself on CPU (interpreter) at MiniLM's two
+    projections and BERT-base's attention output (its FFN down differs only in K and takes 20 s
+    here); the n512 candidates sit out BERT-base's width 768."""
+    code = ("import test_bench_encoder_kernels as b\n"
+            "cases = [('minilm', 'attn_out'), ('minilm', 'ffn_down'), ('bert-base', 'attn_out')]\n"
+            "for (model, proj), v in [(c, v) for c in cases for v in b.DENSE_LN_VARIANTS]:\n"
+            "    run = b.dense_ln_case(model, 40, proj, v, 'cpu')\n"
+            "    if run is None:\n"
+            "        print('skip', model, v)\n"
+            "        continue\n"
+            "    assert run().shape == (40, b.FFN_SHAPES[model][0]), v\n"
+            "    print('ok', model, proj, v)\n")
+    out = _interpreted_in_benchmarks(code)
+    assert out.count("ok ") == 2 * 8 + 6 and out.count("skip ") == 2
 
 
 def test_epilogue_benchmark_variants_dry_run():

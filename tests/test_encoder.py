@@ -52,11 +52,12 @@ def test_packed_matches_hf_per_sequence(lens):
 
 # "torch" / "triton" run the CUDA wiring (bias fused into the epilogue kernels): on CPU, Triton through
 # its interpreter; with CUDA, on the GPU for real.  "auto" on CPU is the addmm-fused torch formulation.
-@pytest.mark.parametrize("fused_ffn_up", [False, True], ids=["ffn_cublas", "ffn_linear_gelu"])
+@pytest.mark.parametrize("fused", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["cublas", "ffn_linear_gelu", "dense_ln", "both"])
 @pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_kernel_wiring_matches_hf(impl, fused_ffn_up):
+def test_kernel_wiring_matches_hf(impl, fused):
     _check_against_hf([1, 33, 70, 2], impl, device=triton_device() if impl == "triton" else "cpu",
-                      fused_ffn_up=fused_ffn_up)
+                      fused_ffn_up=fused[0], fused_dense_ln=fused[1])
 
 
 def test_attention_config_reaches_the_kernel():
@@ -66,17 +67,20 @@ def test_attention_config_reaches_the_kernel():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("fused_ffn_up", [False, True], ids=["ffn_cublas", "ffn_linear_gelu"])
-def test_cuda_auto_path_matches_hf(fused_ffn_up):
-    _check_against_hf([1, 2, 17, 64, 3, 128, 5, 512], "auto", device="cuda", fused_ffn_up=fused_ffn_up)
+@pytest.mark.parametrize("fused", [(False, False), (True, True)], ids=["cublas", "fused_epilogues"])
+def test_cuda_auto_path_matches_hf(fused):
+    _check_against_hf([1, 2, 17, 64, 3, 128, 5, 512], "auto", device="cuda", fused_ffn_up=fused[0],
+                      fused_dense_ln=fused[1])
 
 
-def _check_against_hf(lens, impl, device="cpu", fused_ffn_up=False, attention_config=None):
+def _check_against_hf(lens, impl, device="cpu", fused_ffn_up=False, fused_dense_ln=False,
+                      attention_config=None):
     model = tiny_model()
     ref_model = copy.deepcopy(model)
     enc = PackedBertEncoder.from_hf(model.to(device))
     enc.impl = impl
     enc.fused_ffn_up = fused_ffn_up
+    enc.fused_dense_ln = fused_dense_ln
     enc.attention_config = attention_config
     seqs, types, ids, tt, pos, cu = packed_inputs(lens)
     with torch.inference_mode():

@@ -423,6 +423,11 @@ def test_reranker_guards(tiny):
         assert rr._current_weights_key() != before
     finally:
         tiny.encoder.fused_ffn_up = False
+    tiny.encoder.fused_dense_ln = True
+    try:
+        assert rr._current_weights_key() != before
+    finally:
+        tiny.encoder.fused_dense_ln = False
     tiny.encoder.attention_config = {"SHORT": True, "HEADS": 4, "BLOCK_M": 64}
     try:
         assert rr._current_weights_key() != before
