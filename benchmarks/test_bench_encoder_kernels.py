@@ -217,8 +217,12 @@ def test_cuda_linear_gelu(benchmark, model, lengths, variant):
 # The two projections that end in add & norm (attention output: K = H; FFN down: K = 4H), N = H:
 # what the encoder runs today (cuBLAS GEMM, then the residual_layernorm pass with the bias) against
 # the Triton GEMM with the bias+residual+LayerNorm epilogue under its default and each candidate tile
-# shape that suits the width (``sweep_candidates``), at the 24-96 throughput row's token count.
+# shape that suits the width (``sweep_candidates``), at the 24-96 throughput row's token count and at
+# one 100-candidate rerank's.
 DENSE_LN_PROJECTIONS = {"attn_out": 1, "ffn_down": 4}  # K as a multiple of H
+# the 24-96 throughput row, and one query's 100 candidates (the latency row: fewer row tiles than
+# an H100 has SMs at BLOCK_M 64, so the small-tile candidates may win there)
+DENSE_LN_TOKENS = {"24-96": FFN_TOKENS["24-96"], "100cands": 6053}
 DENSE_LN_VARIANTS = ["cublas_residual_ln", "triton_default", *(f"triton_{n}" for n in LINEAR_LN_CANDIDATES)]
 
 
@@ -253,15 +257,16 @@ def dense_ln_case(model: str, tokens: int, projection: str, variant: str, device
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("variant", DENSE_LN_VARIANTS)
 @pytest.mark.parametrize("projection", list(DENSE_LN_PROJECTIONS))
+@pytest.mark.parametrize("tokens", list(DENSE_LN_TOKENS))
 @pytest.mark.parametrize("model", list(FFN_SHAPES))
-def test_cuda_linear_ln(benchmark, model, projection, variant):
+def test_cuda_linear_ln(benchmark, model, tokens, projection, variant):
     H = FFN_SHAPES[model][0]
     K = H * DENSE_LN_PROJECTIONS[projection]
-    T = FFN_TOKENS["24-96"]
+    T = DENSE_LN_TOKENS[tokens]
     run = dense_ln_case(model, T, projection, variant, "cuda")
     if run is None:
         pytest.skip(f"{variant} does not suit width {H} (linear_residual_ln.sweep_candidates)")
-    median = _time_cuda(benchmark, run, f"encoder-linear-ln-{model}-{projection}")
+    median = _time_cuda(benchmark, run, f"encoder-linear-ln-{model}-{tokens}-{projection}")
     benchmark.extra_info.update(
         method=variant, model=model, device=torch.cuda.get_device_name(), dtype="bfloat16", tokens=T,
         in_features=K, out_features=H, tflops=2 * T * K * H / median / 1e12,
