@@ -12,6 +12,35 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+def interpreter_mismatch() -> str | None:
+    """Why this triton's CPU interpreter cannot run the kernels here, or None.
+
+    Triton 3.6's interpreter loads a scalar as a one-element array and int()s it (loop bounds), which
+    numpy 2.4 refuses; the kernels then die with "only 0-dimensional arrays can be converted".
+    """
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    try:
+        import numpy
+        import triton
+    except ImportError:
+        return None
+
+    def major_minor(v: str) -> tuple[int, ...]:
+        return tuple(int(p) for p in v.split(".")[:2])
+
+    if major_minor(triton.__version__) < (3, 7) and major_minor(numpy.__version__) >= (2, 4):
+        return (f"triton {triton.__version__}'s CPU interpreter needs numpy < 2.4 (found "
+                f"{numpy.__version__}): pip install 'numpy<2.4', or triton>=3.7")
+    return None
+
+
+def pytest_configure(config):
+    problem = interpreter_mismatch()
+    if problem:
+        raise pytest.UsageError(problem)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny shapes gain nothing from intra-op threads, and on a shared, busy CPU the OpenMP

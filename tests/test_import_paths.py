@@ -31,3 +31,25 @@ def test_bert_and_relsum_kernels_import_from_the_checkout_root():
         assert Path(kernels_file).resolve().parent == ROOT / "kernels"
     else:  # Hugging Face's package answers to its own name
         assert not Path(kernels_file).resolve().is_relative_to(ROOT)
+
+
+def test_interpreter_version_guard(monkeypatch):
+    """The suite stops at the start, naming the fix, where triton's interpreter cannot run the
+    kernels (triton 3.6 with numpy 2.4), instead of failing deep inside every kernel test."""
+    import numpy
+    import triton
+
+    from conftest import interpreter_mismatch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.1")
+    assert "needs numpy < 2.4" in interpreter_mismatch()
+    monkeypatch.setattr(numpy, "__version__", "2.3.5")
+    assert interpreter_mismatch() is None
+    monkeypatch.setattr(numpy, "__version__", "2.4.1")
+    monkeypatch.setattr(triton, "__version__", "3.7.1")
+    assert interpreter_mismatch() is None
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # compiled kernels (a GPU) are not affected
+    assert interpreter_mismatch() is None
