@@ -35,7 +35,7 @@ triton.__version__, 'transformers', t.__version__)"
 declare -A baselines=(
     [logprob]="naive_fp32 cut_cross_entropy"
     [ranker]="hf_sdpa_sorted peer_varlen_attn_compile"
-    [encoder_kernels]="sdpa_padded torch_varlen_attn default cublas_bias_gelu cublas_residual_ln"
+    [encoder_kernels]="sdpa_padded torch_varlen_attn default cublas_bias_gelu cublas_residual_ln unfused"
     [rl_step]="hf"
 )
 # seconds; RELSUM_GPU_LIMIT_<SECTION> overrides one.  The default sections add up to 820 s, too long
@@ -61,12 +61,12 @@ section() {  # name, command...: run with the section's time limit, log to the w
 }
 
 # pytest runs node ids in the order given: the ranker's unmeasured latency rows before throughput;
-# attention (the biggest kernel), then the two fused GEMMs (most of a layer's memory traffic), then
-# the attention tiles and the standalone epilogues
+# attention (the biggest kernel), then the one-kernel FFN and the two fused GEMMs (most of a layer's
+# memory traffic), then the attention tiles and the standalone epilogues
 e=benchmarks/test_bench_encoder_kernels.py
 declare -A targets=(
     [ranker]="benchmarks/test_bench_ranker.py::test_cuda_rerank_latency benchmarks/test_bench_ranker.py::test_cuda_throughput_1024"
-    [encoder_kernels]="$e::test_cuda_attention $e::test_cuda_linear_gelu $e::test_cuda_linear_ln $e::test_cuda_attention_tiles $e::test_cuda_gelu_tiles $e::test_cuda_ln_tiles"
+    [encoder_kernels]="$e::test_cuda_attention $e::test_cuda_fused_ffn $e::test_cuda_linear_gelu $e::test_cuda_linear_ln $e::test_cuda_attention_tiles $e::test_cuda_gelu_tiles $e::test_cuda_ln_tiles"
 )
 
 bench() {  # suite name
@@ -84,8 +84,8 @@ bench() {  # suite name
 sections=("$@")
 # most wanted first, so a lease that runs out loses the least.  rl_step and sampling were measured on
 # the H200 (results/gpu-h200) and run only when named; the ranker's latency rows, where its
-# throughput time goes (profile), the fused linear+GELU and linear+residual+LayerNorm GEMMs against
-# cuBLAS + their epilogue passes, the
+# throughput time goes (profile), the one-kernel FFN and the fused linear+GELU and
+# linear+residual+LayerNorm GEMMs against cuBLAS + their epilogue passes, the
 # epilogue and attention launch-shape sweeps (encoder_kernels) and fused_logprob's gradient
 # filtering are unmeasured.
 [ ${#sections[@]} -gt 0 ] || sections=(ranker profile encoder_kernels tests logprob)
@@ -93,7 +93,7 @@ for s in "${sections[@]}"; do
     case $s in
         tests)
             section tests python3 -m pytest -q -n 8 --timeout=120 tests/test_logprob.py tests/test_varlen_attention.py \
-                tests/test_encoder_epilogues.py tests/test_linear_gelu.py tests/test_linear_residual_ln.py \
+                tests/test_encoder_epilogues.py tests/test_linear_gelu.py tests/test_linear_residual_ln.py tests/test_fused_ffn.py \
                 tests/test_encoder.py tests/test_ranker.py tests/test_policy.py tests/test_decode.py
             grep -E "passed|failed|error" "$work/tests.log" | tail -n 3 >>"$summary" ;;
         profile)  # per-kernel time of relsum's forward and the strong peer's (where the tie comes from)

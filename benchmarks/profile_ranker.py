@@ -37,6 +37,7 @@ KINDS = [
     ("relsum attention", ("_varlen_attn_fwd_kernel",)),
     ("relsum bias+gelu", ("_bias_gelu_kernel",)),
     ("relsum linear+gelu gemm", ("_linear_gelu_kernel",)),
+    ("relsum fused ffn", ("_fused_ffn_kernel",)),
     ("relsum linear+residual+ln gemm", ("_linear_residual_ln_kernel",)),
     ("relsum residual+ln", ("_residual_ln_kernel",)),
     ("relsum cls head", ("_cls_score_kernel",)),

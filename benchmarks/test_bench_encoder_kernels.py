@@ -12,7 +12,9 @@ kernel under each tile shape of ``CONFIG_CANDIDATES`` against the one it picks t
 (``linear_gelu``) under each of its candidate tile shapes (``test_cuda_linear_gelu``); the
 attention-output and FFN-down projections with their bias+residual+LayerNorm: cuBLAS + the
 ``residual_layernorm`` pass against the Triton GEMM with that epilogue (``linear_residual_layernorm``)
-under each candidate tile shape (``test_cuda_linear_ln``); the
+under each candidate tile shape (``test_cuda_linear_ln``); the whole FFN block at MiniLM's width:
+the default path, the two fused GEMMs, and ``fused_ffn`` (one kernel, the 4H activations kept on
+chip) under each candidate tile shape (``test_cuda_fused_ffn``); the
 bias+GELU and residual+LayerNorm epilogues under each candidate launch shape against eager torch
 (``test_cuda_gelu_tiles``, ``test_cuda_ln_tiles``, with GB/s).
 
@@ -31,12 +33,14 @@ import torch.nn.functional as F
 
 from relsum_kernels import (
     bias_gelu,
+    fused_ffn,
     linear_gelu,
     linear_residual_layernorm,
     residual_layernorm,
     varlen_attention,
 )
 from relsum_kernels.encoder_epilogues import GELU_CONFIG_CANDIDATES, LN_CONFIG_CANDIDATES
+from relsum_kernels.fused_ffn import CONFIG_CANDIDATES as FUSED_FFN_CANDIDATES
 from relsum_kernels.linear_gelu import CONFIG_CANDIDATES as LINEAR_GELU_CANDIDATES
 from relsum_kernels.linear_residual_ln import CONFIG_CANDIDATES as LINEAR_LN_CANDIDATES
 from relsum_kernels.linear_residual_ln import sweep_candidates as linear_ln_sweep
@@ -271,6 +275,59 @@ def test_cuda_linear_ln(benchmark, model, tokens, projection, variant):
         method=variant, model=model, device=torch.cuda.get_device_name(), dtype="bfloat16", tokens=T,
         in_features=K, out_features=H, tflops=2 * T * K * H / median / 1e12,
         gb_per_s=2 * (T * K + H * K + 2 * T * H) / median / 1e9, median_ms=median * 1e3,
+    )
+
+
+# The whole FFN block, LayerNorm(x + down(gelu(up(x)))), at MiniLM's width (the one-kernel FFN takes
+# H <= 512): the encoder's default (cuBLAS, bias_gelu, cuBLAS, residual_layernorm), the two fused
+# GEMMs (linear_gelu, then linear_residual_layernorm) and the one kernel under its default and each
+# candidate tile shape, at the same two token counts.
+FUSED_FFN_VARIANTS = ["unfused", "fused_gemms", "triton_default",
+                      *(f"triton_{n}" for n in FUSED_FFN_CANDIDATES)]
+
+
+def fused_ffn_case(tokens: int, variant: str, device: str):
+    """A callable running one FUSED_FFN_VARIANTS variant at MiniLM's FFN shape on random bf16 inputs;
+    it checks its first rows against the encoder's default path once (CPU: TRITON_INTERPRET=1)."""
+    H, Fd = FFN_SHAPES["minilm"]
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(tokens, H, generator=g, device=device).to(torch.bfloat16)
+    w1 = (torch.randn(Fd, H, generator=g, device=device) / H ** 0.5).to(torch.bfloat16)
+    w2 = (torch.randn(H, Fd, generator=g, device=device) / Fd ** 0.5).to(torch.bfloat16)
+    lw = (1 + 0.1 * torch.randn(H, generator=g, device=device)).to(torch.bfloat16)  # LayerNorm-like
+    b1 = (0.1 * torch.randn(Fd, generator=g, device=device)).to(torch.bfloat16)
+    b2, lb = ((0.1 * torch.randn(H, generator=g, device=device)).to(torch.bfloat16) for _ in range(2))
+
+    def ref():
+        mid = bias_gelu(F.linear(x, w1), b1, impl="triton")
+        return residual_layernorm(F.linear(mid, w2), x, lw, lb, x_bias=b2, impl="triton")
+
+    if variant == "unfused":
+        run = ref
+    elif variant == "fused_gemms":
+        run = lambda: linear_residual_layernorm(linear_gelu(x, w1, b1, impl="triton"), w2, b2, x, lw, lb,
+                                                impl="triton")
+    else:
+        name = variant.removeprefix("triton_")
+        cfg = None if name == "default" else FUSED_FFN_CANDIDATES[name]
+        run = lambda: fused_ffn(x, w1, b1, w2, b2, lw, lb, impl="triton", config=cfg)
+    n = min(tokens, 4096)
+    # bf16: the paths round at different points (1-2 ulp of |y| <= 5); a broken kernel is off by O(1)
+    torch.testing.assert_close(run()[:n].float(), ref()[:n].float(), rtol=2e-2, atol=5e-2)
+    return run
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("variant", FUSED_FFN_VARIANTS)
+@pytest.mark.parametrize("tokens", list(DENSE_LN_TOKENS))
+def test_cuda_fused_ffn(benchmark, tokens, variant):
+    H, Fd = FFN_SHAPES["minilm"]
+    T = DENSE_LN_TOKENS[tokens]
+    run = fused_ffn_case(T, variant, "cuda")
+    median = _time_cuda(benchmark, run, f"encoder-fused-ffn-minilm-{tokens}")
+    benchmark.extra_info.update(
+        method=variant, model="minilm", device=torch.cuda.get_device_name(), dtype="bfloat16", tokens=T,
+        hidden=H, intermediate=Fd, tflops=4 * T * H * Fd / median / 1e12, median_ms=median * 1e3,
     )
 
 

@@ -14,8 +14,9 @@ CUDA (skipped without it), bf16, ANCHORS.md table 2 / 2b / 3 shapes, every varia
   stream, Triton kernels) as ``relsum`` (``score_packed`` from host token ids: staging them in one
   pinned buffer and its host-to-device copy are timed), ``relsum_device`` (the packed forward from
   ids already on the device, as every other variant here runs) and ``relsum_tuned`` (the same with
-  the kernel candidates on: the FFN up-projection as the Triton linear+GELU GEMM, the attention-output
-  and FFN-down projections as the Triton linear+residual+LayerNorm GEMM, and the attention tiles
+  the kernel candidates on: the FFN block as one Triton kernel where H <= 512 (else its up-projection
+  as the Triton linear+GELU GEMM), the attention-output (and FFN-down) projections as the Triton
+  linear+residual+LayerNorm GEMM, and the attention tiles
   named by RELSUM_BENCH_ATTENTION, default ``short_m64_h4_w4``; see ``TUNED``);
   HF eager / sdpa padded / sdpa length-sorted (micro-batches of 128); the strong peer (packed
   tokens, ``torch.nn.attention.varlen.varlen_attn``, ``torch.compile`` of the rest) eager and
@@ -349,11 +350,13 @@ def _gpu_fn(method, ce, hf, enc, batches_of, dev="cuda"):
 
 
 # The kernel candidates the GPU sweeps time one by one, switched on together for an end-to-end
-# number: the FFN up-projection as the fused linear+GELU GEMM, the two add & norm projections as the
-# fused linear+residual+LayerNorm GEMM and one attention tile candidate.
+# number: the FFN as one kernel (fused_ffn; where H > 512, the FFN up-projection as the fused
+# linear+GELU GEMM instead), the add & norm projections as the fused linear+residual+LayerNorm GEMM
+# and one attention tile candidate.
 TUNED_ATTENTION = os.environ.get("RELSUM_BENCH_ATTENTION", "short_m64_h4_w4")
-TUNED = dict(fused_ffn_up=True, fused_dense_ln=True, attention_config=ATTENTION_CANDIDATES[TUNED_ATTENTION])
-TUNED_LABEL = f"fused_ffn_up, fused_dense_ln, attention {TUNED_ATTENTION}"
+TUNED = dict(fused_ffn=True, fused_ffn_up=True, fused_dense_ln=True,
+             attention_config=ATTENTION_CANDIDATES[TUNED_ATTENTION])
+TUNED_LABEL = f"fused_ffn (H <= 512) or fused_ffn_up, fused_dense_ln, attention {TUNED_ATTENTION}"
 
 
 @contextlib.contextmanager

@@ -39,6 +39,7 @@ if __name__ != "kernels" or not _hand_over_to_hf_kernels():
         residual_layernorm,
         residual_layernorm_reference,
     )
+    from .fused_ffn import fused_ffn, fused_ffn_reference
     from .linear_gelu import linear_gelu, linear_gelu_reference
     from .linear_residual_ln import linear_residual_layernorm, linear_residual_layernorm_reference
     from .logprob import fused_logprob, logprob_reference
@@ -59,4 +60,6 @@ __all__ = [
     "linear_gelu_reference",
     "linear_residual_layernorm",
     "linear_residual_layernorm_reference",
+    "fused_ffn",
+    "fused_ffn_reference",
 ]

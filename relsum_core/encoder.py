@@ -4,8 +4,9 @@ All sequences of a batch are concatenated into one token stream described by ``c
 matrix product runs on real tokens only.  On CUDA the attention, bias+GELU, residual+LayerNorm and the
 [CLS] scoring head are the Triton kernels of ``relsum_kernels``, the dense layers cuBLAS GEMMs whose
 bias the next kernel fuses (or, with ``fused_ffn_up``, the FFN up-projection a Triton GEMM with the
-bias+GELU in its epilogue, and with ``fused_dense_ln`` the attention-output and FFN-down projections
-Triton GEMMs with bias+residual+LayerNorm in theirs); on CPU attention and the head take the kernels'
+bias+GELU in its epilogue, with ``fused_dense_ln`` the attention-output and FFN-down projections
+Triton GEMMs with bias+residual+LayerNorm in theirs, and with ``fused_ffn`` the whole feed-forward
+block one Triton kernel where the hidden size allows); on CPU attention and the head take the kernels'
 torch paths (attention as a few padded SDPA calls over length buckets) and the dense biases go into the
 GEMMs (addmm) instead, or, for bf16 inference, into oneDNN's fused linear with the GELU or the
 residual add as well.
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import relsum_kernels as K
+from relsum_kernels.fused_ffn import MAX_HIDDEN as FUSED_FFN_MAX_HIDDEN
 
 # oneDNN's linear with bias and a GELU or residual add in its epilogue (the op torch.compile's CPU
 # backend emits).  Private to torch: used only once a probe shows it exists and computes what addmm
@@ -68,6 +70,10 @@ class PackedBertEncoder(nn.Module):
         # LayerNorm in the epilogue (kernels/linear_residual_ln.py), for the same reason
         # (``test_cuda_linear_ln``).
         self.fused_dense_ln = False
+        # The whole FFN block (up, GELU, down, bias, residual, LayerNorm) as one Triton kernel that
+        # keeps the 4H activations on chip (kernels/fused_ffn.py), where H <= 512 and the act is
+        # GELU; it takes precedence over the two flags above for the FFN (``test_cuda_fused_ffn``).
+        self.fused_ffn = False
         # Triton attention tiles (one of relsum_kernels.varlen_attention.CONFIG_CANDIDATES' values;
         # None = the kernel's own choice), for the same reason: the GPU sweep picks.
         self.attention_config: dict | None = None
@@ -97,7 +103,7 @@ class PackedBertEncoder(nn.Module):
     def kernel_choices(self) -> tuple:
         """What a captured CUDA graph bakes in besides the weights (hashable)."""
         att = tuple(sorted(self.attention_config.items())) if self.attention_config else None
-        return (self.fused_ffn_up, self.fused_dense_ln, att)
+        return (self.fused_ffn_up, self.fused_dense_ln, self.fused_ffn, att)
 
     def _kernel_epilogues(self, x: torch.Tensor) -> bool:
         return self.impl != "auto" or x.is_cuda
@@ -121,6 +127,15 @@ class PackedBertEncoder(nn.Module):
         if self.act != "gelu":
             return self._hf_act(y + dense.bias)
         return K.bias_gelu(y, dense.bias, impl=self.impl)
+
+    def _ffn(self, h: torch.Tensor, up: nn.Linear, out) -> torch.Tensor:
+        """BERT's intermediate + output blocks: LayerNorm(h + down(act(up(h))))."""
+        ln = out.LayerNorm
+        if (self.fused_ffn and self._kernel_epilogues(h) and self.act == "gelu"
+                and h.shape[-1] <= FUSED_FFN_MAX_HIDDEN):
+            return K.fused_ffn(h, up.weight, up.bias, out.dense.weight, out.dense.bias, ln.weight, ln.bias,
+                               eps=ln.eps, impl=self.impl)
+        return self._dense_residual_ln(self._dense_act(h, up), out.dense, h, ln)
 
     def _hf_act(self, y: torch.Tensor) -> torch.Tensor:
         from transformers.activations import ACT2FN
@@ -171,8 +186,7 @@ class PackedBertEncoder(nn.Module):
                                      config=self.attention_config)
             out = layer.attention.output
             h = self._dense_residual_ln(ctx.reshape(T, hidden), out.dense, h, out.LayerNorm)
-            mid = self._dense_act(h, layer.intermediate.dense)
-            h = self._dense_residual_ln(mid, layer.output.dense, h, layer.output.LayerNorm)
+            h = self._ffn(h, layer.intermediate.dense, layer.output)
         pd = self.pooler.dense
         return K.cls_score(h, cu_seqlens, pd.weight, pd.bias, self.classifier.weight, self.classifier.bias,
                            impl=self.impl)

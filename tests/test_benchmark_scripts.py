@@ -34,6 +34,7 @@ def test_profile_kinds_of_real_kernel_names():
         "_linear_gelu_kernel": "relsum linear+gelu gemm",
         "_residual_ln_kernel": "relsum residual+ln",
         "_linear_residual_ln_kernel": "relsum linear+residual+ln gemm",
+        "_fused_ffn_kernel": "relsum fused ffn",
         "_cls_score_kernel": "relsum cls head",
         "triton_per_fused_add_native_layer_norm_3": "inductor fused",
         "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<32, 128, 128, 4>>":
@@ -93,6 +94,15 @@ def test_linear_ln_benchmark_variants_dry_run():
             "    print('ok', model, proj, v)\n")
     out = _interpreted_in_benchmarks(code)
     assert out.count("ok ") == 2 * 8 + 6 and out.count("skip ") == 2
+
+
+def test_fused_ffn_benchmark_variants_dry_run():
+    """Every variant of test_cuda_fused_ffn runs and checks itself on CPU (interpreter)."""
+    code = ("import test_bench_encoder_kernels as b\n"
+            "for v in b.FUSED_FFN_VARIANTS:\n"
+            "    assert b.fused_ffn_case(40, v, 'cpu')().shape == (40, 384), v\n"
+            "    print('ok', v)\n")
+    assert _interpreted_in_benchmarks(code).count("ok ") == 3 + 4
 
 
 def test_epilogue_benchmark_variants_dry_run():

@@ -52,12 +52,29 @@ def test_packed_matches_hf_per_sequence(lens):
 
 # "torch" / "triton" run the CUDA wiring (bias fused into the epilogue kernels): on CPU, Triton through
 # its interpreter; with CUDA, on the GPU for real.  "auto" on CPU is the addmm-fused torch formulation.
-@pytest.mark.parametrize("fused", [(False, False), (True, False), (False, True), (True, True)],
-                         ids=["cublas", "ffn_linear_gelu", "dense_ln", "both"])
+@pytest.mark.parametrize("fused", [(False, False, False), (True, False, False), (False, True, False),
+                                   (True, True, False), (False, False, True), (False, True, True)],
+                         ids=["cublas", "ffn_linear_gelu", "dense_ln", "both_gemms", "fused_ffn",
+                              "fused_ffn_dense_ln"])
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_kernel_wiring_matches_hf(impl, fused):
     _check_against_hf([1, 33, 70, 2], impl, device=triton_device() if impl == "triton" else "cpu",
-                      fused_ffn_up=fused[0], fused_dense_ln=fused[1])
+                      fused_ffn_up=fused[0], fused_dense_ln=fused[1], fused_ffn=fused[2])
+
+
+def test_fused_ffn_runs_where_it_fits(monkeypatch):
+    """The one-kernel FFN replaces the two GEMMs when asked, on the kernel path, for GELU and
+    H <= 512; otherwise the encoder keeps the two-GEMM path (and still matches HF)."""
+    import relsum_core.encoder as encoder_module
+
+    calls = []
+    real = encoder_module.K.fused_ffn
+    monkeypatch.setattr(encoder_module.K, "fused_ffn", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _check_against_hf([3, 9], "triton", device=triton_device(), fused_ffn=True)
+    assert len(calls) == 2  # one per layer
+    monkeypatch.setattr(encoder_module, "FUSED_FFN_MAX_HIDDEN", 32)  # the tiny model's H is 64
+    _check_against_hf([3, 9], "triton", device=triton_device(), fused_ffn=True)
+    assert len(calls) == 2
 
 
 def test_attention_config_reaches_the_kernel():
@@ -67,13 +84,14 @@ def test_attention_config_reaches_the_kernel():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("fused", [(False, False), (True, True)], ids=["cublas", "fused_epilogues"])
+@pytest.mark.parametrize("fused", [(False, False, False), (True, True, False), (False, True, True)],
+                         ids=["cublas", "fused_gemms", "fused_ffn"])
 def test_cuda_auto_path_matches_hf(fused):
     _check_against_hf([1, 2, 17, 64, 3, 128, 5, 512], "auto", device="cuda", fused_ffn_up=fused[0],
-                      fused_dense_ln=fused[1])
+                      fused_dense_ln=fused[1], fused_ffn=fused[2])
 
 
-def _check_against_hf(lens, impl, device="cpu", fused_ffn_up=False, fused_dense_ln=False,
+def _check_against_hf(lens, impl, device="cpu", fused_ffn_up=False, fused_dense_ln=False, fused_ffn=False,
                       attention_config=None):
     model = tiny_model()
     ref_model = copy.deepcopy(model)
@@ -81,6 +99,7 @@ def _check_against_hf(lens, impl, device="cpu", fused_ffn_up=False, fused_dense_
     enc.impl = impl
     enc.fused_ffn_up = fused_ffn_up
     enc.fused_dense_ln = fused_dense_ln
+    enc.fused_ffn = fused_ffn
     enc.attention_config = attention_config
     seqs, types, ids, tt, pos, cu = packed_inputs(lens)
     with torch.inference_mode():

@@ -423,11 +423,12 @@ def test_reranker_guards(tiny):
         assert rr._current_weights_key() != before
     finally:
         tiny.encoder.fused_ffn_up = False
-    tiny.encoder.fused_dense_ln = True
-    try:
-        assert rr._current_weights_key() != before
-    finally:
-        tiny.encoder.fused_dense_ln = False
+    for flag in ("fused_dense_ln", "fused_ffn"):
+        setattr(tiny.encoder, flag, True)
+        try:
+            assert rr._current_weights_key() != before
+        finally:
+            setattr(tiny.encoder, flag, False)
     tiny.encoder.attention_config = {"SHORT": True, "HEADS": 4, "BLOCK_M": 64}
     try:
         assert rr._current_weights_key() != before
