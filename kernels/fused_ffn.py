@@ -164,13 +164,16 @@ if HAS_TRITON:
 
 
 # Tile shapes a GPU run compares (test_cuda_fused_ffn); names read m<BLOCK_M>i<BLOCK_I>k<BLOCK_K>
-# w<warps>s<pipeline stages>.  All compile for sm_90 at H 384 without register spills (a CI test
-# checks).
+# w<warps>s<pipeline stages>.  All compile for sm_90 at H 384 and 512 without register spills (a CI
+# test checks); one program holds a [BLOCK_M, H] fp32 accumulator, so 8 warps (4 spill at 64 rows).
 CONFIG_CANDIDATES = {
     "m64i64k64w8s2": dict(BLOCK_M=64, BLOCK_I=64, BLOCK_K=64, num_warps=8, num_stages=2),
     "m64i64k64w8s3": dict(BLOCK_M=64, BLOCK_I=64, BLOCK_K=64, num_warps=8, num_stages=3),
     "m64i32k64w8s2": dict(BLOCK_M=64, BLOCK_I=32, BLOCK_K=64, num_warps=8, num_stages=2),
     "m64i64k128w8s2": dict(BLOCK_M=64, BLOCK_I=64, BLOCK_K=128, num_warps=8, num_stages=2),
+    # twice the programs for a 6k-token rerank (96 row tiles of 64 leave a third of an H100 idle);
+    # mma.sync, not wgmma, below 64 rows
+    "m32i64k64w8s2": dict(BLOCK_M=32, BLOCK_I=64, BLOCK_K=64, num_warps=8, num_stages=2),
 }
 DEFAULT_CONFIG = "m64i64k64w8s2"
 

@@ -102,7 +102,7 @@ def test_fused_ffn_benchmark_variants_dry_run():
             "for v in b.FUSED_FFN_VARIANTS:\n"
             "    assert b.fused_ffn_case(40, v, 'cpu')().shape == (40, 384), v\n"
             "    print('ok', v)\n")
-    assert _interpreted_in_benchmarks(code).count("ok ") == 3 + 4
+    assert _interpreted_in_benchmarks(code).count("ok ") == 3 + 5
 
 
 def test_epilogue_benchmark_variants_dry_run():
