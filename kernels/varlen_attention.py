@@ -49,11 +49,44 @@ _LOG2E = 1.4426950408889634
 if HAS_TRITON:
 
     @triton.jit
+    def _attn_key_tile(acc, l_i, m_i, q, k_base, v_base, n0, seqlen, offs_n, offs_d, d_mask,
+                       stride_kt, stride_vt, qk_scale, MASK_KEYS: tl.constexpr, UPCAST: tl.constexpr,
+                       DOT_PREC: tl.constexpr):
+        """One online-softmax step over keys n0 .. n0 + BLOCK_N of the program's sequence."""
+        cols = n0 + offs_n
+        if MASK_KEYS:
+            n_mask = cols < seqlen
+            kt = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None],
+                         mask=d_mask[:, None] & n_mask[None, :], other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :],
+                        mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        else:
+            kt = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None], mask=d_mask[:, None],
+                         other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=d_mask[None, :],
+                        other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+        if MASK_KEYS:
+            # the tile holds at least one real key (n0 < seqlen), so rows never go all -inf
+            s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        # tensor cores take p in the value dtype; accumulation stays fp32
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        return acc, l_i, m_new
+
+    @triton.jit
     def _varlen_attn_fwd_kernel(
         q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr,
         n_heads, head_dim, qk_scale,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_TAIL: tl.constexpr,
         UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     ):
         # Axis 0 is (sequence, head): it may exceed 65535, which only axis 0 allows.
@@ -85,27 +118,21 @@ if HAS_TRITON:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for n0 in range(0, seqlen, BLOCK_N):
-            cols = n0 + offs_n
-            n_mask = cols < seqlen
-            kt = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None],
-                         mask=d_mask[:, None] & n_mask[None, :], other=0.0)
-            v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :],
-                        mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-            if UPCAST:
-                kt = kt.to(tl.float32)
-                v = v.to(tl.float32)
-            s = tl.dot(q, kt, input_precision=DOT_PREC)
-            # Every key tile holds at least one real key (n0 < seqlen), so rows never go all -inf.
-            s = tl.where(n_mask[None, :], s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None]
-            # tensor cores take p in the value dtype; accumulation stays fp32
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-            m_i = m_new
+        if SPLIT_TAIL:
+            # Full key tiles need no key mask; only a ragged last one does (a select a score less).
+            n_full = seqlen - seqlen % BLOCK_N
+            for n0 in range(0, n_full, BLOCK_N):
+                acc, l_i, m_i = _attn_key_tile(acc, l_i, m_i, q, k_base, v_base, n0, seqlen, offs_n, offs_d,
+                                               d_mask, stride_kt, stride_vt, qk_scale, False, UPCAST,
+                                               DOT_PREC)
+            if n_full < seqlen:
+                acc, l_i, m_i = _attn_key_tile(acc, l_i, m_i, q, k_base, v_base, n_full, seqlen, offs_n,
+                                               offs_d, d_mask, stride_kt, stride_vt, qk_scale, True, UPCAST,
+                                               DOT_PREC)
+        else:  # one loop body: fp32 FMA dots at head_dim 64 spill with two
+            for n0 in range(0, seqlen, BLOCK_N):
+                acc, l_i, m_i = _attn_key_tile(acc, l_i, m_i, q, k_base, v_base, n0, seqlen, offs_n, offs_d,
+                                               d_mask, stride_kt, stride_vt, qk_scale, True, UPCAST, DOT_PREC)
         acc = acc / l_i[:, None]
         o_base = o_ptr + start * stride_ot + h * stride_oh
         tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :],
@@ -175,6 +202,10 @@ CONFIG_CANDIDATES = {
     "m64_n64_w4": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
     "m128_n32_w4": dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=2),
     "m128_n64_w8": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    # the 16-bit defaults with every key tile masked, as before the ragged tile was split off (the
+    # H200 numbers in benchmarks/results/gpu-h200 are from that kernel)
+    "m64_n64_w4_masked": dict(BLOCK_M=64, BLOCK_N=64, SPLIT_TAIL=False, num_warps=4, num_stages=2),
+    "m128_n64_w8_masked": dict(BLOCK_M=128, BLOCK_N=64, SPLIT_TAIL=False, num_warps=8, num_stages=2),
     "short_m64_h1_w4": dict(SHORT=True, HEADS=1, BLOCK_M=64, num_warps=4, num_stages=2),
     "short_m64_h4_w4": dict(SHORT=True, HEADS=4, BLOCK_M=64, num_warps=4, num_stages=2),
     "short_m64_h4_w4_s1": dict(SHORT=True, HEADS=4, BLOCK_M=64, num_warps=4, num_stages=1),
@@ -189,15 +220,15 @@ SHORT_MAX_SEQLEN = 128
 def _triton_config(max_seqlen: int, head_dim: int, dtype: torch.dtype) -> dict:
     block_d = max(16, triton.next_power_of_2(head_dim))
     if interpreting():  # small tiles keep the interpreter quick and exercise tile edges
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=block_d, SPLIT_TAIL=True, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         # ieee fp32 dots run on FMA units; 32x32 tiles are the largest that compile for sm_90 without
         # register spills at head_dim 32..128 (ptxas -v, as launched: aligned strides), on 8 warps
-        # (on 4 warps head_dim 64 spills 12 bytes).
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, num_warps=8, num_stages=2)
+        # (on 4 warps head_dim 64 spills 12 bytes), and only with one loop body.
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, SPLIT_TAIL=False, num_warps=8, num_stages=2)
     block_m = 128 if (max_seqlen >= 256 and head_dim <= 64) else 64
-    return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=block_d, num_warps=4 if block_m == 64 else 8,
-                num_stages=2)
+    return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=block_d, SPLIT_TAIL=True,
+                num_warps=4 if block_m == 64 else 8, num_stages=2)
 
 
 def _triton_varlen(q, k, v, cu_seqlens, max_seqlen, scale, config: dict | None = None):
@@ -230,6 +261,7 @@ def _triton_varlen_short(q, k, v, out, cu_seqlens, max_seqlen, scale, cfg, upcas
         raise ValueError(f"the short-sequence kernel takes max_seqlen <= {SHORT_MAX_SEQLEN}, "
                          f"got {max_seqlen}")
     _, H, D = q.shape
+    cfg.pop("SPLIT_TAIL", None)  # one key tile: nothing to split
     heads = cfg.pop("HEADS", 1)
     heads = max(d for d in range(1, min(heads, H) + 1) if H % d == 0)  # a divisor of H: no head masks
     cfg.pop("BLOCK_N", None)
