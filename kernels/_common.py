@@ -7,8 +7,8 @@ import os
 import torch
 
 try:  # Triton is optional on CPU-only installs; the torch paths never need it.
-    import triton  # noqa: F401
-    import triton.language as tl  # noqa: F401
+    import triton
+    import triton.language as tl
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - exercised only on machines without triton
@@ -47,3 +47,29 @@ def dot_precision(fp32_operands: bool) -> str:
     """``tl.dot``'s input_precision: fp32 operands ask for fp32 answers (no tf32 rounding); 16-bit
     operands ignore it."""
     return "ieee" if fp32_operands else "tf32"
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def gemm_k_loop(acc, x_ptrs, w_ptrs, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+                    DOT_PREC: tl.constexpr):
+        """acc + x @ W^T over K, the main loop of the fused GEMMs: ``x_ptrs`` address a [rows, BLOCK_K]
+        tile of x and ``w_ptrs`` a [BLOCK_K, cols] tile of W^T, both at k = 0 with unit stride in k
+        (rows and columns past the matrix are clamped by the caller, so only k needs masks)."""
+        ks = tl.arange(0, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(x_ptrs)
+                b = tl.load(w_ptrs)
+            else:
+                kmask = (k0 + ks) < K
+                a = tl.load(x_ptrs, mask=kmask[None, :], other=0.0)
+                b = tl.load(w_ptrs, mask=kmask[:, None], other=0.0)
+            if UPCAST:  # interpreter: bf16 dots are wrong there
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        return acc

@@ -27,7 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._common import HAS_TRITON, check_floating, dot_precision, interpreting, resolve_impl
+from ._common import HAS_TRITON, check_floating, dot_precision, gemm_k_loop, interpreting, resolve_impl
 
 if HAS_TRITON:
     import triton
@@ -97,20 +97,7 @@ if HAS_TRITON:
             # a [BLOCK_K, BLOCK_I] tile of W1^T
             w_ptrs = w1_ptr + (js[None, :].to(tl.int64) * stride_w1 + ks[:, None])
             u = tl.zeros([BLOCK_M, BLOCK_I], tl.float32)
-            for k0 in range(0, H, BLOCK_K):
-                if EVEN_K:
-                    a = tl.load(x_ptrs)
-                    b = tl.load(w_ptrs)
-                else:
-                    kmask = (k0 + ks) < H
-                    a = tl.load(x_ptrs, mask=kmask[None, :], other=0.0)
-                    b = tl.load(w_ptrs, mask=kmask[:, None], other=0.0)
-                if UPCAST:  # interpreter: bf16 dots are wrong there
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                u = tl.dot(a, b, u, input_precision=DOT_PREC)
-                x_ptrs += BLOCK_K
-                w_ptrs += BLOCK_K
+            u = gemm_k_loop(u, x_ptrs, w_ptrs, H, BLOCK_K, EVEN_K, UPCAST, DOT_PREC)
             u += tl.load(b1_ptr + js).to(tl.float32)[None, :]
             u = 0.5 * u * (1.0 + tl.erf(u * 0.7071067811865476))
             u = u.to(x_ptr.dtype.element_ty)  # what the unfused path stores; the MMA's operand type

@@ -27,7 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._common import HAS_TRITON, check_floating, dot_precision, interpreting, resolve_impl
+from ._common import HAS_TRITON, check_floating, dot_precision, gemm_k_loop, interpreting, resolve_impl
 
 if HAS_TRITON:
     import triton
@@ -51,20 +51,7 @@ if HAS_TRITON:
         x_ptrs = x_base + (r_ld[:, None] * stride_xm + ks[None, :])
         w_ptrs = w_ptr + (c_ld[None, :].to(tl.int64) * stride_wn + ks[:, None])  # [BLOCK_K, BLOCK_N] of W^T
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(x_ptrs)
-                b = tl.load(w_ptrs)
-            else:
-                kmask = (k0 + ks) < K
-                a = tl.load(x_ptrs, mask=kmask[None, :], other=0.0)
-                b = tl.load(w_ptrs, mask=kmask[:, None], other=0.0)
-            if UPCAST:  # interpreter: bf16 dots are wrong there
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
-            x_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
+        acc = gemm_k_loop(acc, x_ptrs, w_ptrs, K, BLOCK_K, EVEN_K, UPCAST, DOT_PREC)
         mask = rmask[:, None] & cmask[None, :]
         res = tl.load(r_base + (tl.arange(0, BLOCK_M)[:, None] * stride_rm + cols[None, :]), mask=mask,
                       other=0.0)
