@@ -49,6 +49,21 @@ def dot_precision(fp32_operands: bool) -> str:
     return "ieee" if fp32_operands else "tf32"
 
 
+def gemm_config(K: int, dtype: torch.dtype, tuned: dict) -> dict:
+    """Launch tiles of a fused GEMM over K: tiny ones under the interpreter, small ones for fp32 (ieee
+    dots run on FMA units with the operands in registers: no spills, ptxas -v), else ``tuned``; a
+    short K shrinks BLOCK_K."""
+    if interpreting():
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)
+    else:
+        cfg = dict(tuned)
+    if K < cfg["BLOCK_K"]:
+        cfg["BLOCK_K"] = max(16, triton.next_power_of_2(K))
+    return cfg
+
+
 if HAS_TRITON:
 
     @triton.jit

@@ -20,7 +20,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._common import HAS_TRITON, check_floating, dot_precision, gemm_k_loop, interpreting, resolve_impl
+from ._common import (
+    HAS_TRITON,
+    check_floating,
+    dot_precision,
+    gemm_config,
+    gemm_k_loop,
+    interpreting,
+    resolve_impl,
+)
 
 if HAS_TRITON:
     import triton
@@ -77,16 +85,7 @@ DEFAULT_CONFIG = "m128n128k64w8s3"
 
 
 def _config(K: int, dtype: torch.dtype) -> dict:
-    if interpreting():
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1)
-    if dtype == torch.float32:
-        # ieee fp32 dots run on FMA units, operands in registers: small tiles (no spills, ptxas -v)
-        cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)
-    else:
-        cfg = dict(CONFIG_CANDIDATES[DEFAULT_CONFIG])
-    if K < cfg["BLOCK_K"]:
-        cfg["BLOCK_K"] = max(16, triton.next_power_of_2(K))
-    return cfg
+    return gemm_config(K, dtype, CONFIG_CANDIDATES[DEFAULT_CONFIG])
 
 
 def _check_args(x, weight, bias):
