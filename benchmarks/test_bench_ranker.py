@@ -16,8 +16,8 @@ CUDA (skipped without it), bf16, ANCHORS.md table 2 / 2b / 3 shapes, every varia
   ids already on the device, as every other variant here runs) and ``relsum_tuned`` (the same with
   the kernel candidates on: the FFN block as one Triton kernel where H <= 512 (else its up-projection
   as the Triton linear+GELU GEMM), the attention-output (and FFN-down) projections as the Triton
-  linear+residual+LayerNorm GEMM, and the attention tiles
-  named by RELSUM_BENCH_ATTENTION, default ``short_m64_h4_w4``; see ``TUNED``);
+  linear+residual+LayerNorm GEMM, and the attention tiles named by RELSUM_BENCH_ATTENTION, default
+  ``short_m64_h4_w4``; see ``TUNED``);
   HF eager / sdpa padded / sdpa length-sorted (micro-batches of 128); the strong peer (packed
   tokens, ``torch.nn.attention.varlen.varlen_attn``, ``torch.compile`` of the rest) eager and
   compiled, and the same with flash-attn's ``flash_attn_varlen_func`` when installed;
