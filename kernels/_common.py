@@ -43,6 +43,13 @@ def check_floating(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
 
 
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., F] -> [rows, F] with unit column stride (a view when possible): the layout the kernels
+    address, one row stride and contiguous columns."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
 def dot_precision(fp32_operands: bool) -> str:
     """``tl.dot``'s input_precision: fp32 operands ask for fp32 answers (no tf32 rounding); 16-bit
     operands ignore it."""

@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._common import HAS_TRITON, check_floating, dot_precision, interpreting, resolve_impl
+from ._common import HAS_TRITON, as_rows, check_floating, dot_precision, interpreting, resolve_impl
 from .varlen_attention import _check_cu_seqlens
 
 if HAS_TRITON:
@@ -169,12 +169,6 @@ def _check_vector(name, t, n, device):
         raise ValueError(f"{name} is on {t.device} but x is on {device}")
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """[..., F] -> [rows, F] with unit column stride (a view when possible)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
 # --------------------------------------------------------------------------------------------
 # bias + GELU
 # --------------------------------------------------------------------------------------------
@@ -192,7 +186,7 @@ def bias_gelu(x, bias, *, impl="auto", config: dict | None = None):
         if x.dtype == torch.float32 and bias.dtype == torch.float32:
             return F.gelu(x + bias)
         return F.gelu(x.float() + bias.float()).to(x.dtype)
-    x2 = _rows(x)
+    x2 = as_rows(x)
     T, Fd = x2.shape
     y = torch.empty((T, Fd), device=x.device, dtype=x.dtype)
     cfg = {**_gelu_config(), **(config or {})}
@@ -249,8 +243,8 @@ def residual_layernorm(x, residual, weight, bias, *, eps=1e-12, impl="auto", x_b
         return F.layer_norm(s, (H,), weight.float(), bias.float(), eps).to(x.dtype)
     if H > MAX_LN_WIDTH:
         raise ValueError(f"impl='triton' residual_layernorm supports H <= {MAX_LN_WIDTH}, got {H}")
-    x2 = _rows(x)
-    r2 = _rows(residual)
+    x2 = as_rows(x)
+    r2 = as_rows(residual)
     T = x2.shape[0]
     y = torch.empty((T, H), device=x.device, dtype=x.dtype)
     cfg = {**_ln_config(H), **(config or {})}
@@ -315,8 +309,8 @@ def cls_score(hidden, cu_seqlens, pooler_w, pooler_b, cls_w, cls_b, *, impl="aut
         cls = hidden[cu_seqlens[:-1].long()].float()
         pooled = torch.tanh(torch.addmm(pooler_b.float(), cls, pooler_w.float().t()))
         return pooled @ cls_w.float() + cls_b.float()
-    hidden = _rows(hidden)
-    pooler_w = _rows(pooler_w)
+    hidden = as_rows(hidden)
+    pooler_w = as_rows(pooler_w)
     cfg = _cls_config()
     upcast = interpreting() or hidden.dtype != pooler_w.dtype
     n_j = triton.cdiv(H, cfg["BLOCK_J"])

@@ -27,7 +27,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._common import HAS_TRITON, check_floating, dot_precision, gemm_k_loop, interpreting, resolve_impl
+from ._common import (
+    HAS_TRITON,
+    as_rows,
+    check_floating,
+    dot_precision,
+    gemm_k_loop,
+    interpreting,
+    resolve_impl,
+)
 
 if HAS_TRITON:
     import triton
@@ -236,11 +244,9 @@ def fused_ffn(x, w1, b1, w2, b2, ln_weight, ln_bias, *, eps=1e-12, impl="auto", 
         return F.layer_norm(s, (H,), ln_weight.float(), ln_bias.float(), eps).to(x.dtype)
     if H > MAX_HIDDEN:
         raise ValueError(f"impl='triton' fused_ffn keeps a row in registers: H <= {MAX_HIDDEN}, got {H}")
-    x2 = x.reshape(-1, H)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    w1c = w1 if w1.stride(-1) == 1 else w1.contiguous()
-    w2c = w2 if w2.stride(-1) == 1 else w2.contiguous()
+    x2 = as_rows(x)
+    w1c = as_rows(w1)
+    w2c = as_rows(w2)
     M = x2.shape[0]
     inter = w1.shape[0]
     y = torch.empty((M, H), device=x.device, dtype=x.dtype)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ._common import (
     HAS_TRITON,
+    as_rows,
     check_floating,
     dot_precision,
     gemm_config,
@@ -121,10 +122,8 @@ def linear_gelu(x, weight, bias, *, impl="auto", config: dict | None = None):
         if x.dtype == torch.float32 and bias.dtype == torch.float32:
             return F.gelu(F.linear(x, weight, bias))
         return F.gelu(F.linear(x, weight).float() + bias.float()).to(x.dtype)
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    x2 = as_rows(x)
+    w = as_rows(weight)
     M, K = x2.shape
     N = w.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from ._common import (
     HAS_TRITON,
+    as_rows,
     check_floating,
     dot_precision,
     gemm_config,
@@ -179,11 +180,6 @@ def _check_args(x, weight, bias, residual, ln_weight, ln_bias, eps):
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
 def linear_residual_layernorm(x, weight, bias, residual, ln_weight, ln_bias, *, eps=1e-12, impl="auto",
                               config: dict | None = None):
     """LayerNorm(x @ weight^T + bias + residual) over the last dim (post-LN BERT's dense + add & norm).
@@ -202,9 +198,9 @@ def linear_residual_layernorm(x, weight, bias, residual, ln_weight, ln_bias, *, 
             return F.layer_norm(s, (N,), ln_weight.float(), ln_bias.float(), eps)
         s = F.linear(x, weight).float() + bias.float() + residual.float()
         return F.layer_norm(s, (N,), ln_weight.float(), ln_bias.float(), eps).to(x.dtype)
-    x2 = _rows(x)
-    r2 = _rows(residual)
-    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    x2 = as_rows(x)
+    r2 = as_rows(residual)
+    w = as_rows(weight)
     M, K = x2.shape
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     cfg = dict(config) if config is not None else _config(K, x.dtype)
