@@ -67,6 +67,12 @@ def triton_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def impl_device(impl: str) -> str:
+    """Where a test's tensors live for ``impl``: Triton's device for "triton" (CUDA, or the CPU under
+    the interpreter), the CPU for the torch paths."""
+    return triton_device() if impl == "triton" else "cpu"
+
+
 # ---------------------------------------------------------------------------------- tiny models
 POLICY_WORDS = ("red blue cotton shirt size large small pack of two steel bottle water kids dog food "
                 "chicken organic list the searchable attributes this product as a short comma-separated "

@@ -9,7 +9,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from relsum_core.encoder import PackedBertEncoder
 from relsum_kernels.varlen_attention import CONFIG_CANDIDATES
 
-from conftest import triton_device
+from conftest import impl_device, triton_device
 
 
 def tiny_model(**overrides) -> BertForSequenceClassification:
@@ -58,7 +58,7 @@ def test_packed_matches_hf_per_sequence(lens):
                               "fused_ffn_dense_ln"])
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_kernel_wiring_matches_hf(impl, fused):
-    _check_against_hf([1, 33, 70, 2], impl, device=triton_device() if impl == "triton" else "cpu",
+    _check_against_hf([1, 33, 70, 2], impl, device=impl_device(impl),
                       fused_ffn_up=fused[0], fused_dense_ln=fused[1], fused_ffn=fused[2])
 
 

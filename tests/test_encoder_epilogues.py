@@ -14,7 +14,7 @@ from relsum_kernels import (
     residual_layernorm_reference,
 )
 
-from conftest import rel_err, triton_device
+from conftest import impl_device, rel_err, triton_device
 
 # Outputs in the input dtype carry its rounding; scores are fp32 from fp32 accumulation.
 TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -24,10 +24,6 @@ IMPLS = ["triton", "torch"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _device(impl):
-    return triton_device() if impl == "triton" else "cpu"
 
 
 def _cu(lens, device="cpu"):
@@ -49,7 +45,7 @@ def test_gelu_reference_is_bert_erf_gelu():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(37, 100), (1, 1), (5, 1536)])
 def test_bias_gelu_matches_reference(impl, dtype, shape):
-    dev = _device(impl)
+    dev = impl_device(impl)
     x = (torch.randn(shape, device=dev) * 3).to(dtype)
     b = torch.randn(shape[-1], device=dev).to(dtype)
     y = bias_gelu(x, b, impl=impl)
@@ -60,7 +56,7 @@ def test_bias_gelu_matches_reference(impl, dtype, shape):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_bias_gelu_tails_and_batched_shape(impl):
-    dev = _device(impl)
+    dev = impl_device(impl)
     # Large |x|: gelu -> x on the right, -> 0 (not NaN) on the left; the tanh approximation differs
     # from erf by ~1e-4 around |x| ~ 2, which fp32 resolves.
     x = torch.linspace(-12, 12, 2 * 3 * 40, device=dev).reshape(2, 3, 40)
@@ -74,7 +70,7 @@ def test_bias_gelu_tails_and_batched_shape(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_bias_gelu_mixed_bias_dtype_and_strided_input(impl):
-    dev = _device(impl)
+    dev = impl_device(impl)
     x = torch.randn(20, 64, device=dev)[:, :48]  # row stride 64: handled without a copy
     b = torch.randn(48, device=dev).half()
     assert rel_err(bias_gelu(x, b, impl=impl), bias_gelu_reference(x, b)) < 1e-6
@@ -115,7 +111,7 @@ def _ln_inputs(T, H, dtype, dev, *, offset=0.0, param_dtype=None):
 @pytest.mark.parametrize("with_xb", [False, True])
 @pytest.mark.parametrize("H", [384, 64])
 def test_residual_layernorm_matches_reference(impl, dtype, with_xb, H):
-    dev = _device(impl)
+    dev = impl_device(impl)
     x, r, w, b, xb = _ln_inputs(37, H, dtype, dev)
     xb = xb if with_xb else None
     y = residual_layernorm(x, r, w, b, x_bias=xb, impl=impl)
@@ -130,7 +126,7 @@ def test_residual_layernorm_matches_reference(impl, dtype, with_xb, H):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_residual_layernorm_large_mean_and_eps(impl):
     # Rows with a mean of 300 and unit spread: one-pass E[s^2] - E[s]^2 in fp32 is off by ~5e-3.
-    dev = _device(impl)
+    dev = impl_device(impl)
     x, r, w, b, _ = _ln_inputs(9, 96, torch.float32, dev)
     x = 300.0 + x
     y = residual_layernorm(x, r, w, b, eps=1e-5, impl=impl)
@@ -144,7 +140,7 @@ def test_residual_layernorm_large_mean_and_eps(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_residual_layernorm_half_activations_fp32_params(impl):
-    dev = _device(impl)
+    dev = impl_device(impl)
     x, r, w, b, xb = _ln_inputs(16, 100, torch.bfloat16, dev, param_dtype=torch.float32)
     y = residual_layernorm(x, r, w, b, x_bias=xb, impl=impl)
     assert y.dtype == torch.bfloat16
@@ -153,7 +149,7 @@ def test_residual_layernorm_half_activations_fp32_params(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_residual_layernorm_single_row_single_feature(impl):
-    x, r, w, b, _ = _ln_inputs(1, 1, torch.float32, _device(impl))
+    x, r, w, b, _ = _ln_inputs(1, 1, torch.float32, impl_device(impl))
     y = residual_layernorm(x, r, w, b, impl=impl)
     torch.testing.assert_close(y, b[None, :])  # one feature: normalised value is 0
 
@@ -203,7 +199,7 @@ def _hidden_with_poisoned_tails(lens, H, dtype, dev):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("H", [72, 384])
 def test_cls_score_matches_reference(impl, dtype, H):
-    dev = _device(impl)
+    dev = impl_device(impl)
     lens = [1, 5, 30, 2, 9] * 4 + [3]  # 21 sequences: two blocks of 16 on the Triton path
     h, cu = _hidden_with_poisoned_tails(lens, H, dtype, dev)
     pw, pb, cw, cb = _head(H, dtype, dev)
@@ -216,7 +212,7 @@ def test_cls_score_matches_reference(impl, dtype, H):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_cls_score_single_pair_and_head_variants(impl):
-    dev = _device(impl)
+    dev = impl_device(impl)
     H = 48
     h, cu = _hidden_with_poisoned_tails([13], H, torch.float32, dev)
     pw, pb, cw, cb = _head(H, torch.float32, dev, flat_cls_w=True)
@@ -229,7 +225,7 @@ def test_cls_score_single_pair_and_head_variants(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_cls_score_bf16_hidden_fp32_head(impl):
-    dev = _device(impl)
+    dev = impl_device(impl)
     h, cu = _hidden_with_poisoned_tails([4, 1, 7], 64, torch.bfloat16, dev)
     pw, pb, cw, cb = _head(64, torch.float32, dev)
     s = cls_score(h, cu, pw, pb, cw, cb, impl=impl)

@@ -5,17 +5,13 @@ from sm90 import compile_offline, needs_offline_compiler
 
 from relsum_kernels import fused_ffn, fused_ffn_reference
 
-from conftest import rel_err, triton_device
+from conftest import impl_device, rel_err, triton_device
 
 # Output rounding of the dtype; 16-bit runs also round the GELU output (the down-projection's operand)
 TOL = {torch.float32: 1e-6, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
 IMPLS = ["triton", "torch"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _device(impl):
-    return triton_device() if impl == "triton" else "cpu"
 
 
 def _args(M, H, inter, dtype, device, vec_dtype=None):
@@ -34,7 +30,7 @@ def _args(M, H, inter, dtype, device, vec_dtype=None):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("M, H, inter", [(37, 64, 96), (5, 100, 70), (20, 40, 64), (1, 16, 32), (9, 384, 64)])
 def test_fused_ffn_matches_reference(impl, dtype, M, H, inter):
-    args = _args(M, H, inter, dtype, _device(impl))
+    args = _args(M, H, inter, dtype, impl_device(impl))
     y = fused_ffn(*args, eps=1e-5, impl=impl)
     assert y.shape == (M, H) and y.dtype == dtype and y.device == args[0].device
     err = rel_err(y, fused_ffn_reference(*args, eps=1e-5))
@@ -45,7 +41,7 @@ def test_fused_ffn_matches_reference(impl, dtype, M, H, inter):
 def test_reference_is_bert_output_block(impl):
     """The reference is LayerNorm(Linear2(gelu(Linear1(x))) + x), as HF's BertIntermediate +
     BertOutput compute it; the kernel keeps rows whose mean dwarfs their spread."""
-    x, w1, b1, w2, b2, g, beta = _args(24, 64, 96, torch.float32, _device(impl))
+    x, w1, b1, w2, b2, g, beta = _args(24, 64, 96, torch.float32, impl_device(impl))
     xd = x.double()
     u = F.gelu(F.linear(xd, w1.double(), b1.double()))
     want = F.layer_norm(F.linear(u, w2.double(), b2.double()) + xd, (64,), g.double(), beta.double(), 1e-12)
@@ -67,7 +63,7 @@ def test_tile_override_keeps_the_result():
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_batched_strided_and_mixed_vectors(impl):
-    dev = _device(impl)
+    dev = impl_device(impl)
     x = torch.randn(2, 9, 80, device=dev)[..., :64]  # row stride 80: read in place
     w1 = torch.randn(96, 64, device=dev) / 8
     w2 = torch.randn(96, 64, device=dev).t() / 10  # a transposed view gets copied

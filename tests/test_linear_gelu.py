@@ -5,17 +5,13 @@ from sm90 import compile_offline, needs_offline_compiler
 
 from relsum_kernels import linear_gelu, linear_gelu_reference
 
-from conftest import rel_err, triton_device
+from conftest import impl_device, rel_err, triton_device
 
 # Output rounding of the dtype; bf16/fp16 inputs also carry their own rounding into the products.
 TOL = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 IMPLS = ["triton", "torch"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _device(impl):
-    return triton_device() if impl == "triton" else "cpu"
 
 
 def _args(M, K, N, dtype, device, bias_dtype=None):
@@ -30,7 +26,7 @@ def _args(M, K, N, dtype, device, bias_dtype=None):
 # ragged tails on every axis (M, N not tile multiples; K = 40 is not a multiple of BLOCK_K), one row
 @pytest.mark.parametrize("M, K, N", [(37, 64, 96), (1, 32, 48), (50, 40, 33), (3, 16, 1)])
 def test_linear_gelu_matches_reference(impl, dtype, M, K, N):
-    x, w, b = _args(M, K, N, dtype, _device(impl))
+    x, w, b = _args(M, K, N, dtype, impl_device(impl))
     y = linear_gelu(x, w, b, impl=impl)
     assert y.shape == (M, N) and y.dtype == dtype and y.device == x.device
     err = rel_err(y, linear_gelu_reference(x, w, b))
@@ -39,7 +35,7 @@ def test_linear_gelu_matches_reference(impl, dtype, M, K, N):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_linear_gelu_is_erf_gelu_of_the_linear_layer(impl):
-    dev = _device(impl)
+    dev = impl_device(impl)
     x, w, b = _args(24, 32, 40, torch.float32, dev)
     ref = F.gelu(F.linear(x.double().cpu(), w.double().cpu(), b.double().cpu()))
     torch.testing.assert_close(linear_gelu_reference(x, w, b).cpu(), ref)
@@ -50,7 +46,7 @@ def test_linear_gelu_is_erf_gelu_of_the_linear_layer(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_linear_gelu_batched_strided_and_mixed_bias(impl):
-    dev = _device(impl)
+    dev = impl_device(impl)
     big = torch.randn(2, 9, 80, device=dev)
     x = big[..., :64]  # row stride 80: read in place
     w = torch.randn(48, 64, device=dev) / 8

@@ -5,17 +5,13 @@ from sm90 import compile_offline, needs_offline_compiler
 
 from relsum_kernels import linear_residual_layernorm, linear_residual_layernorm_reference
 
-from conftest import rel_err, triton_device
+from conftest import impl_device, rel_err, triton_device
 
 # Output rounding of the dtype; bf16/fp16 inputs also carry their own rounding into the products.
 TOL = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 IMPLS = ["triton", "torch"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _device(impl):
-    return triton_device() if impl == "triton" else "cpu"
 
 
 def _args(M, K, N, dtype, device, vec_dtype=None, shift=0.0):
@@ -32,7 +28,7 @@ def _args(M, K, N, dtype, device, vec_dtype=None, shift=0.0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("M, K, N", [(37, 64, 96), (1, 32, 48), (50, 40, 80), (3, 16, 20), (5, 24, 1)])
 def test_linear_residual_ln_matches_reference(impl, dtype, M, K, N):
-    args = _args(M, K, N, dtype, _device(impl))
+    args = _args(M, K, N, dtype, impl_device(impl))
     y = linear_residual_layernorm(*args, eps=1e-5, impl=impl)
     assert y.shape == (M, N) and y.dtype == dtype and y.device == args[0].device
     ref = linear_residual_layernorm_reference(*args, eps=1e-5)
@@ -47,7 +43,7 @@ def test_linear_residual_ln_matches_reference(impl, dtype, M, K, N):
 def test_reference_is_bert_dense_add_and_norm(impl):
     """The fp64 reference is LayerNorm(Linear(x) + residual); the kernel keeps rows whose mean
     dwarfs their spread exact (the tile-by-tile statistics do not cancel)."""
-    dev = _device(impl)
+    dev = impl_device(impl)
     x, w, b, res, g, beta = _args(24, 32, 96, torch.float32, dev)
     ref = F.layer_norm(F.linear(x.double(), w.double(), b.double()) + res.double(), (96,), g.double(),
                        beta.double(), 1e-12)
@@ -74,7 +70,7 @@ def test_tile_walk_matches_one_tile():
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_batched_strided_and_mixed_vectors(impl):
-    dev = _device(impl)
+    dev = impl_device(impl)
     big = torch.randn(2, 9, 80, device=dev)
     x = big[..., :64]  # row stride 80: read in place
     w = torch.randn(48, 64, device=dev) / 8

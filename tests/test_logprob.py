@@ -5,7 +5,7 @@ from sm90 import compile_offline, needs_offline_compiler
 import relsum_kernels.logprob as lp_mod
 from relsum_kernels import fused_logprob, logprob_reference
 
-from conftest import rel_err, triton_device
+from conftest import impl_device, rel_err, triton_device
 
 # Relative-norm tolerances against fp64.  Outputs are fp32 always; gradients come back in the
 # input dtype, so half inputs carry its rounding.
@@ -38,7 +38,7 @@ def _reference_grads(h, w, b, t, temperature, g_lp, g_ent):
 
 def _check(impl, dtype, N, D, V, *, temperature=1.0, bias=True, ignored=(), with_entropy=True,
            grad_filter_eps="auto"):
-    device = triton_device() if impl == "triton" else "cpu"
+    device = impl_device(impl)
     h, w, b, t = _inputs(N, D, V, dtype, bias=bias, ignored=ignored, device=device)
     g_lp = torch.randn(N, device=device)
     g_ent = torch.randn(N, device=device) if with_entropy else None

@@ -7,7 +7,7 @@ from sm90 import compile_offline, needs_offline_compiler
 
 from relsum_kernels import varlen_attention, varlen_attention_reference
 
-from conftest import rel_err, triton_device
+from conftest import impl_device, rel_err, triton_device
 
 # The package re-exports the function under the module's name, so fetch the module itself.
 va_mod = importlib.import_module("relsum_kernels.varlen_attention")
@@ -36,12 +36,8 @@ def _qkv(lens, H, D, dtype, device="cpu"):
     return tuple(torch.randn(T, H, D, device=device).to(dtype) for _ in range(3))
 
 
-def _device(impl):
-    return triton_device() if impl == "triton" else "cpu"
-
-
 def _check(impl, lens, H, D, dtype, *, scale=None):
-    dev = _device(impl)
+    dev = impl_device(impl)
     q, k, v = _qkv(lens, H, D, dtype, dev)
     cu = _cu(lens, dev)
     out = varlen_attention(q, k, v, cu, max(lens), softmax_scale=scale, impl=impl)
@@ -80,7 +76,7 @@ def test_single_sequence(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_all_length_one_is_identity_on_v(impl):
-    dev = _device(impl)
+    dev = impl_device(impl)
     q, k, v = _qkv([1] * 5, 2, 32, torch.float32, dev)
     out = varlen_attention(q, k, v, _cu([1] * 5, dev), 1, impl=impl)
     torch.testing.assert_close(out, v, rtol=0, atol=1e-6)
@@ -89,7 +85,7 @@ def test_all_length_one_is_identity_on_v(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_custom_scale_and_loose_max_seqlen(impl):
     lens = [9, 30, 2]
-    dev = _device(impl)
+    dev = impl_device(impl)
     q, k, v = _qkv(lens, 2, 32, torch.float32, dev)
     cu = _cu(lens, dev)
     # max_seqlen above the true maximum only sizes the grid bigger.
@@ -102,7 +98,7 @@ def test_custom_scale_and_loose_max_seqlen(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_strided_views_of_fused_qkv(impl):
     lens = [5, 33, 12]
-    dev = _device(impl)
+    dev = impl_device(impl)
     H, D = 2, 32
     qkv = torch.randn(sum(lens), 3, H, D, device=dev)
     q, k, v = qkv.unbind(1)  # token stride 3*H*D: no copies needed
@@ -121,7 +117,7 @@ def test_strided_views_of_fused_qkv(impl):
 def test_sequences_do_not_leak(impl):
     # Changing one sequence's keys must leave every other sequence's output untouched.
     lens = [4, 9, 6]
-    dev = _device(impl)
+    dev = impl_device(impl)
     q, k, v = _qkv(lens, 2, 32, torch.float32, dev)
     cu = _cu(lens, dev)
     a = varlen_attention(q, k, v, cu, 9, impl=impl)
@@ -172,7 +168,7 @@ def test_length_buckets_bound_padding():
 def test_host_copy_is_cached_until_cu_seqlens_changes(impl):
     # One host copy per cu_seqlens serves every layer; an in-place edit must be seen again.
     lens = [3, 8, 5]
-    dev = _device(impl)
+    dev = impl_device(impl)
     q, k, v = _qkv(lens, 2, 32, torch.float32, dev)
     cu = _cu(lens, dev)
     first = va_mod._host_seqlens(cu)
@@ -192,7 +188,7 @@ def test_host_copy_is_cached_until_cu_seqlens_changes(impl):
 def test_inference_mode_tensors(impl):
     # Inference tensors carry no version counter: every call must read cu_seqlens afresh.
     lens = [3, 8, 5]
-    dev = _device(impl)
+    dev = impl_device(impl)
     with torch.inference_mode():
         q, k, v = _qkv(lens, 2, 32, torch.float32, dev)
         cu = _cu(lens, dev)
@@ -238,10 +234,10 @@ def test_auto_uses_torch_on_cpu():
 
 def test_int64_cu_seqlens_accepted():
     lens = [3, 8]
-    dev = _device("triton")
+    dev = impl_device("triton")
     q, k, v = _qkv(lens, 2, 32, torch.float32, dev)
     for impl in IMPLS:
-        q, k, v = (t.to(_device(impl)) for t in (q, k, v))
+        q, k, v = (t.to(impl_device(impl)) for t in (q, k, v))
         out = varlen_attention(q, k, v, _cu(lens, q.device).long(), 8, impl=impl)
         assert rel_err(out, varlen_attention_reference(q, k, v, _cu(lens))) < 1e-5
 
