@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -41,6 +42,12 @@ def resolve_impl(impl: str, tensor: torch.Tensor) -> str:
 def check_floating(name: str, t: torch.Tensor) -> None:
     if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def check_eps(eps) -> None:
+    """A LayerNorm epsilon: a finite number > 0."""
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._common import HAS_TRITON, as_rows, check_floating, dot_precision, interpreting, resolve_impl
+from ._common import HAS_TRITON, as_rows, check_eps, check_floating, dot_precision, interpreting, resolve_impl
 from .varlen_attention import _check_cu_seqlens
 
 if HAS_TRITON:
@@ -228,8 +228,7 @@ def residual_layernorm(x, residual, weight, bias, *, eps=1e-12, impl="auto", x_b
     _check_vector("bias", bias, H, x.device)
     if x_bias is not None:
         _check_vector("x_bias", x_bias, H, x.device)
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    check_eps(eps)
     impl = resolve_impl(impl, x)
     if impl == "torch":
         if x.dtype == torch.float32:

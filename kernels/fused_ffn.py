@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from ._common import (
     HAS_TRITON,
     as_rows,
+    check_eps,
     check_floating,
     dot_precision,
     gemm_k_loop,
@@ -219,8 +220,7 @@ def _check_args(x, w1, b1, w2, b2, ln_weight, ln_bias, eps):
     for name, t, n in vectors:
         if t.shape != (n,):
             raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    check_eps(eps)
 
 
 def fused_ffn(x, w1, b1, w2, b2, ln_weight, ln_bias, *, eps=1e-12, impl="auto", config: dict | None = None):

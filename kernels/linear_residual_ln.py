@@ -22,14 +22,13 @@ bias, residual and statistics are fp32; the output has x's dtype.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from ._common import (
     HAS_TRITON,
     as_rows,
+    check_eps,
     check_floating,
     dot_precision,
     gemm_config,
@@ -176,8 +175,7 @@ def _check_args(x, weight, bias, residual, ln_weight, ln_bias, eps):
     for name, t in (("bias", bias), ("ln_weight", ln_weight), ("ln_bias", ln_bias)):
         if t.shape != (N,):
             raise ValueError(f"{name} must have shape ({N},), got {tuple(t.shape)}")
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    check_eps(eps)
 
 
 def linear_residual_layernorm(x, weight, bias, residual, ln_weight, ln_bias, *, eps=1e-12, impl="auto",
