@@ -17,7 +17,9 @@ from relsum_core.rewards import COMPONENTS
 def read_events(path: str | Path) -> dict[str, list[dict]]:
     """Rows of a metrics JSONL grouped by their "event"; a cut-off last line is skipped."""
     events: dict[str, list[dict]] = {}
-    lines = Path(path).read_text().splitlines()
+    lines = Path(path).read_text(encoding="utf-8").split("\n")  # not splitlines(): U+2028 is text
+    while lines and not lines[-1].strip():
+        lines.pop()
     for i, line in enumerate(lines):
         if not line.strip():
             continue

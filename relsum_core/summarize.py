@@ -37,7 +37,9 @@ def _done_ids(path: Path) -> set[str]:
     if end < len(data):  # the last write was interrupted
         with open(path, "r+b") as f:
             f.truncate(end)
-    return {json.loads(line)["product_id"] for line in data[:end].decode("utf-8").splitlines() if line}
+    # Split on b"\n" only: str.splitlines() also breaks at U+2028/U+2029/U+0085, which
+    # json.dumps(ensure_ascii=False) leaves raw inside strings (product text does hold them).
+    return {json.loads(line)["product_id"] for line in data[:end].split(b"\n") if line.strip()}
 
 
 def summarize_catalog(out: str | os.PathLike, *, policy: str | None = None, catalog: str | None = None,

@@ -4,7 +4,8 @@ import pytest
 
 from relsum_core.summarize import shard_path, summarize_catalog
 
-TITLES = ["red cotton shirt", "blue shirt", "steel water bottle", "dog food", "kids bottle"]
+# U+2028 and U+0085 stay raw in the output (ensure_ascii=False) and are line breaks to str.splitlines()
+TITLES = ["red cotton shirt", "blue\u2028shirt", "steel water bottle", "dog\x85food", "kids bottle"]
 
 
 @pytest.fixture()
@@ -17,7 +18,7 @@ def catalog(tmp_path):
 
 
 def _rows(path):
-    return [json.loads(x) for x in path.read_text().splitlines()]
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").split("\n") if x]
 
 
 def test_summarize_writes_every_product_once_and_resumes(tmp_path, catalog, tiny_policy_dir):
@@ -28,8 +29,8 @@ def test_summarize_writes_every_product_once_and_resumes(tmp_path, catalog, tiny
     assert sorted(r["product_id"] for r in rows) == [f"p{i}" for i in range(5)]
     assert all(0 < r["tokens"] <= 4 and isinstance(r["summary"], str) for r in rows)
     # a crash mid-write: two whole lines and half of the third survive
-    text = out.read_text().splitlines(keepends=True)
-    out.write_text("".join(text[:2]) + text[2][:7])
+    text = out.read_bytes().split(b"\n")
+    out.write_bytes(b"\n".join(text[:2]) + b"\n" + text[2][:7])
     summarize_catalog(out, **kw)
     again = _rows(out)
     assert sorted(r["product_id"] for r in again) == [f"p{i}" for i in range(5)]
