@@ -166,7 +166,16 @@ class StaticEngine:
         self.graph_failed = False
         # Optional (experimental): the decode forward through torch.compile (no cudagraphs of its own),
         # then captured in our graph with the sampling: fewer, fused kernels per step.
-        self._decode_call = torch.compile(model, dynamic=False) if compile_step else None
+        self._decode_call = None
+        if compile_step:
+            # Compile a call through the weak reference: compiling the model itself would make this
+            # engine (a value of _ENGINES) hold its own key alive, and the model would never be freed.
+            model_ref = self._model
+
+            def decode_forward(**kwargs):
+                return model_ref()(**kwargs)
+
+            self._decode_call = torch.compile(decode_forward, dynamic=False)
 
     @staticmethod
     def _key(model, batch, prompt_len, max_new_tokens, temperature, top_p, stop_ids, pad_id):
