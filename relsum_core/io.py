@@ -34,11 +34,53 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and directory under ``root`` (itself included) to disk."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the
+    platform or file system has no such call."""
+    import ctypes
+    import errno
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def atomic_write_dir(dest: str | os.PathLike, fill) -> Path:
     """Create directory ``dest`` by calling ``fill(tmp_dir)`` on a temp dir beside it, then renaming.
 
-    A crash mid-write leaves the previous ``dest`` intact (at worst a stray ``.NAME.tmp-*``).  The
-    old directory is moved aside first because POSIX rename will not replace a non-empty directory.
+    The new files are on disk before the rename.  Replacing an existing ``dest`` swaps the two
+    directories in one atomic step on Linux (renameat2), so a crash at any point leaves either the
+    old or the new ``dest`` (at worst a stray ``.NAME.tmp-*`` beside it).  Elsewhere the old one is
+    first moved aside (POSIX rename will not replace a non-empty directory): a crash between the two
+    renames leaves it at ``.NAME.old-PID``.
     """
     import shutil
 
@@ -49,18 +91,46 @@ def atomic_write_dir(dest: str | os.PathLike, fill) -> Path:
     try:
         fill(tmp)
         os.chmod(tmp, 0o755)
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.rename(dest, old)
-        os.rename(tmp, dest)
+        _fsync_tree(tmp)
+        if dest.exists() and _exchange(tmp, dest):
+            old = tmp  # now the previous version
+        else:
+            if dest.exists():
+                old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+                os.rename(dest, old)
+            os.rename(tmp, dest)
+        _fsync_dir(dest.parent)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not dest.exists():
+        if old is not tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old is not tmp and not dest.exists():
             os.rename(old, dest)
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return dest
+
+
+def trim_metrics(path: str | os.PathLike, last_step: int) -> None:
+    """Drop the rows of a metrics JSONL logged after step ``last_step`` (and a cut-off last line), so
+    a run resumed from that step's checkpoint does not log those steps twice.  Rows without a
+    "step" (the config) stay."""
+    import json
+
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_bytes().split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the line a crash cut off
+        if not (isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > last_step):
+            kept.append(line + b"\n")
+    atomic_write_bytes(path, b"".join(kept))
 
 
 class JsonlLog:

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from relsum_core.io import JsonlLog, atomic_write_dir, atomic_write_text
+from relsum_core.io import JsonlLog, _exchange, atomic_write_dir, atomic_write_text, trim_metrics
 
 
 def test_atomic_write_dir_replaces_and_keeps_old_on_failure(tmp_path):
@@ -41,3 +41,27 @@ def test_atomic_write_gives_a_plain_open_file_mode(tmp_path):
         assert (tmp_path / "r.md").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
     finally:
         os.umask(umask)
+
+
+def test_directories_swap_in_one_step_where_the_platform_can(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "f").write_text("new")
+    (b / "f").write_text("old")
+    if not _exchange(a, b):
+        pytest.skip("no renameat2(RENAME_EXCHANGE) here: atomic_write_dir renames twice")
+    assert (b / "f").read_text() == "new" and (a / "f").read_text() == "old"
+    with pytest.raises(FileNotFoundError):
+        _exchange(tmp_path / "missing", b)
+
+
+def test_trim_metrics_drops_rows_after_the_checkpoint_and_a_cut_off_line(tmp_path):
+    path = tmp_path / "m.jsonl"
+    rows = [{"event": "config", "lr": 1}, {"event": "eval", "step": 0}, {"event": "train", "step": 1},
+            {"event": "train", "step": 2}, {"event": "eval", "step": 2}, {"event": "train", "step": 3}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"event": "tr')
+    trim_metrics(path, 2)
+    assert [json.loads(x) for x in path.read_text().splitlines()] == rows[:5]
+    trim_metrics(tmp_path / "none.jsonl", 1)  # nothing logged yet: nothing to do
+    assert not (tmp_path / "none.jsonl").exists()

@@ -81,6 +81,12 @@ def test_time_bound_stops_after_a_step_and_saves(tmp_path, data_dir, tiny_policy
     assert (tmp_path / "run" / "checkpoint" / "trainer.pt").is_file()
 
 
+def test_more_products_a_step_than_training_products_is_an_error(tmp_path, data_dir, tiny_policy_dir,
+                                                                 tiny_ranker_dir):
+    with pytest.raises(ValueError, match="products_per_step=6 is more than the 4 training products"):
+        SummarizerTrainer(_cfg(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir, products_per_step=6))
+
+
 def test_validation_products_never_train(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir):
     t = SummarizerTrainer(_cfg(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir))
     assert t.val_ids and not set(t.val_ids) & set(t.train_ids)
@@ -92,22 +98,32 @@ def test_resume_gives_the_same_next_step(tmp_path, data_dir, tiny_policy_dir, ti
     straight.train()
     first = SummarizerTrainer(_cfg(tmp_path / "b", data_dir, tiny_policy_dir, tiny_ranker_dir, steps=1))
     first.train()
+    # a crash after step 2 was logged but before it was saved, and one cut off mid-line
+    with open(tmp_path / "b" / "run" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"event": "train", "step": 2, "reward": 9.0}) + '\n{"event": "ev')
     resumed = SummarizerTrainer(_cfg(tmp_path / "b", data_dir, tiny_policy_dir, tiny_ranker_dir, steps=2))
     assert resumed.step == 1
     resumed.train()
     for (name, a), b in zip(straight.policy.named_parameters(), resumed.policy.parameters()):
         assert torch.allclose(a, b, atol=1e-6), name
-    lines = (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["step"] for x in lines if json.loads(x)["event"] == "train"] == [1, 2]
+    rows = [json.loads(x) for x in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["event"] == "train"] == [1, 2]  # step 2 once, the resumed one
+    assert [r["step"] for r in rows if r["event"] == "eval"] == [0, 1, 2]
+    assert all(r["reward"] != 9.0 for r in rows if r["event"] == "train")
 
 
-def test_grad_accum_matches_one_batch(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir):
-    one = SummarizerTrainer(_cfg(tmp_path / "a", data_dir, tiny_policy_dir, tiny_ranker_dir, grad_accum=1))
-    two = SummarizerTrainer(_cfg(tmp_path / "b", data_dir, tiny_policy_dir, tiny_ranker_dir, grad_accum=2))
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_grad_accum_matches_one_batch(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir, loss_type):
+    kw = dict(loss_type=loss_type, entropy_coef=0.05)
+    one = SummarizerTrainer(_cfg(tmp_path / "a", data_dir, tiny_policy_dir, tiny_ranker_dir, grad_accum=1,
+                                 **kw))
+    two = SummarizerTrainer(_cfg(tmp_path / "b", data_dir, tiny_policy_dir, tiny_ranker_dir, grad_accum=2,
+                                 **kw))
     g1, g2 = _record_grads(one), _record_grads(two)
     m1, m2 = one.train_step(), two.train_step()
     assert m1["reward"] == pytest.approx(m2["reward"])
     assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-4)
+    assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-4, abs=1e-6)  # the logged loss too
     # Gradients, not weights: AdamW's first step moves a weight by ~lr * sign(grad), so float noise on
     # a gradient entry near zero can move one weight by up to 2 * lr (seen on an AMX Xeon: 1 of 20k).
     assert g1.keys() == g2.keys() and sum(float(g.abs().sum()) for g in g1.values()) > 0
@@ -168,8 +184,11 @@ def test_kl_target_adapts_beta_logs_it_and_resume_restores_it(tmp_path, data_dir
 def test_bad_config(tmp_path):
     with pytest.raises(ValueError, match="algo must be"):
         SummarizerConfig(out=str(tmp_path), ranker="x", algo="ppo")
-    with pytest.raises(ValueError, match="group_size >= 2"):
-        SummarizerConfig(out=str(tmp_path), ranker="x", algo="dpo", group_size=1)
+    for algo in ("dpo", "grpo"):  # a group of one has no advantage and no pair
+        with pytest.raises(ValueError, match=f"{algo} needs group_size >= 2"):
+            SummarizerConfig(out=str(tmp_path), ranker="x", algo=algo, group_size=1)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        SummarizerConfig(out=str(tmp_path), ranker="x", temperature=0.0)
     with pytest.raises(ValueError, match="budget must be > 0"):
         SummarizerConfig(out=str(tmp_path), ranker="x", budget=0)
     with pytest.raises(ValueError, match="kl_target must be > 0"):
@@ -179,7 +198,7 @@ def test_bad_config(tmp_path):
     with pytest.raises(ValueError, match="algo='grpo'"):
         SummarizerConfig(out=str(tmp_path), ranker="x", kl_target=0.1, algo="dpo")
     with pytest.raises(ValueError, match="divisible by grad_accum"):
-        SummarizerConfig(out=str(tmp_path), ranker="x", products_per_step=3, group_size=1, grad_accum=2)
+        SummarizerConfig(out=str(tmp_path), ranker="x", products_per_step=3, group_size=3, grad_accum=2)
     with pytest.raises(ValueError, match="precision must be one of auto, bf16, fp32, got 'fp16'"):
         SummarizerConfig(out=str(tmp_path), ranker="x", precision="fp16")
 

@@ -32,7 +32,8 @@ one-process gradient of the same global batch.  Rank 0 logs, evaluates and saves
 
 Output directory::
 
-    checkpoint/     policy (HF folder) + trainer.pt (optimizer, scheduler, step, RNG): resume point
+    checkpoint/     policy (HF folder) + trainer.pt (optimizer, scheduler, step, KL weight): resume
+                    point (every draw is seeded by the step, so no RNG state is needed)
     metrics.jsonl   event "train" per step, "eval" per evaluation, "samples" with example summaries
 """
 
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import random
 import time
@@ -51,7 +53,7 @@ import torch
 from torch import nn
 
 from relsum_core.data import load_dataset, split_queries
-from relsum_core.io import JsonlLog, atomic_write_dir
+from relsum_core.io import JsonlLog, atomic_write_dir, trim_metrics
 from relsum_core.losses import dpo_loss, grpo_loss, sequence_logprob
 from relsum_core.policy import Rollouts, build_prompt, completion_logprobs, load_policy, sample
 from relsum_core.precision import check_precision, resolve_precision
@@ -111,8 +113,14 @@ class SummarizerConfig:
             raise ValueError(f"algo must be 'grpo' or 'dpo', got {self.algo!r}")
         if self.advantage not in ("decoupled", "total"):
             raise ValueError(f"advantage must be 'decoupled' or 'total', got {self.advantage!r}")
-        if self.algo == "dpo" and self.group_size < 2:
-            raise ValueError("dpo needs group_size >= 2 to form a (best, worst) pair")
+        if self.group_size < 2:
+            why = ("to form a (best, worst) pair" if self.algo == "dpo" else
+                   "(advantages are normalised within each product's group: a group of one has none "
+                   "and the policy would never move)")
+            raise ValueError(f"{self.algo} needs group_size >= 2 {why}, got {self.group_size}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0 (the update's log-probs divide by "
+                             f"it; rollouts of a group must differ), got {self.temperature}")
         check_precision(self.precision)
         if self.budget <= 0:
             raise ValueError(f"budget must be > 0 tokens, got {self.budget}")
@@ -216,6 +224,11 @@ class SummarizerTrainer:
                              f"{self.world} processes")
         self.catalog, self.judgments = load_dataset(cfg.data)
         self.train_ids, self.val_ids = _split_products(self.judgments, cfg)
+        if len(self.train_ids) < cfg.products_per_step:
+            # every step must hold products_per_step * group_size rollouts: grad_accum and the
+            # processes split exactly that many
+            raise ValueError(f"products_per_step={cfg.products_per_step} is more than the "
+                             f"{len(self.train_ids)} training products")
         # A fixed random draw, not the first ids: sorted ASINs put all the books (ISBNs) first.
         n_eval = min(cfg.eval_products, len(self.val_ids))
         self.eval_ids = sorted(random.Random(0).sample(self.val_ids, n_eval))
@@ -267,7 +280,7 @@ class SummarizerTrainer:
     def _step_products(self, step: int) -> list[str]:
         # Seeded by step, so a resumed run draws what the uninterrupted one would have.
         rng = random.Random(self.cfg.seed * 1_000_003 + step)
-        return rng.sample(self.train_ids, min(self.cfg.products_per_step, len(self.train_ids)))
+        return rng.sample(self.train_ids, self.cfg.products_per_step)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
@@ -371,6 +384,7 @@ class SummarizerTrainer:
                 if cfg.loss_type != "dapo":
                     loss = loss / cfg.grad_accum
                 loss.backward()
+            m["loss"] = loss.detach()  # what was back-propagated: the micro-batches' losses add up
             share = r.completion_mask.sum().item() / tokens
             for key, v in m.items():
                 metrics_acc[key] = metrics_acc.get(key, 0.0) + float(v) * (share if key != "loss" else 1.0)
@@ -440,6 +454,8 @@ class SummarizerTrainer:
         log = None
         if lead:
             self.out.mkdir(parents=True, exist_ok=True)
+            if self.step > 0:  # rows logged after the checkpoint will be logged again
+                trim_metrics(self.out / "metrics.jsonl", self.step)
             log = JsonlLog(self.out / "metrics.jsonl", append=self.step > 0)
             if self.step == 0:
                 log.write("config", **asdict(cfg), world_size=self.world, train_dtype=dtype_name)
