@@ -58,14 +58,24 @@ def test_cross_validation_pools_every_query_and_resumes(tmp_path, tiny_base, cap
     assert main(_args(tiny_base, out)) == 0
     assert capsys.readouterr().out.count("reusing") == 3
     assert (out / "fold1" / "report.json").stat().st_mtime_ns == mtime
+    # A step-limited (smoke) run is not reused by a full one.
+    assert main(_args(tiny_base, out, "--max-steps", "1")) == 0
+    assert capsys.readouterr().out.count("training into") == 3
 
 
 def test_saved_fold_is_reused_only_with_the_same_settings():
     cfg = RankerTrainConfig(out="x", folds=3, fold=1, epochs=2)
-    saved = {k: v for k, v in vars(cfg).items()} | {"out": "elsewhere", "progress": False, "lr": 2e-5}
-    assert _same_settings(saved, cfg)  # out/progress ignored; lr None = the default the run resolved
+    # as train_ranker records it: base, cosine base and learning rates resolved
+    saved = vars(cfg) | {"out": "elsewhere", "progress": False, "base": default_base(),
+                         "cosine_base": default_base(), "lr": 2e-5, "head_lr": 1e-4, "device": "cpu"}
+    assert _same_settings(saved, cfg)  # out/progress ignored; None = what the run resolved
     assert not _same_settings(saved | {"epochs": 3}, cfg)
     assert not _same_settings(saved | {"fold": 2}, cfg)
+    # None means no limit / the bundled data, not "whatever the saved run used"
+    for smoke in ({"max_steps": 1}, {"max_queries": 6}, {"eval_every": 5}, {"data": "/other/data"},
+                  {"base": "/custom/bert"}, {"lr": 5e-5}):
+        assert not _same_settings(saved | smoke, cfg), smoke
+    assert not _same_settings(saved, replace(cfg, lr=5e-5))
     # A setting the saved report lacks was added later: it matches only at its default.
     older = {k: v for k, v in saved.items() if k != "warmup"}
     assert _same_settings(older, cfg)

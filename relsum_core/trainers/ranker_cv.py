@@ -12,8 +12,9 @@ Output directory::
     cv_report.json   pooled means, paired differences, the per-fold rows
     cv_report.md     the same in markdown
 
-A fold whose ``report.json`` already exists with the same settings is reused, not retrained, so
-a stopped cross-validation (about an hour on a 2-core CPU) resumes where it stopped.
+A fold whose ``report.json`` already exists with the same settings (as the run resolved them: base,
+learning rates) and the same validation queries is reused, not retrained, so a stopped
+cross-validation (about an hour on a 2-core CPU) resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -25,40 +26,55 @@ from pathlib import Path
 
 import numpy as np
 
+from relsum_core.data import fold_queries, group_by_query, load_dataset
 from relsum_core.io import atomic_write_text
 from relsum_core.trainers.ranker import (
     RANKER,
     SELECT_VARIANT,
     RankerTrainConfig,
+    default_base,
     format_metric,
+    graded_rates,
     paired_ndcg10,
     train_ranker,
 )
 
-# A saved fold is reused when every setting matches, except these (they do not change what is
-# trained) and those left None here, which mean "the default" and which the saved report resolved.
-# A setting the saved report lacks was added later, at a default that keeps the old behaviour.
+# A saved fold is reused when every setting matches, except these, which do not change what is
+# trained.  A setting the saved report lacks was added later, at a default that keeps the old
+# behaviour.
 _IGNORED = {"progress", "out"}
 _DEFAULTS = {f.name: f.default for f in fields(RankerTrainConfig)}
 
 
+def _resolved(cfg: RankerTrainConfig) -> dict:
+    """The settings as train_ranker's report records them (base, cosine base, rates resolved)."""
+    settings = asdict(cfg)
+    settings["base"] = cfg.base or default_base()
+    settings["cosine_base"] = cfg.cosine_base or settings["base"]
+    settings["lr"], settings["head_lr"] = graded_rates(cfg)
+    return settings
+
+
 def _same_settings(saved: dict, cfg: RankerTrainConfig) -> bool:
-    for key, value in asdict(cfg).items():
-        if key in _IGNORED or value is None:
+    # None stays a value to compare (no step limit, the bundled data), except for the device: a fold
+    # run where the device was left to choose is reused wherever it ran.
+    for key, value in _resolved(cfg).items():
+        if key in _IGNORED or (key == "device" and value is None):
             continue
         if saved.get(key, _DEFAULTS[key]) != value:
             return False
     return True
 
 
-def _fold_report(cfg: RankerTrainConfig, log=print) -> dict:
+def _fold_report(cfg: RankerTrainConfig, val_query_ids: list[str], log=print) -> dict:
     path = Path(cfg.out) / "report.json"
     if path.exists():
         try:
             saved = json.loads(path.read_text())
         except json.JSONDecodeError:
             saved = None
-        if saved and "per_query_ndcg" in saved and _same_settings(saved["config"], cfg):
+        if (saved and "per_query_ndcg" in saved and _same_settings(saved["config"], cfg)
+                and saved["split"].get("val_query_ids") == val_query_ids):
             log(f"fold {cfg.fold}: reusing {path}")
             return saved
     log(f"fold {cfg.fold} of {cfg.folds}: training into {cfg.out}")
@@ -139,7 +155,12 @@ def cross_validate_ranker(cfg: RankerTrainConfig, folds: int, log=print) -> dict
     if folds < 2:
         raise ValueError(f"folds must be >= 2, got {folds}")
     out = Path(cfg.out)
-    reports = [_fold_report(replace(cfg, out=str(out / f"fold{i}"), folds=folds, fold=i), log)
+    # The queries each fold validates, as train_ranker draws them: a saved fold whose data changed
+    # since is retrained.
+    qids = list(group_by_query(load_dataset(cfg.data)[1]))
+    qids = qids[: cfg.max_queries] if cfg.max_queries else qids
+    reports = [_fold_report(replace(cfg, out=str(out / f"fold{i}"), folds=folds, fold=i),
+                            fold_queries(qids, folds, i, cfg.split_seed)[1], log)
                for i in range(folds)]
     pooled = pool_folds(reports)
     report = {"folds": folds, "split_seed": cfg.split_seed, **pooled,
