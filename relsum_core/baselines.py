@@ -47,7 +47,9 @@ class CosineScorer:
     def __init__(self, model, tokenizer, max_length: int = 256, device: str | torch.device = "cpu"):
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
-        self.max_length = max_length
+        # never past the model's position table (a smaller encoder than MiniLM would index out of it)
+        positions = getattr(model.config, "max_position_embeddings", None)
+        self.max_length = min(max_length, positions) if positions else max_length
         self.device = torch.device(device)
 
     @classmethod

@@ -18,6 +18,25 @@ def cpu_has_bf16_dot() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
+def resolve_device(device=None) -> torch.device:
+    """``device`` as a torch.device (None: CUDA when available, else the CPU), checked up front: a bad
+    name or an absent CUDA would otherwise fail minutes into a job, deep inside torch."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: this torch build sees no CUDA device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
+    return dev
+
+
 def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")

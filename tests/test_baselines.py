@@ -38,3 +38,16 @@ def test_cosine_ranks_related_text_first(cosine):
     s = cosine.scores("running shoes", ["Nike men's running shoe", "Cotton kitchen towels, 6 pack"])
     assert s[0] > s[1]
     assert cosine.scores("q", []).shape == (0,)
+
+
+def test_cosine_truncates_to_the_models_position_table():
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(default_base())
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=32, max_position_embeddings=40))
+    scorer = CosineScorer(model, tok)  # asks for 256 tokens; the model has 40 positions
+    assert scorer.max_length == 40
+    assert np.isfinite(scorer.scores("red shoe", ["word " * 300, "red shoe"])).all()

@@ -22,3 +22,17 @@ def test_cli_choices_match():
     from relsum_core.cli import PRECISION_CHOICES
 
     assert PRECISION_CHOICES == precision.PRECISIONS
+
+
+def test_resolve_device_checks_the_name_and_cuda_up_front():
+    from relsum_core.precision import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        resolve_device("gpu")
+    with pytest.raises(ValueError, match="unsupported device 'meta'"):
+        resolve_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA device"):
+            resolve_device("cuda")

@@ -209,6 +209,20 @@ def test_train_ranker_bad_data_dir(tmp_path, tiny_base, capsys):
     assert "error: DataError: " in err and "judgments.csv:2: product 'zzz' is not in the catalog" in err
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--max-steps", "0"], "max_steps must be >= 1"),
+    (["--max-queries", "-4"], "max_queries must be >= 1"),
+    (["--eval-every", "0"], "eval_every must be >= 1"),
+    (["--device", "gpu"], "unknown device 'gpu'"),
+])
+def test_train_ranker_bad_option_values_stop_before_any_work(tmp_path, tiny_base, capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        main(["train-ranker", "--base", str(tiny_base), "--out", str(tmp_path / "o"), "--no-progress",
+              *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()
+
+
 def test_listwise_loss_esci_targets_by_hand():
     # grades E, S, I -> targets 1/1.1, 0.1/1.1, 0 (proportional to the ESCI gains)
     s = torch.tensor([1.0, 0.0, -1.0])

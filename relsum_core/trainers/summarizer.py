@@ -56,7 +56,7 @@ from relsum_core.data import load_dataset, split_queries
 from relsum_core.io import JsonlLog, atomic_write_dir, trim_metrics
 from relsum_core.losses import dpo_loss, grpo_loss, sequence_logprob
 from relsum_core.policy import Rollouts, build_prompt, completion_logprobs, load_policy, sample
-from relsum_core.precision import check_precision, resolve_precision
+from relsum_core.precision import check_precision, resolve_device, resolve_precision
 from relsum_core.rewards import COMPONENTS, RankerReward, RewardConfig, decoupled_advantages, group_advantages
 
 
@@ -214,7 +214,7 @@ class SummarizerTrainer:
 
         self.cfg = cfg
         self.out = Path(cfg.out)
-        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = resolve_device(cfg.device)
         self.rank, self.world, self._joined_group = _distributed(device.type)
         if device.type == "cuda" and self.world > 1:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.rank)))
