@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
 import json
 import random
 from collections.abc import Iterable, Sequence
@@ -111,6 +112,28 @@ def _bullets(value, where: str) -> tuple[str, ...]:
     return tuple(line for line in lines if line.strip())
 
 
+def _decode(data: bytes, path: Path) -> str:
+    """UTF-8 text (a leading byte-order mark dropped, as spreadsheet tools write one); an invalid
+    byte is an error naming its line."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def _csv_rows(path: Path, delimiter: str = ","):
+    """A csv.DictReader over the decoded file."""
+    return csv.DictReader(io.StringIO(_decode(path.read_bytes(), path), newline=""), delimiter=delimiter)
+
+
+def _check_width(row: dict, where: str) -> None:
+    if None in row:  # DictReader files the extra fields under the key None
+        raise DataError(f"{where}: more fields than the header names")
+    if any(v is None for v in row.values()):  # and fills missing ones with None
+        raise DataError(f"{where}: fewer fields than the header names")
+
+
 def load_catalog(path: str | Path | None = None) -> dict[str, Product]:
     """Products by id from a JSONL(.gz) file or a data directory; default: the bundled copy."""
     path = Path(path) if path is not None else bundled_data_dir()
@@ -124,35 +147,36 @@ def load_catalog(path: str | Path | None = None) -> dict[str, Product]:
     opener = gzip.open if path.suffix == ".gz" else open
     products: dict[str, Product] = {}
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{where}: expected a JSON object")
-                pid = row.get("product_id")
-                if not isinstance(pid, str) or not pid.strip():
-                    raise DataError(f"{where}: missing or empty 'product_id'")
-                title = row.get("title")
-                if not isinstance(title, str) or not title.strip():
-                    raise DataError(f"{where}: product {pid!r} has a missing or empty 'title'")
-                if pid in products:
-                    raise DataError(f"{where}: duplicate product_id {pid!r}")
-                products[pid] = Product(
-                    product_id=pid,
-                    title=title,
-                    description=_text_field(row, "description", where),
-                    bullets=_bullets(row.get("bullet_points"), where),
-                    brand=_text_field(row, "brand", where),
-                    color=_text_field(row, "color", where),
-                )
-    except (OSError, EOFError, UnicodeDecodeError) as e:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
         raise DataError(f"{path}: cannot read catalog ({e})") from e
+    for lineno, line in enumerate(_decode(data, path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object")
+        pid = row.get("product_id")
+        if not isinstance(pid, str) or not pid.strip():
+            raise DataError(f"{where}: missing or empty 'product_id'")
+        title = row.get("title")
+        if not isinstance(title, str) or not title.strip():
+            raise DataError(f"{where}: product {pid!r} has a missing or empty 'title'")
+        if pid in products:
+            raise DataError(f"{where}: duplicate product_id {pid!r}")
+        products[pid] = Product(
+            product_id=pid,
+            title=title,
+            description=_text_field(row, "description", where),
+            bullets=_bullets(row.get("bullet_points"), where),
+            brand=_text_field(row, "brand", where),
+            color=_text_field(row, "color", where),
+        )
     if not products:
         raise DataError(f"{path}: catalog is empty")
     return products
@@ -197,33 +221,31 @@ def load_judgments(
     seen: set[tuple[str, str]] = set()
     query_text: dict[str, str] = {}
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            columns = set(reader.fieldnames or ())
-            missing = {"query_id", "query", "product_id"} - columns
-            if missing:
-                raise DataError(f"{path}:1: header lacks column(s) {', '.join(sorted(missing))}")
-            if not columns & {"grade", "esci_label"}:
-                raise DataError(f"{path}:1: header needs a 'grade' or an 'esci_label' column")
-            for row in reader:
-                where = f"{path}:{reader.line_num}"
-                if None in row:
-                    raise DataError(f"{where}: more fields than the header names")
-                qid = (row.get("query_id") or "").strip()
-                query = (row.get("query") or "").strip()
-                pid = (row.get("product_id") or "").strip()
-                if not qid or not query or not pid:
-                    raise DataError(f"{where}: empty query_id, query or product_id")
-                grade, label = _grade(row, where)
-                if catalog is not None and pid not in catalog:
-                    raise DataError(f"{where}: product {pid!r} is not in the catalog")
-                if query_text.setdefault(qid, query) != query:
-                    raise DataError(f"{where}: query_id {qid} was {query_text[qid]!r}, now {query!r}")
-                if (qid, pid) in seen:
-                    raise DataError(f"{where}: product {pid!r} judged twice for query_id {qid}")
-                seen.add((qid, pid))
-                judgments.append(Judgment(qid, query, pid, grade, label))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        reader = _csv_rows(path)
+        columns = set(reader.fieldnames or ())
+        missing = {"query_id", "query", "product_id"} - columns
+        if missing:
+            raise DataError(f"{path}:1: header lacks column(s) {', '.join(sorted(missing))}")
+        if not columns & {"grade", "esci_label"}:
+            raise DataError(f"{path}:1: header needs a 'grade' or an 'esci_label' column")
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            _check_width(row, where)
+            qid = (row.get("query_id") or "").strip()
+            query = (row.get("query") or "").strip()
+            pid = (row.get("product_id") or "").strip()
+            if not qid or not query or not pid:
+                raise DataError(f"{where}: empty query_id, query or product_id")
+            grade, label = _grade(row, where)
+            if catalog is not None and pid not in catalog:
+                raise DataError(f"{where}: product {pid!r} is not in the catalog")
+            if query_text.setdefault(qid, query) != query:
+                raise DataError(f"{where}: query_id {qid} was {query_text[qid]!r}, now {query!r}")
+            if (qid, pid) in seen:
+                raise DataError(f"{where}: product {pid!r} judged twice for query_id {qid}")
+            seen.add((qid, pid))
+            judgments.append(Judgment(qid, query, pid, grade, label))
+    except (OSError, csv.Error) as e:
         raise DataError(f"{path}: cannot read judgments ({e})") from e
     if not judgments:
         raise DataError(f"{path}: no judgments")
@@ -232,17 +254,15 @@ def load_judgments(
 
 def _wands_rows(path: Path, required: set[str]):
     """(where, row) of a WANDS tab-separated file, its header checked for ``required``."""
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: files saved by spreadsheet tools
-        reader = csv.DictReader(f, delimiter="\t")
-        missing = required - set(reader.fieldnames or ())
-        if missing:
-            raise DataError(f"{path}:1: header lacks column(s) {', '.join(sorted(missing))} "
-                            f"(is it tab-separated?)")
-        for row in reader:
-            where = f"{path}:{reader.line_num}"
-            if None in row:
-                raise DataError(f"{where}: more fields than the header names")
-            yield where, {k: (v or "").strip() for k, v in row.items()}
+    reader = _csv_rows(path, delimiter="\t")
+    missing = required - set(reader.fieldnames or ())
+    if missing:
+        raise DataError(f"{path}:1: header lacks column(s) {', '.join(sorted(missing))} "
+                        f"(is it tab-separated?)")
+    for row in reader:
+        where = f"{path}:{reader.line_num}"
+        _check_width(row, where)
+        yield where, {k: (v or "").strip() for k, v in row.items()}
 
 
 def _wands_features(value: str) -> tuple[str, ...]:
@@ -273,7 +293,7 @@ def _load_wands_catalog(path: Path) -> dict[str, Product]:
                 description=row.get("product_description", ""),
                 bullets=_wands_features(row.get("product_features", "")),
             )
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+    except (OSError, csv.Error) as e:
         raise DataError(f"{path}: cannot read WANDS products ({e})") from e
     if not products:
         raise DataError(f"{path}: catalog is empty")
@@ -308,7 +328,7 @@ def _load_wands_judgments(folder: Path, catalog: dict[str, Product] | None) -> l
                 raise DataError(f"{where}: product {pid!r} judged twice for query_id {qid}")
             seen.add((qid, pid))
             judgments.append(Judgment(qid, queries[qid], pid, WANDS_GRADES[label.lower()], label))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+    except (OSError, csv.Error) as e:
         raise DataError(f"{path}: cannot read WANDS judgments ({e})") from e
     if not judgments:
         raise DataError(f"{folder / WANDS_LABELS}: no judgments")

@@ -29,6 +29,8 @@ def read_events(path: str | Path) -> dict[str, list[dict]]:
             if i == len(lines) - 1:  # a run killed mid-write
                 continue
             raise ValueError(f"{path}:{i + 1}: not a JSON line") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{i + 1}: not a JSON object")
         events.setdefault(row.get("event", "?"), []).append(row)
     return events
 

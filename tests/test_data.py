@@ -100,6 +100,7 @@ def test_bad_catalog_rows_name_file_and_line(tmp_path, row, message):
         ("1,other text,p3,E,3\n", "query_id 1 was 'red shoe'"),
         ("1,red shoe,p2,E,3\n", "judged twice"),
         ("1,red shoe,p3,E,3,extra\n", "more fields"),
+        ("1,red shoe,p3\n", "fewer fields"),
     ],
 )
 def test_bad_judgment_rows_name_file_and_line(data_dir, line, message):
@@ -108,6 +109,19 @@ def test_bad_judgment_rows_name_file_and_line(data_dir, line, message):
     with pytest.raises(DataError, match=message) as e:
         load_judgments(path, load_catalog(data_dir))
     assert f"{path}:3:" in str(e.value)
+
+
+def test_spreadsheet_byte_order_mark_and_bad_utf8_name_the_line(data_dir):
+    path = data_dir / "judgments.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + HEADER.encode() + b"1,red shoe,p1,E,3\n")
+    assert load_judgments(path)[0].query_id == "1"  # the BOM is not part of the first column's name
+    path.write_bytes(HEADER.encode() + b"1,red shoe,p1,E,3\n2,caf\xe9,p2,E,3\n")
+    with pytest.raises(DataError, match=f"{path}:3: not valid UTF-8"):
+        load_judgments(path)
+    catalog = data_dir / "products.jsonl"
+    catalog.write_bytes(b'{"product_id": "a", "title": "ok"}\n{"product_id": "b", "title": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=f"{catalog}:2: not valid UTF-8"):
+        load_catalog(catalog)
 
 
 def test_label_only_and_grade_only_columns(data_dir):

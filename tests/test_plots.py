@@ -39,3 +39,6 @@ def test_bad_metrics(tmp_path):
     m.write_text('not json\n{"event": "train", "step": 1, "loss": 1}\n')
     with pytest.raises(ValueError, match="not a JSON line"):
         read_events(m)
+    m.write_text('{"event": "train", "step": 1, "loss": 1}\n[1, 2]\n{"event": "train", "step": 2}\n')
+    with pytest.raises(ValueError, match=f"{m}:2: not a JSON object"):
+        read_events(m)
