@@ -12,7 +12,9 @@ GEMMs (addmm) instead, or, for bf16 inference, into oneDNN's fused linear with t
 residual add as well.
 
 The module *shares* its parameters with the Hugging Face model it is built from, so fine-tuning either
-one updates both and ``save`` of the HF model always writes what ``forward`` computes.
+one updates both and ``save`` of the HF model always writes what ``forward`` computes.  (Its one
+derived copy, the joined QKV weight, follows the parameters' version counters; writes torch cannot
+see, through ``.data``, need :meth:`PackedBertEncoder.clear_cache`.)
 """
 
 from __future__ import annotations
@@ -99,6 +101,10 @@ class PackedBertEncoder(nn.Module):
                 hit = (key, torch.cat(params[:3]), torch.cat(params[3:]))
             self._fused_cache[i] = hit
         return hit[1], hit[2]
+
+    def clear_cache(self) -> None:
+        """Drop the joined QKV copies (rebuilt on the next forward)."""
+        self._fused_cache.clear()
 
     def kernel_choices(self) -> tuple:
         """What a captured CUDA graph bakes in besides the weights (hashable)."""

@@ -14,6 +14,7 @@ import importlib.util
 import itertools
 import json
 import math
+import numbers
 import os
 import threading
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ from torch import nn
 
 from .encoder import PackedBertEncoder
 from .io import atomic_write_dir
+from .text import encode_texts
 
 MINILM_ENV = "RELSUM_MINILM"
 
@@ -132,7 +134,18 @@ def padded_pairs(seqs: Sequence[tuple[Sequence[int], int]], pad_id: int = 0) -> 
 def _check_text(x, what: str) -> str:
     if not isinstance(x, str):
         raise TypeError(f"{what} must be a str, got {type(x).__name__}")
+    if not x.isascii():
+        try:  # a lone surrogate (json.loads makes them from "\\ud800") fails deep in the tokenizer
+            x.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{what} is not valid text: {e.reason} at character {e.start}") from None
     return x
+
+
+def _check_count(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{what} must be a positive int, got {value!r}")
+    return int(value)
 
 
 def _check_pairs(pairs) -> list[tuple[str, str]]:
@@ -220,6 +233,8 @@ class CrossEncoder:
                              f"got {max_length}")
         if query_max_tokens < 0:
             raise ValueError(f"query_max_tokens must be >= 0, got {query_max_tokens}")
+        if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
         if device is not None or dtype is not None:
             model = model.to(device=device, dtype=dtype)
         w = model.classifier.weight
@@ -229,8 +244,16 @@ class CrossEncoder:
         self.max_length = max_length
         self.query_max_tokens = query_max_tokens
         self.encoder = PackedBertEncoder.from_hf(self.model)
+        self.vocab_size = self.encoder.embeddings.word_embeddings.num_embeddings
         # A model with a single token type (type_vocab_size 1) gets type 0 everywhere.
         self._two_types = cfg.type_vocab_size >= 2
+
+    def refresh(self) -> None:
+        """Forget what the packed encoder derived from the weights (its joined QKV copies).  Edits
+        torch tracks (optimizer steps, in-place ops, ``load_state_dict``) are noticed without this,
+        by version counters; call it after writing weights where torch cannot see (``.data``, a numpy
+        or DLPack alias of a parameter)."""
+        self.encoder.clear_cache()
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -297,8 +320,8 @@ class CrossEncoder:
         """Token ids with specials per pair and the index where token type 1 starts (after the rule)."""
         pairs = _check_pairs(pairs)
         tok = self.tokenizer
-        q_ids = tok([q for q, _ in pairs], add_special_tokens=False, verbose=False)["input_ids"]
-        d_ids = tok([d for _, d in pairs], add_special_tokens=False, verbose=False)["input_ids"]
+        q_ids = [e.ids for e in encode_texts(tok, [q for q, _ in pairs])]
+        d_ids = [e.ids for e in encode_texts(tok, [d for _, d in pairs])]
         cls_id, sep_id = tok.cls_token_id, tok.sep_token_id
         out = []
         for qi, di in zip(q_ids, d_ids):
@@ -324,6 +347,23 @@ class CrossEncoder:
         if cur:
             batches.append(cur)
         return batches
+
+    def check_ids(self, encoded: Sequence[tuple[list[int], int]], batch: PackedBatch) -> None:
+        """Token ids outside the vocabulary or sequences past max_length would index out of the
+        embedding tables: a bare IndexError on CPU, a device-side assert that poisons the CUDA context
+        on GPU.  ``batch`` packs ``encoded`` (any filler appended after it)."""
+        real = sum(batch.lens[: len(encoded)])
+        ids = batch.input_ids.numpy()[:real]
+        if real and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+            i = next(i for i, (x, _) in enumerate(encoded)
+                     if len(x) and (min(x) < 0 or max(x) >= self.vocab_size))
+            raise ValueError(f"sequence {i} holds token ids outside [0, {self.vocab_size}) "
+                             f"(min {min(encoded[i][0])}, max {max(encoded[i][0])})")
+        longest = max(batch.lens[: len(encoded)])
+        if longest > self.max_length:
+            i = next(i for i, n in enumerate(batch.lens) if n > self.max_length)
+            raise ValueError(f"sequence {i} has {longest} tokens, more than max_length={self.max_length} "
+                             "(encode_pairs applies the truncation rule)")
 
     def score_packed(self, batch: PackedBatch) -> torch.Tensor:
         """fp32 scores [B] (on the model's device) of one packed batch."""
@@ -360,8 +400,8 @@ class CrossEncoder:
         """:meth:`predict` on the output of :meth:`encode_pairs` (token ids already cut by the rule)."""
         if len(encoded) == 0:
             raise ValueError("pairs is empty: nothing to score")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        batch_size = _check_count(batch_size, "batch_size")
+        max_tokens = _check_count(max_tokens, "max_tokens")
         if max_tokens < self.max_length:
             raise ValueError(f"max_tokens ({max_tokens}) must be >= max_length ({self.max_length})")
         lens = [len(ids) for ids, _ in encoded]
@@ -370,7 +410,10 @@ class CrossEncoder:
 
         with tqdm(total=len(encoded), disable=not show_progress_bar, desc="scoring", unit="pair") as bar:
             for idx in self._batches(lens, batch_size, max_tokens):
-                s = self.score_packed(PackedBatch([encoded[i] for i in idx]))
+                seqs = [encoded[i] for i in idx]
+                batch = PackedBatch(seqs)
+                self.check_ids(seqs, batch)
+                s = self.score_packed(batch)
                 scores[idx] = s.float().cpu().numpy()
                 bar.update(len(idx))
         return scores
@@ -388,11 +431,15 @@ class CrossEncoder:
     def save(self, path) -> Path:
         """Write an HF checkpoint (config, safetensors, tokenizer, plus relsum_ranker.json with the input
         settings) that ``AutoModelForSequenceClassification.from_pretrained`` loads with num_labels=1.
-        Written into a temporary sibling directory first and renamed into place, so readers never see
-        a half-written checkpoint."""
-        path = Path(path)
+        Written into a temporary sibling directory first and swapped into place, so readers never see
+        a half-written checkpoint.  ``path`` is replaced whole: it must be new, empty, or an earlier
+        checkpoint (it holds a config.json); anything else is refused rather than deleted."""
+        path = Path(path).resolve()  # "." has no name to put a sibling beside
         if path.exists() and not path.is_dir():
             raise FileExistsError(f"{path} exists and is not a directory")
+        if path.is_dir() and not (path / "config.json").is_file() and any(path.iterdir()):
+            raise FileExistsError(f"{path} holds files and is not a checkpoint; save() replaces the whole "
+                                  "directory, so choose a new or empty one")
 
         def fill(tmp: Path) -> None:
             self.model.save_pretrained(tmp)
@@ -424,8 +471,10 @@ def _check_docs(docs) -> list[str]:
 
 
 def _ranked(scores: np.ndarray, docs: Sequence[str], top_k: int | None, return_documents: bool) -> list[dict]:
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_k is not None:  # numpy integers are Integral too
+        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
+            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+        top_k = int(top_k)
     order = np.argsort(-scores, kind="stable")
     if top_k is not None:
         order = order[:top_k]
@@ -532,8 +581,8 @@ class Reranker:
         # meets (33 token sizes up to 65536 at 2**0.25, captured on first use).
         if not (isinstance(bucket_ratio, (int, float)) and 1.0 < bucket_ratio <= 4.0):
             raise ValueError(f"bucket_ratio must be a number in (1, 4], got {bucket_ratio!r}")
-        if max_candidates < 1:
-            raise ValueError(f"max_candidates must be >= 1, got {max_candidates}")
+        max_candidates = _check_count(max_candidates, "max_candidates")
+        max_tokens = _check_count(max_tokens, "max_tokens")
         self.ce = cross_encoder
         dev = cross_encoder.device
         self.cuda_graphs = (dev.type == "cuda") if cuda_graphs is None else bool(cuda_graphs)
@@ -583,12 +632,15 @@ class Reranker:
         return _ranked(self.score(query, docs), docs, top_k, return_documents)
 
     def clear(self) -> None:
-        """Drop all captured graphs (they hold the weights' addresses and their own memory); call it after
-        replacing modules of the model (in-place edits and moves are noticed without it)."""
+        """Drop all captured graphs (they hold the weights' addresses and their own memory) and the
+        encoder's caches (:meth:`CrossEncoder.refresh`); call it after replacing modules of the model
+        or writing weights through ``.data`` (tracked in-place edits and moves are noticed without it)."""
         with self._lock:
             self._graphs.clear()
             self._pool = None
+            self._weights_key = None
             self._params = list(self.ce.model.parameters())
+            self.ce.refresh()
 
     def _chunks(self, lens: Sequence[int]) -> list[list[int]]:
         # Leave room for the dummy sequences the bucket layout adds (at most one per sequence slot), so
@@ -597,14 +649,17 @@ class Reranker:
 
     def _score_chunk(self, seqs: list[tuple[list[int], int]]) -> np.ndarray:
         B = len(seqs)
-        if not self.use_buckets:
-            return self.ce.score_packed(PackedBatch(seqs)).float().cpu().numpy()
-        layout = plan_bucket([len(ids) for ids, _ in seqs], self.token_buckets, self.seq_buckets,
-                             self.seqlen_buckets)
-        if layout is None:  # cannot happen for chunks cut by _chunks; keep the exact path as a guard
-            return self.ce.score_packed(PackedBatch(seqs)).float().cpu().numpy()
+        layout = None
+        if self.use_buckets:
+            layout = plan_bucket([len(ids) for ids, _ in seqs], self.token_buckets, self.seq_buckets,
+                                 self.seqlen_buckets)
+        if layout is None:  # no buckets, or (never for chunks cut by _chunks) none fits: exact path
+            batch = PackedBatch(seqs)
+            self.ce.check_ids(seqs, batch)
+            return self.ce.score_packed(batch).float().cpu().numpy()
         pad_id = self.ce.tokenizer.pad_token_id or 0
         batch = PackedBatch(seqs, pad_lens=layout.dummy_lens, pad_id=pad_id)
+        self.ce.check_ids(seqs, batch)
         batch.max_seqlen = layout.max_seqlen
         if not self.cuda_graphs:
             # Same single-buffer layout and forward that the graphs capture, run eagerly.

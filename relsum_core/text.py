@@ -20,8 +20,12 @@ A summarizer's output replaces ``attributes`` under the same rule, so a ranker t
 
 from __future__ import annotations
 
+import copy
 import random
 import re
+import threading
+import weakref
+from collections.abc import Sequence
 
 from relsum_core.data import Product
 
@@ -42,20 +46,64 @@ def attributes_text(product: Product) -> str:
     return "\n".join(line for line in lines if line)
 
 
+class _Encoding:
+    """ids and character offsets of one text (the slow-tokenizer stand-in for tokenizers.Encoding)."""
+
+    def __init__(self, ids: list[int], offsets: list[tuple[int, int]]):
+        self.ids, self.offsets = ids, offsets
+
+
+_BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_BACKENDS_LOCK = threading.Lock()
+
+
+def _private_backend(tokenizer):
+    """A copy of a fast tokenizer's Rust backend with truncation and padding off, never changed.
+
+    HF's ``tokenizer(...)`` stores its truncation and padding settings on the backend it shares with
+    every other caller, so one thread cutting texts (``truncation=True``) would truncate another
+    thread's encodings mid-call."""
+    with _BACKENDS_LOCK:
+        backend = _BACKENDS.get(tokenizer)
+        if backend is None:
+            backend = copy.deepcopy(tokenizer.backend_tokenizer)
+            backend.no_truncation()
+            backend.no_padding()
+            _BACKENDS[tokenizer] = backend
+        return backend
+
+
+def encode_texts(tokenizer, texts: Sequence[str]) -> list:
+    """Encodings (``.ids``, ``.offsets`` into the text) without special tokens or truncation, the
+    same ids as ``tokenizer(texts, add_special_tokens=False)``; safe to call from several threads on
+    one tokenizer."""
+    if getattr(tokenizer, "is_fast", False):
+        return _private_backend(tokenizer).encode_batch(list(texts), add_special_tokens=False)
+    out = []
+    for text in texts:  # slow tokenizers keep no per-call state, but give no offsets either
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        out.append(_Encoding(ids, []))
+    return out
+
+
 def cut_to_tokens(text: str, tokenizer, max_tokens: int) -> str:
-    """The longest prefix of ``text`` ending on a token boundary with at most ``max_tokens`` tokens."""
+    """The longest prefix of ``text`` ending on a token boundary with at most ``max_tokens`` tokens
+    when tokenised again (needs a fast tokenizer: it cuts at token offsets)."""
     if max_tokens < 0:
         raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
     if max_tokens == 0 or not text:
         return ""
-    # One token past the budget is enough to know where to cut (and long descriptions stay under the
-    # tokenizer's length warning).
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=True,
-                    max_length=max_tokens + 1)
-    offsets = enc["offset_mapping"]
+    backend = _private_backend(tokenizer)
+    offsets = backend.encode(text, add_special_tokens=False).offsets
     if len(offsets) <= max_tokens:
         return text
-    return text[: offsets[max_tokens - 1][1]].rstrip()
+    # Byte-level BPE splits one character (an emoji) into several tokens that all report the whole
+    # character's span, so a cut inside it keeps all of them: step back until the budget holds.
+    for n in range(max_tokens, 0, -1):
+        cut = text[: offsets[n - 1][1]].rstrip()
+        if len(backend.encode(cut, add_special_tokens=False).ids) <= max_tokens:
+            return cut
+    return ""
 
 
 def join_title(title: str, attributes: str) -> str:
@@ -118,13 +166,13 @@ class PrefixSampler:
             attrs = cut_to_tokens(attributes_text(product), self.tokenizer, self.max_attr_tokens)
             ends = []
             if attrs:
-                enc = self.tokenizer(attrs, add_special_tokens=False, return_offsets_mapping=True)
-                ends = [end for _, end in enc["offset_mapping"]]
+                ends = [end for _, end in encode_texts(self.tokenizer, [attrs])[0].offsets]
             parts = self._cache[product.product_id] = (title, attrs, ends)
         return parts
 
     def text(self, product: Product, attr_tokens: int) -> str:
-        """Same result as ``product_text`` with this sampler's caps, from the cache."""
+        """Same result as ``product_text`` with this sampler's caps, from the cache (for the
+        WordPiece tokenizers of BERT rankers; byte-level BPE may keep one more split character)."""
         title, attrs, ends = self._parts(product)
         n = min(attr_tokens, len(ends))
         return join_title(title, attrs[: ends[n - 1]].rstrip() if n > 0 else "")

@@ -1,5 +1,6 @@
 """CrossEncoder / Reranker: parity with HF, truncation rule, save/load, ranking, bad input, buckets."""
 
+import copy
 import json
 import os
 import random
@@ -264,6 +265,43 @@ def test_save_refuses_a_file(tiny, tmp_path):
         tiny.save(f)
 
 
+def test_save_never_deletes_a_folder_that_is_not_a_checkpoint(tiny, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(FileExistsError, match="not a checkpoint"):
+        tiny.save(run)  # save() swaps the whole folder: the log would be gone
+    assert (run / "metrics.jsonl").read_text() == "{}\n"
+    (tmp_path / "empty").mkdir()
+    tiny.save(tmp_path / "empty")
+    monkeypatch.chdir(tmp_path / "empty")
+    tiny.save(".")  # an existing checkpoint, named by "."
+    assert (tmp_path / "empty" / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "run"]  # nothing stray
+
+
+def test_scores_follow_weights_written_through_data(tiny):
+    # The encoder's joined QKV copy follows version counters, which .data writes bypass: refresh().
+    pairs = mixed_pairs(seed=9)[:3]
+    rr = Reranker(tiny)
+    before = tiny.predict(pairs)
+    w = tiny.model.bert.encoder.layer[0].attention.self.value.weight
+    saved = w.detach().clone()
+    try:
+        w.data.mul_(5.0)
+        tiny.refresh()
+        fresh = CrossEncoder.from_model(copy.deepcopy(tiny.model), tiny.tokenizer).predict(pairs)
+        assert not np.allclose(fresh, before)
+        np.testing.assert_allclose(tiny.predict(pairs), fresh, atol=1e-6)
+        w.data.mul_(0.5)
+        rr.clear()  # the Reranker's clear() refreshes its encoder too
+        fresh = CrossEncoder.from_model(copy.deepcopy(tiny.model), tiny.tokenizer).predict(pairs)
+        np.testing.assert_allclose(rr.score(pairs[0][0], [d for _, d in pairs[:1]]), fresh[:1], atol=1e-6)
+    finally:
+        w.data.copy_(saved)
+        tiny.refresh()
+
+
 # ------------------------------------------------------------------ rank
 def test_rank_sorted_top_k_and_documents(tiny):
     docs = [text(random.Random(i), 5 + i) for i in range(12)]
@@ -303,6 +341,22 @@ def test_bad_inputs(tiny):
         tiny.rank("q", "just one string")
     with pytest.raises(ValueError, match="top_k"):
         tiny.rank("q", ["a"], top_k=0)
+    assert len(tiny.rank("q", ["a", "b", "c"], top_k=np.int64(2))) == 2  # numpy ints are ints
+    with pytest.raises(ValueError, match=r"pairs\[0\]\[1\] \(doc\) is not valid text"):
+        tiny.predict([("q", "a\ud800b")])  # a lone surrogate, as json.loads makes from "\\ud800"
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        tiny.predict([("q", "d")], batch_size=2.5)
+    with pytest.raises(ValueError, match="dtype must be"):
+        CrossEncoder(tiny.model, tiny.tokenizer, dtype=torch.float64)
+    # Token ids a caller packs by hand are checked before they index the embedding tables.
+    good = tiny.encode_pairs([("q", "d"), ("q", "a longer doc")])
+    bad_id = [good[0], ([*good[1][0][:-1], tiny.vocab_size], good[1][1])]
+    for scorer in (tiny.score_encoded, Reranker(tiny).score_encoded):
+        with pytest.raises(ValueError, match=r"sequence 1 holds token ids outside \[0, "):
+            scorer(bad_id)
+        too_long = [(list(range(5, 5 + tiny.max_length + 1)), 2)]
+        with pytest.raises(ValueError, match="sequence 0 has .* more than max_length"):
+            scorer(too_long)
     # Empty strings are allowed and scored.
     s = tiny.predict([("", ""), ("q", "")])
     assert np.isfinite(s).all()

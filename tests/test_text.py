@@ -135,3 +135,39 @@ def test_keyword_prob_zero_keeps_the_random_stream(tok):
     mixed = PrefixSampler(tok, 32, seed=5, keyword_prob=0.5)
     kinds = {", " in mixed.sample(LONG) for _ in range(100)}
     assert kinds == {True, False}
+
+
+def test_encodings_ignore_truncation_left_on_the_shared_tokenizer(tok):
+    # HF's tokenizer(..., truncation=True) leaves truncation set on the backend every caller shares;
+    # another thread's call would then come back cut.  relsum encodes with a private backend copy.
+    from relsum_core.text import encode_texts
+
+    text = "stainless steel kitchen towel rack with six hooks and screws included"
+    want = tok(text, add_special_tokens=False)["input_ids"]
+    tok.backend_tokenizer.enable_truncation(3)
+    try:
+        assert encode_texts(tok, [text])[0].ids == want
+        assert n_tokens(tok, cut_to_tokens(text, tok, 8)) == 8
+    finally:
+        tok.backend_tokenizer.no_truncation()
+
+
+def test_byte_level_bpe_cut_inside_a_character_stays_within_budget():
+    # Byte-level BPE splits an unseen multi-byte character into byte tokens that all report the
+    # whole character's span; cutting after one of them must not keep the others.
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["red shoe blue towel steel rack"] * 10, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    text = "a\u2764b shoe"
+    assert len(fast(text, add_special_tokens=False)["input_ids"]) > 4  # the heart is 3 byte tokens
+    for k in range(1, 8):
+        cut = cut_to_tokens(text, fast, k)
+        assert text.startswith(cut)
+        assert len(fast(cut, add_special_tokens=False)["input_ids"]) <= k, (k, cut)
+    assert cut_to_tokens(text, fast, 1) == "a" and cut_to_tokens(text, fast, 2) == "a"
