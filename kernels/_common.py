@@ -39,6 +39,16 @@ def resolve_impl(impl: str, tensor: torch.Tensor) -> str:
     return impl
 
 
+def check_forward_only(fn: str, *tensors) -> None:
+    """Refuse a Triton forward-only path where autograd would want a graph: its output has no
+    grad_fn, so training through it would silently get no gradients (the torch paths have them)."""
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        raise RuntimeError(
+            f"{fn}(impl='triton') is forward only: its output would carry no gradient. Use impl='torch' "
+            "to train through it, or call it under torch.no_grad() / torch.inference_mode()"
+        )
+
+
 def check_floating(name: str, t: torch.Tensor) -> None:
     if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")

@@ -8,6 +8,8 @@
 
 Each has a Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1), a torch path (CPU) and an fp64
 ``*_reference``.  All internal arithmetic is fp32; outputs keep the input dtype except the scores.
+The Triton paths are forward only: with grad enabled and an input that requires grad they raise
+(impl="torch" is differentiable).
 """
 
 from __future__ import annotations
@@ -17,7 +19,16 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._common import HAS_TRITON, as_rows, check_eps, check_floating, dot_precision, interpreting, resolve_impl
+from ._common import (
+    HAS_TRITON,
+    as_rows,
+    check_eps,
+    check_floating,
+    check_forward_only,
+    dot_precision,
+    interpreting,
+    resolve_impl,
+)
 from .varlen_attention import _check_cu_seqlens
 
 if HAS_TRITON:
@@ -186,6 +197,7 @@ def bias_gelu(x, bias, *, impl="auto", config: dict | None = None):
         if x.dtype == torch.float32 and bias.dtype == torch.float32:
             return F.gelu(x + bias)
         return F.gelu(x.float() + bias.float()).to(x.dtype)
+    check_forward_only("bias_gelu", x, bias)
     x2 = as_rows(x)
     T, Fd = x2.shape
     y = torch.empty((T, Fd), device=x.device, dtype=x.dtype)
@@ -242,6 +254,7 @@ def residual_layernorm(x, residual, weight, bias, *, eps=1e-12, impl="auto", x_b
         return F.layer_norm(s, (H,), weight.float(), bias.float(), eps).to(x.dtype)
     if H > MAX_LN_WIDTH:
         raise ValueError(f"impl='triton' residual_layernorm supports H <= {MAX_LN_WIDTH}, got {H}")
+    check_forward_only("residual_layernorm", x, residual, weight, bias, x_bias)
     x2 = as_rows(x)
     r2 = as_rows(residual)
     T = x2.shape[0]
@@ -308,7 +321,9 @@ def cls_score(hidden, cu_seqlens, pooler_w, pooler_b, cls_w, cls_b, *, impl="aut
         cls = hidden[cu_seqlens[:-1].long()].float()
         pooled = torch.tanh(torch.addmm(pooler_b.float(), cls, pooler_w.float().t()))
         return pooled @ cls_w.float() + cls_b.float()
+    check_forward_only("cls_score", hidden, pooler_w, pooler_b, cls_w, cls_b)
     hidden = as_rows(hidden)
+    cu_seqlens = cu_seqlens.contiguous()  # the kernel reads it with unit stride; capture-safe no-op
     pooler_w = as_rows(pooler_w)
     cfg = _cls_config()
     upcast = interpreting() or hidden.dtype != pooler_w.dtype

@@ -16,8 +16,9 @@ Whether this beats cuBLAS plus the passes it removes is a GPU measurement
 when asked (``PackedBertEncoder.fused_ffn``).
 
 The GELU output is rounded to x's dtype before the down-projection, as the unfused path stores it.
-Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1), torch path and fp64 reference.  Accumulators,
-biases and statistics are fp32; the output has x's dtype.
+Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1; forward only, it raises where autograd would
+want a graph), torch path (differentiable) and fp64 reference.  Accumulators, biases and statistics
+are fp32; the output has x's dtype.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ._common import (
     as_rows,
     check_eps,
     check_floating,
+    check_forward_only,
     dot_precision,
     gemm_k_loop,
     interpreting,
@@ -244,6 +246,7 @@ def fused_ffn(x, w1, b1, w2, b2, ln_weight, ln_bias, *, eps=1e-12, impl="auto", 
         return F.layer_norm(s, (H,), ln_weight.float(), ln_bias.float(), eps).to(x.dtype)
     if H > MAX_HIDDEN:
         raise ValueError(f"impl='triton' fused_ffn keeps a row in registers: H <= {MAX_HIDDEN}, got {H}")
+    check_forward_only("fused_ffn", x, w1, b1, w2, b2, ln_weight, ln_bias)
     x2 = as_rows(x)
     w1c = as_rows(w1)
     w2c = as_rows(w2)

@@ -9,8 +9,9 @@ Whether a Triton GEMM loses less to cuBLAS than the pass it saves is a GPU measu
 (``benchmarks/test_bench_encoder_kernels.py::test_cuda_linear_gelu``), so the encoder uses this
 only when asked (``PackedBertEncoder.fused_ffn_up``).
 
-Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1), torch path and fp64 reference.  The
-accumulator, bias and GELU are fp32; the output has x's dtype.
+Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1; forward only, it raises where autograd would
+want a graph), torch path (differentiable) and fp64 reference.  The accumulator, bias and GELU are
+fp32; the output has x's dtype.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ._common import (
     HAS_TRITON,
     as_rows,
     check_floating,
+    check_forward_only,
     dot_precision,
     gemm_config,
     gemm_k_loop,
@@ -122,6 +124,7 @@ def linear_gelu(x, weight, bias, *, impl="auto", config: dict | None = None):
         if x.dtype == torch.float32 and bias.dtype == torch.float32:
             return F.gelu(F.linear(x, weight, bias))
         return F.gelu(F.linear(x, weight).float() + bias.float()).to(x.dtype)
+    check_forward_only("linear_gelu", x, weight, bias)
     x2 = as_rows(x)
     w = as_rows(weight)
     M, K = x2.shape

@@ -14,10 +14,14 @@ One program owns BLOCK_M whole rows and walks their H columns in BLOCK_N tiles, 
 row mean and squared deviations into running ones (Chan's parallel update: no cancellation on rows
 with a large mean).  When one tile spans the row the rows are normalised in registers; otherwise the
 unnormalised tiles are parked in the output (in its dtype, still in L2 when read back) and a second
-sweep normalises them in place.
+sweep normalises them in place.  A parked value is z - shift, shift the first tile's row mean (kept
+in registers), so a 16-bit output rounds the row's deviations, not its mean: the error does not grow
+with the mean (two roundings to the output dtype, up to about twice the one-tile path's), and fp16
+overflows only where some |z - shift| passes 65504.
 
-Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1), torch path and fp64 reference.  Accumulator,
-bias, residual and statistics are fp32; the output has x's dtype.
+Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1; forward only, it raises where autograd would
+want a graph), torch path (differentiable) and fp64 reference.  Accumulator, bias, residual and
+statistics are fp32; the output has x's dtype.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from ._common import (
     as_rows,
     check_eps,
     check_floating,
+    check_forward_only,
     dot_precision,
     gemm_config,
     gemm_k_loop,
@@ -96,6 +101,9 @@ if HAS_TRITON:
         else:
             mean = tl.zeros([BLOCK_M], tl.float32)
             m2 = tl.zeros([BLOCK_M], tl.float32)  # sum of squared deviations from the running mean
+            # Tiles are parked as z - shift (shift: the first tile's row mean), so a 16-bit output
+            # rounds the rows' deviations, not their mean, and does not overflow on a large mean.
+            shift = tl.zeros([BLOCK_M], tl.float32)
             for n0 in range(0, N, BLOCK_N):
                 z, cmask = _dense_residual_tile(x_base, w_ptr, b_ptr, r_base, n0, r_ld, rmask, N, K,
                                                 stride_xm, stride_wn, stride_rm, BLOCK_M, BLOCK_N,
@@ -103,24 +111,27 @@ if HAS_TRITON:
                 n_new = tl.minimum(N - n0, BLOCK_N).to(tl.float32)
                 n_old = n0 * 1.0  # columns merged so far
                 t_mean = tl.sum(z, axis=1) / n_new
+                shift = tl.where(n0 == 0, t_mean, shift)
                 d = tl.where(cmask[None, :], z - t_mean[:, None], 0.0)
                 delta = t_mean - mean
                 mean += delta * (n_new / (n_old + n_new))
                 m2 += tl.sum(d * d, axis=1) + delta * delta * (n_old * n_new / (n_old + n_new))
                 cols = n0 + c
-                tl.store(y_base + (r[:, None] * stride_ym + cols[None, :]), z.to(y_ptr.dtype.element_ty),
+                parked = (z - shift[:, None]).to(y_ptr.dtype.element_ty)
+                tl.store(y_base + (r[:, None] * stride_ym + cols[None, :]), parked,
                          mask=rmask[:, None] & cmask[None, :])
             rstd = 1.0 / tl.sqrt(m2 / N + eps)
+            mean -= shift  # the row mean of the parked values
             tl.debug_barrier()  # the parked tiles were stored by other threads of this program
             for n0 in range(0, N, BLOCK_N):
                 cols = n0 + c
                 cmask = cols < N
                 mask = rmask[:, None] & cmask[None, :]
                 ptrs = y_base + (r[:, None] * stride_ym + cols[None, :])
-                z = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+                zs = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
                 g = tl.load(g_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
                 beta = tl.load(beta_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-                y = (z - mean[:, None]) * rstd[:, None] * g[None, :] + beta[None, :]
+                y = (zs - mean[:, None]) * rstd[:, None] * g[None, :] + beta[None, :]
                 tl.store(ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -196,6 +207,7 @@ def linear_residual_layernorm(x, weight, bias, residual, ln_weight, ln_bias, *, 
             return F.layer_norm(s, (N,), ln_weight.float(), ln_bias.float(), eps)
         s = F.linear(x, weight).float() + bias.float() + residual.float()
         return F.layer_norm(s, (N,), ln_weight.float(), ln_bias.float(), eps).to(x.dtype)
+    check_forward_only("linear_residual_layernorm", x, weight, bias, residual, ln_weight, ln_bias)
     x2 = as_rows(x)
     r2 = as_rows(residual)
     w = as_rows(weight)

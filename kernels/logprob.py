@@ -43,6 +43,7 @@ WORKSPACE_W_BYTES = 16 << 20
 # Triton backward, grad_filter_eps="auto" on fp16/bf16 inputs: skip vocab tiles whose softmax
 # values all lie below this (see fused_logprob's docstring for what that drops).
 GRAD_FILTER_EPS_HALF = 2.0**-12
+_F32_MIN = torch.finfo(torch.float32).min
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,10 +104,14 @@ if HAS_TRITON:
                              inv_temp, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PREC)
             z = tl.where(col_mask[None, :], z, float("-inf"))
             m_new = tl.maximum(m, tl.max(z, axis=1))
-            alpha = tl.exp(m - m_new)
-            e = tl.exp(z - m_new[:, None])
+            # A row with only -inf logits so far (a -inf bias on padded vocab entries) exponentiates
+            # against 0: exp(-inf - -inf) would be NaN.
+            m_exp = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_exp)
+            e = tl.exp(z - m_exp[:, None])
             s = s * alpha + tl.sum(e, axis=1)
-            t = t * alpha + tl.sum(e * tl.where(col_mask[None, :], z, 0.0), axis=1)  # no 0 * -inf
+            # p z counts 0 where z = -inf (masked columns, a -inf bias), not 0 * -inf = NaN
+            t = t * alpha + tl.sum(e * tl.where(z == float("-inf"), 0.0, z), axis=1)
             zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
             m = m_new
         base = part_ptr + pid_s * N + rows
@@ -154,7 +159,8 @@ if HAS_TRITON:
         if HAS_ENT_GRAD:
             ez = tl.load(ez_ptr + rows, mask=row_mask, other=0.0)
             gent = tl.load(gent_ptr + rows, mask=row_mask, other=0.0)
-            dz -= gent[:, None] * p * (z - ez[:, None])
+            # p (z - E[z]) is 0, not 0 * -inf = NaN, where z = -inf (a -inf bias)
+            dz -= gent[:, None] * p * tl.where(p > 0.0, z - ez[:, None], 0.0)
         dz = tl.where(valid, dz * inv_temp, 0.0)
         if keep:
             if HAS_BIAS:
@@ -234,7 +240,8 @@ def _triton_backward(h, w, b, targets, lse, ez, g_lp, g_ent, inv_temp, filter_ep
     BN, BV = cfg["BLOCK_N"], cfg["BLOCK_V"]
     fp32 = h.dtype == torch.float32
     # fp32 inputs: accumulate straight into the gradients.  Half inputs: accumulate each
-    # (row chunk, vocab chunk) in bounded fp32 workspaces, then round once into the gradient.
+    # (row chunk, vocab chunk) in bounded fp32 workspaces; grad_h is rounded once, grad_W gets one
+    # 16-bit add (and rounding) per row chunk.
     grad_h = torch.zeros_like(h) if fp32 else torch.empty_like(h)
     grad_w = torch.zeros_like(w)
     grad_b = torch.zeros(V, device=h.device, dtype=torch.float32) if b is not None else None
@@ -305,17 +312,24 @@ def _torch_forward(h, w, b, targets, inv_temp, need_ez=True):
             z = _torch_logits(h32, w32, b32, v0, v1, inv_temp)
             here = (tgt >= v0) & (tgt < v1)
             zt += torch.where(here, z.gather(1, (tgt - v0).clamp(0, v1 - v0 - 1)[:, None]).squeeze(1), 0.0)
+            # A chunk of -inf logits (a -inf bias on padded vocab entries) exponentiates against 0:
+            # exp(-inf - -inf) would be NaN.  Its s_c is then 0 and lse_c -inf.
             m_c = z.amax(dim=1)
+            m_c.masked_fill_(m_c == float("-inf"), 0.0)
             if need_ez:
                 e = (z - m_c[:, None]).exp_()
                 s_c = e.sum(1)
-                ez_c = e.mul_(z).sum(1) / s_c  # E[z] under this chunk's softmax
+                # E[z] under this chunk's softmax; p z counts 0 where z = -inf (not 0 * -inf = NaN),
+                # and s_c >= 1 unless the chunk is all -inf (then the sum is 0 too)
+                ez_c = e.mul_(z.clamp_min_(_F32_MIN)).sum(1) / s_c.clamp_min(1.0)
             else:  # z is not needed again: exponentiate in place
                 s_c = z.sub_(m_c[:, None]).exp_().sum(1)
             lse_c = m_c + torch.log(s_c)
             new_lse = torch.logaddexp(run_lse, lse_c)
             if need_ez:
-                run_ez = run_ez * torch.exp(run_lse - new_lse) + ez_c * torch.exp(lse_c - new_lse)
+                # all -inf so far: the weights are exp(-inf - 0) = 0, not NaN
+                ref = new_lse.masked_fill(new_lse == float("-inf"), 0.0)
+                run_ez = run_ez * torch.exp(run_lse - ref) + ez_c * torch.exp(lse_c - ref)
             run_lse = new_lse
         lse[n0:n1] = run_lse
         logp[n0:n1] = zt - run_lse
@@ -358,6 +372,7 @@ def _torch_backward(h, w, b, targets, lse, ez, g_lp, g_ent, inv_temp, filter_eps
             else:
                 z = _torch_logits(h32, w32, b32, v0, v1, inv_temp)
                 p = (z - lse[n0:n1, None]).exp_()
+                z.masked_fill_(p == 0, 0.0)  # q = 0 there; a -inf logit would make it 0 * -inf = NaN
                 q = z.mul_(g_ent[n0:n1, None] * inv_temp).add_(a_rows).mul_(p)  # p (a + b z) = -dz
                 gh.sub_(q @ w32[v0:v1])
             grad_w[v0:v1].addmm_(q.t(), h_neg)
@@ -507,5 +522,7 @@ def logprob_reference(hidden, weight, targets, *, bias=None, temperature=1.0, ig
     ignore = targets == ignore_index
     safe = targets.masked_fill(ignore, 0).long()
     logp = logq.gather(1, safe[:, None]).squeeze(1).masked_fill(ignore, 0.0)
-    entropy = -(logq.exp() * logq).sum(-1).masked_fill(ignore, 0.0)
+    p = logq.exp()
+    # p log p counts 0 at p = 0 (a -inf logit), in the forward and its gradient alike
+    entropy = -(p * logq.masked_fill(p == 0, 0.0)).sum(-1).masked_fill(ignore, 0.0)
     return logp, entropy

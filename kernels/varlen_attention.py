@@ -26,7 +26,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from ._common import HAS_TRITON, check_floating, dot_precision, interpreting, resolve_impl
+from ._common import HAS_TRITON, check_floating, check_forward_only, dot_precision, interpreting, resolve_impl
 
 if HAS_TRITON:
     import triton
@@ -236,6 +236,8 @@ def _triton_varlen(q, k, v, cu_seqlens, max_seqlen, scale, config: dict | None =
     HEADS picks the one-key-tile kernel, for batches it can hold: others keep the default tiles)."""
     T, H, D = q.shape
     batch = cu_seqlens.numel() - 1
+    # The kernels read cu_seqlens with unit stride; a no-op (capture-safe) when it already has one.
+    cu_seqlens = cu_seqlens.contiguous()
     out = torch.empty((T, H, D), device=q.device, dtype=q.dtype)
     cfg = _triton_config(max_seqlen, D, q.dtype)
     if config is not None and not (config.get("SHORT") and max_seqlen > SHORT_MAX_SEQLEN):
@@ -397,8 +399,8 @@ def _torch_varlen(q, k, v, cu_host: list[int], scale):
 # --------------------------------------------------------------------------------------------
 # validation and the public functions
 # --------------------------------------------------------------------------------------------
-# The last cu_seqlens seen and its host copy: an encoder passes one cu_seqlens to every layer, and
-# on CUDA each .tolist() is a device sync that would stall the launch queue once per layer.
+# The last CUDA cu_seqlens seen and its host copy: an encoder passes one cu_seqlens to every layer,
+# and on CUDA each .tolist() is a device sync that would stall the launch queue once per layer.
 _HOST_CACHE: tuple = (None, -1, None)
 
 
@@ -416,7 +418,9 @@ class _HostSeqlens:
 def _host_seqlens(cu_seqlens: torch.Tensor) -> _HostSeqlens:
     global _HOST_CACHE
     # Inference tensors have no version counter, so an in-place edit could not be seen: no cache.
-    tracked = not cu_seqlens.is_inference()
+    # Nor on the CPU, where .tolist() costs no sync and writes that skip the counter (a numpy alias,
+    # .data) are common.
+    tracked = cu_seqlens.is_cuda and not cu_seqlens.is_inference()
     if tracked:
         ref, version, host = _HOST_CACHE
         if ref is not None and ref() is cu_seqlens and cu_seqlens._version == version:
@@ -500,9 +504,12 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, softmax_scale=None, imp
     [total_tokens, n_heads, head_dim] in q's dtype.  ``impl``: "triton", "torch" or "auto" (Triton
     on CUDA tensors, torch elsewhere).  Value checks of cu_seqlens copy it to the host (a device
     sync on CUDA), except while a CUDA graph is being captured (then the caller vouches for it).
-    The copy is reused while the same cu_seqlens tensor is passed unchanged (its version counter),
-    so an encoder pays it once per forward, not once per layer; inference-mode tensors have no
-    version counter and are read every call.  ``config``: a Triton tile override, one of
+    For a CUDA cu_seqlens the copy is reused while the same tensor is passed unchanged (its version
+    counter), so an encoder pays it once per forward, not once per layer; a write that skips the
+    counter (through ``.data``, DLPack or another alias) goes unseen until a different tensor is
+    passed.  Inference-mode and CPU tensors are read every call.  The Triton path is forward only:
+    with grad enabled and an input that requires grad it raises (use impl="torch" to train through
+    it).  ``config``: a Triton tile override, one of
     ``CONFIG_CANDIDATES``' values (a ``short_*`` one applies when max_seqlen <= SHORT_MAX_SEQLEN,
     else the default tiles run); the torch path ignores it.
     """
@@ -516,6 +523,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, softmax_scale=None, imp
         if host is None:
             raise RuntimeError("impl='torch' needs host lengths and cannot run under CUDA-graph capture")
         return _torch_varlen(q, k, v, host.values, scale)
+    check_forward_only("varlen_attention", q, k, v)
     # The kernel addresses head_dim with unit stride.
     q, k, v = (t if t.stride(2) == 1 else t.contiguous() for t in (q, k, v))
     return _triton_varlen(q, k, v, cu_seqlens, max_seqlen, scale, config)

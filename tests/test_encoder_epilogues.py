@@ -232,6 +232,42 @@ def test_cls_score_bf16_hidden_fp32_head(impl):
     assert rel_err(s, cls_score_reference(h, cu, pw, pb, cw, cb)) < TOL_SCORE
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_cls_score_non_contiguous_cu_seqlens(impl):
+    # A strided view passes validation; the kernel must not read it with unit stride.
+    dev = impl_device(impl)
+    h, cu = _hidden_with_poisoned_tails([3, 4, 3], 32, torch.float32, dev)
+    cu = cu.repeat_interleave(2)[::2]
+    assert not cu.is_contiguous()
+    pw, pb, cw, cb = _head(32, torch.float32, dev)
+    s = cls_score(h, cu, pw, pb, cw, cb, impl=impl)
+    assert rel_err(s, cls_score_reference(h, cu, pw, pb, cw, cb)) < TOL_SCORE
+
+
+def test_triton_paths_are_forward_only():
+    # Their outputs have no grad_fn: refuse inputs that want a backward rather than train silently
+    # without gradients; under no_grad / inference_mode they run.
+    dev = triton_device()
+    x = torch.randn(3, 16, device=dev)
+    v = torch.randn(16, device=dev)
+    h, cu = _hidden_with_poisoned_tails([2, 1], 16, torch.float32, dev)
+    pw, pb, cw, cb = _head(16, torch.float32, dev)
+    calls = {
+        "bias_gelu": lambda t: bias_gelu(x, t, impl="triton"),
+        "residual_layernorm": lambda t: residual_layernorm(x, x, v, v, x_bias=t, impl="triton"),
+        "cls_score": lambda t: cls_score(h, cu, pw, pb, cw, t, impl="triton"),
+    }
+    for name, call in calls.items():
+        t = (cb if name == "cls_score" else v).clone().requires_grad_()
+        with pytest.raises(RuntimeError, match=rf"{name}\(impl='triton'\) is forward only"):
+            call(t)
+        with torch.no_grad():
+            call(t)
+        with torch.inference_mode():
+            call(t)
+    assert bias_gelu(x.cpu(), v.cpu().requires_grad_(), impl="torch").grad_fn is not None
+
+
 def test_cls_score_reference_matches_bert_head():
     # The reference is BertPooler (dense + tanh on token 0) then a one-label nn.Linear.
     H = 32

@@ -74,6 +74,14 @@ def test_batched_strided_and_mixed_vectors(impl):
     assert rel_err(y, fused_ffn_reference(x, w1, b1, w2, b2, g, beta)) < 1e-6
 
 
+def test_triton_path_is_forward_only():
+    x, w1, b1, w2, b2, g, beta = _args(4, 16, 32, torch.float32, triton_device())
+    with pytest.raises(RuntimeError, match=r"fused_ffn\(impl='triton'\) is forward only"):
+        fused_ffn(x, w1, b1, w2, b2, g.requires_grad_(), beta, impl="triton")
+    with torch.no_grad():
+        fused_ffn(x, w1, b1, w2, b2, g, beta, impl="triton")
+
+
 def test_triton_takes_at_most_512_wide_rows():
     args = _args(3, 520, 32, torch.float32, triton_device())
     with pytest.raises(ValueError, match="H <= 512, got 520"):

@@ -66,6 +66,14 @@ def test_linear_gelu_tile_override_keeps_the_result():
     torch.testing.assert_close(linear_gelu(x, w, b, impl="triton", config=cfg), base, rtol=1e-6, atol=1e-6)
 
 
+def test_linear_gelu_triton_path_is_forward_only():
+    x, w, b = _args(4, 16, 8, torch.float32, triton_device())
+    with pytest.raises(RuntimeError, match=r"linear_gelu\(impl='triton'\) is forward only"):
+        linear_gelu(x.requires_grad_(), w, b, impl="triton")
+    with torch.no_grad():
+        linear_gelu(x, w, b, impl="triton")
+
+
 @pytest.mark.parametrize(
     "change, exc, match",
     [

@@ -68,6 +68,30 @@ def test_tile_walk_matches_one_tile():
     assert rel_err(one, linear_residual_layernorm_reference(x, w, b, res, g, beta)) < 1e-6
 
 
+WALK = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)  # N 96: three parked tiles
+
+
+# Parked tiles hold z minus the first tile's row mean: a 16-bit output must neither round a large row
+# mean into them (bf16 at 200 lost 0.7) nor overflow (fp16 past 65504).
+@pytest.mark.parametrize("dtype, shift", [(torch.bfloat16, 200.0), (torch.float16, 200.0),
+                                          (torch.float16, 7e4)])
+def test_tile_walk_keeps_large_mean_rows(dtype, shift):
+    x, w, b, res, g, beta = _args(16, 32, 96, dtype, triton_device(), vec_dtype=torch.float32)
+    b = b * 4 + shift  # an fp32 bias: the mean lives in z, not in rounded inputs
+    ref = linear_residual_layernorm_reference(x, w, b, res, g, beta)
+    y = linear_residual_layernorm(x, w, b, res, g, beta, impl="triton", config=WALK)
+    assert torch.isfinite(y).all()
+    assert rel_err(y, ref) < TOL[dtype]
+
+
+def test_triton_path_is_forward_only():
+    x, w, b, res, g, beta = _args(4, 16, 8, torch.float32, triton_device())
+    with pytest.raises(RuntimeError, match=r"linear_residual_layernorm\(impl='triton'\) is forward only"):
+        linear_residual_layernorm(x, w.requires_grad_(), b, res, g, beta, impl="triton")
+    with torch.no_grad():
+        linear_residual_layernorm(x, w, b, res, g, beta, impl="triton")
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_batched_strided_and_mixed_vectors(impl):
     dev = impl_device(impl)

@@ -122,6 +122,33 @@ def test_torch_path_chunks_match(monkeypatch, row_block):
         assert rel_err(c, a) < 1e-5
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_minus_inf_bias_on_whole_tiles(monkeypatch, impl):
+    # A -inf bias masks vocab entries: whole 32-column tiles / chunks of -inf logits (the first one,
+    # and the last, a Triton vocab split of its own) must not turn exp(-inf - -inf) into NaN; their
+    # p z terms count 0 in the entropy, and they get no gradient.
+    monkeypatch.setattr(lp_mod, "TORCH_CHUNK_BYTES", 4 * 5 * 32)
+    monkeypatch.setattr(lp_mod, "TORCH_MIN_COLS", 1)
+    dev = impl_device(impl)
+    h, w, b, _ = _inputs(5, 16, 96, torch.float32, device=dev)
+    with torch.no_grad():
+        b[:32] = float("-inf")
+        b[64:] = float("-inf")
+        b[40] = float("-inf")
+    t = torch.randint(32, 64, (5,), device=dev)
+    t[t == 40] = 41
+    g_lp, g_ent = torch.randn(5, device=dev), torch.randn(5, device=dev)
+    lp, ent = fused_logprob(h, w, t, bias=b, with_entropy=True, impl=impl, grad_filter_eps=0.0)
+    ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
+    lr, er, ghr, gwr, gbr = _reference_grads(h, w, b, t, 1.0, g_lp, g_ent)
+    assert torch.isfinite(er).all() and torch.isfinite(ghr).all()
+    assert rel_err(lp, lr) < TOL_OUT[torch.float32] and rel_err(ent, er) < TOL_OUT[torch.float32]
+    assert rel_err(h.grad, ghr) < TOL_GRAD[torch.float32] and rel_err(w.grad, gwr) < TOL_GRAD[torch.float32]
+    assert rel_err(b.grad, gbr) < TOL_GRAD[torch.float32]
+    masked = torch.isinf(b.detach())
+    assert torch.all(b.grad[masked] == 0) and torch.all(w.grad[masked] == 0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_triton_backward_workspace_chunks(monkeypatch, dtype):
     # Half inputs accumulate in bounded fp32 workspaces; force several row and vocab chunks.

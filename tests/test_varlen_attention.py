@@ -166,13 +166,14 @@ def test_length_buckets_bound_padding():
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_host_copy_is_cached_until_cu_seqlens_changes(impl):
-    # One host copy per cu_seqlens serves every layer; an in-place edit must be seen again.
+    # On CUDA one host copy per cu_seqlens serves every layer (on the CPU a read costs no sync, so
+    # there is no cache); an in-place edit must be seen again.
     lens = [3, 8, 5]
     dev = impl_device(impl)
     q, k, v = _qkv(lens, 2, 32, torch.float32, dev)
     cu = _cu(lens, dev)
     first = va_mod._host_seqlens(cu)
-    assert va_mod._host_seqlens(cu) is first
+    assert (va_mod._host_seqlens(cu) is first) == cu.is_cuda
     a = varlen_attention(q, k, v, cu, 8, impl=impl)
     assert torch.equal(a, varlen_attention(q, k, v, cu, 8, impl=impl))
     cu[1] = 6  # lengths 6, 5, 5: same total, different split
@@ -182,6 +183,53 @@ def test_host_copy_is_cached_until_cu_seqlens_changes(impl):
     cu[1] = 12  # now decreasing: the stale copy must not hide it
     with pytest.raises(ValueError, match="non-decreasing"):
         varlen_attention(q, k, v, cu, 8, impl=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_cpu_cu_seqlens_is_read_every_call(impl):
+    # A numpy alias writes without bumping the version counter: a cached host copy would go stale.
+    import numpy as np
+
+    if impl_device(impl) != "cpu":
+        pytest.skip("a CUDA cu_seqlens is cached by its version counter (documented)")
+    q, k, v = _qkv([4, 6], 2, 16, torch.float32)
+    arr = np.array([0, 4, 10], dtype=np.int32)
+    cu = torch.from_numpy(arr)
+    varlen_attention(q, k, v, cu, 6, impl=impl)
+    arr[1] = 7
+    with pytest.raises(ValueError, match="below the longest"):
+        varlen_attention(q, k, v, cu, 6, impl=impl)
+    out = varlen_attention(q, k, v, cu, 7, impl=impl)
+    assert rel_err(out, varlen_attention_reference(q, k, v, cu)) < 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_contiguous_cu_seqlens(impl):
+    # A strided view passes validation; the kernels must not read it with unit stride.
+    lens = [3, 4, 3]
+    dev = impl_device(impl)
+    q, k, v = _qkv(lens, 2, 16, torch.float32, dev)
+    cu = _cu(lens, dev).repeat_interleave(2)[::2]
+    assert not cu.is_contiguous()
+    out = varlen_attention(q, k, v, cu, 4, impl=impl)
+    assert rel_err(out, varlen_attention_reference(q, k, v, cu)) < TOL[torch.float32]
+
+
+def test_triton_path_is_forward_only():
+    # The Triton output has no grad_fn: refuse to hand it to autograd instead of training silently
+    # without gradients; no_grad / inference_mode callers and the torch path are fine.
+    lens = [3, 5]
+    dev = impl_device("triton")
+    q, k, v = _qkv(lens, 2, 16, torch.float32, dev)
+    cu = _cu(lens, dev)
+    with pytest.raises(RuntimeError, match=r"varlen_attention\(impl='triton'\) is forward only.*'torch'"):
+        varlen_attention(q.requires_grad_(), k, v, cu, 5, impl="triton")
+    with torch.no_grad():
+        varlen_attention(q, k, v, cu, 5, impl="triton")
+    with torch.inference_mode():
+        varlen_attention(q, k, v, cu, 5, impl="triton")
+    out = varlen_attention(q.detach().cpu().requires_grad_(), k.cpu(), v.cpu(), cu.cpu(), 5, impl="torch")
+    assert out.grad_fn is not None
 
 
 @pytest.mark.parametrize("impl", IMPLS)
