@@ -11,8 +11,10 @@ The directory holds:
   The rules are read off the Hugging Face fast tokenizer itself, one code point at a time (what its
   normalizer turns each character into, which characters its pre-tokenizer splits on), so the C++
   WordPiece gives the same ids without reimplementing Unicode case folding or NFD.
-- ``settings.txt``: ``key value`` lines: the truncation rule's budgets, special token ids, the
-  WordPiece parameters and the tokens matched verbatim before normalisation ([CLS], [SEP], ...).
+- ``settings.txt``: ``key value`` lines (the value may be empty): the truncation rule's budgets, the
+  exported shapes' bounds, special token ids, the WordPiece parameters (``wordpiece_vocab_size``: the
+  model's vocabulary is the first lines of ``vocab.txt``, the added tokens outside it follow) and the
+  tokens matched verbatim before normalisation ([CLS], [SEP], ...).
 
 Plain text throughout so the C++ side needs nothing beyond libtorch.
 """
@@ -30,7 +32,7 @@ from torch import nn
 from .io import atomic_write_dir, atomic_write_text
 from .ranker import SPECIAL_TOKENS, CrossEncoder, PackedBatch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: max_seqlen and wordpiece_vocab_size (bindings/src/export_dir.h kFormatVersion)
 PACKAGE_FILE = "model.pt2"
 VOCAB_FILE = "vocab.txt"
 RULES_FILE = "text_rules.tsv"
@@ -112,6 +114,10 @@ def _check_tokenizer(tokenizer) -> dict:
     wrong = {k: v for k, v in parts.items() if v != want[k]}
     if wrong:
         raise ValueError(f"export supports BERT WordPiece tokenizers ({want}); this one has {wrong}")
+    # HF then tokenises "[SEP]" in user text as plain text; the C++ tokenizer always matches it verbatim.
+    if getattr(tokenizer, "split_special_tokens", False) or getattr(backend, "encode_special_tokens", False):
+        raise ValueError("export needs special tokens matched verbatim in text; this tokenizer has "
+                         "split_special_tokens=True, which the C++ tokenizer does not support")
     for t in spec.get("added_tokens", []):
         if t["normalized"] or t["lstrip"] or t["rstrip"] or t["single_word"]:
             raise ValueError(f"added token {t['content']!r} needs matching rules the C++ tokenizer lacks "
@@ -180,17 +186,28 @@ def _vocab_lines(tokenizer) -> list[str]:
     return tokens
 
 
+def _wordpiece_vocab_size(spec: dict) -> int:
+    """How many of ``vocab.txt``'s ids are the WordPiece model's own: HF matches the added tokens past
+    them only verbatim, never as a piece of a word, and so must the C++ tokenizer."""
+    ids = sorted(spec["model"]["vocab"].values())
+    if ids != list(range(len(ids))):
+        raise ValueError("the WordPiece vocabulary's ids are not 0..N-1; the C++ tokenizer needs them first")
+    return len(ids)
+
+
 def _settings(ce: CrossEncoder, spec: dict, dtype: torch.dtype) -> list[str]:
     model = spec["model"]
     tok = ce.tokenizer
     rows = [
         ("format", FORMAT_VERSION),
         ("max_length", ce.max_length),
+        ("max_seqlen", ce.max_length),  # the package's bound: the C++ rejects a max_length edited above it
         ("query_max_tokens", ce.query_max_tokens),
         ("cls_id", tok.cls_token_id),
         ("sep_id", tok.sep_token_id),
         ("unk_id", tok.convert_tokens_to_ids(model["unk_token"])),
         ("two_token_types", int(ce._two_types)),
+        ("wordpiece_vocab_size", _wordpiece_vocab_size(spec)),
         ("continuing_subword_prefix", model["continuing_subword_prefix"]),
         ("max_input_chars_per_word", model["max_input_chars_per_word"]),
         ("max_packed_tokens", MAX_PACKED_TOKENS),
@@ -198,6 +215,9 @@ def _settings(ce: CrossEncoder, spec: dict, dtype: torch.dtype) -> list[str]:
         ("dtype", str(dtype).removeprefix("torch.")),
     ]
     rows += [("added_token", f"{t['id']} {t['content']}") for t in spec.get("added_tokens", [])]
+    for k, v in rows:
+        if any(ch in str(v) for ch in "\n\r"):
+            raise ValueError(f"{k} {v!r} contains a line break; it cannot go into {SETTINGS_FILE}")
     return [f"{k} {v}" for k, v in rows]
 
 

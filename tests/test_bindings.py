@@ -17,7 +17,17 @@ import torch  # noqa: E402
 
 from relsum_core import cli  # noqa: E402
 from relsum_core.data import load_dataset  # noqa: E402
-from relsum_core.export import ExportEncoder, export_inputs, export_ranker, text_rules  # noqa: E402
+from relsum_core.export import (  # noqa: E402
+    FORMAT_VERSION,
+    MAX_PACKED_TOKENS,
+    ExportEncoder,
+    _check_tokenizer,
+    _settings,
+    _vocab_lines,
+    export_inputs,
+    export_ranker,
+    text_rules,
+)
 from relsum_core.ranker import CrossEncoder  # noqa: E402
 from relsum_core.text import attributes_text  # noqa: E402
 
@@ -177,11 +187,16 @@ def test_cli_bad_input_is_a_clear_error(binaries, exported, tmp_path):
     newer = tmp_path / "newer"
     shutil.copytree(exported, newer)
     settings = newer / "settings.txt"
-    settings.write_text(settings.read_text().replace("format 1\n", "format 2\n"))
+    good = settings.read_text()
+    current = f"format {FORMAT_VERSION}\n"
+    settings.write_text(good.replace(current, f"format {FORMAT_VERSION + 1}\n"))
     future = _run(binaries, [str(newer)], ["q\td"])
-    assert future.returncode == 1 and "export format 2" in future.stderr
+    assert future.returncode == 1 and f"export format {FORMAT_VERSION + 1}" in future.stderr
+    settings.write_text(good.replace(current, f"format {FORMAT_VERSION - 1}\n"))
+    older = _run(binaries, [str(newer)], ["q\td"])
+    assert older.returncode == 1 and f"export format {FORMAT_VERSION - 1}" in older.stderr
+    assert "re-export" in older.stderr
 
-    good = settings.read_text().replace("format 2\n", "format 1\n")
     settings.write_text(good.replace("added_token 101 [CLS]", "added_token 7 [CLS]"))
     wrong_id = _run(binaries, [str(newer), "--tokenize"], ["abc"])
     assert wrong_id.returncode == 1 and "added_token `7 [CLS]` does not match vocab.txt" in wrong_id.stderr
@@ -195,6 +210,119 @@ def test_cli_bad_input_is_a_clear_error(binaries, exported, tmp_path):
     (newer / "model.pt2").unlink()
     no_model = _run(binaries, [str(newer)], ["q\td"])
     assert no_model.returncode == 1 and f"cannot read {newer / 'model.pt2'}" in no_model.stderr
+
+
+def _with_setting(settings: str, key: str, value: str) -> str:
+    lines = settings.splitlines()
+    assert sum(line.startswith(f"{key} ") for line in lines) == 1, key
+    return "".join(f"{key} {value}\n" if line.startswith(f"{key} ") else f"{line}\n" for line in lines)
+
+
+def test_settings_out_of_range_are_clear_errors(binaries, exported, tmp_path):
+    """Hand-edited settings.txt: ids past the vocabulary, a max_length past the exported shapes, negative
+    sizes: each a clear error before the model loads, not a wrapped-around size or an out-of-bounds read."""
+    edited = tmp_path / "edited"
+    shutil.copytree(exported, edited)
+    good = (exported / "settings.txt").read_text()
+    assert "max_seqlen 128\n" in good and "wordpiece_vocab_size 30522\n" in good
+    cases = [  # key, value, relsum_rerank mode, expected message
+        ("max_length", "1000", "--encode-pair", "`max_length` is 1000, outside 3..128 (the package"),
+        ("max_length", "-5", "--encode-pair", "`max_length` is -5, outside 3..128"),
+        ("max_length", "", "--encode-pair", "`max_length` is not an integer"),
+        ("max_seqlen", str(MAX_PACKED_TOKENS + 1), "--encode-pair", "`max_seqlen` is 1048577, outside"),
+        ("query_max_tokens", "-1", "--encode-pair", "`query_max_tokens` is -1, outside 0.."),
+        ("cls_id", "30522", "--encode-pair", "`cls_id` is 30522, outside 0..30521"),
+        ("sep_id", "-1", "--encode-pair", "`sep_id` is -1, outside 0..30521"),
+        ("two_token_types", "2", "--encode-pair", "`two_token_types` is 2, outside 0..1"),
+        ("max_batch", "0", "", "`max_batch` is 0, outside 1.."),
+        ("max_packed_tokens", "-1", "", "`max_packed_tokens` is -1, outside 3.."),
+        ("unk_id", "30522", "--tokenize", "`unk_id` is 30522, outside 0..30521"),
+        ("max_input_chars_per_word", "-1", "--tokenize", "`max_input_chars_per_word` is -1, outside 0.."),
+        ("wordpiece_vocab_size", "30523", "--tokenize", "`wordpiece_vocab_size` is 30523, outside 1..30522"),
+    ]
+    for key, value, mode, message in cases:
+        (edited / "settings.txt").write_text(_with_setting(good, key, value))
+        done = _run(binaries, [str(edited), *([mode] if mode else [])], ["q\td"])
+        assert done.returncode == 1 and message in done.stderr, (key, value, done.stderr)
+        assert str(edited / "settings.txt") in done.stderr
+
+
+def test_broken_model_is_a_clear_error(binaries, exported, tmp_path):
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(exported, corrupt)
+    (corrupt / "model.pt2").write_bytes(b"not a zip archive")
+    done = _run(binaries, [str(corrupt)], ["q\td"])
+    assert done.returncode == 1 and f"relsum: {corrupt / 'model.pt2'}: cannot load" in done.stderr
+    assert "Exception raised from" not in done.stderr  # libtorch's backtrace left out
+
+    # A vocab.txt grown by hand past the model's embeddings: the model itself fails on the new id.
+    grown = tmp_path / "grown"
+    shutil.copytree(exported, grown)
+    with open(grown / "vocab.txt", "a") as f:
+        f.write("zzqxw\n")
+    (grown / "settings.txt").write_text(_with_setting((grown / "settings.txt").read_text(),
+                                                      "wordpiece_vocab_size", "30523"))
+    done = _run(binaries, [str(grown)], ["zzqxw\tdoc"])
+    error = done.stderr[done.stderr.find("relsum_rerank: error:"):]  # the package prints its own report first
+    assert done.returncode == 1 and error.startswith(f"relsum_rerank: error: relsum: {grown / 'model.pt2'}: "
+                                                     "the model failed: index out of bounds")
+    assert "Exception raised from" not in error
+
+
+def _tokenizer_export(ce: CrossEncoder, exported: Path, out: Path) -> Path:
+    """What `relsum_rerank --tokenize` reads for ``ce``'s tokenizer, without compiling a model: vocab.txt and
+    settings.txt as ``export_ranker`` writes them, the text rules of ``exported`` (same normalizer)."""
+    spec = _check_tokenizer(ce.tokenizer)
+    out.mkdir()
+    shutil.copy(exported / "text_rules.tsv", out)
+    (out / "vocab.txt").write_text("\n".join(_vocab_lines(ce.tokenizer)) + "\n", encoding="utf-8")
+    (out / "settings.txt").write_text("\n".join(_settings(ce, spec, torch.float32)) + "\n", encoding="utf-8")
+    return out
+
+
+def _tokenize(binaries: Path, export: Path, texts: list[str]) -> list[list[int]]:
+    done = _run(binaries, [str(export), "--tokenize"], [_escape(t) for t in texts])
+    assert done.returncode == 0, done.stderr
+    return [[int(x) for x in line.split()] for line in done.stdout.splitlines()]
+
+
+def test_added_token_outside_the_vocabulary_matches_only_verbatim(binaries, exported, ranker_dir, tmp_path):
+    """HF matches an added token that is not in the WordPiece vocabulary on the raw text only, never as
+    a piece of a (normalised) word: "ZZQX" is lower-cased to "zzqx" but still cut into WordPiece pieces."""
+    from transformers import AddedToken
+
+    ce = CrossEncoder.from_pretrained(ranker_dir, device="cpu")
+    ce.tokenizer.add_tokens([AddedToken("zzqx", normalized=False)])
+    out = _tokenizer_export(ce, exported, tmp_path / "added")
+    assert "wordpiece_vocab_size 30522\n" in (out / "settings.txt").read_text()
+    texts = ["zzqx", "ZZQX", "a ZZQX b", "Zzqx", "xzzqxy", "zzqxzzqx", "zzq", "[CLS]zzqx[SEP]ZZQX"]
+    want = ce.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert want[0] == [30522] and 30522 not in want[1]  # the case the C++ got wrong
+    assert _tokenize(binaries, out, texts) == want
+
+
+def test_empty_continuing_subword_prefix(binaries, exported, ranker, ranker_dir, esci_texts, tmp_path):
+    ce = CrossEncoder.from_pretrained(ranker_dir, device="cpu")
+    ce.tokenizer.backend_tokenizer.model.continuing_subword_prefix = ""
+    out = _tokenizer_export(ce, exported, tmp_path / "no_prefix")
+    assert "continuing_subword_prefix \n" in (out / "settings.txt").read_text()
+    queries, docs = esci_texts
+    texts = queries[:100] + docs[:20] + HOSTILE
+    want = ce.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert want != ranker.tokenizer(texts, add_special_tokens=False)["input_ids"]  # the prefix matters
+    assert _tokenize(binaries, out, texts) == want
+
+
+def test_export_rejects_split_special_tokens(ranker_dir, tmp_path):
+    """With split_special_tokens HF tokenises "[SEP]" in a text as plain text; the C++ cannot follow."""
+    from transformers import AutoTokenizer
+
+    ce = CrossEncoder.from_pretrained(ranker_dir, device="cpu")
+    ce.tokenizer = AutoTokenizer.from_pretrained(ranker_dir, split_special_tokens=True)
+    assert ce.tokenizer.sep_token_id not in ce.tokenizer("x[SEP]y", add_special_tokens=False)["input_ids"]
+    with pytest.raises(ValueError, match="split_special_tokens"):
+        export_ranker(ce, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_export_rejects_non_wordpiece_tokenizer(ranker_dir, tmp_path):

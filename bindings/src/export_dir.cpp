@@ -32,15 +32,15 @@ Settings::Settings(const std::string& export_dir) : path_(join(export_dir, "sett
     const auto& l = lines[i];
     if (l.empty() || l[0] == '#') continue;
     const auto space = l.find(' ');
-    if (space == std::string::npos || space == 0 || space + 1 == l.size())
-      malformed(path_, i + 1, "expected `key value`, got `" + l + "`");
+    if (space == std::string::npos || space == 0) malformed(path_, i + 1, "expected `key value`, got `" + l + "`");
     values_[l.substr(0, space)].push_back(l.substr(space + 1));
   }
   const auto format = integer("format");
   if (format != kFormatVersion)
     throw std::runtime_error("relsum: " + path_ + " is export format " + std::to_string(format) +
                              "; this build reads format " + std::to_string(kFormatVersion) +
-                             " (re-export with a matching relsum)");
+                             (format < kFormatVersion ? " (re-export the checkpoint with this relsum's `relsum export-ranker`)"
+                                                      : " (build the bindings from the relsum that exported it)"));
 }
 
 const std::vector<std::string>& Settings::all(const std::string& key) const {
@@ -66,8 +66,17 @@ int64_t Settings::integer(const std::string& key) const {
   } catch (const std::exception&) {
     used = 0;
   }
-  if (used != s.size()) throw std::runtime_error("relsum: " + path_ + ": `" + key + "` is not an integer: " + s);
+  if (s.empty() || used != s.size()) throw std::runtime_error("relsum: " + path_ + ": `" + key + "` is not an integer: " + s);
   return value;
+}
+
+std::size_t Settings::count(const std::string& key, std::size_t min, std::size_t max, const std::string& bound) const {
+  const auto v = integer(key);
+  // Compared as signed: a negative value must not wrap around to a huge count.
+  if (v < 0 || static_cast<std::size_t>(v) < min || static_cast<std::size_t>(v) > max)
+    throw std::runtime_error("relsum: " + path_ + ": `" + key + "` is " + std::to_string(v) + ", outside " +
+                             std::to_string(min) + ".." + std::to_string(max) + (bound.empty() ? "" : " (" + bound + ")"));
+  return static_cast<std::size_t>(v);
 }
 
 }  // namespace relsum::detail

@@ -7,7 +7,9 @@
 
 #include <algorithm>
 #include <fstream>
+#include <new>
 #include <numeric>
+#include <optional>
 #include <stdexcept>
 #include <string_view>
 #include <unordered_map>
@@ -32,19 +34,37 @@ struct Encoded {
 }  // namespace
 
 struct Ranker::Impl {
+  // Every setting is range-checked before the package loads: a bad one would otherwise index past
+  // the embeddings or the exported shapes, or wrap around as a size.
   Impl(const std::string& dir, std::size_t num_runners)
       : settings(dir),
         tokenizer(dir),
-        loader(package_path(dir), "model", /*run_single_threaded=*/false, num_runners),
-        max_length(static_cast<std::size_t>(settings.integer("max_length"))),
-        query_max_tokens(static_cast<std::size_t>(settings.integer("query_max_tokens"))),
-        cls_id(settings.integer("cls_id")),
-        sep_id(settings.integer("sep_id")),
-        two_types(settings.integer("two_token_types") != 0),
-        max_packed_tokens(static_cast<std::size_t>(settings.integer("max_packed_tokens"))),
-        max_batch(static_cast<std::size_t>(settings.integer("max_batch"))) {
-    if (max_length < 3 || max_packed_tokens < max_length || max_batch < 1)
-      throw std::runtime_error("relsum: " + settings.path() + ": inconsistent max_length / max_packed_tokens / max_batch");
+        package(package_path(dir)),
+        max_packed_tokens(settings.count("max_packed_tokens", 3)),
+        max_batch(settings.count("max_batch", 1)),
+        max_seqlen(settings.count("max_seqlen", 3, max_packed_tokens, "max_packed_tokens")),
+        max_length(settings.count("max_length", 3, max_seqlen, "the package's longest pair, max_seqlen")),
+        query_max_tokens(settings.count("query_max_tokens")),
+        cls_id(token_id("cls_id")),
+        sep_id(token_id("sep_id")),
+        two_types(settings.count("two_token_types", 0, 1) != 0) {
+    try {
+      loader.emplace(package, "model", /*run_single_threaded=*/false, num_runners);
+    } catch (const std::exception& e) {  // c10::Error for a corrupt package: not a std::runtime_error
+      throw std::runtime_error("relsum: " + package + ": cannot load the AOTInductor package: " + message(e));
+    }
+  }
+
+  int64_t token_id(const std::string& key) const {
+    return static_cast<int64_t>(settings.count(key, 0, tokenizer.vocab_size() - 1, "an id of vocab.txt"));
+  }
+
+  // c10::Error's what(), and the runner's std::runtime_error copy of it, carry a C++ backtrace: keep
+  // the message alone.
+  static std::string message(const std::exception& e) {
+    const auto* c10 = dynamic_cast<const c10::Error*>(&e);
+    const std::string m = c10 ? c10->what_without_backtrace() : e.what();
+    return m.substr(0, m.find("\nException raised from"));
   }
 
   // The truncation rule on token ids without specials (relsum_core.ranker.truncate_pair).
@@ -96,20 +116,27 @@ struct Ranker::Impl {
     {
       c10::InferenceMode guard;
       // The package's model container hands each concurrent call its own model instance.
-      out = loader.run({ids, types, pos, pad_index, slot, cls});
+      try {
+        out = loader->run({ids, types, pos, pad_index, slot, cls});
+      } catch (const std::bad_alloc&) {
+        throw;
+      } catch (const std::exception& e) {  // e.g. a token id past the embeddings of a hand-edited vocab.txt
+        throw std::runtime_error("relsum: " + package + ": the model failed: " + message(e));
+      }
     }
     const auto scores = out.at(0).to(at::kFloat).contiguous();
     const auto* p = scores.data_ptr<float>();
     return std::vector<float>(p, p + B);
   }
 
+  // In initialisation order: each bound is checked against those before it.
   detail::Settings settings;
   Tokenizer tokenizer;
-  torch::inductor::AOTIModelPackageLoader loader;
-  std::size_t max_length, query_max_tokens;
+  std::string package;
+  std::size_t max_packed_tokens, max_batch, max_seqlen, max_length, query_max_tokens;
   int64_t cls_id, sep_id;
   bool two_types;
-  std::size_t max_packed_tokens, max_batch;
+  std::optional<torch::inductor::AOTIModelPackageLoader> loader;  // loaded last, once the settings pass
 };
 
 Ranker::Ranker(const std::string& export_dir, const RankerOptions& options) {
@@ -169,6 +196,7 @@ std::vector<Ranked> Ranker::rank(const std::string& query, const std::vector<std
                                  std::optional<std::size_t> top_k, std::size_t batch_size,
                                  std::size_t max_tokens) const {
   if (docs.empty()) throw std::invalid_argument("relsum: docs is empty: nothing to rank");
+  if (top_k && *top_k == 0) throw std::invalid_argument("relsum: top_k must be >= 1 (std::nullopt keeps every doc)");
   std::vector<std::pair<std::string, std::string>> pairs;
   pairs.reserve(docs.size());
   for (const auto& d : docs) pairs.emplace_back(query, d);

@@ -38,6 +38,14 @@ char32_t parse_code_point(const std::string& hex, const std::string& path, std::
   return static_cast<char32_t>(v);
 }
 
+// A decimal id as export.py writes it (no sign, no leading zeros); SIZE_MAX for anything else.
+std::size_t parse_id(const std::string& s) {
+  if (s.empty() || s.size() > 18 || (s.size() > 1 && s[0] == '0') ||
+      !std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; }))
+    return static_cast<std::size_t>(-1);
+  return static_cast<std::size_t>(std::stoull(s));
+}
+
 std::vector<std::string> split_tabs(const std::string& s, char sep = '\t') {
   std::vector<std::string> out;
   std::size_t start = 0;
@@ -95,27 +103,27 @@ Tokenizer::Tokenizer(const std::string& export_dir) {
   const detail::Settings settings(export_dir);
   const auto vocab_path = detail::join(export_dir, "vocab.txt");
   const auto vocab = detail::read_lines(vocab_path);
-  for (std::size_t i = 0; i < vocab.size(); ++i) {
+  vocab_size_ = vocab.size();
+  // vocab.txt is the WordPiece model's vocabulary, then the added tokens that are not in it: those match
+  // only verbatim (below), never as a WordPiece piece, as in the Hugging Face tokenizer.
+  const auto model_vocab = settings.count("wordpiece_vocab_size", 1, vocab_size_, "the lines of vocab.txt");
+  for (std::size_t i = 0; i < model_vocab; ++i) {
     if (!vocab_.emplace(vocab[i], static_cast<int64_t>(i)).second)
       detail::malformed(vocab_path, i + 1, "token `" + vocab[i] + "` appears twice");
   }
-  vocab_size_ = vocab.size();
   prefix_ = settings.text("continuing_subword_prefix");
-  max_word_chars_ = static_cast<std::size_t>(settings.integer("max_input_chars_per_word"));
-  unk_id_ = settings.integer("unk_id");
+  max_word_chars_ = settings.count("max_input_chars_per_word");
+  unk_id_ = static_cast<int64_t>(settings.count("unk_id", 0, model_vocab - 1, "an id of the WordPiece vocabulary"));
   for (const auto& added : settings.all("added_token")) {  // "ID CONTENT"
     const auto space = added.find(' ');
-    const auto id = space == std::string::npos ? "" : added.substr(0, space);
-    const auto vocab_id = vocab_.find(space == std::string::npos ? "" : added.substr(space + 1));
-    if (vocab_id == vocab_.end() || std::to_string(vocab_id->second) != id)
+    const auto i = space == std::string::npos ? vocab_size_ : parse_id(added.substr(0, space));
+    if (i >= vocab_size_ || vocab[i] != added.substr(space + 1))
       throw std::runtime_error("relsum: " + settings.path() + ": added_token `" + added +
                                "` does not match vocab.txt");
-    added_.emplace_back(decode_utf8(vocab_id->first), vocab_id->second);
+    added_.emplace_back(decode_utf8(vocab[i]), static_cast<int64_t>(i));
   }
   std::stable_sort(added_.begin(), added_.end(),
                    [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
-  if (unk_id_ < 0 || static_cast<std::size_t>(unk_id_) >= vocab_size_)
-    throw std::runtime_error("relsum: " + settings.path() + ": unk_id outside the vocabulary");
 
   const auto rules_path = detail::join(export_dir, "text_rules.tsv");
   const auto rules = detail::read_lines(rules_path);

@@ -1,8 +1,11 @@
 // The C++ API's own checks, against an export directory given on the command line
 // (tests/test_bindings.py builds one from a small random BERT with a real vocabulary).
 // Score and tokenisation parity with Python are checked there, through relsum_rerank.
+#include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
+#include <fstream>
 #include <functional>
 #include <stdexcept>
 #include <string>
@@ -105,6 +108,7 @@ int main(int argc, char** argv) {
   // Bad input: clear errors, no crash.
   expect_throw<std::invalid_argument>([&] { ranker.rank(query, {}); }, "docs is empty", "empty docs");
   expect_throw<std::invalid_argument>([&] { ranker.predict({}); }, "pairs is empty", "empty pairs");
+  expect_throw<std::invalid_argument>([&] { ranker.rank(query, docs, 0); }, "top_k", "top_k 0");
   expect_throw<std::invalid_argument>([&] { ranker.predict(pairs, 0); }, "batch_size", "batch_size 0");
   expect_throw<std::invalid_argument>([&] { ranker.predict(pairs, 8, 0); }, "max_tokens", "max_tokens 0");
   expect_throw<std::invalid_argument>([&] { ranker.rank("caf\xc3", docs); }, "truncated sequence at byte 3",
@@ -119,6 +123,19 @@ int main(int argc, char** argv) {
   expect_throw<std::invalid_argument>([&] { relsum::Ranker(argv[1], {1, -2}); }, "num_threads", "-2 threads");
   expect_throw<std::runtime_error>([&] { relsum::Ranker("/nonexistent/relsum-export"); },
                                    "/nonexistent/relsum-export/settings.txt", "missing export directory");
+
+  // A corrupt model.pt2 is a std::runtime_error naming the file, as the header promises (libtorch's
+  // loader throws c10::Error, which is not one).
+  namespace fs = std::filesystem;
+  const auto corrupt = fs::temp_directory_path() /
+                       ("relsum_api_test_" + std::to_string(std::chrono::steady_clock::now().time_since_epoch().count()));
+  fs::copy(argv[1], corrupt, fs::copy_options::recursive);
+  for (const char* bytes : {"", "not a zip archive"}) {
+    std::ofstream(corrupt / "model.pt2", std::ios::binary | std::ios::trunc) << bytes;
+    expect_throw<std::runtime_error>([&] { relsum::Ranker r(corrupt.string()); }, (corrupt / "model.pt2").string(),
+                                     "corrupt model.pt2 (" + std::to_string(std::string(bytes).size()) + " bytes)");
+  }
+  fs::remove_all(corrupt);
 
   if (failures == 0) std::printf("relsum_api_test: all checks passed\n");
   return failures == 0 ? 0 : 1;

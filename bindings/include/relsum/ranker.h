@@ -34,8 +34,9 @@ struct RankerOptions {
 class Ranker {
  public:
   // Loads export_dir (model.pt2, vocab.txt, text_rules.tsv, settings.txt).  Throws std::runtime_error
-  // for a missing or malformed file, or an export format this build does not read, and
-  // std::invalid_argument for num_runners 0 or negative num_threads.
+  // naming the file for a missing or malformed one (a corrupt model.pt2 included), a setting out of
+  // range, or an export format this build does not read, and std::invalid_argument for num_runners 0
+  // or negative num_threads.
   explicit Ranker(const std::string& export_dir, const RankerOptions& options = {});
   ~Ranker();
   Ranker(Ranker&&) noexcept;
@@ -45,13 +46,14 @@ class Ranker {
   // max_tokens padded tokens (pairs x longest pair: attention runs padded) a forward, and always at
   // least one pair.  Forwards of similar lengths pad little: on a 2-core CPU, 100 candidates of
   // 24-96 tokens ran ~10% faster in forwards of 1-4k padded tokens than in one.  Throws
-  // std::invalid_argument for an empty list, batch_size or max_tokens 0, or text that is not UTF-8.
+  // std::invalid_argument for an empty list, batch_size or max_tokens 0, or text that is not UTF-8, and
+  // std::runtime_error naming model.pt2 if the model fails (only an inconsistent export does).
   // Thread-safe: concurrent calls share RankerOptions::num_runners model instances.
   std::vector<float> predict(const std::vector<std::pair<std::string, std::string>>& pairs,
                              std::size_t batch_size = 128, std::size_t max_tokens = 2048) const;
 
   // docs sorted by score, highest first (ties: lower corpus_id first), cut to top_k when given.
-  // Throws std::invalid_argument for an empty docs list.
+  // Throws std::invalid_argument for an empty docs list or top_k 0 (std::nullopt keeps every doc).
   std::vector<Ranked> rank(const std::string& query, const std::vector<std::string>& docs,
                            std::optional<std::size_t> top_k = std::nullopt, std::size_t batch_size = 128,
                            std::size_t max_tokens = 2048) const;

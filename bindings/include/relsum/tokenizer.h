@@ -15,12 +15,13 @@ namespace relsum {
 // A BERT WordPiece tokenizer equal, id for id, to the Hugging Face fast tokenizer it was exported
 // from: verbatim added tokens ([CLS], [SEP], ...) are matched first, then each code point is
 // normalised by the exported table (cleaning, lower-casing, accent stripping, CJK isolation), the text
-// is split at whitespace and punctuation, and each word is cut greedily into the longest vocabulary
-// pieces ([UNK] for a word that has none, or more than `max_input_chars_per_word` code points).
+// is split at whitespace and punctuation, and each word is cut greedily into the longest pieces of the
+// WordPiece vocabulary ([UNK] for a word that has none, or more than `max_input_chars_per_word` code
+// points).  Added tokens outside that vocabulary only ever match verbatim, never as a piece.
 class Tokenizer {
  public:
   // Reads vocab.txt, text_rules.tsv and settings.txt from an export directory.  Throws
-  // std::runtime_error naming the file and line of anything missing or malformed.
+  // std::runtime_error naming the file (and line) of anything missing, malformed or out of range.
   explicit Tokenizer(const std::string& export_dir);
 
   // Token ids without special tokens.  Throws std::invalid_argument (with the byte offset) for text
@@ -42,8 +43,8 @@ class Tokenizer {
   void wordpiece(const std::u32string& word, std::vector<int64_t>& out) const;
   void encode_plain(const std::u32string& text, std::vector<int64_t>& out) const;
 
-  std::unordered_map<std::string, int64_t> vocab_;
-  std::size_t vocab_size_ = 0;
+  std::unordered_map<std::string, int64_t> vocab_;  // the WordPiece vocabulary: no added-only tokens
+  std::size_t vocab_size_ = 0;                       // every id, added tokens included
   std::vector<Range> norm_, split_;
   // Most text is ASCII: its rules by index (indices, not pointers, so copies stay valid).
   std::array<int32_t, 128> ascii_norm_{}, ascii_split_{};
