@@ -192,14 +192,15 @@ def _add_summarize(sub) -> None:
     p.add_argument("--budget", type=int, default=32)
     p.add_argument("--task", choices=["summary", "doc2query"], default="summary",
                    help="write attribute summaries, or search queries for each product (Doc2Query)")
-    p.add_argument("--max-product-tokens", type=int, default=384,
-                   help="product text given to the policy (use the training run's value)")
+    p.add_argument("--max-product-tokens", type=int, default=128,
+                   help="product text given to the policy (use the training run's value; relsum train's "
+                   "default is 128)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard", type=int, default=None, help="default: torchrun RANK")
     p.add_argument("--num-shards", type=int, default=None, help="default: torchrun WORLD_SIZE")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     _add_precision(p, "sampling dtype: auto = bf16 on CPUs with bf16 dot products, else fp32")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_summarize)
@@ -243,7 +244,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--max-product-tokens", type=int, default=128,
                    help="--policy / --doc2query: product text tokens")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     _add_precision(p, "--policy / --doc2query sampling: auto = bf16 on CPUs with bf16 dot products")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_evaluate)
@@ -270,7 +271,8 @@ def _add_export_ranker(sub) -> None:
                    help="pair length cap in tokens (default: the checkpoint's relsum_ranker.json, else "
                         "the model's max_position_embeddings)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="bfloat16 runs about 2x faster on CPUs with AVX512-BF16 or AMX (scores move ~1e-2)")
+                   help="bfloat16 runs 1.7x (AVX512-BF16) to 2.7x (AMX) faster on CPUs that have them "
+                   "(scores move ~1e-2)")
     p.set_defaults(func=_export_ranker)
 
 

@@ -33,7 +33,7 @@ import numpy as np
 from relsum_core.data import group_by_query, load_dataset, split_queries
 from relsum_core.io import atomic_write_bytes, atomic_write_text
 from relsum_core.metrics import POSITIVE_GRADE, PRECISION_TARGET, ndcg_at_k, recall_at_precision
-from relsum_core.precision import resolve_precision
+from relsum_core.precision import resolve_device, resolve_precision
 from relsum_core.text import attributes_text, cut_to_tokens, join_title, normalise
 
 N_BOOTSTRAP = 1000
@@ -204,6 +204,7 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
     if any(k < 1 for k in desc_tokens):
         raise ValueError(f"description prefixes need >= 1 token, got {list(desc_tokens)}")
     # resolved here so a bad value fails before any scoring; summarize_catalog resolves it alike
+    device = resolve_device(device)
     sampling_dtype = str(resolve_precision(precision, device, auto_on_cuda=False)).removeprefix("torch.")
     for name, path in summaries.items():
         if not Path(path).is_file():
@@ -262,5 +263,13 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
     atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     atomic_write_text(out / "report.md", _markdown(report))
     if plot:
-        _plot(report, out / "ndcg.png")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:  # the reports are written; only the figure needs the plot extra
+            import warnings
+
+            warnings.warn("matplotlib is not installed (pip install 'relsum[plot]'): no ndcg.png",
+                          RuntimeWarning, stacklevel=2)
+        else:
+            _plot(report, out / "ndcg.png")
     return report

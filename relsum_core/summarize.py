@@ -18,7 +18,7 @@ from pathlib import Path
 
 from relsum_core.data import load_catalog
 from relsum_core.policy import PROMPTS, SUMMARY_BUDGET, build_prompt, load_policy, sample
-from relsum_core.precision import resolve_precision
+from relsum_core.precision import resolve_device, resolve_precision
 
 
 def shard_path(out: str | os.PathLike, shard: int, num_shards: int) -> Path:
@@ -44,7 +44,7 @@ def _done_ids(path: Path) -> set[str]:
 
 def summarize_catalog(out: str | os.PathLike, *, policy: str | None = None, catalog: str | None = None,
                       budget: int = SUMMARY_BUDGET, batch_size: int = 16, temperature: float = 0.0,
-                      seed: int = 0, max_product_tokens: int = 384, product_ids=None,
+                      seed: int = 0, max_product_tokens: int = 128, product_ids=None,
                       shard: int | None = None, num_shards: int | None = None, device=None,
                       progress: bool = True, task: str = "summary", precision: str = "auto") -> Path:
     """Summarise the catalog (or only ``product_ids`` of it) into ``out``; returns the file written.
@@ -65,6 +65,7 @@ def summarize_catalog(out: str | os.PathLike, *, policy: str | None = None, cata
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if task not in PROMPTS:
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(PROMPTS)}")
+    device = resolve_device(device)  # like training: CUDA when available
     dtype = resolve_precision(precision, device, auto_on_cuda=False)
     products = load_catalog(catalog)
     wanted = sorted(products)

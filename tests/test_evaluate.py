@@ -130,6 +130,21 @@ def test_evaluate_summaries_end_to_end(tmp_path, data_dir, tiny_ranker_dir, tiny
     assert report["sampling_dtype"] == {"tiny": want, "d2q": want}
 
 
+def test_evaluate_without_matplotlib_still_writes_the_reports(tmp_path, data_dir, tiny_ranker_dir,
+                                                              monkeypatch):
+    import sys
+
+    hand = tmp_path / "hand.jsonl"
+    hand.write_text("".join(json.dumps({"product_id": pid, "summary": b}) + "\n" for pid, _, b in PRODUCTS))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    out = tmp_path / "eval"
+    with pytest.warns(RuntimeWarning, match="matplotlib is not installed"):
+        evaluate_summaries(out, ranker=str(tiny_ranker_dir), data=str(data_dir),
+                           summaries={"hand": str(hand)}, split="all", device="cpu", progress=False)
+    assert (out / "report.md").is_file() and (out / "report.json").is_file()
+    assert not (out / "ndcg.png").exists()
+
+
 def test_evaluate_summaries_bad_input(tmp_path, data_dir, tiny_ranker_dir):
     part = tmp_path / "part.jsonl"
     part.write_text(json.dumps({"product_id": "p1", "summary": "x"}) + "\n")

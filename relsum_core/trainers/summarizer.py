@@ -34,7 +34,8 @@ Output directory::
 
     checkpoint/     policy (HF folder) + trainer.pt (optimizer, scheduler, step, KL weight): resume
                     point (every draw is seeded by the step, so no RNG state is needed)
-    metrics.jsonl   event "train" per step, "eval" per evaluation, "samples" with example summaries
+    metrics.jsonl   event "config" once, "train" per step, "eval" per evaluation (its "samples": the
+                    greedy summaries)
 """
 
 from __future__ import annotations
