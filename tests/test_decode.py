@@ -126,6 +126,17 @@ def test_hashed_sampler_follows_the_distribution_and_the_nucleus():
     assert bool((decode.sample_from_logits(one_hot, 1.0, 1.0, keys, step) == 2).all())
 
 
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_hashed_sampler_follows_the_tempered_distribution(temperature):
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    n = 20000
+    keys = decode.row_keys(list(range(n)), n)
+    draws = decode.sample_from_logits(probs.log().expand(n, 4), temperature, 1.0, keys,
+                                      torch.zeros(1, dtype=torch.long))
+    want = torch.softmax(probs.log() / temperature, dim=0)  # T 0.5 sharpens, T 2 flattens
+    assert torch.allclose(torch.bincount(draws, minlength=4) / n, want, atol=0.015)
+
+
 def test_resident_engine_is_reused_across_calls_and_nearby_prompt_lengths(one_thread):
     model = _tiny_llama()
     ids, mask = _left_padded([9, 4], P=9)

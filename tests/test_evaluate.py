@@ -103,7 +103,11 @@ def test_read_summaries_and_named_arguments(tmp_path):
             parse_named(bad, "--summaries")
 
 
-def test_evaluate_summaries_end_to_end(tmp_path, data_dir, tiny_ranker_dir, tiny_policy_dir):
+def test_evaluate_summaries_end_to_end(tmp_path, data_dir, tiny_ranker_dir, tiny_policy_dir, monkeypatch):
+    scored = []  # the product texts each variant's scoring saw
+    score = Evaluation.score
+    monkeypatch.setattr(Evaluation, "score",
+                        lambda self, texts: scored.append(dict(texts)) or score(self, texts))
     hand = tmp_path / "hand.jsonl"
     hand.write_text("".join(json.dumps({"product_id": pid, "summary": bullets}) + "\n"
                             for pid, _, bullets in PRODUCTS))
@@ -128,6 +132,12 @@ def test_evaluate_summaries_end_to_end(tmp_path, data_dir, tiny_ranker_dir, tiny
     assert all(0 < r["tokens"] <= 4 for r in rows)
     want = str(resolve_precision("auto", "cpu", auto_on_cuda=False)).removeprefix("torch.")
     assert report["sampling_dtype"] == {"tiny": want, "d2q": want}
+    # what was scored: the title, then title | the summary (and | a description prefix)
+    titles = {pid: title for pid, title, _ in PRODUCTS}
+    assert titles in scored
+    assert {pid: f"{title} | {bullets}" for pid, title, bullets in PRODUCTS} in scored
+    assert any(all(t[p].startswith(titles[p] + " | ") and t[p] != titles[p] + " | " + b
+                   for p, _, b in PRODUCTS) for t in scored)  # the tiny policy's own summaries
 
 
 def test_evaluate_without_matplotlib_still_writes_the_reports(tmp_path, data_dir, tiny_ranker_dir,

@@ -65,3 +65,19 @@ def test_trim_metrics_drops_rows_after_the_checkpoint_and_a_cut_off_line(tmp_pat
     assert [json.loads(x) for x in path.read_text().splitlines()] == rows[:5]
     trim_metrics(tmp_path / "none.jsonl", 1)  # nothing logged yet: nothing to do
     assert not (tmp_path / "none.jsonl").exists()
+
+
+def test_atomic_write_bytes_keeps_the_old_file_when_a_write_fails(tmp_path, monkeypatch):
+    import os
+
+    path = tmp_path / "report.json"
+    atomic_write_text(path, "old")
+
+    def fsync_fails(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", fsync_fails)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_text(path, "new, half written")
+    assert path.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]  # no temp file left

@@ -70,6 +70,16 @@ def test_top_p_keeps_only_the_nucleus():
     assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.7; the tail never appears
 
 
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_dynamic_sampler_follows_the_tempered_distribution(temperature):
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    n = 20000
+    g = torch.Generator().manual_seed(0)
+    draws = policy._next_token(probs.log().expand(n, 4), temperature, 1.0, g)
+    want = torch.softmax(probs.log() / temperature, dim=0)
+    assert torch.allclose(torch.bincount(draws, minlength=4) / n, want, atol=0.015)
+
+
 def test_bad_input(tiny_policy_dir, tmp_path):
     model, tok = load_policy(tiny_policy_dir)
     with pytest.raises(ValueError, match="budget must be > 0"):

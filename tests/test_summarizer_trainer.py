@@ -143,6 +143,42 @@ def test_dpo_pairs_best_and_worst_of_each_group(tmp_path, data_dir, tiny_policy_
     assert any(not torch.equal(a, b) for a, b in zip(before, t.policy.parameters()))
 
 
+@pytest.mark.parametrize("algo", ["grpo", "dpo"])
+def test_update_moves_towards_the_better_rewarded_summary(tmp_path, data_dir, tiny_policy_dir,
+                                                         tiny_ranker_dir, algo):
+    # One product, three summaries rewarded 1 / 0 / -1: a small step along the update's gradient must
+    # raise the best summary's log-prob relative to the worst's (a sign slip in the advantages or a
+    # swapped DPO pair lowers it).
+    import numpy as np
+
+    from relsum_core.losses import sequence_logprob
+    from relsum_core.policy import completion_logprobs, sample
+    from relsum_core.rewards import COMPONENTS
+
+    t = SummarizerTrainer(_cfg(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir, algo=algo,
+                               products_per_step=1, group_size=3, beta=0.0, advantage="total",
+                               temperature=1.5))
+    pids = t._step_products(0) * 3
+    r = sample(t.sampler, t.tok, t._prompts(pids), max_new_tokens=6, temperature=1.5, seed=[11, 12, 13])
+    assert len(set(r.texts)) == 3  # three different summaries to prefer between
+    total = np.array([1.0, 0.0, -1.0])
+    rewards = {"total": total, **{c: np.zeros(3) for c in COMPONENTS}}
+
+    def seq_logp():
+        with torch.no_grad():
+            return sequence_logprob(completion_logprobs(t.policy, r, temperature=1.5), r.completion_mask)
+
+    before = seq_logp()
+    t.opt.zero_grad(set_to_none=True)
+    (t._grpo_update if algo == "grpo" else t._dpo_update)(r, rewards)
+    with torch.no_grad():
+        for p in t.policy.parameters():
+            if p.grad is not None:
+                p -= 1e-3 * p.grad  # plain gradient descent on the update's loss
+    moved = seq_logp() - before
+    assert float(moved[0] - moved[2]) > 0, moved
+
+
 def test_adapt_beta_moves_towards_the_kl_target_by_a_clipped_step():
     assert adapt_beta(0.04, 0.10, 0.10) == pytest.approx(0.04)
     assert adapt_beta(0.04, 0.11, 0.10) == pytest.approx(0.04 * (1 + KL_GAIN * 0.1))

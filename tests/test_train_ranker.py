@@ -299,6 +299,29 @@ def test_pseudo_pairs_extend_queries_from_the_positive(tiny_base):
     assert grew >= 3
 
 
+def test_pseudo_query_loss_targets_the_titles_product(tiny_base, monkeypatch):
+    # Each pseudo-query group lists the product whose title made the query first: the loss is the
+    # cross-entropy towards slot 0, checked on fixed per-slot scores.
+    import relsum_core.trainers.ranker as trainer
+
+    catalog, judgments = load_dataset()
+    by_query = group_by_query(judgments)
+    seen = []
+
+    def slot_scores(ce, pairs, dtype):
+        seen.append(pairs)
+        return torch.arange(len(pairs), dtype=torch.float32)
+
+    monkeypatch.setattr(trainer, "_train_scores", slot_scores)
+    cfg = RankerTrainConfig(out="unused", batch_size=2, group_size=4)
+    sampler = PrefixSampler(AutoTokenizer.from_pretrained(tiny_base), 16)
+    loss = trainer.pseudo_query_loss(None, by_query, list(by_query)[:6], catalog, sampler, cfg, "cpu",
+                                     torch.float32)()
+    scores = torch.arange(len(seen[0]), dtype=torch.float32).view(2, -1)
+    want = torch.nn.functional.cross_entropy(scores, torch.zeros(2, dtype=torch.long))
+    assert len(seen[0]) == 8 and float(loss) == pytest.approx(float(want))
+
+
 def test_candidate_groups_are_full_one_query_groups_whatever_the_grades():
     j = lambda q, p, g: Judgment(q, f"query {q}", p, g)
     by_query = {"a": [j("a", f"a{i}", 3) for i in range(9)],  # one grade: still grouped (label-free)
