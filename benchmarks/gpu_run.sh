@@ -2,15 +2,17 @@
 # One command for a lent H100/H200 (image: torch 2.11, triton 3.6, no network):
 #   GPU correctness tests of the Triton kernels, then the GPU benchmarks; every section has its own
 #   time limit so one hang cannot eat the lease.  Results go to $OUT (or benchmarks/results/gpu-<date>
-#   when OUT is unset): summary.md (the tables) and results.tgz (JSON, logs).
+#   when OUT is unset): summary-<sections>.md (the tables) and results-<sections>.tgz (JSON, logs),
+#   named by the sections run so the two calls of a lease do not overwrite each other.
 # Usage: benchmarks/gpu_run.sh [section ...]
 #   sections: tests logprob ranker profile encoder_kernels sampling rl_step
 # Peers that the image lacks travel as wheels in .whl/ (git-ignored), fetched beforehand with
 #   pip download --no-deps -d .whl cut-cross-entropy==25.1.1 liger-kernel==0.8.5
 # and MiniLM's tokenizer (the benchmarks' texts; its 90 MB weights are not needed) in .minilm/:
-#   mkdir -p .minilm && cp "$(python -c 'from relsum_core.ranker import packaged_minilm_path as p; print(p())')"/\
-#       {config.json,tokenizer.json,tokenizer_config.json,special_tokens_map.json,vocab.txt} .minilm/
-# Carry .whl and .minilm with the call (both are git-ignored).
+#   m="$(python -c 'from relsum_core.ranker import packaged_minilm_path as p; print(p())')"
+#   mkdir -p .minilm && for f in config.json tokenizer.json tokenizer_config.json special_tokens_map.json vocab.txt; do cp "$m/$f" .minilm/; done
+# Carry .whl and .minilm with the call (both are git-ignored); the ranker and profile sections stop at
+# once without .minilm/tokenizer.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results/gpu-$(date +%Y%m%d)}"
@@ -20,10 +22,20 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 [ -d .minilm ] && export RELSUM_MINILM="$PWD/.minilm"
+sections=("$@")
+[ ${#sections[@]} -gt 0 ] || sections=(ranker profile encoder_kernels tests logprob)
+for s in "${sections[@]}"; do
+    if [[ $s == ranker || $s == profile ]] && [ ! -f .minilm/tokenizer.json ]; then
+        echo "gpu_run.sh: section $s needs MiniLM's tokenizer in .minilm/ (see this script's header)" >&2
+        exit 2
+    fi
+done
+tag=$(IFS=-; echo "${sections[*]}")
 # The repo imports without installing: relsum_core from the root, relsum_kernels through a link.
 mkdir -p /tmp/relsum_shim && ln -sfn "$PWD/kernels" /tmp/relsum_shim/relsum_kernels
 export PYTHONPATH="$PWD:/tmp/relsum_shim:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-summary="$out/summary.md"
+summary="$out/summary-$tag.md"
+archive="$out/results-$tag.tgz"
 {
     echo "# relsum GPU run $(date -u +%FT%TZ)"
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
@@ -38,11 +50,12 @@ declare -A baselines=(
     [encoder_kernels]="sdpa_padded torch_varlen_attn default cublas_bias_gelu cublas_residual_ln unfused"
     [rl_step]="hf"
 )
-# seconds; RELSUM_GPU_LIMIT_<SECTION> overrides one.  The default sections add up to 820 s, too long
-# for a 15-minute lease (machine start and transfers count too): there, call `gpu_run.sh ranker
-# profile` first (380 s) and `gpu_run.sh encoder_kernels tests` (350 s; the benchmarks check their
-# results, so the tests go last) on the still-warm machine, with a run timeout that ends it in time.
-declare -A limits=([tests]=110 [logprob]=90 [ranker]=260 [profile]=120 [encoder_kernels]=240 [sampling]=130
+# seconds; RELSUM_GPU_LIMIT_<SECTION> overrides one.  The default sections add up to 710 s, too long
+# for a 15-minute lease (the machine's start, minutes, and the transfers count too): there, call
+# `gpu_run.sh ranker profile` first (300 s) and, at once (a machine idle for 30 s is handed back,
+# with its compile caches), `gpu_run.sh encoder_kernels tests` (290 s; the benchmarks check their
+# results, so the tests go last), with a run timeout that ends it in time.
+declare -A limits=([tests]=100 [logprob]=90 [ranker]=200 [profile]=100 [encoder_kernels]=190 [sampling]=130
                    [rl_step]=150)
 for k in "${!limits[@]}"; do
     v="RELSUM_GPU_LIMIT_${k^^}"; [ -n "${!v:-}" ] && limits[$k]=${!v}
@@ -57,7 +70,9 @@ section() {  # name, command...: run with the section's time limit, log to the w
     local rc=$?
     tail -n 25 "$work/$name.log"
     echo "($name: exit $rc, $((SECONDS - t0)) s)" | tee -a "$summary"
-    tar -czf "$out/results.tgz" -C "$work" .  # after every section: a lease cut short keeps the rest
+    # after every section (a lease cut short keeps the rest), renamed into place: a kill mid-tar must
+    # not truncate the sections already archived
+    tar -czf "$archive.tmp" -C "$work" . && mv "$archive.tmp" "$archive"
 }
 
 # pytest runs node ids in the order given: the ranker's unmeasured latency rows before throughput;
@@ -81,14 +96,12 @@ bench() {  # suite name
     fi
 }
 
-sections=("$@")
 # most wanted first, so a lease that runs out loses the least.  rl_step and sampling were measured on
 # the H200 (results/gpu-h200) and run only when named; the ranker's latency rows, where its
 # throughput time goes (profile), the one-kernel FFN and the fused linear+GELU and
 # linear+residual+LayerNorm GEMMs against cuBLAS + their epilogue passes, the
 # epilogue and attention launch-shape sweeps (encoder_kernels) and fused_logprob's gradient
 # filtering are unmeasured.
-[ ${#sections[@]} -gt 0 ] || sections=(ranker profile encoder_kernels tests logprob)
 for s in "${sections[@]}"; do
     case $s in
         tests)
@@ -107,5 +120,5 @@ for s in "${sections[@]}"; do
             bench "$s" ;;
     esac
 done
-tar -czf "$out/results.tgz" -C "$work" .
-echo "results: $summary, $out/results.tgz"
+tar -czf "$archive.tmp" -C "$work" . && mv "$archive.tmp" "$archive"
+echo "results: $summary, $archive"

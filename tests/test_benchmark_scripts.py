@@ -30,6 +30,7 @@ def test_profile_kinds_of_real_kernel_names():
     """Kernel names as CUDA traces show them land in the right kind (the profile's whole point)."""
     cases = {
         "_varlen_attn_fwd_kernel": "relsum attention",
+        "_varlen_attn_short_kernel": "relsum attention",  # the short_* tilings, not torch's "varlen"
         "_bias_gelu_kernel": "relsum bias+gelu",
         "_linear_gelu_kernel": "relsum linear+gelu gemm",
         "_residual_ln_kernel": "relsum residual+ln",
