@@ -51,3 +51,17 @@ def test_cosine_truncates_to_the_models_position_table():
     scorer = CosineScorer(model, tok)  # asks for 256 tokens; the model has 40 positions
     assert scorer.max_length == 40
     assert np.isfinite(scorer.scores("red shoe", ["word " * 300, "red shoe"])).all()
+
+
+def test_bm25_length_normalisation_and_saturation_follow_b_and_k1():
+    docs = ["red shoe", "red red shoe", "red shoe blue towel kitchen"]
+    flat = bm25_scores("red", docs, k1=1.5, b=0.0)  # no length normalisation: tf decides
+    assert flat[1] > flat[0] == pytest.approx(flat[2])
+    norm = bm25_scores("red", docs, k1=1.5, b=0.75)  # the longer doc with the same tf scores lower
+    assert norm[0] > norm[2]
+
+
+def test_cosine_mean_pooling_ignores_padding(cosine):
+    short = cosine.embed(["red shoe"])[0]
+    padded = cosine.embed(["red shoe", "a much longer text about stainless steel kitchen towel racks"])[0]
+    np.testing.assert_allclose(padded, short, atol=1e-5)

@@ -249,3 +249,8 @@ def test_wands_folder_missing_a_file_or_comma_separated(wands_repo):
     with pytest.raises(DataError, match=r"query.csv:1: header lacks column\(s\) query, query_id "
                                         r"\(is it tab-separated\?\)"):
         load_dataset(wands_repo)
+
+
+def test_validation_share_is_rounded_not_truncated():
+    train, val = split_queries([f"q{i:02d}" for i in range(13)], val_fraction=0.2)
+    assert len(val) == 3 and len(train) == 10  # 13 * 0.2 = 2.6 -> 3

@@ -56,6 +56,14 @@ def test_static_greedy_matches_dynamic_with_left_padding_and_stops(impl, one_thr
     # No stop at all: both run the full budget.
     assert torch.equal(sample_ids(model, ids, mask, stop_ids=[], engine="static", **kw).completion_ids,
                        free.completion_ids)
+    # The pad id as the stop id (load_policy pads with EOS): the stop token still counts as generated.
+    kw["pad_id"] = stops[0]
+    dyn = sample_ids(model, ids, mask, stop_ids=stops, engine="dynamic", **kw)
+    sta = sample_ids(model, ids, mask, stop_ids=stops, engine="static", **kw)
+    assert torch.equal(sta.completion_mask, dyn.completion_mask)
+    n = sta.completion_mask.sum(1)
+    early = (n < 10).nonzero().flatten().tolist()
+    assert early and all(int(sta.completion_ids[r, n[r] - 1]) in stops for r in early)
 
 
 def test_all_rows_stopping_early_trims_width_like_dynamic(one_thread):
@@ -102,6 +110,12 @@ def test_static_sampling_is_deterministic_and_rows_are_batch_independent(one_thr
     x = sample_ids(model, ids, mask, **kw)
     torch.manual_seed(3)
     assert torch.equal(x.completion_ids, sample_ids(model, ids, mask, **kw).completion_ids)
+
+
+def test_an_int_seed_gives_every_row_its_own_key():
+    keys = decode.row_keys(123, 4)
+    assert len({tuple(k) for k in keys.tolist()}) == 4
+    assert torch.equal(keys, decode.row_keys(123, 4)) and not torch.equal(keys, decode.row_keys(124, 4))
 
 
 def test_hashed_sampler_follows_the_distribution_and_the_nucleus():

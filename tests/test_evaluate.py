@@ -45,6 +45,8 @@ def test_recall_at_precision_hand_cases():
     assert recall_at_precision([0.9, 0.9, 0.5], [True, False, True]) == 0.0
     assert recall_at_precision([0.9, 0.9, 0.5], [True, True, False]) == pytest.approx(1.0)
     assert math.isnan(recall_at_precision([0.3, 0.2], [False, False]))
+    # exactly at the target: 9 positives then 1 negative is precision 0.9, so every positive counts
+    assert recall_at_precision([1.0 - i / 10 for i in range(10)], [True] * 9 + [False], 0.9) == 1.0
 
 
 def _overlap_scorer(pairs):

@@ -85,6 +85,17 @@ def test_kl_and_entropy_terms():
     assert loss.item() == pytest.approx(0.1 * kl0 - 0.01 * 2.0, rel=1e-5)
 
 
+def test_kl_penalty_gradient_pulls_towards_the_reference():
+    # d/dlogp of beta * k3 = beta * (1 - exp(ref - logp)) per token, over the token count (dapo)
+    logp = torch.log(torch.tensor([[0.5, 0.2, 0.4]])).requires_grad_()
+    ref = torch.log(torch.tensor([[0.25, 0.4, 0.4]]))
+    mask = torch.tensor([[1, 1, 0]])
+    loss, _ = grpo_loss(logp, None, torch.tensor([0.0]), mask, ref_logp=ref, beta=0.1)
+    loss.backward()
+    want = 0.1 * (1 - torch.exp(ref - logp.detach())) * mask / 2
+    torch.testing.assert_close(logp.grad, want)
+
+
 def test_grpo_loss_bad_input():
     logp = torch.zeros(2, 3)
     mask = torch.ones(2, 3)
@@ -116,6 +127,14 @@ def test_dpo_hand_worked():
     assert m["reward_accuracy"].item() == 1.0
     smooth, _ = dpo_loss(pc, pr, rc, rr, beta=0.5, label_smoothing=0.1)
     assert smooth.item() == pytest.approx(0.9 * math.log1p(math.exp(-1)) + 0.1 * math.log1p(math.exp(1)))
+
+
+def test_dpo_subtracts_the_reference_margin_and_averages_pairs():
+    # pair 1: policy margin 2, reference margin 1 -> 1; pair 2: 0 - (-2) -> 2
+    pc, pr = torch.tensor([-10.0, -5.0]), torch.tensor([-12.0, -5.0])
+    rc, rr = torch.tensor([-10.0, -6.0]), torch.tensor([-11.0, -4.0])
+    loss, _ = dpo_loss(pc, pr, rc, rr, beta=1.0)
+    assert loss.item() == pytest.approx((math.log1p(math.exp(-1.0)) + math.log1p(math.exp(-2.0))) / 2)
 
 
 def test_dpo_gradient_pushes_chosen_up():

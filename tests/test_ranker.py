@@ -431,6 +431,9 @@ def test_plan_bucket_properties():
         keys.add(lay.key)
     assert len(keys) < 120  # shapes collapse onto few buckets (so few graphs)
     assert plan_bucket([600], tb, sb, lb) is None  # longer than the longest seqlen bucket
+    # exactly on a token and a sequence bucket: still room for a dummy sequence
+    lay = plan_bucket([32] * 8, (256, 512, 1024), (8, 16, 32), lb)
+    assert lay.seqs == 16 and lay.tokens == 512 and len(lay.dummy_lens) == 8
 
 
 def test_reranker_buckets_match_predict(tiny):

@@ -143,3 +143,47 @@ def test_decoupled_advantages_give_each_component_its_own_scale():
     assert np.allclose(flat / flat[0], adv / adv[0])  # the same up to the fixed divisor
     with pytest.raises(ValueError, match="all reward weights are 0"):
         decoupled_advantages(comps, {"relevance": 0.0}, 2)
+
+
+# Two queries with two or more candidates each, so one title-score call covers both and slicing it
+# per query matters; product c is judged for both.
+CATALOG2 = {**CATALOG, "d": Product("d", "Fleece blanket", bullets=("wool",))}
+JUDGED2 = JUDGED + [Judgment("q2", "fleece blanket", "d", 0)]
+
+
+def test_title_scores_are_sliced_per_query_from_one_call():
+    calls = []
+    r = RankerReward(overlap_scorer(calls), CATALOG2, JUDGED2)
+    r(["a", "d"], ["x", "x"], [1, 1])
+    assert len(calls[0]) == 5  # q1's three titles and q2's two, in one call
+    # q1: a "Acme bottle" 1, b 0, c 0; q2: c "Cozy blanket" 1, d "Fleece blanket" 2
+    assert r._title_scores["q1"].tolist() == [1.0, 0.0, 0.0]
+    assert r._title_scores["q2"].tolist() == [1.0, 2.0]
+
+
+def test_relevance_and_ranking_average_over_the_products_queries():
+    r = RankerReward(overlap_scorer([]), CATALOG2, JUDGED2)
+    out = r(["c"], ["steel fleece"], [2])
+    # "Cozy blanket | steel fleece": q1 (c is grade 0) overlaps 1 word, q2 (grade 3) 2 words
+    sig1, sig2 = 1 / (1 + math.exp(-1)), 1 / (1 + math.exp(-2))
+    assert out["relevance"][0] == pytest.approx((-sig1 + sig2) / 2)
+    d1 = ndcg_at_k([1, 0, 1], [3, 0, 0], 10) - ndcg_at_k([1, 0, 0], [3, 0, 0], 10)  # c ties a: worse
+    d2 = ndcg_at_k([2, 2], [3, 0], 10) - ndcg_at_k([1, 2], [3, 0], 10)  # c ties d: better
+    assert d1 < 0 < d2
+    assert out["ranking"][0] == pytest.approx((d1 + d2) / 2)
+
+
+def test_faithfulness_counts_title_words_and_novelty_does_not():
+    r, _ = _reward()
+    assert r.faithfulness("a", "Acme bottle") == 1.0  # the product's own title is faithful
+    steel = RankerReward(overlap_scorer([]), {"s": Product("s", "Steel bottle", bullets=("steel", "blue"))},
+                         [Judgment("q", "steel", "s", 3)], RewardConfig(budget_tokens=2))
+    assert steel.novelty("s", "steel") == 0.0  # in the bullets, but the title already says it
+    assert steel.novelty("s", "blue") == 1.0
+
+
+def test_decoupled_advantages_scale_by_the_weights_norm():
+    comps = {"relevance": np.array([0.2, 0.4, 0.9, 0.1]), "faithfulness": np.array([1.0, 0.0, 0.3, 0.8])}
+    adv = decoupled_advantages(comps, {"relevance": 1.0, "faithfulness": 0.5}, 2)
+    want = (group_advantages(comps["relevance"], 2) + 0.5 * group_advantages(comps["faithfulness"], 2))
+    np.testing.assert_allclose(adv, want / math.sqrt(1.0 + 0.25), rtol=1e-12)
