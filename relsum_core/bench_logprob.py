@@ -14,10 +14,12 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from relsum_core.io import atomic_write_text
+from relsum_core.precision import resolve_device
 from relsum_kernels import fused_logprob
 
 Step = Callable[[], None]
@@ -209,9 +211,24 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def check_args(*, n: int, d: int, v: int, repeats: int, out: str | None) -> None:
+    """ValueError for arguments that would only fail after (or deep inside) the benchmark."""
+    for name, value in (("n", n), ("d", d), ("v", v), ("repeats", repeats)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if out:
+        path = Path(out)
+        if path.is_dir():
+            raise ValueError(f"--out {out} is a directory; give a file path for the JSON results")
+        parent = next((p for p in path.parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise ValueError(f"--out {out}: {parent} is not a directory")
+
+
 def main(n: int = 4096, d: int = 256, v: int = 32000, repeats: int = 5, out: str | None = None,
          device: str | None = None, dtype: str = "float32", with_compile: bool = True) -> int:
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_args(n=n, d=d, v=v, repeats=repeats, out=out)
+    device = resolve_device(device)  # ValueError for a bad name or an absent CUDA, before any work
     rows = run(n, d, v, dtype=getattr(torch, dtype), device=device, repeats=repeats,
                with_compile=with_compile)
     print(format_table(rows))

@@ -37,6 +37,7 @@ PACKAGE_FILE = "model.pt2"
 VOCAB_FILE = "vocab.txt"
 RULES_FILE = "text_rules.tsv"
 SETTINGS_FILE = "settings.txt"
+EXPORT_FILES = frozenset({PACKAGE_FILE, VOCAB_FILE, RULES_FILE, SETTINGS_FILE})
 MAX_PACKED_TOKENS = 1 << 20  # upper bound of the exported shapes; the C++ packer splits larger batches
 MAX_BATCH = 1 << 16
 EXPORT_DTYPES = (torch.float32, torch.bfloat16)
@@ -224,6 +225,33 @@ def _settings(ce: CrossEncoder, spec: dict, dtype: torch.dtype) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # export
 # --------------------------------------------------------------------------------------------
+def check_export_dir(out: str | Path, model_dir: str | Path | None = None) -> Path:
+    """``out`` as the path to export to, or FileExistsError: replacing it must not lose anything but a
+    previous export.  Allowed: a missing path, an empty directory, or a directory holding only the
+    export's own files.  Refused: anything else (a run folder, ``.``, a regular file, a symlink), and
+    ``model_dir`` itself or a directory containing it (the checkpoint being exported)."""
+    out = Path(out)
+    if out.name in ("", ".."):  # "." or "a/..": atomic_write_dir needs a real name beside its parent
+        out = out.resolve()
+    if model_dir and Path(model_dir).is_dir():  # a hub id names no folder here
+        model, target = Path(model_dir).resolve(), out.resolve()
+        if target == model or target in model.parents:
+            raise FileExistsError(f"export directory {out} is or contains the model directory {model_dir}; "
+                                  "choose another --out")
+    if out.is_symlink():
+        raise FileExistsError(f"export directory {out} is a symbolic link; refusing to replace it")
+    if not out.exists():
+        return out
+    if not out.is_dir():
+        raise FileExistsError(f"export directory {out} exists and is not a directory; refusing to replace it")
+    others = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES or not p.is_file())
+    if others:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise FileExistsError(f"export directory {out} holds files that are not a previous export ({shown}); "
+                              "refusing to replace it: choose a new or empty --out")
+    return out
+
+
 def export_ranker(ranker: CrossEncoder | str | Path, out: str | Path, *,
                   dtype: torch.dtype = torch.float32) -> Path:
     """Write the directory described in the module docstring to ``out`` (atomically: a failure
@@ -231,11 +259,15 @@ def export_ranker(ranker: CrossEncoder | str | Path, out: str | Path, *,
     ``CrossEncoder.from_pretrained``.  The package targets the CPU (the model is copied there; the
     ``CrossEncoder`` is left as it was) in ``dtype``: float32, or bfloat16 for CPUs with bf16 dot
     products (AVX512-BF16, AMX), where it runs about twice as fast (scores move by ~1e-2).
-    Compiling takes ~15 s for a tiny model, ~25 s for MiniLM on two cores."""
+    Compiling takes ~15 s for a tiny model, ~25 s for MiniLM on two cores.  ``out`` must be missing,
+    empty or a previous export (``check_export_dir``), else FileExistsError before any work."""
     import copy
 
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(map(str, EXPORT_DTYPES))}, got {dtype}")
+    # HF records the checkpoint folder a model was loaded from; "" for one built in memory.
+    model_dir = getattr(ranker.model, "name_or_path", "") if isinstance(ranker, CrossEncoder) else ranker
+    out = check_export_dir(out, model_dir)
     if not isinstance(ranker, CrossEncoder):
         ranker = CrossEncoder.from_pretrained(ranker, device="cpu")
     spec = _check_tokenizer(ranker.tokenizer)

@@ -1,4 +1,4 @@
-"""PNG curves of a training run's ``metrics.jsonl`` (``relsum plot``).
+"""PNG (or PDF, SVG) curves of a training run's ``metrics.jsonl`` (``relsum plot``).
 
 Summarizer runs (events "train"/"eval"): reward per step (train samples, and greedy validation),
 the reward components, KL to the reference and summary length.  Ranker runs (events "train"/"eval"
@@ -12,6 +12,8 @@ from pathlib import Path
 
 from relsum_core.io import atomic_write_bytes
 from relsum_core.rewards import COMPONENTS
+
+PLOT_FORMATS = ("png", "pdf", "svg")
 
 
 def read_events(path: str | Path) -> dict[str, list[dict]]:
@@ -50,8 +52,14 @@ def _smooth(ys: list[float], window: int) -> list[float]:
 
 
 def plot_metrics(metrics: str | Path, out: str | Path, title: str | None = None) -> Path:
-    """Write a PNG of the run's curves to ``out`` (atomically); returns its path."""
+    """Write the run's curves to ``out`` (atomically) in the format its suffix names: .png, .pdf or
+    .svg (any other suffix, or none, is a ValueError); returns its path."""
     import io
+
+    out = Path(out)
+    fmt = out.suffix.lower().removeprefix(".")
+    if fmt not in PLOT_FORMATS:  # checked first: matplotlib would otherwise write PNG bytes under any name
+        raise ValueError(f"{out}: plot suffix must be one of {', '.join('.' + f for f in PLOT_FORMATS)}")
 
     try:
         import matplotlib
@@ -115,8 +123,7 @@ def plot_metrics(metrics: str | Path, out: str | Path, title: str | None = None)
         fig.suptitle(title)
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format=fmt, dpi=110)
     plt.close(fig)
-    out = Path(out)
     atomic_write_bytes(out, buf.getvalue())
     return out

@@ -5,6 +5,7 @@ Costs about a minute: one C++ build and two AOTInductor compiles of a tiny model
 
 import os
 import random
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -24,6 +25,7 @@ from relsum_core.export import (  # noqa: E402
     _check_tokenizer,
     _settings,
     _vocab_lines,
+    check_export_dir,
     export_inputs,
     export_ranker,
     text_rules,
@@ -352,6 +354,72 @@ def test_failed_export_keeps_the_previous_one(exported, ranker, tmp_path, monkey
     assert sorted(p.name for p in target.iterdir()) == before
     assert (target / "model.pt2").stat().st_size == (exported / "model.pt2").stat().st_size
     assert [p.name for p in tmp_path.iterdir()] == ["ranker"]  # no temp dir left behind
+
+
+@pytest.fixture
+def no_compile(monkeypatch):
+    """The --out checks must come before tracing and compiling: fail loudly if those are reached."""
+
+    def reached(*a, **k):
+        raise AssertionError("export went on to trace / compile before checking --out")
+
+    monkeypatch.setattr("relsum_core.export.ExportEncoder", reached)
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", reached)
+
+
+def _listing(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_export_refuses_to_replace_a_non_export(ranker_dir, ranker, tmp_path, monkeypatch, no_compile):
+    """--out used to be replaced whatever it was: a run folder, ".", a regular file (left as .NAME.tmp-*)."""
+    run = tmp_path / "run"
+    shutil.copytree(ranker_dir, run / "best")
+    (run / "metrics.jsonl").write_text("{}\n")
+    afile = tmp_path / "notes.txt"
+    afile.write_text("keep me")
+    before = _listing(tmp_path)
+    for out in (run, afile, run / "metrics.jsonl"):
+        with pytest.raises(FileExistsError, match=re.escape(str(out))):
+            export_ranker(ranker, out)
+    monkeypatch.chdir(run)
+    with pytest.raises(FileExistsError, match="not a previous export"):
+        export_ranker(ranker, ".")
+    # the model directory itself (found from the CrossEncoder or the path), and a folder containing it
+    for model in (ranker, ranker_dir):
+        with pytest.raises(FileExistsError, match="model directory"):
+            export_ranker(model, ranker_dir)
+        with pytest.raises(FileExistsError, match="model directory"):
+            export_ranker(model, ranker_dir.parent)
+    with pytest.raises(FileExistsError, match="model directory"):
+        export_ranker(run / "best", run)
+    assert _listing(tmp_path) == before and afile.read_text() == "keep me"
+
+
+def test_export_dir_check_allows_missing_empty_and_previous_exports(exported, tmp_path):
+    assert check_export_dir(tmp_path / "new") == tmp_path / "new"
+    (tmp_path / "empty").mkdir()
+    assert check_export_dir(tmp_path / "empty") == tmp_path / "empty"
+    assert check_export_dir(exported) == exported
+    partial = tmp_path / "partial"  # an export's files, but not all of them: still only export files
+    partial.mkdir()
+    shutil.copy(exported / "vocab.txt", partial)
+    assert check_export_dir(partial) == partial
+    (partial / "model.pt2").mkdir()  # an export file's name on a directory is not an export file
+    with pytest.raises(FileExistsError, match=r"not a previous export \(model.pt2\)"):
+        check_export_dir(partial)
+    link = tmp_path / "link"
+    link.symlink_to(exported)
+    with pytest.raises(FileExistsError, match="symbolic link"):
+        check_export_dir(link)
+
+
+def test_cli_export_over_the_model_exits_2(ranker_dir, capsys, no_compile):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["export-ranker", "--model", str(ranker_dir), "--out", str(ranker_dir)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "FileExistsError" in err and "model directory" in err and "Traceback" not in err
 
 
 def test_export_encoder_matches_the_packed_encoder(ranker, esci_texts):

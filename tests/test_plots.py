@@ -42,3 +42,16 @@ def test_bad_metrics(tmp_path):
     m.write_text('{"event": "train", "step": 1, "loss": 1}\n[1, 2]\n{"event": "train", "step": 2}\n')
     with pytest.raises(ValueError, match=f"{m}:2: not a JSON object"):
         read_events(m)
+
+
+def test_output_format_follows_the_suffix(tmp_path):
+    """--out x.pdf used to get PNG bytes; now each supported suffix gets its own format."""
+    m = tmp_path / "metrics.jsonl"
+    _write(m, [{"event": "train", "step": 1, "loss": 2.0}, {"event": "eval", "step": 1, "t/ndcg@10": 0.5}])
+    assert plot_metrics(m, tmp_path / "c.pdf").read_bytes()[:5] == b"%PDF-"
+    assert b"<svg" in plot_metrics(m, tmp_path / "c.SVG").read_bytes()[:1000]
+    assert plot_metrics(m, tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    for name in ("c.jpg", "c"):
+        with pytest.raises(ValueError, match=r"suffix must be one of \.png, \.pdf, \.svg"):
+            plot_metrics(m, tmp_path / name)
+        assert not (tmp_path / name).exists()
