@@ -203,12 +203,17 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
         raise ValueError(f"split must be 'validation' or 'all', got {split!r}")
     if any(k < 1 for k in desc_tokens):
         raise ValueError(f"description prefixes need >= 1 token, got {list(desc_tokens)}")
+    taken = sorted(set(names) & {f"desc{k}" for k in desc_tokens})
+    if taken:  # title+descK is the description-prefix baseline's row
+        raise ValueError(f"names {taken} would replace the description-prefix baseline's rows; "
+                         "rename them")
     # resolved here so a bad value fails before any scoring; summarize_catalog resolves it alike
     device = resolve_device(device)
     sampling_dtype = str(resolve_precision(precision, device, auto_on_cuda=False)).removeprefix("torch.")
     for name, path in summaries.items():
         if not Path(path).is_file():
-            raise FileNotFoundError(f"summaries {name!r}: {path} does not exist")
+            what = "is a directory, not a JSONL file" if Path(path).is_dir() else "does not exist"
+            raise FileNotFoundError(f"summaries {name!r}: {path} {what}")
     # Read the given files before any policy runs, so a bad row fails in seconds, not after
     # minutes of summarising.
     given = {name: read_summaries(path) for name, path in summaries.items()}

@@ -30,6 +30,10 @@ class PolicyLoadError(RuntimeError):
     """The summarizer model could not be found or loaded; the message says what to do."""
 
 
+class NoProductText(ValueError):
+    """A product with neither a title nor attributes: there is nothing to summarise."""
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("RELSUM_CACHE", Path.home() / ".cache" / "relsum"))
 
@@ -92,7 +96,10 @@ def load_policy(path: str | os.PathLike | None = None, *, device=None, dtype=tor
     path = default_policy_path() if path is None else Path(path)
     if not (path / "config.json").is_file():
         raise PolicyLoadError(f"no HF model folder at {path} (config.json missing)")
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # a malformed config.json: name the folder, not just the JSON position
+        raise PolicyLoadError(f"{path}: cannot read config.json ({type(e).__name__}: {e})") from e
     causal = "ForCausalLM" in " ".join(config.architectures or [])
     if getattr(config, "is_encoder_decoder", False) or not causal:
         raise PolicyLoadError(f"{path} holds a {config.model_type} model ({config.architectures}); "
@@ -103,7 +110,10 @@ def load_policy(path: str | os.PathLike | None = None, *, device=None, dtype=tor
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except Exception as e:  # a truncated or corrupt weights file
+        raise PolicyLoadError(f"{path}: cannot load the model weights ({type(e).__name__}: {e})") from e
     if device is not None:
         model.to(device)
     return model, tokenizer
@@ -131,7 +141,7 @@ def policy_product_text(product: Product, tokenizer, max_tokens: int = PRODUCT_T
     tokenizer on a token boundary (the title is kept whole): the rule of `relsum_core.text`."""
     title = normalise(product.title)
     if not title and not attributes_text(product):
-        raise ValueError(f"product {product.product_id} has no text to summarise")
+        raise NoProductText(f"product {product.product_id} has no text to summarise")
     return join_title(title, cut_to_tokens(attributes_text(product), tokenizer, max_tokens))
 
 

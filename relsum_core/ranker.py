@@ -172,8 +172,11 @@ def _read_config(path: Path) -> dict:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise ValueError(f"{path} has no config.json: not a Hugging Face checkpoint (model_type unknown)")
-    with open(cfg_file, encoding="utf-8") as f:
-        cfg = json.load(f)
+    try:
+        with open(cfg_file, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
     model_type = cfg.get("model_type")
     if model_type not in BERT_FAMILY:
         raise ValueError(
@@ -271,10 +274,13 @@ class CrossEncoder:
 
         path = Path(path)
         _read_config(path)
-        model, info = BertForSequenceClassification.from_pretrained(
-            path, num_labels=1, output_loading_info=True, local_files_only=True, dtype=torch.float32,
-            ignore_mismatched_sizes=True,  # so a multi-output head is reported here, clearly
-        )
+        try:
+            model, info = BertForSequenceClassification.from_pretrained(
+                path, num_labels=1, output_loading_info=True, local_files_only=True, dtype=torch.float32,
+                ignore_mismatched_sizes=True,  # so a multi-output head is reported here, clearly
+            )
+        except Exception as e:  # a truncated or corrupt weights file
+            raise ValueError(f"{path}: cannot load the weights ({type(e).__name__}: {e})") from e
         mismatched = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())]
         if mismatched:
             raise ValueError(f"{path}: weights {sorted(mismatched)} do not fit a one-label cross-encoder "

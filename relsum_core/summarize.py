@@ -7,7 +7,10 @@ queries instead (the Doc2Query baseline), and each line says ``"task": "doc2quer
 Products are taken in id order and shard ``k`` of ``n`` takes every n-th one, so shards partition
 the catalog; ``n`` and ``k`` default to torchrun's ``WORLD_SIZE``/``RANK``.  A rerun reads what the
 file already holds and summarises only the rest; a line cut short by a crash is dropped first, so
-nothing written is lost or duplicated.
+nothing written is lost or duplicated.  ``<out>.settings.json`` records what wrote the file (policy,
+task, budgets, sampling): a rerun with other settings is refused rather than appended to it.  Each
+product samples with its own seed (``seed`` + its index in the catalog's id order), so a resumed or
+sharded run writes what one uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import os
 from pathlib import Path
 
 from relsum_core.data import load_catalog
-from relsum_core.policy import PROMPTS, SUMMARY_BUDGET, build_prompt, load_policy, sample
+from relsum_core.io import atomic_write_text
+from relsum_core.policy import PROMPTS, SUMMARY_BUDGET, NoProductText, build_prompt, load_policy, sample
 from relsum_core.precision import resolve_device, resolve_precision
 
 
@@ -29,17 +33,46 @@ def shard_path(out: str | os.PathLike, shard: int, num_shards: int) -> Path:
 
 
 def _done_ids(path: Path) -> set[str]:
-    """Product ids already in ``path``, after cutting off a trailing partial line."""
+    """Product ids already in ``path``, after cutting off a trailing partial line (every whole line
+    is checked first: a file that is not a summaries file is refused, never cut)."""
     if not path.exists():
         return set()
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file")
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
+    done = set()
+    # Split on b"\n" only: str.splitlines() also breaks at U+2028/U+2029/U+0085, which
+    # json.dumps(ensure_ascii=False) leaves raw inside strings (product text does hold them).
+    for i, line in enumerate(data[:end].split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            row = None
+        if not (isinstance(row, dict) and isinstance(row.get("product_id"), str)):
+            raise ValueError(f"{path}:{i}: not a summaries row (a JSON object with a product_id); "
+                             "is --out another file?")
+        done.add(row["product_id"])
     if end < len(data):  # the last write was interrupted
         with open(path, "r+b") as f:
             f.truncate(end)
-    # Split on b"\n" only: str.splitlines() also breaks at U+2028/U+2029/U+0085, which
-    # json.dumps(ensure_ascii=False) leaves raw inside strings (product text does hold them).
-    return {json.loads(line)["product_id"] for line in data[:end].split(b"\n") if line.strip()}
+    return done
+
+
+def _check_settings(path: Path, settings: dict) -> None:
+    """Refuse to add to a file that other settings wrote; record them for a new file."""
+    record = path.with_name(path.name + ".settings.json")
+    if record.exists():
+        saved = json.loads(record.read_text(encoding="utf-8"))
+        changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+        if changed and path.exists():
+            what = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise ValueError(f"{path} was written with other settings ({what}); write to a new file "
+                             "or delete it to start again")
+    if not path.exists() or not record.exists():
+        atomic_write_text(record, json.dumps(settings, indent=2) + "\n")
 
 
 def summarize_catalog(out: str | os.PathLike, *, policy: str | None = None, catalog: str | None = None,
@@ -63,6 +96,8 @@ def summarize_catalog(out: str | os.PathLike, *, policy: str | None = None, cata
         raise ValueError(f"summary budget must be > 0 tokens, got {budget}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_product_tokens < 1:
+        raise ValueError(f"max_product_tokens must be >= 1, got {max_product_tokens}")
     if task not in PROMPTS:
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(PROMPTS)}")
     device = resolve_device(device)  # like training: CUDA when available
@@ -75,9 +110,16 @@ def summarize_catalog(out: str | os.PathLike, *, policy: str | None = None, cata
         if unknown:
             raise ValueError(f"{len(unknown)} product ids are not in the catalog, e.g. {unknown[:3]}")
     mine = wanted[shard::num_shards]
+    index = {pid: i for i, pid in enumerate(sorted(products))}  # a product's seed: where it sits
     path = shard_path(out, shard, num_shards)
     path.parent.mkdir(parents=True, exist_ok=True)
     done = _done_ids(path)
+    _check_settings(path, {
+        "policy": str(Path(policy).resolve()) if policy is not None else "default",
+        "catalog": str(Path(catalog).resolve()) if catalog is not None else "bundled",
+        "task": task, "budget": budget, "max_product_tokens": max_product_tokens,
+        "temperature": temperature, "seed": seed, "dtype": str(dtype).removeprefix("torch."),
+    })
     todo = [pid for pid in mine if pid not in done]
     if not todo:
         return path
@@ -92,11 +134,11 @@ def summarize_catalog(out: str | os.PathLike, *, policy: str | None = None, cata
                     prompts.append(build_prompt(products[pid], tok, budget=budget,
                                                 max_product_tokens=max_product_tokens, task=task))
                     batch.append(pid)
-                except ValueError as e:  # a product with no text: record it, never retry it
+                except NoProductText as e:  # record it, never retry it
                     lines.append({"product_id": pid, "title": products[pid].title, "skipped": str(e)})
             if prompts:
                 r = sample(model, tok, prompts, max_new_tokens=budget, temperature=temperature,
-                           seed=seed + start)
+                           seed=[seed + index[pid] for pid in batch])
                 tag = {} if task == "summary" else {"task": task}
                 lines += [{"product_id": pid, "title": products[pid].title, "summary": text, "tokens": int(n),
                            **tag} for pid, text, n in zip(batch, r.texts, r.lengths.tolist())]

@@ -172,6 +172,10 @@ def test_evaluate_summaries_bad_input(tmp_path, data_dir, tiny_ranker_dir):
     with pytest.raises(FileNotFoundError, match="summaries 'gone'"):
         evaluate_summaries(tmp_path / "e", ranker=str(tiny_ranker_dir), data=str(data_dir),
                            summaries={"gone": str(tmp_path / "gone.jsonl")}, split="all", device="cpu")
+    with pytest.raises(ValueError, match=r"names \['desc32'\] would replace the description-prefix"):
+        evaluate_summaries(tmp_path / "e", ranker=str(tiny_ranker_dir), summaries={"desc32": str(part)})
+    with pytest.raises(FileNotFoundError, match="is a directory, not a JSONL file"):
+        evaluate_summaries(tmp_path / "e", ranker=str(tiny_ranker_dir), summaries={"d": str(tmp_path)})
     with pytest.raises(ValueError, match="split must be"):
         evaluate_summaries(tmp_path / "e", ranker=str(tiny_ranker_dir), split="test")
     with pytest.raises(ValueError, match="precision must be one of auto, bf16, fp32"):

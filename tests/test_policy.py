@@ -94,6 +94,20 @@ def test_bad_input(tiny_policy_dir, tmp_path):
         load_policy(tmp_path / "nowhere")
 
 
+def test_corrupt_policy_checkpoint_names_its_folder(tiny_policy_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_policy_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short
+    with pytest.raises(PolicyLoadError, match=f"{broken}: cannot load the model weights"):
+        load_policy(broken)
+    (broken / "config.json").write_text('{"model_type": "llama",\n')
+    with pytest.raises(PolicyLoadError, match=f"{broken}: cannot read config.json"):
+        load_policy(broken)
+
+
 def test_non_causal_checkpoint_is_refused(tmp_path):
     from transformers import BertConfig, BertModel
 

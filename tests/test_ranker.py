@@ -210,6 +210,18 @@ def test_not_bert_family_is_a_clear_error(tmp_path):
         CrossEncoder.from_pretrained(tmp_path / "missing")
 
 
+def test_corrupt_ranker_checkpoint_names_its_folder(tiny, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    tiny.save(ckpt)
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"{ckpt}: cannot load the weights"):
+        CrossEncoder.from_pretrained(ckpt)
+    (ckpt / "config.json").write_text('{"model_type": "bert",\n')
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        CrossEncoder.from_pretrained(ckpt)
+
+
 def test_multi_label_classifier_rejected(tmp_path, tiny):
     cfg = BertConfig(**{**tiny.model.config.to_dict(), "num_labels": 3})
     multi = BertForSequenceClassification(cfg)

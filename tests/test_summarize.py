@@ -55,3 +55,40 @@ def test_bad_arguments(tmp_path, catalog):
         summarize_catalog(tmp_path / "x.jsonl", catalog=str(catalog), shard=2, num_shards=2)
     with pytest.raises(ValueError, match="budget"):
         summarize_catalog(tmp_path / "x.jsonl", catalog=str(catalog), budget=0)
+    with pytest.raises(ValueError, match="max_product_tokens must be >= 1"):
+        summarize_catalog(tmp_path / "x.jsonl", catalog=str(catalog), max_product_tokens=-1)
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_sampled_summaries_survive_a_resume_and_sharding(tmp_path, catalog, tiny_policy_dir):
+    # Each product draws with its own seed, so where a run stopped or which shard took a product
+    # does not change its summary.
+    kw = dict(policy=str(tiny_policy_dir), catalog=str(catalog), budget=4, batch_size=2, temperature=1.0,
+              seed=5, progress=False)
+    whole = {r["product_id"]: r["summary"] for r in _rows(summarize_catalog(tmp_path / "a.jsonl", **kw))}
+    resumed = tmp_path / "b.jsonl"
+    summarize_catalog(resumed, product_ids=["p3", "p1"], **kw)  # a run that stopped early
+    summarize_catalog(resumed, **kw)
+    assert {r["product_id"]: r["summary"] for r in _rows(resumed)} == whole
+    shards = {}
+    for k in range(2):
+        shards.update({r["product_id"]: r["summary"]
+                       for r in _rows(summarize_catalog(tmp_path / "c.jsonl", shard=k, num_shards=2, **kw))})
+    assert shards == whole
+
+
+def test_other_settings_or_another_file_are_refused_not_appended(tmp_path, catalog, tiny_policy_dir):
+    out = tmp_path / "s.jsonl"
+    kw = dict(policy=str(tiny_policy_dir), catalog=str(catalog), progress=False)
+    summarize_catalog(out, budget=4, product_ids=["p0"], **kw)
+    before = out.read_bytes()
+    with pytest.raises(ValueError, match=r"other settings \(budget 4 -> 3\)"):
+        summarize_catalog(out, budget=3, **kw)
+    with pytest.raises(ValueError, match="other settings .*task 'summary' -> 'doc2query'"):
+        summarize_catalog(out, budget=4, task="doc2query", **kw)
+    assert out.read_bytes() == before
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text('{"a": 1}\n{"a": 2, "note": "precious"}')  # not summaries, last line unterminated
+    with pytest.raises(ValueError, match=f"{notes}:1: not a summaries row"):
+        summarize_catalog(notes, budget=4, **kw)
+    assert notes.read_text() == '{"a": 1}\n{"a": 2, "note": "precious"}'  # nothing cut
