@@ -35,6 +35,7 @@ def _train_ranker(args: argparse.Namespace) -> int:
         pseudo_head_lr=args.pseudo_head_lr, pseudo_attr_prob=args.pseudo_attr_prob,
         warmup=args.warmup, distill_temperature=args.distill_temperature, distill_weight=args.distill_weight,
         pointwise_weight=args.pointwise_weight, keyword_prob=args.keyword_prob, precision=args.precision,
+        overwrite=args.overwrite,
     )
     if args.folds is not None:
         from relsum_core.trainers.ranker_cv import cross_validate_ranker
@@ -56,6 +57,8 @@ def _add_train_ranker(sub) -> None:
     p.add_argument("--cosine-base", default=None,
                    help="encoder for the cosine baseline (default: --base; set it when --base is fine-tuned)")
     p.add_argument("--out", required=True, help="output dir: best/ checkpoint, metrics.jsonl, report.*")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in --out (without it, such an --out is refused)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=None,
                    help="encoder learning rate of the graded phase (default: 2e-5 after the pseudo-query "
@@ -116,9 +119,14 @@ def _train(args: argparse.Namespace) -> int:
     cfg = SummarizerConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None},
                            progress=not args.no_progress)
     last = train_summarizer(cfg)
-    if last and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 wrote the metrics
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 wrote the metrics
+        return 0
+    if "reward" in last:
         print(f"step {last['step']}: reward {last['reward']:.4f}; "
               f"metrics in {Path(args.out) / 'metrics.jsonl'}")
+    else:
+        print(f"{Path(args.out) / 'checkpoint'} is at step {last['step']}, not below --steps {cfg.steps}: "
+              "nothing to train")
     return 0
 
 
@@ -179,7 +187,8 @@ def _plot(args: argparse.Namespace) -> int:
 def _add_plot(sub) -> None:
     p = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl (reward, KL, length / loss, NDCG)")
     p.add_argument("metrics", help="a metrics.jsonl written by train or train-ranker")
-    p.add_argument("--out", default=None, help="PNG path (default: beside the metrics, .png)")
+    p.add_argument("--out", default=None,
+                   help=".png, .pdf or .svg path (default: beside the metrics, .png)")
     p.add_argument("--title", default=None)
     p.set_defaults(func=_plot)
 
@@ -266,7 +275,8 @@ def _add_export_ranker(sub) -> None:
     p = sub.add_parser("export-ranker", help="freeze a cross-encoder checkpoint into a directory the "
                        "C++ API (bindings/) serves: AOTInductor package + tokenizer tables")
     p.add_argument("--model", required=True, help="HF BERT-family checkpoint folder (e.g. runs/ranker/best)")
-    p.add_argument("--out", required=True, help="export directory (replaced atomically)")
+    p.add_argument("--out", required=True,
+                   help="export directory: new, empty, or a previous export (replaced atomically)")
     p.add_argument("--max-length", type=int, default=None,
                    help="pair length cap in tokens (default: the checkpoint's relsum_ranker.json, else "
                         "the model's max_position_embeddings)")

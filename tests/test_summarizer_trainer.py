@@ -87,6 +87,21 @@ def test_more_products_a_step_than_training_products_is_an_error(tmp_path, data_
         SummarizerTrainer(_cfg(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir, products_per_step=6))
 
 
+def test_cli_rerun_of_a_finished_run_says_so(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir, capsys):
+    from relsum_core.cli import main
+
+    args = ["train", "--ranker", str(tiny_ranker_dir), "--policy", str(tiny_policy_dir),
+            "--data", str(data_dir), "--out", str(tmp_path / "run"), "--steps", "1",
+            "--products-per-step", "2", "--group-size", "3",
+            "--budget", "6", "--max-product-tokens", "16", "--val-fraction", "0.34", "--eval-products", "2",
+            "--lr", "1e-3", "--warmup-steps", "1", "--beta", "0.1", "--device", "cpu", "--precision", "fp32",
+            "--no-progress"]
+    assert main(args) == 0
+    assert "step 1: reward" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "is at step 1, not below --steps 1: nothing to train" in capsys.readouterr().out
+
+
 def test_validation_products_never_train(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir):
     t = SummarizerTrainer(_cfg(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir))
     assert t.val_ids and not set(t.val_ids) & set(t.train_ids)
@@ -237,6 +252,34 @@ def test_bad_config(tmp_path):
         SummarizerConfig(out=str(tmp_path), ranker="x", products_per_step=3, group_size=3, grad_accum=2)
     with pytest.raises(ValueError, match="precision must be one of auto, bf16, fp32, got 'fp16'"):
         SummarizerConfig(out=str(tmp_path), ranker="x", precision="fp16")
+    for bad, message in [(dict(eval_every=0), "eval_every must be >= 1"),
+                         (dict(save_every=0), "save_every must be >= 1"),
+                         (dict(max_product_tokens=0), "max_product_tokens must be >= 1"),
+                         (dict(eval_products=-1), "eval_products must be >= 0"),
+                         (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+                         (dict(top_p=2.0), r"top_p must be in \(0, 1\]"),
+                         (dict(beta=-0.1), "beta must be >= 0")]:
+        with pytest.raises(ValueError, match=message):
+            SummarizerConfig(out=str(tmp_path), ranker="x", **bad)
+
+
+def test_resume_refuses_other_settings_and_a_fresh_run_another_runs_log(tmp_path, data_dir, tiny_policy_dir,
+                                                                        tiny_ranker_dir):
+    SummarizerTrainer(_cfg(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir, steps=1,
+                           eval_products=0)).train()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in rows] == ["config", "train"]  # eval_products 0: no empty eval rows
+    with pytest.raises(ValueError, match=r"other settings \(algo 'grpo' -> 'dpo', lr 0.001 -> 0.5\)"):
+        SummarizerTrainer(_cfg(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir, steps=2, algo="dpo",
+                               lr=0.5))
+    # more steps, other bounds and watching: a resume
+    assert SummarizerTrainer(_cfg(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir, steps=3, eval_every=5,
+                                  eval_products=0, max_minutes=9.0)).step == 1
+    other = tmp_path / "ranker_run"
+    other.mkdir()
+    (other / "metrics.jsonl").write_text('{"event": "split"}\n{"event": "train", "step": 1}\n')
+    with pytest.raises(ValueError, match="holds another run's metrics"):
+        SummarizerTrainer(_cfg(other, data_dir, tiny_policy_dir, tiny_ranker_dir, out=str(other)))
 
 
 def test_bf16_trains_fp32_weights_and_samples_from_a_refreshed_bf16_copy(tmp_path, data_dir, tiny_policy_dir,

@@ -136,6 +136,12 @@ def test_train_ranker_end_to_end(tmp_path, tiny_base, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "| fine-tuned cross-encoder |" in printed and "checkpoint:" in printed
+    # a second run into the same --out is refused before it touches anything, unless --overwrite
+    metrics = (out / "metrics.jsonl").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        main(["train-ranker", "--base", str(tiny_base), "--out", str(out), "--no-progress"])
+    assert e.value.code == 2 and "holds an earlier run" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_bytes() == metrics
 
     report = json.loads((out / "report.json").read_text())
     assert report["split"]["train_queries"] == 6 and report["split"]["val_queries"] == 2
@@ -214,6 +220,8 @@ def test_train_ranker_bad_data_dir(tmp_path, tiny_base, capsys):
     (["--max-queries", "-4"], "max_queries must be >= 1"),
     (["--eval-every", "0"], "eval_every must be >= 1"),
     (["--device", "gpu"], "unknown device 'gpu'"),
+    (["--base", "/nonexistent/bert"], "base /nonexistent/bert: no such folder"),
+    (["--pseudo-steps", "-3"], "pseudo_steps must be >= 0"),
 ])
 def test_train_ranker_bad_option_values_stop_before_any_work(tmp_path, tiny_base, capsys, flags, message):
     with pytest.raises(SystemExit) as e:

@@ -98,6 +98,7 @@ class RankerTrainConfig:
     progress: bool = True
     device: str | None = None  # default: cuda when available
     precision: str = "auto"  # training forwards: "bf16" autocast, "fp32", or "auto" (bf16 where fast)
+    overwrite: bool = False  # replace an earlier run in ``out`` (otherwise refused: nothing is lost)
 
 
 def default_base() -> str:
@@ -625,6 +626,9 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
 
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.group_size < 2:
         raise ValueError("epochs and batch_size must be >= 1 and group_size >= 2")
+    for name in ("pseudo_steps", "freeze_layers", "max_attr_tokens"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     for name in ("max_steps", "max_queries", "eval_every"):  # None: no limit
         value = getattr(cfg, name)
         if value is not None and value < 1:
@@ -648,8 +652,14 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
     t_start = time.time()
     _seed_all(cfg.seed)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    earlier = [n for n in ("metrics.jsonl", "report.json", "best") if (out / n).exists()]
+    if earlier and not cfg.overwrite:
+        raise FileExistsError(f"{out} holds an earlier run ({', '.join(earlier)}); choose a new --out, or "
+                              "pass --overwrite to replace it")
     base = cfg.base or default_base()
+    if not Path(base).is_dir():
+        raise FileNotFoundError(f"base {base}: no such folder (a local Hugging Face BERT checkpoint)")
+    out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     # bf16 autocast makes a MiniLM step 1.5x faster on a CPU with bf16 dot products; weights,
     # optimizer state and validation stay fp32.  Checked before the baselines' minute, not after.
@@ -675,6 +685,11 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
     if not tokenizer.is_fast:
         raise ValueError(f"{base}: a fast tokenizer is needed (token offsets for the text budgets)")
     val = ValSet(by_query, val_q, catalog, tokenizer)
+    from transformers import AutoConfig
+
+    positions = AutoConfig.from_pretrained(base).max_position_embeddings  # checked before any output
+    if not 3 <= cfg.max_length <= positions:
+        raise ValueError(f"max_length must be in [3, {positions}] for {base}, got {cfg.max_length}")
     log = JsonlLog(out / "metrics.jsonl")
     log.write("split", **split)
 

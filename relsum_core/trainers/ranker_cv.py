@@ -42,7 +42,7 @@ from relsum_core.trainers.ranker import (
 # A saved fold is reused when every setting matches, except these, which do not change what is
 # trained.  A setting the saved report lacks was added later, at a default that keeps the old
 # behaviour.
-_IGNORED = {"progress", "out"}
+_IGNORED = {"progress", "out", "overwrite"}
 _DEFAULTS = {f.name: f.default for f in fields(RankerTrainConfig)}
 
 
@@ -78,7 +78,7 @@ def _fold_report(cfg: RankerTrainConfig, val_query_ids: list[str], log=print) ->
             log(f"fold {cfg.fold}: reusing {path}")
             return saved
     log(f"fold {cfg.fold} of {cfg.folds}: training into {cfg.out}")
-    return train_ranker(cfg)
+    return train_ranker(replace(cfg, overwrite=True))  # a fold whose settings changed is retrained
 
 
 def pool_folds(reports: list[dict]) -> dict:

@@ -131,11 +131,51 @@ class SummarizerConfig:
             if self.algo != "grpo" or self.beta <= 0:
                 raise ValueError("kl_target adapts the grpo KL weight: it needs algo='grpo' and a "
                                  f"starting beta > 0 (got algo={self.algo!r}, beta={self.beta})")
-        for name in ("steps", "products_per_step", "group_size", "grad_accum"):
+        for name in ("steps", "products_per_step", "group_size", "grad_accum", "eval_every", "save_every",
+                     "max_product_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_products < 0:
+            raise ValueError(f"eval_products must be >= 0 (0: no evaluation), got {self.eval_products}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.beta < 0:  # a negative weight would pay the policy for leaving the reference
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
         if self.algo == "grpo" and (self.products_per_step * self.group_size) % self.grad_accum:
             raise ValueError("products_per_step * group_size must be divisible by grad_accum")
+
+
+# Settings a resumed run may change: they bound or watch the run, they do not change what it trains.
+RESUMABLE = frozenset({"out", "steps", "max_minutes", "progress", "device", "eval_every", "save_every",
+                       "eval_products", "compile_decode"})
+
+
+def _check_resume(saved: dict, cfg: SummarizerConfig) -> None:
+    now = asdict(cfg)
+    changed = {k: (saved[k], now[k]) for k in saved if k in now and k not in RESUMABLE and saved[k] != now[k]}
+    if changed:
+        what = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
+        raise ValueError(f"{cfg.out}/checkpoint was trained with other settings ({what}); resume with "
+                         "the same ones, or train into a new --out")
+
+
+def _check_fresh_out(out: Path) -> None:
+    """A new run must not overwrite another run's log (a ranker run, or steps of a run whose
+    checkpoint is gone)."""
+    log = out / "metrics.jsonl"
+    if not log.is_file():
+        return
+    import json
+
+    events = []
+    for line in log.read_text(encoding="utf-8").split("\n"):
+        try:
+            events.append(json.loads(line).get("event"))
+        except (json.JSONDecodeError, AttributeError):
+            continue
+    if (events and events[0] != "config") or "train" in events:
+        raise ValueError(f"{log} holds another run's metrics and {out} has no checkpoint to resume; "
+                         "train into a new --out")
 
 
 KL_GAIN = 0.5  # the controller's step: beta moves by at most 10% a step
@@ -241,6 +281,8 @@ class SummarizerTrainer:
                          budget_tokens=cfg.budget))
         resume = self.out / "checkpoint"
         resuming = (resume / "trainer.pt").is_file()
+        if not resuming:
+            _check_fresh_out(self.out)
         self.policy, self.tok = load_policy(resume if resuming else cfg.policy, device=self.device)
         self.ref = None
         if cfg.beta != 0.0 or cfg.algo == "dpo":
@@ -268,6 +310,7 @@ class SummarizerTrainer:
         self.beta = cfg.beta
         if resuming:
             state = torch.load(resume / "trainer.pt", map_location="cpu", weights_only=False)
+            _check_resume(state.get("config", {}), cfg)
             self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
             self.step = state["step"]
@@ -437,6 +480,11 @@ class SummarizerTrainer:
                 "samples": [{"product_id": p, "title": self.catalog[p].title, "summary": s}
                             for p, s in zip(ids, r.texts)]}
 
+    def _log_eval(self, log: JsonlLog) -> None:
+        row = self.evaluate()
+        if row:  # eval_products 0: nothing evaluated, nothing logged
+            log.write("eval", **row)
+
     def save(self) -> Path:
         def fill(tmp: Path) -> None:
             self.policy.save_pretrained(tmp)
@@ -460,8 +508,8 @@ class SummarizerTrainer:
             log = JsonlLog(self.out / "metrics.jsonl", append=self.step > 0)
             if self.step == 0:
                 log.write("config", **asdict(cfg), world_size=self.world, train_dtype=dtype_name)
-                log.write("eval", **self.evaluate())
-        last = {}
+                self._log_eval(log)
+        last = {"step": self.step}  # what a run already at its last step returns
         t_start = time.perf_counter()
         show = cfg.progress and lead
         desc = f"{cfg.algo} ({dtype_name})"
@@ -480,7 +528,7 @@ class SummarizerTrainer:
                     continue
                 log.write("train", **last)
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps or out_of_time:
-                    log.write("eval", **self.evaluate())
+                    self._log_eval(log)
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps or out_of_time:
                     self.save()
                 if out_of_time:
