@@ -354,22 +354,26 @@ class CrossEncoder:
             batches.append(cur)
         return batches
 
-    def check_ids(self, encoded: Sequence[tuple[list[int], int]], batch: PackedBatch) -> None:
+    def check_ids(self, encoded: Sequence[tuple[list[int], int]], batch: PackedBatch,
+                  positions: Sequence[int] | None = None) -> None:
         """Token ids outside the vocabulary or sequences past max_length would index out of the
         embedding tables: a bare IndexError on CPU, a device-side assert that poisons the CUDA context
-        on GPU.  ``batch`` packs ``encoded`` (any filler appended after it)."""
+        on GPU.  ``batch`` packs ``encoded`` (any filler appended after it); ``positions``: where each
+        sequence sits in the caller's list, for the message."""
         real = sum(batch.lens[: len(encoded)])
         ids = batch.input_ids.numpy()[:real]
+        bad = None
         if real and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
-            i = next(i for i, (x, _) in enumerate(encoded)
-                     if len(x) and (min(x) < 0 or max(x) >= self.vocab_size))
-            raise ValueError(f"sequence {i} holds token ids outside [0, {self.vocab_size}) "
-                             f"(min {min(encoded[i][0])}, max {max(encoded[i][0])})")
-        longest = max(batch.lens[: len(encoded)])
-        if longest > self.max_length:
-            i = next(i for i, n in enumerate(batch.lens) if n > self.max_length)
-            raise ValueError(f"sequence {i} has {longest} tokens, more than max_length={self.max_length} "
-                             "(encode_pairs applies the truncation rule)")
+            bad = next(i for i, (x, _) in enumerate(encoded)
+                       if len(x) and (min(x) < 0 or max(x) >= self.vocab_size))
+            why = (f"holds token ids outside [0, {self.vocab_size}) "
+                   f"(min {min(encoded[bad][0])}, max {max(encoded[bad][0])})")
+        elif max(batch.lens[: len(encoded)]) > self.max_length:
+            bad = next(i for i, n in enumerate(batch.lens) if n > self.max_length)
+            why = (f"has {batch.lens[bad]} tokens, more than max_length={self.max_length} (encode_pairs "
+                   "applies the truncation rule)")
+        if bad is not None:
+            raise ValueError(f"sequence {positions[bad] if positions is not None else bad} {why}")
 
     def score_packed(self, batch: PackedBatch) -> torch.Tensor:
         """fp32 scores [B] (on the model's device) of one packed batch."""
@@ -418,7 +422,7 @@ class CrossEncoder:
             for idx in self._batches(lens, batch_size, max_tokens):
                 seqs = [encoded[i] for i in idx]
                 batch = PackedBatch(seqs)
-                self.check_ids(seqs, batch)
+                self.check_ids(seqs, batch, idx)
                 s = self.score_packed(batch)
                 scores[idx] = s.float().cpu().numpy()
                 bar.update(len(idx))
@@ -628,7 +632,7 @@ class Reranker:
         scores = np.empty(len(encoded), dtype=np.float32)
         with self._lock:
             for idx in self._chunks([len(ids) for ids, _ in encoded]):
-                scores[idx] = self._score_chunk([encoded[i] for i in idx])
+                scores[idx] = self._score_chunk([encoded[i] for i in idx], idx)
         return scores
 
     def rerank(self, query: str, candidates: Sequence[str], top_k: int | None = None,
@@ -653,7 +657,7 @@ class Reranker:
         # every chunk has a bucket.
         return self.ce._batches(lens, self.max_candidates, self.max_tokens - self.seq_buckets[-1])
 
-    def _score_chunk(self, seqs: list[tuple[list[int], int]]) -> np.ndarray:
+    def _score_chunk(self, seqs: list[tuple[list[int], int]], positions: Sequence[int]) -> np.ndarray:
         B = len(seqs)
         layout = None
         if self.use_buckets:
@@ -661,11 +665,11 @@ class Reranker:
                                  self.seqlen_buckets)
         if layout is None:  # no buckets, or (never for chunks cut by _chunks) none fits: exact path
             batch = PackedBatch(seqs)
-            self.ce.check_ids(seqs, batch)
+            self.ce.check_ids(seqs, batch, positions)
             return self.ce.score_packed(batch).float().cpu().numpy()
         pad_id = self.ce.tokenizer.pad_token_id or 0
         batch = PackedBatch(seqs, pad_lens=layout.dummy_lens, pad_id=pad_id)
-        self.ce.check_ids(seqs, batch)
+        self.ce.check_ids(seqs, batch, positions)
         batch.max_seqlen = layout.max_seqlen
         if not self.cuda_graphs:
             # Same single-buffer layout and forward that the graphs capture, run eagerly.

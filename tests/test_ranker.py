@@ -363,7 +363,9 @@ def test_bad_inputs(tiny):
     # Token ids a caller packs by hand are checked before they index the embedding tables.
     good = tiny.encode_pairs([("q", "d"), ("q", "a longer doc")])
     bad_id = [good[0], ([*good[1][0][:-1], tiny.vocab_size], good[1][1])]
-    for scorer in (tiny.score_encoded, Reranker(tiny).score_encoded):
+    for scorer in (tiny.score_encoded, Reranker(tiny).score_encoded,
+                   lambda e: tiny.score_encoded(e, batch_size=1),  # named by its place in the list,
+                   Reranker(tiny, max_candidates=1).score_encoded):  # not in its batch
         with pytest.raises(ValueError, match=r"sequence 1 holds token ids outside \[0, "):
             scorer(bad_id)
         too_long = [(list(range(5, 5 + tiny.max_length + 1)), 2)]
