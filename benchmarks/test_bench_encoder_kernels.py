@@ -133,8 +133,10 @@ CALLS_PER_ROUND = 10
 def _time_cuda(benchmark, run, group: str) -> float:
     """Median seconds of one ``run`` over 12 rounds of CALLS_PER_ROUND back-to-back calls and one
     device sync, after 3 untimed calls (compiles, autotuning, allocator warm-up).  A sync per call
-    would add its ~10-30 us (and Triton's host-side launch cost, which a CUDA-graph replay does not
-    pay) to kernels that take a few microseconds at a 100-candidate rerank's size."""
+    would add its ~10-30 us to kernels that take a few microseconds at a 100-candidate rerank's
+    size.  Back to back, a call costs the larger of its host launch and its device time, so where a
+    kernel is shorter than Triton's Python launch (~10-30 us) the launch is still what is timed:
+    there the CUDA-graph Reranker rows are the measure."""
     calls = [0]
 
     def fn():

@@ -85,6 +85,10 @@ def atomic_write_dir(dest: str | os.PathLike, fill) -> Path:
     import shutil
 
     dest = Path(dest)
+    here = Path.cwd().resolve()
+    if dest.exists() and (here == dest.resolve() or dest.resolve() in here.parents):
+        # the process would be left in a deleted directory, as would a shell that ran it
+        raise ValueError(f"{dest} is (or holds) the working directory; it cannot be replaced from inside")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     old = None

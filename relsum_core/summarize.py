@@ -114,11 +114,13 @@ def summarize_catalog(out: str | os.PathLike, *, policy: str | None = None, cata
     path = shard_path(out, shard, num_shards)
     path.parent.mkdir(parents=True, exist_ok=True)
     done = _done_ids(path)
+    # what the command asked for (precision, not the dtype "auto" chose on this machine; no seed
+    # when greedy), so the same command resumes anywhere
     _check_settings(path, {
         "policy": str(Path(policy).resolve()) if policy is not None else "default",
         "catalog": str(Path(catalog).resolve()) if catalog is not None else "bundled",
         "task": task, "budget": budget, "max_product_tokens": max_product_tokens,
-        "temperature": temperature, "seed": seed, "dtype": str(dtype).removeprefix("torch."),
+        "temperature": temperature, "seed": seed if temperature > 0 else None, "precision": precision,
     })
     todo = [pid for pid in mine if pid not in done]
     if not todo:

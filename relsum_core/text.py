@@ -62,15 +62,19 @@ def _private_backend(tokenizer):
 
     HF's ``tokenizer(...)`` stores its truncation and padding settings on the backend it shares with
     every other caller, so one thread cutting texts (``truncation=True``) would truncate another
-    thread's encodings mid-call."""
+    thread's encodings mid-call.  The copy is remade when the tokenizer changes (added tokens, a new
+    backend, ``split_special_tokens``), which HF applies per call and a deepcopy does not keep."""
+    split = bool(getattr(tokenizer, "split_special_tokens", False))
+    key = (len(tokenizer), id(tokenizer.backend_tokenizer), split)
     with _BACKENDS_LOCK:
-        backend = _BACKENDS.get(tokenizer)
-        if backend is None:
+        hit = _BACKENDS.get(tokenizer)
+        if hit is None or hit[0] != key:
             backend = copy.deepcopy(tokenizer.backend_tokenizer)
             backend.no_truncation()
             backend.no_padding()
-            _BACKENDS[tokenizer] = backend
-        return backend
+            backend.encode_special_tokens = split  # "[SEP]" in text stays text when asked
+            hit = _BACKENDS[tokenizer] = (key, backend)
+        return hit[1]
 
 
 def encode_texts(tokenizer, texts: Sequence[str]) -> list:

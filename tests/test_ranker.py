@@ -286,9 +286,10 @@ def test_save_never_deletes_a_folder_that_is_not_a_checkpoint(tiny, tmp_path, mo
     assert (run / "metrics.jsonl").read_text() == "{}\n"
     (tmp_path / "empty").mkdir()
     tiny.save(tmp_path / "empty")
-    monkeypatch.chdir(tmp_path / "empty")
-    tiny.save(".")  # an existing checkpoint, named by "."
     assert (tmp_path / "empty" / "config.json").is_file()
+    monkeypatch.chdir(tmp_path / "empty")
+    with pytest.raises(ValueError, match="is .or holds. the working directory"):
+        tiny.save(".")  # swapping it would leave this process in a deleted directory
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "run"]  # nothing stray
 
 

@@ -58,8 +58,14 @@ def test_cross_validation_pools_every_query_and_resumes(tmp_path, tiny_base, cap
     assert main(_args(tiny_base, out)) == 0
     assert capsys.readouterr().out.count("reusing") == 3
     assert (out / "fold1" / "report.json").stat().st_mtime_ns == mtime
-    # A step-limited (smoke) run is not reused by a full one.
-    assert main(_args(tiny_base, out, "--max-steps", "1")) == 0
+    # Other settings (here a step limit) are neither reused nor silently trained over ...
+    with pytest.raises(SystemExit) as e:
+        main(_args(tiny_base, out, "--max-steps", "1"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "holds a finished fold trained with other max_steps" in err
+    assert (out / "fold1" / "report.json").stat().st_mtime_ns == mtime
+    # ... unless asked: then every fold is trained again
+    assert main(_args(tiny_base, out, "--max-steps", "1", "--overwrite")) == 0
     assert capsys.readouterr().out.count("training into") == 3
 
 

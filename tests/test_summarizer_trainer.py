@@ -1,6 +1,7 @@
 import csv
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -275,6 +276,14 @@ def test_resume_refuses_other_settings_and_a_fresh_run_another_runs_log(tmp_path
     # more steps, other bounds and watching: a resume
     assert SummarizerTrainer(_cfg(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir, steps=3, eval_every=5,
                                   eval_products=0, max_minutes=9.0)).step == 1
+    # the same command after a crash before its first checkpoint starts again; another one is refused
+    crashed = tmp_path / "crashed"
+    same = dict(steps=1, eval_products=0)
+    SummarizerTrainer(_cfg(crashed, data_dir, tiny_policy_dir, tiny_ranker_dir, **same)).train()
+    shutil.rmtree(crashed / "run" / "checkpoint")
+    SummarizerTrainer(_cfg(crashed, data_dir, tiny_policy_dir, tiny_ranker_dir, **same))
+    with pytest.raises(ValueError, match="holds another run's metrics"):
+        SummarizerTrainer(_cfg(crashed, data_dir, tiny_policy_dir, tiny_ranker_dir, steps=1, lr=0.5))
     other = tmp_path / "ranker_run"
     other.mkdir()
     (other / "metrics.jsonl").write_text('{"event": "split"}\n{"event": "train", "step": 1}\n')

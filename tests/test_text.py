@@ -171,3 +171,19 @@ def test_byte_level_bpe_cut_inside_a_character_stays_within_budget():
         assert text.startswith(cut)
         assert len(fast(cut, add_special_tokens=False)["input_ids"]) <= k, (k, cut)
     assert cut_to_tokens(text, fast, 1) == "a" and cut_to_tokens(text, fast, 2) == "a"
+
+
+def test_encodings_follow_split_special_tokens_and_added_tokens():
+    from tokenizers import AddedToken
+
+    from relsum_core.text import encode_texts
+
+    split = AutoTokenizer.from_pretrained(default_base(), split_special_tokens=True)
+    text = "usb [SEP] cable"
+    assert encode_texts(split, [text])[0].ids == split(text, add_special_tokens=False)["input_ids"]
+    tok = AutoTokenizer.from_pretrained(default_base())
+    hf = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert encode_texts(tok, ["zzqx cable"])[0].ids == hf("zzqx cable")
+    tok.add_tokens([AddedToken("zzqx", normalized=False)])  # after a first encoding: the copy is remade
+    assert encode_texts(tok, ["zzqx cable"])[0].ids == hf("zzqx cable")
+    assert encode_texts(tok, ["zzqx cable"])[0].ids[0] == len(tok) - 1

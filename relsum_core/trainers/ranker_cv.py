@@ -14,7 +14,9 @@ Output directory::
 
 A fold whose ``report.json`` already exists with the same settings (as the run resolved them: base,
 learning rates) and the same validation queries is reused, not retrained, so a stopped
-cross-validation (about an hour on a 2-core CPU) resumes where it stopped.
+cross-validation (about an hour on a 2-core CPU) resumes where it stopped.  A finished fold with
+other settings is refused, as train-ranker refuses an earlier run, unless ``overwrite`` (then every
+fold is retrained); an unfinished one (no report) is trained again in place.
 """
 
 from __future__ import annotations
@@ -55,30 +57,41 @@ def _resolved(cfg: RankerTrainConfig) -> dict:
     return settings
 
 
-def _same_settings(saved: dict, cfg: RankerTrainConfig) -> bool:
+def _changed_settings(saved: dict, cfg: RankerTrainConfig) -> list[str]:
     # None stays a value to compare (no step limit, the bundled data), except for the device: a fold
     # run where the device was left to choose is reused wherever it ran.
+    changed = []
     for key, value in _resolved(cfg).items():
         if key in _IGNORED or (key == "device" and value is None):
             continue
         if saved.get(key, _DEFAULTS[key]) != value:
-            return False
-    return True
+            changed.append(key)
+    return changed
+
+
+def _same_settings(saved: dict, cfg: RankerTrainConfig) -> bool:
+    return not _changed_settings(saved, cfg)
 
 
 def _fold_report(cfg: RankerTrainConfig, val_query_ids: list[str], log=print) -> dict:
     path = Path(cfg.out) / "report.json"
-    if path.exists():
+    saved = None
+    if path.exists() and not cfg.overwrite:
         try:
             saved = json.loads(path.read_text())
         except json.JSONDecodeError:
             saved = None
-        if (saved and "per_query_ndcg" in saved and _same_settings(saved["config"], cfg)
-                and saved["split"].get("val_query_ids") == val_query_ids):
+    if saved and "per_query_ndcg" in saved:  # a finished fold
+        changed = _changed_settings(saved["config"], cfg)
+        if saved["split"].get("val_query_ids") != val_query_ids:
+            changed.append("validation queries")
+        if not changed:
             log(f"fold {cfg.fold}: reusing {path}")
             return saved
+        raise FileExistsError(f"{cfg.out} holds a finished fold trained with other {', '.join(changed)}; "
+                              "pass --overwrite to retrain every fold, or choose a new --out")
     log(f"fold {cfg.fold} of {cfg.folds}: training into {cfg.out}")
-    return train_ranker(replace(cfg, overwrite=True))  # a fold whose settings changed is retrained
+    return train_ranker(replace(cfg, overwrite=True))  # overwrite asked, or an unfinished fold
 
 
 def pool_folds(reports: list[dict]) -> dict:

@@ -159,22 +159,29 @@ def _check_resume(saved: dict, cfg: SummarizerConfig) -> None:
                          "the same ones, or train into a new --out")
 
 
-def _check_fresh_out(out: Path) -> None:
-    """A new run must not overwrite another run's log (a ranker run, or steps of a run whose
-    checkpoint is gone)."""
-    log = out / "metrics.jsonl"
+def _check_fresh_out(cfg: SummarizerConfig) -> None:
+    """A new run must not overwrite another run's log (a ranker run, another summarizer run); the
+    same command, after a crash before its first checkpoint, starts again."""
+    log = Path(cfg.out) / "metrics.jsonl"
     if not log.is_file():
         return
     import json
 
-    events = []
+    rows = []
     for line in log.read_text(encoding="utf-8").split("\n"):
         try:
-            events.append(json.loads(line).get("event"))
-        except (json.JSONDecodeError, AttributeError):
+            row = json.loads(line)
+        except json.JSONDecodeError:
             continue
-    if (events and events[0] != "config") or "train" in events:
-        raise ValueError(f"{log} holds another run's metrics and {out} has no checkpoint to resume; "
+        if isinstance(row, dict):
+            rows.append(row)
+    if not rows:
+        return
+    first, now = rows[0], asdict(cfg)
+    same = first.get("event") == "config" and all(first.get(k) == v for k, v in now.items()
+                                                  if k not in RESUMABLE)
+    if not same:
+        raise ValueError(f"{log} holds another run's metrics and {cfg.out} has no checkpoint to resume; "
                          "train into a new --out")
 
 
@@ -282,7 +289,7 @@ class SummarizerTrainer:
         resume = self.out / "checkpoint"
         resuming = (resume / "trainer.pt").is_file()
         if not resuming:
-            _check_fresh_out(self.out)
+            _check_fresh_out(cfg)
         self.policy, self.tok = load_policy(resume if resuming else cfg.policy, device=self.device)
         self.ref = None
         if cfg.beta != 0.0 or cfg.algo == "dpo":
