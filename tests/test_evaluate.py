@@ -4,10 +4,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from transformers import AutoTokenizer
 
-from relsum_core.data import Judgment
+from relsum_core.data import Judgment, split_queries
 from relsum_core.evaluate import Evaluation, evaluate_summaries, parse_named, read_summaries
-from relsum_core.metrics import recall_at_precision
+from relsum_core.metrics import ndcg_at_k, recall_at_precision
 from relsum_core.policy import load_policy
 from relsum_core.precision import resolve_precision
 from relsum_core.summarize import summarize_catalog
@@ -252,3 +253,60 @@ def test_evaluate_cli(tmp_path, data_dir, tiny_ranker_dir, capsys):
     with pytest.raises(SystemExit):
         main(["evaluate", "--ranker", str(tiny_ranker_dir), "--out", str(out), "--summaries", str(hand)])
     assert "NAME=PATH" in capsys.readouterr().err
+
+
+def test_metrics_use_their_k_and_bootstrap_the_resampled_queries():
+    # q1 has its E at rank 7 (NDCG@5 and @10 differ); intervals come from the seeded query resamples
+    js = [Judgment("q1", "x", f"p{i}", 0) for i in range(6)] + [Judgment("q1", "x", "p6", 3)]
+    js += [Judgment("q2", "y", "r0", 3), Judgment("q2", "y", "r1", 0),
+           Judgment("q3", "z", "s0", 3), Judgment("q3", "z", "s1", 2)]
+    ev = Evaluation(lambda pairs: np.zeros(len(pairs)), js, queries=["q1", "q2", "q3"])
+    s = np.array([7, 6, 5, 4, 3, 2, 1.0, 0.5, 1.0, 1.0, 0.0])
+    b = np.array([0, 0, 0, 0, 0, 0, 1.0, 1.0, 0.5, 1.0, 0.0])
+    m = ev.metrics(s, b)
+    for k in (5, 10):
+        v = np.array([ndcg_at_k(s[sl], ev.grades[sl], k) for sl in ev.slices])
+        d = v - np.array([ndcg_at_k(b[sl], ev.grades[sl], k) for sl in ev.slices])
+        assert m[f"ndcg@{k}"] == pytest.approx(v.mean())
+        lo, hi = np.percentile([v[r].mean() for r in ev.resamples], [2.5, 97.5])
+        assert (m[f"ndcg@{k}_lo"], m[f"ndcg@{k}_hi"]) == pytest.approx((lo, hi))
+        lo, hi = np.percentile([d[r].mean() for r in ev.resamples], [2.5, 97.5])
+        assert (m[f"ndcg@{k}_delta_lo"], m[f"ndcg@{k}_delta_hi"]) == pytest.approx((lo, hi))
+    assert m["ndcg@5"] != m["ndcg@10"] and m["recall@p90_lo"] < m["recall@p90_hi"]
+
+
+def test_validation_split_and_the_texts_each_variant_scores(tmp_path, tiny_ranker_dir, monkeypatch):
+    products = [("p1", "red cotton shirt", "size large cotton fabric machine washable"),
+                ("p2", "blue cotton shirt", "size small slim fit long sleeves"),
+                ("p3", "steel water bottle", "kids leak proof lid one litre"),
+                ("p4", "organic dog food", "chicken grain free adult dogs"),
+                ("p5", "kids water bottle", "blue steel insulated straw lid"),
+                ("p6", "dog food", "organic chicken small breed kibble")]
+    d = tmp_path / "data"
+    d.mkdir()
+    rows = [{"product_id": p, "title": t, "bullet_points": b} for p, t, b in products]
+    (d / "products.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "judgments.csv").write_text("query_id,query,product_id,grade\n"
+                                     + "".join(f"{q},{t},{p},{g}\n" for q, t, p, g in JUDGMENTS))
+    hand = tmp_path / "hand.jsonl"
+    hand.write_text("".join(json.dumps({"product_id": p, "summary": f"hand note {p}"}) + "\n"
+                            for p, _, _ in products))
+    scored = []
+    score = Evaluation.score
+
+    def recording_score(self, texts):
+        scored.append((list(self.queries), dict(texts)))
+        return score(self, texts)
+
+    monkeypatch.setattr(Evaluation, "score", recording_score)
+    report = evaluate_summaries(tmp_path / "e", ranker=str(tiny_ranker_dir), data=str(d),
+                                summaries={"hand": str(hand)}, split="validation", val_fraction=0.34,
+                                desc_tokens=(2,), device="cpu", plot=False, progress=False)
+    val = split_queries(["q1", "q2", "q3"], 0.34, 0)[1]  # the ranker's held-out queries, not its training set
+    assert all(queries == val for queries, _ in scored) and report["n_queries"] == len(val)
+    titles = {p: t for p, t, _ in products}
+    assert any(t == {p: f"{titles[p]} | hand note {p}" for p in t} for _, t in scored)
+    tok = AutoTokenizer.from_pretrained(tiny_ranker_dir)
+    for p, text in scored[1][1].items():  # title+desc2: two attribute tokens after the title
+        assert text.startswith(titles[p] + " | ")
+        assert len(tok(text.split(" | ", 1)[1], add_special_tokens=False)["input_ids"]) <= 2

@@ -82,6 +82,7 @@ def test_saved_fold_is_reused_only_with_the_same_settings():
                   {"base": "/custom/bert"}, {"lr": 5e-5}):
         assert not _same_settings(saved | smoke, cfg), smoke
     assert not _same_settings(saved, replace(cfg, lr=5e-5))
+    assert not _same_settings(saved, replace(cfg, seed=1))  # another draw of data order and heads
     # A setting the saved report lacks was added later: it matches only at its default.
     older = {k: v for k, v in saved.items() if k != "warmup"}
     assert _same_settings(older, cfg)
@@ -115,3 +116,11 @@ def test_bad_folds_are_a_clear_error(tmp_path, tiny_base, capsys, folds, message
         main(args)
     assert e.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "cv" / "cv_report.json").exists()
+
+
+def test_fold_rows_name_the_kept_step():
+    per_query = {f"{v}/ndcg@{k}": {"a": 0.5} for v in ("title", "title+64") for k in (5, 10)}
+    report = {"split": {"fold": 0, "val_queries": 1}, "best": {"step": 1}, "steps": 2,
+              "table": {RANKER: {"title+64/ndcg@10": 0.5}}, "per_query_ndcg": {RANKER: per_query}}
+    row = pool_folds([report])["fold_rows"][0]
+    assert (row["kept_step"], row["steps"]) == (1, 2)
