@@ -16,16 +16,8 @@ from relsum_core.data import Judgment, fold_queries, group_by_query, load_datase
 from relsum_core.text import product_text
 from relsum_core.trainers.ranker import RankerTrainConfig, ValSet, _param_groups, default_base, make_groups
 
-SMALL = dict(
-    max_queries=6,
-    val_fraction=0.34,
-    batch_size=2,
-    group_size=4,
-    max_attr_tokens=8,
-    max_length=48,
-    progress=False,
-    precision="fp32",
-)
+SMALL = dict(max_queries=6, val_fraction=0.34, batch_size=2, group_size=4, max_attr_tokens=8, max_length=48,
+             epochs=1, pseudo_steps=0, progress=False, precision="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -33,18 +25,15 @@ def tiny_base(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_bert_steps")
     tok = AutoTokenizer.from_pretrained(default_base())
     torch.manual_seed(0)
-    BertModel(
-        BertConfig(
-            vocab_size=tok.vocab_size,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=128,
-        )
-    ).save_pretrained(path)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def _train(out, base, **settings) -> dict:
+    return trainer.train_ranker(RankerTrainConfig(out=str(out), base=str(base), **{**SMALL, **settings}))
 
 
 def _rows(out, event):
@@ -53,42 +42,24 @@ def _rows(out, event):
 
 
 def test_graded_learning_rate_warms_up_then_decays_over_all_epochs(tmp_path, tiny_base):
-    out = tmp_path / "run"
-    report = trainer.train_ranker(
-        RankerTrainConfig(
-            out=str(out), base=str(tiny_base), epochs=2, pseudo_steps=0, log_every=1, lr=1e-3, **SMALL
-        )
-    )
+    report = _train(tmp_path, tiny_base, epochs=2, log_every=1, lr=1e-3)
     total = report["steps"]
     warm = round(0.1 * total)
     want = [1e-3 * (s / warm if s < warm else (total - s) / (total - warm)) for s in range(1, total + 1)]
-    assert [r["lr"] for r in _rows(out, "train")] == pytest.approx(want, rel=1e-6, abs=1e-12)
+    assert [r["lr"] for r in _rows(tmp_path, "train")] == pytest.approx(want, rel=1e-6, abs=1e-12)
 
 
 def test_pseudo_query_learning_rate_decays_to_zero(tmp_path, tiny_base):
-    out = tmp_path / "run"
-    trainer.train_ranker(
-        RankerTrainConfig(
-            out=str(out), base=str(tiny_base), epochs=1, max_steps=1, pseudo_steps=4, log_every=1, **SMALL
-        )
-    )
-    assert [r["lr"] for r in _rows(out, "pseudo")] == pytest.approx(
-        [1e-4 * (4 - s) / 4 for s in range(1, 5)], abs=1e-12
-    )
+    _train(tmp_path, tiny_base, max_steps=1, pseudo_steps=4, log_every=1)
+    want = [1e-4 * (4 - s) / 4 for s in range(1, 5)]
+    assert [r["lr"] for r in _rows(tmp_path, "pseudo")] == pytest.approx(want, abs=1e-12)
 
 
 def test_head_and_encoder_get_their_own_rates_and_decay():
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(
-        BertConfig(
-            vocab_size=50,
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=32,
-            num_labels=1,
-        )
-    )
+    model = AutoModelForSequenceClassification.from_config(BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        num_labels=1))
     group_of = {id(p): g for g in _param_groups(model, 1e-5, 1e-3, 0.01) for p in g["params"]}
     for name, p in model.named_parameters():
         g = group_of[id(p)]
@@ -100,35 +71,26 @@ def test_each_training_text_meets_its_own_grade(tmp_path, tiny_base, monkeypatch
     catalog, judgments = load_dataset()
     grade = {(j.query, j.product_id): j.grade for j in judgments}
     seen = []
-    monkeypatch.setattr(
-        trainer,
-        "_train_scores",
-        lambda ce, pairs, dtype: seen.append(pairs) or torch.zeros(len(pairs), requires_grad=True) * 1,
-    )
+
+    def recording_scores(ce, pairs, dtype):
+        seen.append(pairs)
+        return torch.zeros(len(pairs), requires_grad=True) * 1
+
     listwise = trainer.listwise_loss
 
     def recording_loss(scores, grades, group_ids, targets="grade"):
         seen[-1] = list(zip(seen[-1], grades.tolist()))
         return listwise(scores, grades, group_ids, targets)
 
+    monkeypatch.setattr(trainer, "_train_scores", recording_scores)
     monkeypatch.setattr(trainer, "listwise_loss", recording_loss)
-    trainer.train_ranker(
-        RankerTrainConfig(
-            out=str(tmp_path / "run"),
-            base=str(tiny_base),
-            epochs=1,
-            max_steps=3,
-            pseudo_steps=0,
-            **{**SMALL, "max_attr_tokens": 0},
-        )
-    )
+    _train(tmp_path, tiny_base, max_steps=3, max_attr_tokens=0)
     tok = AutoTokenizer.from_pretrained(tiny_base)
+    title_of = {p: product_text(catalog[p], tok, 0) for _, p in grade}
     checked = 0
     for batch in seen:
         for (query, text), g in batch:  # max_attr_tokens 0: the text is the title, which names the product
-            grades = [
-                gr for (q, p), gr in grade.items() if q == query and product_text(catalog[p], tok, 0) == text
-            ]
+            grades = [gr for (q, p), gr in grade.items() if q == query and title_of[p] == text]
             assert g in grades, (query, text, g, grades)
             checked += 1
     assert checked > 0
@@ -150,46 +112,19 @@ def test_gradients_start_empty_at_every_step(tmp_path, tiny_base, monkeypatch):
 
     monkeypatch.setattr(trainer, "_param_groups", recording_groups)
     monkeypatch.setattr(torch.Tensor, "backward", recording_backward)
-    trainer.train_ranker(
-        RankerTrainConfig(
-            out=str(tmp_path / "run"), base=str(tiny_base), epochs=1, max_steps=3, pseudo_steps=0, **SMALL
-        )
-    )
+    _train(tmp_path, tiny_base, max_steps=3)
     assert empty == [True, True, True]
 
 
 def test_the_checkpoint_kept_is_the_best_on_title_plus_attributes(tmp_path, tiny_base, monkeypatch):
-    script = iter(
-        [{"title/ndcg@10": 0.9, "title+64/ndcg@10": 0.1}, {"title/ndcg@10": 0.1, "title+64/ndcg@10": 0.9}]
-    )
+    script = iter([{"title/ndcg@10": 0.9, "title+64/ndcg@10": 0.1},
+                   {"title/ndcg@10": 0.1, "title+64/ndcg@10": 0.9}])
     monkeypatch.setattr(ValSet, "evaluate_pairs", lambda self, predict: next(script))
-    report = trainer.train_ranker(
-        RankerTrainConfig(
-            out=str(tmp_path / "run"),
-            base=str(tiny_base),
-            epochs=2,
-            max_steps=2,
-            pseudo_steps=0,
-            **{**SMALL, "batch_size": 64},
-        )
-    )
-    assert report["best"]["step"] == 2
+    assert _train(tmp_path, tiny_base, epochs=2, max_steps=2, batch_size=64)["best"]["step"] == 2
 
 
 def test_folds_follow_split_seed_not_seed(tmp_path, tiny_base):
-    report = trainer.train_ranker(
-        RankerTrainConfig(
-            out=str(tmp_path / "run"),
-            base=str(tiny_base),
-            epochs=1,
-            max_steps=1,
-            pseudo_steps=0,
-            folds=3,
-            fold=1,
-            seed=5,
-            **SMALL,
-        )
-    )
+    report = _train(tmp_path, tiny_base, max_steps=1, folds=3, fold=1, seed=5)
     first6 = list(group_by_query(load_dataset()[1]))[:6]
     assert report["split"]["val_query_ids"] == fold_queries(first6, 3, 1, 0)[1]
 
@@ -200,7 +135,10 @@ def test_validation_scores_are_sliced_per_query_and_texts_carry_attributes():
     val = ValSet(by_query, list(by_query)[:3], catalog, AutoTokenizer.from_pretrained(default_base()))
     rng = random.Random(0)
     fixed = {}
-    score = lambda q, t: fixed.setdefault((q, t), rng.random())  # noqa: E731  one value per (query, text)
+
+    def score(query, text):  # one value per (query, text), whichever path asks
+        return fixed.setdefault((query, text), rng.random())
+
     batched = val.score_pairs(lambda pairs: np.array([score(q, t) for q, t in pairs]))
     per_query = val.score_per_query(lambda q, texts: np.array([score(q, t) for t in texts]))
     for name in batched:
