@@ -619,7 +619,7 @@ def _seed_all(seed: int) -> None:
 def train_ranker(cfg: RankerTrainConfig) -> dict:
     """Run one fine-tuning job; returns the report (also written to ``cfg.out``)."""
     from tqdm.auto import tqdm
-    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.optimization import get_linear_schedule_with_warmup
 
     from relsum_core.baselines import CosineScorer, bm25_scores
@@ -685,8 +685,6 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
     if not tokenizer.is_fast:
         raise ValueError(f"{base}: a fast tokenizer is needed (token offsets for the text budgets)")
     val = ValSet(by_query, val_q, catalog, tokenizer)
-    from transformers import AutoConfig
-
     positions = AutoConfig.from_pretrained(base).max_position_embeddings  # checked before any output
     if not 3 <= cfg.max_length <= positions:
         raise ValueError(f"max_length must be in [3, {positions}] for {base}, got {cfg.max_length}")
