@@ -135,3 +135,20 @@ def tiny_ranker_dir(tmp_path_factory):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """A random 2-layer BERT (no head) with MiniLM's tokenizer: train-ranker's code path in seconds."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from relsum_core.trainers.ranker import default_base
+
+    path = tmp_path_factory.mktemp("tiny_bert")
+    tok = AutoTokenizer.from_pretrained(default_base())
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -3,25 +3,11 @@ import math
 from dataclasses import replace
 
 import pytest
-import torch
-from transformers import AutoTokenizer, BertConfig, BertModel
 
 from relsum_core.cli import main
 from relsum_core.data import fold_queries, group_by_query, load_dataset
 from relsum_core.trainers.ranker import RankerTrainConfig, default_base
 from relsum_core.trainers.ranker_cv import RANKER, _same_settings, pool_folds
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_bert_cv")
-    tok = AutoTokenizer.from_pretrained(default_base())
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
-    BertModel(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def _args(base, out, *extra):

@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertModel
 
 from relsum_core.cli import main
 from relsum_core.data import Judgment, group_by_query, load_dataset, split_queries
@@ -19,7 +19,6 @@ from relsum_core.trainers.ranker import (
     add_attribute_words,
     candidate_groups,
     cosine_distill_loss,
-    default_base,
     distillation_loss,
     freeze_lower,
     graded_rates,
@@ -31,21 +30,6 @@ from relsum_core.trainers.ranker import (
     pseudo_query,
     save_checkpoint,
 )
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    """A random 2-layer BERT with MiniLM's tokenizer: same code path, seconds not minutes."""
-    path = tmp_path_factory.mktemp("tiny_bert")
-    tok = AutoTokenizer.from_pretrained(default_base())
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128,
-    )
-    BertModel(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def test_listwise_loss_by_hand():

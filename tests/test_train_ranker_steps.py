@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig
 
 import relsum_core.trainers.ranker as trainer
 from relsum_core.data import Judgment, fold_queries, group_by_query, load_dataset
@@ -18,18 +18,6 @@ from relsum_core.trainers.ranker import RankerTrainConfig, ValSet, _param_groups
 
 SMALL = dict(max_queries=6, val_fraction=0.34, batch_size=2, group_size=4, max_attr_tokens=8, max_length=48,
              epochs=1, pseudo_steps=0, progress=False, precision="fp32")
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_bert_steps")
-    tok = AutoTokenizer.from_pretrained(default_base())
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
-    BertModel(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def _train(out, base, **settings) -> dict:
