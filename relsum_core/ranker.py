@@ -26,6 +26,7 @@ from torch import nn
 
 from .encoder import PackedBertEncoder
 from .io import atomic_write_dir
+from .precision import resolve_device
 from .text import encode_texts
 
 MINILM_ENV = "RELSUM_MINILM"
@@ -205,10 +206,6 @@ def _init_head(model: nn.Module, missing: Sequence[str], seed: int) -> list[str]
     return done
 
 
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 class CrossEncoder:
     """A BERT-family cross-encoder scoring (query, doc) pairs with the padding-free packed encoder.
 
@@ -293,7 +290,7 @@ class CrossEncoder:
                 settings = json.load(f)
         if max_length is None:
             max_length = settings.get("max_length")
-        return cls(model.eval(), tokenizer, device=device or _default_device(), dtype=dtype or torch.float32,
+        return cls(model.eval(), tokenizer, device=resolve_device(device), dtype=dtype or torch.float32,
                    max_length=max_length,
                    query_max_tokens=settings.get("query_max_tokens", QUERY_MAX_TOKENS))
 
