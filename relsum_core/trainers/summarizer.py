@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import os
 import random
@@ -150,9 +151,15 @@ RESUMABLE = frozenset({"out", "steps", "max_minutes", "progress", "device", "eva
                        "eval_products", "compile_decode"})
 
 
-def _check_resume(saved: dict, cfg: SummarizerConfig) -> None:
+def _changed_settings(saved: dict, cfg: SummarizerConfig) -> dict:
+    """{setting: (saved, now)} for the settings that differ and may not change on a resume; a setting
+    ``saved`` lacks was added later and is not compared."""
     now = asdict(cfg)
-    changed = {k: (saved[k], now[k]) for k in saved if k in now and k not in RESUMABLE and saved[k] != now[k]}
+    return {k: (saved[k], now[k]) for k in saved if k in now and k not in RESUMABLE and saved[k] != now[k]}
+
+
+def _check_resume(saved: dict, cfg: SummarizerConfig) -> None:
+    changed = _changed_settings(saved, cfg)
     if changed:
         what = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
         raise ValueError(f"{cfg.out}/checkpoint was trained with other settings ({what}); resume with "
@@ -165,22 +172,16 @@ def _check_fresh_out(cfg: SummarizerConfig) -> None:
     log = Path(cfg.out) / "metrics.jsonl"
     if not log.is_file():
         return
-    import json
-
-    rows = []
+    first = None  # the log's first row, its config when a summarizer run wrote it
     for line in log.read_text(encoding="utf-8").split("\n"):
         try:
-            row = json.loads(line)
+            first = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(row, dict):
-            rows.append(row)
-    if not rows:
+        break
+    if first is None:
         return
-    first, now = rows[0], asdict(cfg)
-    same = first.get("event") == "config" and all(first.get(k) == v for k, v in now.items()
-                                                  if k not in RESUMABLE)
-    if not same:
+    if not isinstance(first, dict) or first.get("event") != "config" or _changed_settings(first, cfg):
         raise ValueError(f"{log} holds another run's metrics and {cfg.out} has no checkpoint to resume; "
                          "train into a new --out")
 
