@@ -7,7 +7,7 @@ import pytest
 from relsum_core.cli import main
 from relsum_core.data import fold_queries, group_by_query, load_dataset
 from relsum_core.trainers.ranker import RankerTrainConfig, default_base
-from relsum_core.trainers.ranker_cv import RANKER, _same_settings, pool_folds
+from relsum_core.trainers.ranker_cv import RANKER, _changed_settings, pool_folds
 
 
 def _args(base, out, *extra):
@@ -60,19 +60,19 @@ def test_saved_fold_is_reused_only_with_the_same_settings():
     # as train_ranker records it: base, cosine base and learning rates resolved
     saved = vars(cfg) | {"out": "elsewhere", "progress": False, "base": default_base(),
                          "cosine_base": default_base(), "lr": 2e-5, "head_lr": 1e-4, "device": "cpu"}
-    assert _same_settings(saved, cfg)  # out/progress ignored; None = what the run resolved
-    assert not _same_settings(saved | {"epochs": 3}, cfg)
-    assert not _same_settings(saved | {"fold": 2}, cfg)
+    assert not _changed_settings(saved, cfg)  # out/progress ignored; None = what the run resolved
+    assert _changed_settings(saved | {"epochs": 3}, cfg)
+    assert _changed_settings(saved | {"fold": 2}, cfg)
     # None means no limit / the bundled data, not "whatever the saved run used"
     for smoke in ({"max_steps": 1}, {"max_queries": 6}, {"eval_every": 5}, {"data": "/other/data"},
                   {"base": "/custom/bert"}, {"lr": 5e-5}):
-        assert not _same_settings(saved | smoke, cfg), smoke
-    assert not _same_settings(saved, replace(cfg, lr=5e-5))
-    assert not _same_settings(saved, replace(cfg, seed=1))  # another draw of data order and heads
+        assert _changed_settings(saved | smoke, cfg), smoke
+    assert _changed_settings(saved, replace(cfg, lr=5e-5))
+    assert _changed_settings(saved, replace(cfg, seed=1))  # another draw of data order and heads
     # A setting the saved report lacks was added later: it matches only at its default.
     older = {k: v for k, v in saved.items() if k != "warmup"}
-    assert _same_settings(older, cfg)
-    assert not _same_settings(older, replace(cfg, warmup="cosine"))
+    assert not _changed_settings(older, cfg)
+    assert _changed_settings(older, replace(cfg, warmup="cosine"))
 
 
 def _fake(fold, values):

@@ -69,10 +69,6 @@ def _changed_settings(saved: dict, cfg: RankerTrainConfig) -> list[str]:
     return changed
 
 
-def _same_settings(saved: dict, cfg: RankerTrainConfig) -> bool:
-    return not _changed_settings(saved, cfg)
-
-
 def _fold_report(cfg: RankerTrainConfig, val_query_ids: list[str], log=print) -> dict:
     path = Path(cfg.out) / "report.json"
     saved = None
