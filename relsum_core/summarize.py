@@ -103,14 +103,15 @@ def summarize_catalog(out: str | os.PathLike, *, policy: str | None = None, cata
     device = resolve_device(device)  # like training: CUDA when available
     dtype = resolve_precision(precision, device, auto_on_cuda=False)
     products = load_catalog(catalog)
-    wanted = sorted(products)
+    catalog_order = sorted(products)
+    wanted = catalog_order
     if product_ids is not None:
         wanted = sorted(set(product_ids))
         unknown = [p for p in wanted if p not in products]
         if unknown:
             raise ValueError(f"{len(unknown)} product ids are not in the catalog, e.g. {unknown[:3]}")
     mine = wanted[shard::num_shards]
-    index = {pid: i for i, pid in enumerate(sorted(products))}  # a product's seed: where it sits
+    index = {pid: i for i, pid in enumerate(catalog_order)}  # a product's seed: where it sits
     path = shard_path(out, shard, num_shards)
     path.parent.mkdir(parents=True, exist_ok=True)
     done = _done_ids(path)
