@@ -28,7 +28,8 @@ setup(
         "scipy>=1.10",
     ],
     extras_require={
-        "test": ["pytest>=7", "ruff>=0.5"],
+        # setuptools and wheel: tests/test_packaging.py builds the wheel users install
+        "test": ["pytest>=7", "ruff>=0.5", "setuptools>=64", "wheel"],
         "bench": ["pytest-benchmark>=4"],
         # reading the packaged SmolLM2 GGUF once (then cached as safetensors)
         "policy": ["gguf>=0.10", "accelerate>=1.0"],
