@@ -271,6 +271,31 @@ def test_broken_model_is_a_clear_error(binaries, exported, tmp_path):
     assert "Exception raised from" not in error
 
 
+def test_package_answering_with_too_few_scores_is_a_clear_error(binaries, exported, tmp_path):
+    """A model.pt2 from elsewhere that takes the six inputs but returns one score for any batch: the C++
+    must not read past it."""
+
+    class OneScore(torch.nn.Module):
+        def forward(self, ids, types, pos, pad_index, slot, cls):
+            return (ids[:1].float(),)
+
+    T = torch.export.Dim("tokens", min=3, max=4096)
+    B = torch.export.Dim("pairs", min=1, max=256)
+    L = torch.export.Dim("max_seqlen", min=3, max=128)
+    example = (*(torch.zeros(8, dtype=torch.long) for _ in range(3)), torch.zeros(2, 4, dtype=torch.long),
+               torch.zeros(8, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+    program = torch.export.export(OneScore(), example,
+                                  dynamic_shapes=({0: T}, {0: T}, {0: T}, {0: B, 1: L}, {0: T}, {0: B}))
+    swapped = tmp_path / "swapped"
+    shutil.copytree(exported, swapped)
+    (swapped / "model.pt2").unlink()
+    torch._inductor.aoti_compile_and_package(program, package_path=str(swapped / "model.pt2"))
+    assert _run(binaries, [str(swapped)], ["q\tone doc"]).returncode == 0  # one pair, one score: fine
+    done = _run(binaries, [str(swapped)], ["q\tone doc", "q\tanother doc"])
+    assert done.returncode == 1
+    assert f"relsum: {swapped / 'model.pt2'}: the model returned 1 scores for 2 pairs" in done.stderr
+
+
 def _tokenizer_export(ce: CrossEncoder, exported: Path, out: Path) -> Path:
     """What `relsum_rerank --tokenize` reads for ``ce``'s tokenizer, without compiling a model: vocab.txt and
     settings.txt as ``export_ranker`` writes them, the text rules of ``exported`` (same normalizer)."""

@@ -124,7 +124,12 @@ struct Ranker::Impl {
         throw std::runtime_error("relsum: " + package + ": the model failed: " + message(e));
       }
     }
-    const auto scores = out.at(0).to(at::kFloat).contiguous();
+    // A package from another export (or hand-swapped) may answer with another shape: never read past it.
+    if (out.empty() || out[0].numel() != B)
+      throw std::runtime_error("relsum: " + package + ": the model returned " +
+                               (out.empty() ? std::string("no output") : std::to_string(out[0].numel()) + " scores") +
+                               " for " + std::to_string(B) + " pairs: not a package of `relsum export-ranker`");
+    const auto scores = out[0].to(at::kFloat).contiguous();
     const auto* p = scores.data_ptr<float>();
     return std::vector<float>(p, p + B);
   }
