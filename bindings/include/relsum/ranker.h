@@ -47,7 +47,8 @@ class Ranker {
   // least one pair.  Forwards of similar lengths pad little: on a 2-core CPU, 100 candidates of
   // 24-96 tokens ran ~10% faster in forwards of 1-4k padded tokens than in one.  Throws
   // std::invalid_argument for an empty list, batch_size or max_tokens 0, or text that is not UTF-8, and
-  // std::runtime_error naming model.pt2 if the model fails (only an inconsistent export does).
+  // std::runtime_error naming model.pt2 if the model fails or returns other than one score a pair
+  // (only an inconsistent export does).
   // Thread-safe: concurrent calls share RankerOptions::num_runners model instances.
   std::vector<float> predict(const std::vector<std::pair<std::string, std::string>>& pairs,
                              std::size_t batch_size = 128, std::size_t max_tokens = 2048) const;
