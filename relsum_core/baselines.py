@@ -45,6 +45,10 @@ class CosineScorer:
     """
 
     def __init__(self, model, tokenizer, max_length: int = 256, device: str | torch.device = "cpu"):
+        vocab = getattr(model.config, "vocab_size", None)
+        if vocab is not None and len(tokenizer) > vocab:  # its ids would index past the embeddings
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, more than the encoder's "
+                             f"vocabulary of {vocab}: not the encoder's own tokenizer")
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         # never past the model's position table (a smaller encoder than MiniLM would index out of it)

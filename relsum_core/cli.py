@@ -244,7 +244,8 @@ def _add_evaluate(sub) -> None:
                    help="the Doc2Query baseline: this policy writes search queries for each evaluated "
                    "product, scored as title + queries ('default' = packaged SmolLM2; repeatable)")
     p.add_argument("--split", choices=["validation", "all"], default="validation",
-                   help="the validation queries of the training split, or every query")
+                   help="the validation queries of the training split (refused where the ranker's "
+                   "relsum_ranker.json lists some of them among its training queries), or every query")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--split-seed", type=int, default=0, help="the seed the ranker and summarizer split with")
     p.add_argument("--desc-tokens", type=int, nargs="+", default=[32],

@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from relsum_core.data import group_by_query, load_dataset, split_queries
-from relsum_core.io import atomic_write_bytes, atomic_write_text
+from relsum_core.io import atomic_write_bytes, atomic_write_text, json_report
 from relsum_core.metrics import POSITIVE_GRADE, PRECISION_TARGET, ndcg_at_k, recall_at_precision
 from relsum_core.precision import resolve_device, resolve_precision
-from relsum_core.text import attributes_text, cut_to_tokens, join_title, normalise
+from relsum_core.text import attributes_text, cut_to_tokens, join_title, normalise, product_text
 
 N_BOOTSTRAP = 1000
 
@@ -133,6 +133,8 @@ def _markdown(report: dict) -> str:
     head = (f"Ranking with the frozen ranker `{report['ranker']}` on {report['n_queries']} {report['split']} "
             f"queries ({report['n_pairs']} judged pairs, {report['n_products']} products). 95% bootstrap "
             f"intervals over queries ({N_BOOTSTRAP} resamples); delta = paired difference to `title`.")
+    if report.get("ranker_trained_queries"):
+        head += f" The ranker trained on {report['ranker_trained_queries']} of these queries."
     lines = [head, "",
              "| text | NDCG@5 | NDCG@10 | NDCG@10 delta vs title | recall@P90 | mean summary words |",
              "|---|---|---|---|---|---|"]
@@ -191,7 +193,7 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
     ``precision``: the policies' sampling dtype (`relsum_core.summarize.summarize_catalog`); the ranker
     always scores in fp32.
     """
-    from relsum_core.ranker import CrossEncoder
+    from relsum_core.ranker import CrossEncoder, read_ranker_settings
     from relsum_core.summarize import summarize_catalog
 
     summaries, policies, doc2query = dict(summaries or {}), dict(policies or {}), dict(doc2query or {})
@@ -222,6 +224,13 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
     queries = sorted({j.query_id for j in judgments})
     if split == "validation":
         queries = split_queries(queries, val_fraction=val_fraction, seed=split_seed)[1]
+    trained = set(read_ranker_settings(ranker).get("train_query_ids", ()))  # train-ranker records them
+    seen = [q for q in queries if q in trained]
+    if seen and split == "validation":
+        raise ValueError(f"the ranker {ranker} trained on {len(seen)} of the {len(queries)} validation "
+                         f"queries (e.g. {seen[:3]}): it was trained on another split (--max-queries, "
+                         "--folds, or another --split-seed / --val-fraction); evaluate with the split it "
+                         "trained with, or pass --split all to score every query knowingly")
     ce = CrossEncoder.from_pretrained(ranker, device=device)
     ev = Evaluation(ce.predict, judgments, queries=queries)
 
@@ -243,7 +252,7 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
         summaries[name] = str(path)
         given[name] = read_summaries(path)  # covers every evaluated product (skipped ones map to "")
 
-    titles = {p: normalise(catalog[p].title) for p in ev.product_ids}
+    titles = {p: product_text(catalog[p], ce.tokenizer, 0) for p in ev.product_ids}  # capped as in training
     variants: dict[str, dict] = {"title": {"texts": titles}}
     for k in desc_tokens:
         variants[f"title+desc{k}"] = {"texts": {p: join_title(titles[p], cut_to_tokens(
@@ -255,8 +264,8 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
 
     base = ev.score(variants["title"]["texts"])
     report = {"ranker": str(ranker), "split": split, "n_queries": len(ev.queries), "n_pairs": len(ev.pairs),
-              "n_products": len(ev.product_ids), "positive_grade": POSITIVE_GRADE,
-              "precision_target": PRECISION_TARGET, "summaries": summaries,
+              "n_products": len(ev.product_ids), "ranker_trained_queries": len(seen),
+              "positive_grade": POSITIVE_GRADE, "precision_target": PRECISION_TARGET, "summaries": summaries,
               "sampling_dtype": {name: sampling_dtype for name, _, _ in tasks},
               "variants": {}}
     for name, v in variants.items():
@@ -265,7 +274,7 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
         if "mean_words" in v:
             m["mean_words"] = v["mean_words"]
         report["variants"][name] = m
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "report.json", json_report(report))
     atomic_write_text(out / "report.md", _markdown(report))
     if plot:
         try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -32,6 +34,22 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _finite(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def json_report(obj) -> str:
+    """Indented strict JSON for reports: NaN and +-inf (the NDCG of a query with no relevant product,
+    the standard error of one value) become null, which jq and JavaScript parse, unlike bare NaN."""
+    return json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n"
 
 
 def _fsync_tree(root: Path) -> None:
@@ -119,7 +137,6 @@ def trim_metrics(path: str | os.PathLike, last_step: int) -> None:
     """Drop the rows of a metrics JSONL logged after step ``last_step`` (and a cut-off last line), so
     a run resumed from that step's checkpoint does not log those steps twice.  Rows without a
     "step" (the config) stay."""
-    import json
 
     path = Path(path)
     if not path.exists():
@@ -145,7 +162,6 @@ class JsonlLog:
         self.f = open(path, "a" if append else "w", encoding="utf-8")
 
     def write(self, event: str, **fields) -> None:
-        import json
         import time
 
         self.f.write(json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n")

@@ -191,6 +191,21 @@ def _read_config(path: Path) -> dict:
     return cfg
 
 
+def read_ranker_settings(path) -> dict:
+    """A checkpoint's relsum_ranker.json ({} where it has none): the input settings ``save`` writes, and
+    what ``relsum train-ranker`` adds (``train_query_ids``: the queries the ranker trained on)."""
+    file = Path(path) / SETTINGS_FILE
+    if not file.is_file():
+        return {}
+    try:
+        settings = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{file}: not a JSON object")
+    return settings
+
+
 def _init_head(model: nn.Module, missing: Sequence[str], seed: int) -> list[str]:
     """Seeded init of a new scoring head: weights ~ N(0, initializer_range), biases 0."""
     gen = torch.Generator().manual_seed(seed)
@@ -284,10 +299,7 @@ class CrossEncoder:
                              "(a classifier with several labels?)")
         _init_head(model, info.get("missing_keys", ()), head_seed)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        settings = {}
-        if (path / SETTINGS_FILE).is_file():
-            with open(path / SETTINGS_FILE, encoding="utf-8") as f:
-                settings = json.load(f)
+        settings = read_ranker_settings(path)
         if max_length is None:
             max_length = settings.get("max_length")
         return cls(model.eval(), tokenizer, device=resolve_device(device), dtype=dtype or torch.float32,

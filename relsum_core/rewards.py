@@ -35,7 +35,7 @@ import numpy as np
 
 from relsum_core.data import Judgment, Product
 from relsum_core.metrics import ndcg_at_k
-from relsum_core.text import attributes_text, join_title, normalise
+from relsum_core.text import attributes_text, join_title, normalise, product_text
 
 Scorer = Callable[[list[tuple[str, str]]], np.ndarray]
 COMPONENTS = ("relevance", "ranking", "budget", "faithfulness", "novelty")
@@ -78,8 +78,11 @@ class RankerReward:
     """Scores batches of (product, summary) with the frozen ranker; see the module docstring."""
 
     def __init__(self, scorer: Scorer, catalog: Mapping[str, Product], judgments: Sequence[Judgment],
-                 config: RewardConfig | None = None):
+                 config: RewardConfig | None = None, tokenizer=None):
+        """``tokenizer``: the ranker's, to cut titles to ``TITLE_TOKENS`` of it as the ranker saw them in
+        training (None: whole titles)."""
         self.scorer = scorer
+        self.tokenizer = tokenizer
         self.catalog = catalog
         self.config = config or RewardConfig()
         self.by_query: dict[str, list[Judgment]] = defaultdict(list)
@@ -90,10 +93,17 @@ class RankerReward:
             self.by_query[j.query_id].append(j)
             self.by_product[j.product_id].append(j)
         self._title_scores: dict[str, np.ndarray] = {}
+        self._titles: dict[str, str] = {}
         self._product_words: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
 
     def title(self, product_id: str) -> str:
-        return normalise(self.catalog[product_id].title)
+        title = self._titles.get(product_id)
+        if title is None:
+            product = self.catalog[product_id]
+            title = (normalise(product.title) if self.tokenizer is None
+                     else product_text(product, self.tokenizer, 0))
+            self._titles[product_id] = title
+        return title
 
     def _ensure_title_scores(self, query_ids: set[str]) -> None:
         todo = sorted(q for q in query_ids if q not in self._title_scores)

@@ -53,6 +53,18 @@ def test_cosine_truncates_to_the_models_position_table():
     assert np.isfinite(scorer.scores("red shoe", ["word " * 300, "red shoe"])).all()
 
 
+def test_cosine_refuses_a_tokenizer_larger_than_the_encoders_vocabulary():
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(default_base())
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=1000, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32))
+    with pytest.raises(ValueError, match="30522 tokens, more than the encoder's vocabulary of 1000"):
+        CosineScorer(model, tok)
+
+
 def test_bm25_length_normalisation_and_saturation_follow_b_and_k1():
     docs = ["red shoe", "red red shoe", "red shoe blue towel kitchen"]
     flat = bm25_scores("red", docs, k1=1.5, b=0.0)  # no length normalisation: tf decides

@@ -310,3 +310,61 @@ def test_validation_split_and_the_texts_each_variant_scores(tmp_path, tiny_ranke
     for p, text in scored[1][1].items():  # title+desc2: two attribute tokens after the title
         assert text.startswith(titles[p] + " | ")
         assert len(tok(text.split(" | ", 1)[1], add_special_tokens=False)["input_ids"]) <= 2
+
+
+def test_refuses_to_validate_on_queries_the_ranker_trained_on(tmp_path, data_dir, tiny_ranker_dir):
+    import shutil
+
+    hand = tmp_path / "hand.jsonl"
+    hand.write_text("".join(json.dumps({"product_id": p, "summary": b}) + "\n" for p, _, b in PRODUCTS))
+    val = split_queries(["q1", "q2", "q3"], 0.34, 0)[1]
+    ranker = tmp_path / "ranker"
+    shutil.copytree(tiny_ranker_dir, ranker)
+
+    def run(train_queries, split="validation"):
+        (ranker / "relsum_ranker.json").write_text(json.dumps({"train_query_ids": train_queries}))
+        return evaluate_summaries(tmp_path / "e", ranker=str(ranker), data=str(data_dir),
+                                  summaries={"hand": str(hand)}, split=split, val_fraction=0.34,
+                                  device="cpu", plot=False, progress=False)
+
+    # trained with --folds or --max-queries: its training set holds evaluate's validation queries
+    with pytest.raises(ValueError, match=rf"trained on 1 of the 1 validation queries \(e.g. \['{val[0]}'"):
+        run(["q1", "q2", "q3"])
+    assert not (tmp_path / "e" / "report.json").exists()
+    # the split it trained with passes
+    report = run(sorted({"q1", "q2", "q3"} - set(val)))
+    assert report["n_queries"] == len(val) and report["ranker_trained_queries"] == 0
+    # every query, knowingly: the report says how many the ranker trained on
+    report = run(["q1", "q2"], split="all")
+    assert report["n_queries"] == 3 and report["ranker_trained_queries"] == 2
+    assert "The ranker trained on 2 of these queries." in (tmp_path / "e" / "report.md").read_text()
+    (ranker / "relsum_ranker.json").write_text("{not json")
+    with pytest.raises(ValueError, match="relsum_ranker.json: not valid JSON"):
+        evaluate_summaries(tmp_path / "e", ranker=str(ranker), data=str(data_dir),
+                           summaries={"hand": str(hand)}, device="cpu", plot=False)
+
+
+def test_titles_are_cut_to_the_title_budget_the_ranker_trained_with(tmp_path, tiny_ranker_dir, monkeypatch):
+    from relsum_core.text import TITLE_TOKENS
+
+    long_title = " ".join(f"word{i}" for i in range(100))
+    d = tmp_path / "data"
+    d.mkdir()
+    rows = [{"product_id": p, "title": long_title if p == "p1" else t, "bullet_points": b}
+            for p, t, b in PRODUCTS]
+    (d / "products.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "judgments.csv").write_text("query_id,query,product_id,grade\n"
+                                     + "".join(f"{q},{t},{p},{g}\n" for q, t, p, g in JUDGMENTS))
+    hand = tmp_path / "hand.jsonl"
+    hand.write_text("".join(json.dumps({"product_id": p, "summary": "note"}) + "\n" for p, _, _ in PRODUCTS))
+    scored = []
+    score = Evaluation.score
+    monkeypatch.setattr(Evaluation, "score",
+                        lambda self, texts: scored.append(dict(texts)) or score(self, texts))
+    evaluate_summaries(tmp_path / "e", ranker=str(tiny_ranker_dir), data=str(d),
+                       summaries={"hand": str(hand)}, split="all", device="cpu", plot=False, progress=False)
+    tok = AutoTokenizer.from_pretrained(tiny_ranker_dir)
+    title, with_summary = scored[0]["p1"], scored[-1]["p1"]
+    assert long_title.startswith(title)
+    assert len(tok(title, add_special_tokens=False)["input_ids"]) == TITLE_TOKENS
+    assert with_summary == f"{title} | note"

@@ -1,8 +1,9 @@
 import json
+import math
 
 import pytest
 
-from relsum_core.io import JsonlLog, _exchange, atomic_write_dir, atomic_write_text, trim_metrics
+from relsum_core.io import JsonlLog, _exchange, atomic_write_dir, atomic_write_text, json_report, trim_metrics
 
 
 def test_atomic_write_dir_replaces_and_keeps_old_on_failure(tmp_path):
@@ -81,3 +82,13 @@ def test_atomic_write_bytes_keeps_the_old_file_when_a_write_fails(tmp_path, monk
         atomic_write_text(path, "new, half written")
     assert path.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]  # no temp file left
+
+
+def test_json_report_writes_strict_json():
+    report = {"ndcg": math.nan, "se": [1.5, math.inf, -math.inf], "n": 3, "name": "x", "none": None,
+              "nested": {"q1": math.nan, "q2": 0.25}}
+    text = json_report(report)
+    assert "NaN" not in text and "Infinity" not in text and text.endswith("\n")
+    back = json.loads(text, parse_constant=pytest.fail)  # bare NaN / Infinity would call parse_constant
+    assert back == {"ndcg": None, "se": [1.5, None, None], "n": 3, "name": "x", "none": None,
+                    "nested": {"q1": None, "q2": 0.25}}

@@ -39,10 +39,22 @@ def test_cross_validation_pools_every_query_and_resumes(tmp_path, tiny_base, cap
                 assert d["mean"] == pytest.approx(want, abs=1e-12)
     assert "| fold | queries | kept step |" in (out / "cv_report.md").read_text()
 
-    # A second run with the same settings reuses every fold instead of training again.
+    for i in range(3):  # each fold's ranker records what it trained on, for `relsum evaluate`
+        settings = json.loads((out / f"fold{i}" / "best" / "relsum_ranker.json").read_text())
+        assert sorted(settings["train_query_ids"]) == sorted(fold_queries(first6, 3, i)[0])
+
+    # A second run with the same settings reuses every fold instead of training again, also one
+    # whose report holds an undefined NDCG (a query with no relevant product), which strict JSON
+    # writes as null.
+    fold1 = json.loads((out / "fold1" / "report.json").read_text())
+    undefined = fold1["split"]["val_query_ids"][0]
+    fold1["per_query_ndcg"][RANKER]["title+64/ndcg@10"][undefined] = None
+    (out / "fold1" / "report.json").write_text(json.dumps(fold1))
     mtime = (out / "fold1" / "report.json").stat().st_mtime_ns
     assert main(_args(tiny_base, out)) == 0
     assert capsys.readouterr().out.count("reusing") == 3
+    pooled = json.loads((out / "cv_report.json").read_text(), parse_constant=pytest.fail)
+    assert pooled["table"][RANKER]["n_queries"] == 5  # the undefined one is left out, not a crash
     assert (out / "fold1" / "report.json").stat().st_mtime_ns == mtime
     # Other settings (here a step limit) are neither reused nor silently trained over ...
     with pytest.raises(SystemExit) as e:

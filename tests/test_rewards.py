@@ -187,3 +187,26 @@ def test_decoupled_advantages_scale_by_the_weights_norm():
     adv = decoupled_advantages(comps, {"relevance": 1.0, "faithfulness": 0.5}, 2)
     want = (group_advantages(comps["relevance"], 2) + 0.5 * group_advantages(comps["faithfulness"], 2))
     np.testing.assert_allclose(adv, want / math.sqrt(1.0 + 0.25), rtol=1e-12)
+
+
+def test_titles_are_cut_to_the_rankers_title_budget_as_in_training():
+    from transformers import AutoTokenizer
+
+    from relsum_core.text import TITLE_TOKENS, product_text
+    from relsum_core.trainers.ranker import default_base
+
+    tok = AutoTokenizer.from_pretrained(default_base())
+    long_title = " ".join(f"word{i}" for i in range(100))  # ~200 tokens
+    catalog = {**CATALOG, "a": Product("a", long_title, bullets=("stainless steel",))}
+    calls = []
+    r = RankerReward(overlap_scorer(calls), catalog, JUDGED, tokenizer=tok)
+    r(["a"], ["steel water"], [2])
+    cut = product_text(catalog["a"], tok, 0)
+    assert len(tok(cut, add_special_tokens=False)["input_ids"]) == TITLE_TOKENS
+    texts = [d for call in calls for _, d in call]
+    assert cut in texts and f"{cut} | steel water" in texts  # title-only and title | summary alike
+    assert not any(long_title in d for d in texts)
+    # without the ranker's tokenizer, the whole title
+    calls.clear()
+    RankerReward(overlap_scorer(calls), catalog, JUDGED)(["a"], ["steel water"], [2])
+    assert f"{long_title} | steel water" in [d for call in calls for _, d in call]

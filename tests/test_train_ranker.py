@@ -29,6 +29,7 @@ from relsum_core.trainers.ranker import (
     pseudo_pairs,
     pseudo_query,
     save_checkpoint,
+    train_ranker,
 )
 
 
@@ -532,3 +533,25 @@ def test_train_ranker_reads_a_wands_folder(tmp_path, tiny_base):
     assert report["split"]["train_pairs"] + report["split"]["val_pairs"] == len(keep)
     assert report["config"]["data"] == str(wands)
     assert set(report["table"]) == {"fine-tuned cross-encoder", "BM25 (bm25s)", "untuned encoder cosine"}
+
+
+def test_cosine_base_scores_with_its_own_tokenizer(tmp_path, tiny_base):
+    """--cosine-base with another vocabulary than --base: its ids are its own, never base's."""
+    from transformers import BertConfig, BertTokenizerFast
+
+    words = sorted({w for j in load_dataset()[1][:400] for w in j.query.lower().split()})
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    small = tmp_path / "small_bert"
+    tok = BertTokenizerFast(vocab=str(vocab))  # transformers 5 ignores vocab_file=
+    assert len(tok) == 5 + len(words)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=128)).save_pretrained(small)
+    tok.save_pretrained(small)
+    report = train_ranker(RankerTrainConfig(
+        out=str(tmp_path / "run"), base=str(tiny_base), cosine_base=str(small), max_queries=6, max_steps=1,
+        batch_size=2, group_size=4, max_attr_tokens=16, max_length=64, pseudo_steps=0, progress=False))
+    cosine = report["table"]["untuned encoder cosine"]
+    assert report["config"]["cosine_base"] == str(small)
+    assert all(math.isfinite(cosine[f"{v}/ndcg@10"]) for v in ("title", "title+64"))

@@ -22,7 +22,6 @@ Output directory::
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import random
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 
 from relsum_core.data import Judgment, Product, fold_queries, group_by_query, load_dataset, split_queries
-from relsum_core.io import JsonlLog, atomic_write_dir, atomic_write_text
+from relsum_core.io import JsonlLog, atomic_write_dir, atomic_write_text, json_report
 from relsum_core.metrics import (
     POSITIVE_GRADE,
     gains_of,
@@ -46,7 +45,7 @@ from relsum_core.metrics import (
     recall_at_precision,
 )
 from relsum_core.precision import resolve_device, resolve_precision
-from relsum_core.ranker import CrossEncoder, padded_pairs
+from relsum_core.ranker import SETTINGS_FILE, CrossEncoder, padded_pairs
 from relsum_core.text import SEPARATOR, PrefixSampler, product_text
 
 # Validation text variants: (name, attribute-token budget).
@@ -385,12 +384,13 @@ class ValSet:
 
 
 def save_checkpoint(model, tokenizer, dest: Path, meta: dict) -> None:
-    """An HF checkpoint plus relsum_ranker.json, written atomically (a crash keeps the old one)."""
+    """An HF checkpoint plus relsum_ranker.json (``meta``), written atomically (a crash keeps the old
+    one)."""
 
     def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "relsum_ranker.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / SETTINGS_FILE).write_text(json_report(meta))
 
     atomic_write_dir(dest, fill)
 
@@ -619,7 +619,7 @@ def _seed_all(seed: int) -> None:
 def train_ranker(cfg: RankerTrainConfig) -> dict:
     """Run one fine-tuning job; returns the report (also written to ``cfg.out``)."""
     from tqdm.auto import tqdm
-    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.optimization import get_linear_schedule_with_warmup
 
     from relsum_core.baselines import CosineScorer, bm25_scores
@@ -694,7 +694,8 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
     # Baselines first: they need no training and tell at once what the ranker has to beat.
     baseline_scores = {"BM25 (bm25s)": val.score_per_query(bm25_scores)}
     cosine_base = cfg.cosine_base or base
-    encoder = CosineScorer(AutoModel.from_pretrained(cosine_base), tokenizer, device=device)
+    # its own tokenizer: a cosine base with another vocabulary than base's
+    encoder = CosineScorer.from_pretrained(cosine_base, device=device)
     baseline_scores["untuned encoder cosine"] = val.score_per_query(encoder.scores)
     table = {name: val.metrics(scores) for name, scores in baseline_scores.items()}
     for name, m in table.items():
@@ -722,6 +723,8 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
         "title_tokens": sampler.title_tokens,
         "max_attr_tokens": cfg.max_attr_tokens,
         "max_length": cfg.max_length,
+        # so `relsum evaluate` can refuse to report the ranker on queries it trained on
+        "train_query_ids": train_q,
     }
 
     best = {"step": -1, "value": -math.inf, "metrics": None, "last_eval": -1}
@@ -840,6 +843,6 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
             "transformers": __import__("transformers").__version__,
         },
     }
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "report.json", json_report(report))
     atomic_write_text(out / "report.md", markdown_table(report))
     return report

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from relsum_core.data import fold_queries, group_by_query, load_dataset
-from relsum_core.io import atomic_write_text
+from relsum_core.io import atomic_write_text, json_report
 from relsum_core.trainers.ranker import (
     RANKER,
     SELECT_VARIANT,
@@ -69,6 +69,12 @@ def _changed_settings(saved: dict, cfg: RankerTrainConfig) -> list[str]:
     return changed
 
 
+def _null_to_nan(obj):
+    if obj is None:
+        return math.nan
+    return {k: _null_to_nan(v) for k, v in obj.items()} if isinstance(obj, dict) else obj
+
+
 def _fold_report(cfg: RankerTrainConfig, val_query_ids: list[str], log=print) -> dict:
     path = Path(cfg.out) / "report.json"
     saved = None
@@ -78,6 +84,8 @@ def _fold_report(cfg: RankerTrainConfig, val_query_ids: list[str], log=print) ->
         except json.JSONDecodeError:
             saved = None
     if saved and "per_query_ndcg" in saved:  # a finished fold
+        for key in ("per_query_ndcg", "table"):  # json_report wrote their NaNs as null
+            saved[key] = _null_to_nan(saved[key])
         changed = _changed_settings(saved["config"], cfg)
         if saved["split"].get("val_query_ids") != val_query_ids:
             changed.append("validation queries")
@@ -174,6 +182,6 @@ def cross_validate_ranker(cfg: RankerTrainConfig, folds: int, log=print) -> dict
     pooled = pool_folds(reports)
     report = {"folds": folds, "split_seed": cfg.split_seed, **pooled,
               "config": reports[0]["config"] | {"fold": None}}
-    atomic_write_text(out / "cv_report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "cv_report.json", json_report(report))
     atomic_write_text(out / "cv_report.md", cv_markdown(pooled, folds))
     return report

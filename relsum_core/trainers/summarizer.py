@@ -286,7 +286,8 @@ class SummarizerTrainer:
             self.ranker.predict, self.catalog, self.judgments,
             RewardConfig(relevance=cfg.reward_relevance, ranking=cfg.reward_ranking, budget=cfg.reward_budget,
                          faithfulness=cfg.reward_faithfulness, novelty=cfg.reward_novelty,
-                         budget_tokens=cfg.budget))
+                         budget_tokens=cfg.budget),
+            tokenizer=self.ranker.tokenizer)
         resume = self.out / "checkpoint"
         resuming = (resume / "trainer.pt").is_file()
         if not resuming:
