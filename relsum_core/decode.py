@@ -25,6 +25,8 @@ import weakref
 
 import torch
 
+from relsum_core.precision import device_scope
+
 _M32 = 0xFFFFFFFF
 # One resident engine per model (its buffers, cache and graph); a new shape replaces it.
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -259,7 +261,7 @@ class StaticEngine:
                         t.copy_(s)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=side):  # side is on self.device; the default may not be
                 self.step()
             self.graph = graph
         except Exception as e:  # noqa: BLE001 - any capture failure means: run the same step eagerly
@@ -275,17 +277,18 @@ class StaticEngine:
     @torch.no_grad()
     def run(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, keys: torch.Tensor,
             check_every: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-        self.prefill(prompt_ids, prompt_mask, keys)
-        remaining = self.T - 1
-        if remaining > 0 and self.use_graph and self.graph is None and not self.graph_failed:
-            self._capture()
-        while remaining > 0 and not bool(self.done.all()):
-            for _ in range(min(check_every, remaining)):
-                if self.graph is not None:
-                    self.graph.replay()
-                else:
-                    self.step()
-            remaining -= min(check_every, remaining)
+        with device_scope(self.device):  # a compiled step's Triton kernels launch on the current device
+            self.prefill(prompt_ids, prompt_mask, keys)
+            remaining = self.T - 1
+            if remaining > 0 and self.use_graph and self.graph is None and not self.graph_failed:
+                self._capture()
+            while remaining > 0 and not bool(self.done.all()):
+                for _ in range(min(check_every, remaining)):
+                    if self.graph is not None:
+                        self.graph.replay()
+                    else:
+                        self.step()
+                remaining -= min(check_every, remaining)
         # Width as the dynamic engine: up to the last step where any row was still live.
         any_live = self.live.any(0).nonzero()
         width = int(any_live[-1]) + 1 if any_live.numel() else 1

@@ -61,6 +61,9 @@ class PackedBertEncoder(nn.Module):
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.act = config.hidden_act
         self._fused_cache: dict[int, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+        # Counts clear_cache calls: a captured CUDA graph holds the joined copies' addresses, not
+        # the copies, so a Reranker recaptures when this moves.
+        self.cache_generation = 0
         # "auto": kernels on CUDA, addmm-fused torch on CPU.  "triton" / "torch" force the kernel
         # formulation with that implementation (tests run the CUDA wiring on CPU this way).
         self.impl = "auto"
@@ -105,6 +108,7 @@ class PackedBertEncoder(nn.Module):
     def clear_cache(self) -> None:
         """Drop the joined QKV copies (rebuilt on the next forward)."""
         self._fused_cache.clear()
+        self.cache_generation += 1
 
     def kernel_choices(self) -> tuple:
         """What a captured CUDA graph bakes in besides the weights (hashable)."""

@@ -7,6 +7,8 @@ CPUs with bf16 dot products (AVX512-BF16, AMX) run the project's bf16 GEMMs far 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -35,6 +37,15 @@ def resolve_device(device=None) -> torch.device:
     elif dev.type != "cpu":
         raise ValueError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
     return dev
+
+
+def device_scope(device: torch.device):
+    """Make ``device`` this thread's current CUDA device for the block (a no-op on the CPU).
+
+    Why: Triton launches on the current device's stream, whatever device its tensors are on, and a
+    server's worker thread starts on device 0; a model on ``cuda:1`` would otherwise run its kernels
+    on the wrong GPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def check_precision(precision: str) -> None:

@@ -26,7 +26,7 @@ from torch import nn
 
 from .encoder import PackedBertEncoder
 from .io import atomic_write_dir
-from .precision import resolve_device
+from .precision import device_scope, resolve_device
 from .text import encode_texts
 
 MINILM_ENV = "RELSUM_MINILM"
@@ -250,8 +250,14 @@ class CrossEncoder:
             raise ValueError(f"query_max_tokens must be >= 0, got {query_max_tokens}")
         if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
-        if device is not None or dtype is not None:
-            model = model.to(device=device, dtype=dtype)
+        # Moved weights stay normal tensors even when this runs under torch.inference_mode().
+        with torch.inference_mode(False):
+            if device is not None or dtype is not None:
+                model = model.to(device=device, dtype=dtype)
+        if any(p.is_inference() for p in model.parameters()):
+            raise ValueError("the model's weights are inference tensors (it was built under "
+                             "torch.inference_mode()), whose edits the packed encoder cannot follow; build "
+                             "or load it outside inference mode (torch.no_grad() is fine)")
         w = model.classifier.weight
         self.device, self.dtype = w.device, w.dtype
         self.model = model
@@ -397,7 +403,7 @@ class CrossEncoder:
         else:
             inputs = [t.to(dev) for t in (batch.input_ids, batch.token_type_ids, batch.position_ids,
                                            batch.cu_seqlens)]
-        with torch.inference_mode():
+        with torch.inference_mode(), device_scope(dev):
             return self.encoder(*inputs, batch.max_seqlen)
 
     # ---------------------------------------------------------------- public scoring
@@ -579,6 +585,9 @@ class _Graph:
         self.graph, self.host, self.inputs, self.scores = graph, host, inputs, scores
 
 
+_CAPTURE_LOCK = threading.Lock()
+
+
 class Reranker:
     """Online reranking: the model stays resident; one query with N candidates is scored as one packed
     batch per chunk of at most ``max_tokens`` tokens / ``max_candidates`` candidates.
@@ -639,7 +648,7 @@ class Reranker:
         if len(encoded) == 0:
             raise ValueError("the candidate list is empty: nothing to rank")
         scores = np.empty(len(encoded), dtype=np.float32)
-        with self._lock:
+        with self._lock, device_scope(self.ce.device):
             for idx in self._chunks([len(ids) for ids, _ in encoded]):
                 scores[idx] = self._score_chunk([encoded[i] for i in idx], idx)
         return scores
@@ -693,8 +702,11 @@ class Reranker:
         return self.ce.encoder(*PackedBatch.unstage(inputs, layout.tokens), layout.max_seqlen)
 
     def _current_weights_key(self):
-        # what a captured graph baked in: the weights and the encoder's kernel choices
-        return (self.ce.encoder.kernel_choices(), *((p.data_ptr(), p._version) for p in self._params))
+        # what a captured graph baked in: the weights, the encoder's derived copies of them and its
+        # kernel choices
+        enc = self.ce.encoder
+        weights = ((p.data_ptr(), p._version) for p in self._params)
+        return (enc.kernel_choices(), enc.cache_generation, *weights)
 
     def _replay(self, layout: BucketLayout, batch: PackedBatch) -> np.ndarray:
         key = self._current_weights_key()
@@ -704,7 +716,10 @@ class Reranker:
             self._weights_key = key
         g = self._graphs.get(layout.key)
         if g is None:
-            g = self._capture(layout, batch)
+            # One capture (with its warm-up) at a time in the process: under CUDA's global capture
+            # mode another Reranker's capture or warm-up allocations would fail this one.
+            with _CAPTURE_LOCK:
+                g = self._capture(layout, batch)
             self._graphs[layout.key] = g
         # The staging buffer is free again: the previous replay's result was read back synchronously.
         # The static buffers were made under inference mode (in _capture): write them under it too
@@ -730,6 +745,8 @@ class Reranker:
                 self._forward_static(inputs, layout)
         torch.cuda.current_stream(dev).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # On this model's device's stream: torch's default capture stream belongs to whichever device
+        # was current at the process's first capture.
+        with torch.cuda.graph(graph, pool=self._pool, stream=side):
             scores = self._forward_static(inputs, layout)
         return _Graph(graph, host, inputs, scores)

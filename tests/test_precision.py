@@ -36,3 +36,11 @@ def test_resolve_device_checks_the_name_and_cuda_up_front():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="sees no CUDA device"):
             resolve_device("cuda")
+
+
+def test_device_scope_selects_the_models_cuda_device():
+    import contextlib
+
+    assert isinstance(precision.device_scope(torch.device("cpu")), contextlib.nullcontext)
+    scope = precision.device_scope(torch.device("cuda", 1))  # built only: entering needs the GPU
+    assert isinstance(scope, torch.cuda.device) and scope.idx == 1

@@ -315,6 +315,46 @@ def test_scores_follow_weights_written_through_data(tiny):
         tiny.refresh()
 
 
+def test_reranker_graphs_are_recaptured_after_refresh(tiny):
+    """A captured CUDA graph holds the joined QKV copies' addresses, not the copies: ce.refresh()
+    frees them, so the Reranker's weights key must move with it (a .data write moves nothing else)."""
+    rr = Reranker(tiny)
+    key = rr._current_weights_key()
+    assert rr._current_weights_key() == key
+    tiny.refresh()
+    assert rr._current_weights_key() != key
+
+
+def test_scoring_runs_on_the_models_device(tiny, monkeypatch):
+    """Triton launches on the thread's current CUDA device: both scoring paths enter the model's."""
+    import relsum_core.ranker as ranker_module
+
+    entered = []
+    scope = ranker_module.device_scope
+    monkeypatch.setattr(ranker_module, "device_scope", lambda dev: entered.append(dev) or scope(dev))
+    tiny.predict(mixed_pairs(seed=2)[:2])
+    assert entered == [tiny.device]
+    entered.clear()
+    Reranker(tiny).score("q", ["a", "b"])
+    assert entered and set(entered) == {tiny.device}
+
+
+def test_inference_mode_weights(tiny):
+    from transformers import BertForSequenceClassification
+
+    # Loaded or converted under inference mode: the moved weights are still normal tensors.
+    model = copy.deepcopy(tiny.model)
+    with torch.inference_mode():
+        ce = CrossEncoder.from_model(model, tiny.tokenizer, dtype=torch.bfloat16)
+        scores = ce.predict(mixed_pairs(seed=3)[:2])
+    assert np.isfinite(scores).all() and not any(p.is_inference() for p in ce.model.parameters())
+    # Built under inference mode: a clear error, not "Inference tensors do not track version counter"
+    with torch.inference_mode():
+        built = BertForSequenceClassification(tiny.model.config)
+    with pytest.raises(ValueError, match="weights are inference tensors"):
+        CrossEncoder(built, tiny.tokenizer)
+
+
 # ------------------------------------------------------------------ rank
 def test_rank_sorted_top_k_and_documents(tiny):
     docs = [text(random.Random(i), 5 + i) for i in range(12)]

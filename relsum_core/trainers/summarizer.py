@@ -268,6 +268,10 @@ class SummarizerTrainer:
         if device.type == "cuda" and self.world > 1:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.rank)))
         self.device = device
+        if device.type == "cuda":
+            # Triton (the fused log-prob, the ranker's kernels) and NCCL work on the current device:
+            # without this every torchrun process but rank 0 would launch its kernels on GPU 0.
+            torch.cuda.set_device(device)
         if cfg.products_per_step % self.world:
             raise ValueError(f"products_per_step={cfg.products_per_step} must be divisible by the "
                              f"{self.world} processes")
