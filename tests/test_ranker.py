@@ -510,6 +510,17 @@ def test_reranker_buckets_match_predict(tiny):
         bucketed.score("q", [])
 
 
+def test_cpu_reranker_buckets_bf16_by_default(tiny):
+    """In bf16 the CPU Reranker bounds the shapes oneDNN builds kernels for; in fp32 it runs exact."""
+    rng = random.Random(4)
+    cands = [text(rng, rng.randint(0, 150)) for _ in range(30)]
+    half = CrossEncoder.from_model(copy.deepcopy(tiny.model), tiny.tokenizer, dtype=torch.bfloat16)
+    rr = Reranker(half)
+    assert rr.use_buckets and not rr.cuda_graphs and not Reranker(half, use_buckets=False).use_buckets
+    got, want = rr.score("garden hose", cands), half.predict([("garden hose", c) for c in cands])
+    np.testing.assert_allclose(got, want, rtol=0, atol=0.02 * max(1.0, np.abs(want).max()))
+
+
 def test_reranker_guards(tiny):
     with pytest.raises(ValueError, match="CUDA"):
         Reranker(tiny, cuda_graphs=True)
