@@ -602,6 +602,18 @@ def test_reranker_cuda_graphs(tiny_dir):
     edited = rr.score("garden hose", cands)
     assert np.abs(edited - first).max() > 1e-4
     np.testing.assert_allclose(edited, ce.predict(pairs), rtol=0, atol=1e-5)
+    # A .data write moves no version counter; refresh() frees the joined copies the graphs read.
+    with torch.no_grad():
+        v.data.mul_(0.5)
+    ce.refresh()
+    fresh = CrossEncoder.from_model(copy.deepcopy(ce.model), ce.tokenizer).predict(pairs)
+    np.testing.assert_allclose(rr.score("garden hose", cands), fresh, rtol=0, atol=1e-5)
+    # From a worker thread (which starts on its own current device), as a server calls it.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        np.testing.assert_allclose(pool.submit(rr.score, "garden hose", cands).result(), fresh, rtol=0,
+                                   atol=1e-5)
     ce16 = CrossEncoder.from_pretrained(tiny_dir, device="cuda", dtype=torch.bfloat16)
     np.testing.assert_allclose(Reranker(ce16).score("garden hose", cands), ref, rtol=0, atol=5e-2)
 
