@@ -16,6 +16,12 @@ The directory holds:
   model's vocabulary is the first lines of ``vocab.txt``, the added tokens outside it follow) and the
   tokens matched verbatim before normalisation ([CLS], [SEP], ...).
 
+The package itself carries, as AOTInductor metadata that no text edit reaches, the model's embedding
+row counts (word, position, token type) and the exporting CPU's vector extensions: the C++ checks
+vocab.txt and settings.txt against the first (an id past them would abort the process inside an
+OpenMP region, not throw), and the serving CPU against the second (the package is compiled with
+``-march=native``; a CPU without them would die on SIGILL).
+
 Plain text throughout so the C++ side needs nothing beyond libtorch.
 """
 
@@ -32,7 +38,8 @@ from torch import nn
 from .io import atomic_write_dir, atomic_write_text
 from .ranker import SPECIAL_TOKENS, CrossEncoder, PackedBatch
 
-FORMAT_VERSION = 2  # 2: max_seqlen and wordpiece_vocab_size (bindings/src/export_dir.h kFormatVersion)
+# 2: max_seqlen and wordpiece_vocab_size; 3: the package's metadata (bindings/src/export_dir.h kFormatVersion)
+FORMAT_VERSION = 3
 PACKAGE_FILE = "model.pt2"
 VOCAB_FILE = "vocab.txt"
 RULES_FILE = "text_rules.tsv"
@@ -222,6 +229,33 @@ def _settings(ce: CrossEncoder, spec: dict, dtype: torch.dtype) -> list[str]:
     return [f"{k} {v}" for k, v in rows]
 
 
+# x86 vector extensions a -march=native build may use (names as /proc/cpuinfo spells them).
+ISA_FLAGS = ("sse4_1", "sse4_2", "popcnt", "abm", "movbe", "bmi1", "bmi2", "fma", "f16c", "avx", "avx2",
+             "avx_vnni", "gfni", "vaes", "vpclmulqdq", "avx512f", "avx512dq", "avx512cd", "avx512bw",
+             "avx512vl", "avx512ifma", "avx512vbmi", "avx512_vbmi2", "avx512_vnni", "avx512_bitalg",
+             "avx512_vpopcntdq", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_isa_flags() -> list[str]:
+    """The ``ISA_FLAGS`` this CPU has ([] where /proc/cpuinfo cannot tell, e.g. off Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
+    have = set(line.partition(":")[2].split())
+    return [f for f in ISA_FLAGS if f in have]
+
+
+def package_metadata(model: nn.Module) -> dict[str, str]:
+    """What model.pt2 records about itself for the C++ checks (module docstring)."""
+    emb = model.bert.embeddings
+    return {"relsum_word_rows": str(emb.word_embeddings.num_embeddings),
+            "relsum_position_rows": str(emb.position_embeddings.num_embeddings),
+            "relsum_type_rows": str(emb.token_type_embeddings.num_embeddings),
+            "relsum_cpu_flags": " ".join(cpu_isa_flags())}
+
+
 # --------------------------------------------------------------------------------------------
 # export
 # --------------------------------------------------------------------------------------------
@@ -281,11 +315,16 @@ def export_ranker(ranker: CrossEncoder | str | Path, out: str | Path, *,
     with torch.no_grad():
         program = torch.export.export(encoder, example, dynamic_shapes=dynamic)
     vocab = _vocab_lines(ranker.tokenizer)
+    if len(vocab) > ranker.vocab_size:
+        raise ValueError(f"the tokenizer has {len(vocab)} tokens but the model only {ranker.vocab_size} "
+                         "embedding rows (added tokens without resize_token_embeddings?)")
     rules = text_rules(ranker.tokenizer)
     settings = _settings(ranker, spec, dtype)
+    metadata = package_metadata(model)
 
     def fill(tmp: Path) -> None:
-        torch._inductor.aoti_compile_and_package(program, package_path=str(tmp / PACKAGE_FILE))
+        torch._inductor.aoti_compile_and_package(program, package_path=str(tmp / PACKAGE_FILE),
+                                                 inductor_configs={"aot_inductor.metadata": metadata})
         atomic_write_text(tmp / VOCAB_FILE, "\n".join(vocab) + "\n")
         atomic_write_text(tmp / RULES_FILE, "\n".join(rules) + "\n")
         atomic_write_text(tmp / SETTINGS_FILE, "\n".join(settings) + "\n")

@@ -9,7 +9,7 @@
 
 namespace relsum::detail {
 
-inline constexpr int kFormatVersion = 2;  // relsum_core/export.py FORMAT_VERSION
+inline constexpr int kFormatVersion = 3;  // relsum_core/export.py FORMAT_VERSION
 
 std::string join(const std::string& dir, const std::string& name);
 

@@ -7,7 +7,9 @@
 
 #include <algorithm>
 #include <fstream>
+#include <iterator>
 #include <new>
+#include <sstream>
 #include <numeric>
 #include <optional>
 #include <stdexcept>
@@ -31,12 +33,23 @@ struct Encoded {
   std::size_t first_type1;  // index of the first token of token type 1
 };
 
+// This CPU's flags line of /proc/cpuinfo, split; empty where there is none (off Linux).
+std::vector<std::string> cpu_flags() {
+  std::ifstream in("/proc/cpuinfo");
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind("flags", 0) != 0) continue;
+    std::istringstream words(line.substr(line.find(':') + 1));
+    return {std::istream_iterator<std::string>(words), std::istream_iterator<std::string>()};
+  }
+  return {};
+}
+
 }  // namespace
 
 struct Ranker::Impl {
   // Every setting is range-checked before the package loads: a bad one would otherwise index past
   // the embeddings or the exported shapes, or wrap around as a size.
-  Impl(const std::string& dir, std::size_t num_runners)
+  Impl(const std::string& dir, std::size_t num_runners, int num_threads)
       : settings(dir),
         tokenizer(dir),
         package(package_path(dir)),
@@ -47,12 +60,59 @@ struct Ranker::Impl {
         query_max_tokens(settings.count("query_max_tokens")),
         cls_id(token_id("cls_id")),
         sep_id(token_id("sep_id")),
-        two_types(settings.count("two_token_types", 0, 1) != 0) {
+        two_types(settings.count("two_token_types", 0, 1) != 0),
+        num_threads(num_threads) {
     try {
       loader.emplace(package, "model", /*run_single_threaded=*/false, num_runners);
     } catch (const std::exception& e) {  // c10::Error for a corrupt package: not a std::runtime_error
       throw std::runtime_error("relsum: " + package + ": cannot load the AOTInductor package: " + message(e));
     }
+    check_package();
+  }
+
+  // The package's own record of its embeddings and of the CPU it was compiled for (export.py,
+  // package_metadata).  Inside the model an id or position past its embeddings aborts the process
+  // (the bounds check throws inside an OpenMP region), and a missing instruction set is a SIGILL.
+  void check_package() {
+    const auto meta = loader->get_metadata();
+    const auto rows = [&](const std::string& key) -> std::size_t {
+      const auto it = meta.find(key);
+      std::size_t used = 0, value = 0;
+      if (it != meta.end()) {
+        try {
+          value = std::stoull(it->second, &used);
+        } catch (const std::exception&) {
+          used = 0;
+        }
+      }
+      if (it == meta.end() || used == 0 || used != it->second.size())
+        throw std::runtime_error("relsum: " + package + ": its metadata lacks a valid `" + key +
+                                 "`: not a package of `relsum export-ranker` format " +
+                                 std::to_string(detail::kFormatVersion));
+      return value;
+    };
+    const auto words = rows("relsum_word_rows");
+    if (tokenizer.vocab_size() > words)
+      throw std::runtime_error("relsum: " + package + ": the export's vocab.txt has " +
+                               std::to_string(tokenizer.vocab_size()) + " tokens, more than this model's " +
+                               std::to_string(words) + " embedding rows (files from different exports?)");
+    const auto positions = rows("relsum_position_rows");
+    if (max_seqlen > positions)
+      throw std::runtime_error("relsum: " + settings.path() + ": `max_seqlen` is " + std::to_string(max_seqlen) +
+                               ", more than the model's " + std::to_string(positions) + " position embeddings");
+    if (two_types && rows("relsum_type_rows") < 2)
+      throw std::runtime_error("relsum: " + settings.path() +
+                               ": `two_token_types` is 1 but the model has one token type embedding");
+    const auto it = meta.find("relsum_cpu_flags");
+    const auto have = cpu_flags();
+    if (it == meta.end() || have.empty()) return;  // nothing recorded, or nothing to compare with
+    std::istringstream need(it->second);
+    std::string missing;
+    for (std::string flag; need >> flag;)
+      if (std::find(have.begin(), have.end(), flag) == have.end()) missing += " " + flag;
+    if (!missing.empty())
+      throw std::runtime_error("relsum: " + package + " was compiled for a CPU with" + missing +
+                               ", which this CPU lacks; export the ranker again on this kind of machine");
   }
 
   int64_t token_id(const std::string& key) const {
@@ -120,7 +180,7 @@ struct Ranker::Impl {
         out = loader->run({ids, types, pos, pad_index, slot, cls});
       } catch (const std::bad_alloc&) {
         throw;
-      } catch (const std::exception& e) {  // e.g. a token id past the embeddings of a hand-edited vocab.txt
+      } catch (const std::exception& e) {  // a failure inside the package that it reports by throwing
         throw std::runtime_error("relsum: " + package + ": the model failed: " + message(e));
       }
     }
@@ -141,13 +201,14 @@ struct Ranker::Impl {
   std::size_t max_packed_tokens, max_batch, max_seqlen, max_length, query_max_tokens;
   int64_t cls_id, sep_id;
   bool two_types;
+  int num_threads;  // 0: libtorch's default
   std::optional<torch::inductor::AOTIModelPackageLoader> loader;  // loaded last, once the settings pass
 };
 
 Ranker::Ranker(const std::string& export_dir, const RankerOptions& options) {
   if (options.num_runners == 0) throw std::invalid_argument("relsum: num_runners must be >= 1");
   if (options.num_threads < 0) throw std::invalid_argument("relsum: num_threads must be >= 0");
-  impl_ = std::make_unique<Impl>(export_dir, options.num_runners);
+  impl_ = std::make_unique<Impl>(export_dir, options.num_runners, options.num_threads);
   if (options.num_threads > 0) at::set_num_threads(options.num_threads);
 }
 Ranker::~Ranker() = default;
@@ -168,6 +229,8 @@ std::vector<float> Ranker::predict(const std::vector<std::pair<std::string, std:
   if (max_tokens == 0) throw std::invalid_argument("relsum: max_tokens must be >= 1");
   batch_size = std::min(batch_size, impl_->max_batch);
   max_tokens = std::min(max_tokens, impl_->max_packed_tokens);  // padded >= packed: within the export
+  // at::set_num_threads reaches only threads that have not run torch work yet: set it per calling thread.
+  if (impl_->num_threads > 0 && at::get_num_threads() != impl_->num_threads) at::set_num_threads(impl_->num_threads);
   std::vector<Encoded> enc;
   enc.reserve(pairs.size());
   std::unordered_map<std::string_view, std::vector<int64_t>> query_ids;  // each query tokenised once
@@ -176,9 +239,19 @@ std::vector<float> Ranker::predict(const std::vector<std::pair<std::string, std:
     if (it == query_ids.end()) it = query_ids.emplace(q, impl_->tokenizer.encode(q)).first;
     enc.push_back(impl_->cut(it->second, impl_->tokenizer.encode(d)));
   }
+  // A pair whose ids repeat an earlier one's is scored once and copied: identical documents then tie
+  // exactly (a score can depend on its row in a batch of mixed lengths), and rank() keeps them in
+  // corpus_id order, as Python does.
+  std::vector<std::size_t> first(enc.size());
+  std::unordered_map<std::string_view, std::size_t> seen;
+  std::vector<std::size_t> order;
+  for (std::size_t i = 0; i < enc.size(); ++i) {
+    const std::string_view key(reinterpret_cast<const char*>(enc[i].ids.data()), enc[i].ids.size() * sizeof(int64_t));
+    const auto [it, fresh] = seen.emplace(key, i);
+    first[i] = it->second;
+    if (fresh) order.push_back(i);
+  }
   // Longest first: each batch pads its attention to its own longest pair.
-  std::vector<std::size_t> order(enc.size());
-  std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(),
                    [&](std::size_t a, std::size_t b) { return enc[a].ids.size() > enc[b].ids.size(); });
   std::vector<float> scores(enc.size());
@@ -194,6 +267,7 @@ std::vector<float> Ranker::predict(const std::vector<std::pair<std::string, std:
     for (std::size_t k = 0; k < s.size(); ++k) scores[order[i + k]] = s[k];
     i = j;
   }
+  for (std::size_t i = 0; i < enc.size(); ++i) scores[i] = scores[first[i]];
   return scores;
 }
 

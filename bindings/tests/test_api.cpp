@@ -7,10 +7,13 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <future>
 #include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
+
+#include <ATen/Parallel.h>
 
 #include "relsum/ranker.h"
 
@@ -91,6 +94,28 @@ int main(int argc, char** argv) {
     for (auto& g : got) threads.emplace_back([&] { g = pooled.predict(pairs); });
     for (auto& t : threads) t.join();
     for (const auto& g : got) check(g == scores, std::to_string(runners) + " runner(s), four threads at once");
+  }
+
+  // num_threads reaches a request thread that ran torch work before the Ranker was built (a thread
+  // pool that outlives a model reload): at::set_num_threads in the constructor alone would not.
+  {
+    std::promise<void> warmed, built;
+    const relsum::Ranker* one_thread = nullptr;
+    int seen = -1;
+    std::thread worker([&] {
+      ranker.predict(pairs);  // libtorch's default thread count, fixed in this thread from now on
+      warmed.set_value();
+      built.get_future().wait();
+      one_thread->predict(pairs);
+      seen = at::get_num_threads();
+    });
+    warmed.get_future().wait();
+    const relsum::Ranker limited(argv[1], {1, 1});
+    one_thread = &limited;
+    built.set_value();
+    worker.join();
+    check(seen == 1, "num_threads 1 applies in a request thread that ran torch work before (saw " +
+                         std::to_string(seen) + ")");
   }
 
   // Truncation: a doc far past max_length is cut to exactly max_length tokens.

@@ -26,8 +26,10 @@ struct Ranked {
 struct RankerOptions {
   // Model instances: up to this many predict()/rank() calls run at once; more wait for one to free.
   std::size_t num_runners = 1;
-  // libtorch's intra-op threads, process-wide (at::set_num_threads); 0 leaves its default, one per
-  // core.  A service running several requests at once wants num_runners x num_threads <= cores.
+  // libtorch's intra-op threads of each predict()/rank() call (at::set_num_threads, applied in the
+  // calling thread: a thread that ran torch work keeps its own count otherwise); 0 leaves libtorch's
+  // default, one per core.  A service running several requests at once wants num_runners x
+  // num_threads <= cores.
   int num_threads = 0;
 };
 
@@ -35,8 +37,10 @@ class Ranker {
  public:
   // Loads export_dir (model.pt2, vocab.txt, text_rules.tsv, settings.txt).  Throws std::runtime_error
   // naming the file for a missing or malformed one (a corrupt model.pt2 included), a setting out of
-  // range, or an export format this build does not read, and std::invalid_argument for num_runners 0
-  // or negative num_threads.
+  // range or past the model's embeddings (vocab size, max_seqlen, token types: model.pt2 records its
+  // own), a CPU lacking a vector extension the package was compiled for (it is built for the
+  // exporting CPU), or an export format this build does not read, and std::invalid_argument for
+  // num_runners 0 or negative num_threads.
   explicit Ranker(const std::string& export_dir, const RankerOptions& options = {});
   ~Ranker();
   Ranker(Ranker&&) noexcept;
