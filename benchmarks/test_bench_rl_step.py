@@ -183,7 +183,7 @@ class Setup:
             bert.classifier.weight.normal_(0, 1.0)  # rewards that differ between rollouts
         self.ranker = CrossEncoder.from_model(bert, rtok, device=dev, dtype=s.dtype)
         catalog, judgments = load_dataset()
-        self.reward = RankerReward(self.ranker.predict, catalog, judgments)
+        self.reward = RankerReward(self.ranker.predict, catalog, judgments, tokenizer=self.ranker.tokenizer)
         judged = sorted({j.product_id for j in judgments})
         products = random.Random(0).sample(judged, s.products)
         self.pids = [p for p in products for _ in range(s.group)]

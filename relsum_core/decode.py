@@ -25,7 +25,7 @@ import weakref
 
 import torch
 
-from relsum_core.precision import device_scope
+from relsum_core.precision import CAPTURE_LOCK, CAPTURE_MODE, device_scope
 
 _M32 = 0xFFFFFFFF
 # One resident engine per model (its buffers, cache and graph); a new shape replaces it.
@@ -261,7 +261,8 @@ class StaticEngine:
                         t.copy_(s)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=side):  # side is on self.device; the default may not be
+            # side is on self.device; torch's default capture stream may not be
+            with torch.cuda.graph(graph, stream=side, capture_error_mode=CAPTURE_MODE):
                 self.step()
             self.graph = graph
         except Exception as e:  # noqa: BLE001 - any capture failure means: run the same step eagerly
@@ -281,7 +282,8 @@ class StaticEngine:
             self.prefill(prompt_ids, prompt_mask, keys)
             remaining = self.T - 1
             if remaining > 0 and self.use_graph and self.graph is None and not self.graph_failed:
-                self._capture()
+                with CAPTURE_LOCK:
+                    self._capture()
             while remaining > 0 and not bool(self.done.all()):
                 for _ in range(min(check_every, remaining)):
                     if self.graph is not None:

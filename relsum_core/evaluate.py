@@ -224,8 +224,9 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
     queries = sorted({j.query_id for j in judgments})
     if split == "validation":
         queries = split_queries(queries, val_fraction=val_fraction, seed=split_seed)[1]
-    trained = set(read_ranker_settings(ranker).get("train_query_ids", ()))  # train-ranker records them
-    seen = [q for q in queries if q in trained]
+    trained = read_ranker_settings(ranker).get("train_queries")  # train-ranker records {id: text}
+    text = {j.query_id: j.query for j in judgments}
+    seen = [q for q in queries if trained and trained.get(q) == text[q]]
     if seen and split == "validation":
         raise ValueError(f"the ranker {ranker} trained on {len(seen)} of the {len(queries)} validation "
                          f"queries (e.g. {seen[:3]}): it was trained on another split (--max-queries, "
@@ -264,7 +265,8 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
 
     base = ev.score(variants["title"]["texts"])
     report = {"ranker": str(ranker), "split": split, "n_queries": len(ev.queries), "n_pairs": len(ev.pairs),
-              "n_products": len(ev.product_ids), "ranker_trained_queries": len(seen),
+              "n_products": len(ev.product_ids),
+              "ranker_trained_queries": len(seen) if trained is not None else None,  # None: no record
               "positive_grade": POSITIVE_GRADE, "precision_target": PRECISION_TARGET, "summaries": summaries,
               "sampling_dtype": {name: sampling_dtype for name, _, _ in tasks},
               "variants": {}}

@@ -231,9 +231,10 @@ def _settings(ce: CrossEncoder, spec: dict, dtype: torch.dtype) -> list[str]:
 
 # x86 vector extensions a -march=native build may use (names as /proc/cpuinfo spells them).
 ISA_FLAGS = ("sse4_1", "sse4_2", "popcnt", "abm", "movbe", "bmi1", "bmi2", "fma", "f16c", "avx", "avx2",
-             "avx_vnni", "gfni", "vaes", "vpclmulqdq", "avx512f", "avx512dq", "avx512cd", "avx512bw",
-             "avx512vl", "avx512ifma", "avx512vbmi", "avx512_vbmi2", "avx512_vnni", "avx512_bitalg",
-             "avx512_vpopcntdq", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+             "avx_vnni", "avx_vnni_int8", "avx_ne_convert", "avx_ifma", "gfni", "vaes", "vpclmulqdq",
+             "avx512f", "avx512dq", "avx512cd", "avx512bw", "avx512vl", "avx512ifma", "avx512vbmi",
+             "avx512_vbmi2", "avx512_vnni", "avx512_bitalg", "avx512_vpopcntdq", "avx512_vp2intersect",
+             "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16", "amx_complex")
 
 
 def cpu_isa_flags() -> list[str]:

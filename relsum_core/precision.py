@@ -8,6 +8,7 @@ CPUs with bf16 dot products (AVX512-BF16, AMX) run the project's bf16 GEMMs far 
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 
@@ -46,6 +47,23 @@ def device_scope(device: torch.device):
     server's worker thread starts on device 0; a model on ``cuda:1`` would otherwise run its kernels
     on the wrong GPU."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+# One CUDA graph capture (with its warm-up) at a time in the process.  Captures run in CUDA's
+# thread-local mode, so other threads' allocations and launches meanwhile do not fail them.
+CAPTURE_LOCK = threading.Lock()
+CAPTURE_MODE = "thread_local"
+
+
+def claim_device(device: torch.device) -> torch.device:
+    """``device`` made this process's current device (CUDA; the CPU is returned as is), with its index
+    filled in: a job that owns its process (a trainer, one torchrun rank) runs everything there."""
+    if device.type != "cuda":
+        return device
+    if device.index is None:  # torch.cuda.set_device refuses a bare "cuda"
+        device = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.set_device(device)
+    return device
 
 
 def check_precision(precision: str) -> None:

@@ -26,7 +26,7 @@ from torch import nn
 
 from .encoder import PackedBertEncoder
 from .io import atomic_write_dir
-from .precision import device_scope, resolve_device
+from .precision import CAPTURE_LOCK, CAPTURE_MODE, device_scope, resolve_device
 from .text import encode_texts
 
 MINILM_ENV = "RELSUM_MINILM"
@@ -193,7 +193,7 @@ def _read_config(path: Path) -> dict:
 
 def read_ranker_settings(path) -> dict:
     """A checkpoint's relsum_ranker.json ({} where it has none): the input settings ``save`` writes, and
-    what ``relsum train-ranker`` adds (``train_query_ids``: the queries the ranker trained on)."""
+    what ``relsum train-ranker`` adds (``train_queries``: {query id: text} of those it trained on)."""
     file = Path(path) / SETTINGS_FILE
     if not file.is_file():
         return {}
@@ -268,6 +268,8 @@ class CrossEncoder:
         self.vocab_size = self.encoder.embeddings.word_embeddings.num_embeddings
         # A model with a single token type (type_vocab_size 1) gets type 0 everywhere.
         self._two_types = cfg.type_vocab_size >= 2
+        # {query id: text} the ranker trained on, from its checkpoint; save() keeps it for evaluate.
+        self.train_queries: dict[str, str] | None = None
 
     def refresh(self) -> None:
         """Forget what the packed encoder derived from the weights (its joined QKV copies).  Edits
@@ -278,6 +280,7 @@ class CrossEncoder:
 
     # ---------------------------------------------------------------- construction
     @classmethod
+    @torch.inference_mode(False)  # loaded weights are normal tensors even when called under inference mode
     def from_pretrained(cls, path, *, device=None, dtype=None, max_length: int | None = None,
                         head_seed: int = 0) -> CrossEncoder:
         """Load a local HF BERT checkpoint onto ``device`` (default CUDA if available, else CPU) in ``dtype``
@@ -308,11 +311,13 @@ class CrossEncoder:
         settings = read_ranker_settings(path)
         if max_length is None:
             max_length = settings.get("max_length")
-        return cls(model.eval(), tokenizer, device=resolve_device(device), dtype=dtype or torch.float32,
-                   max_length=max_length,
-                   query_max_tokens=settings.get("query_max_tokens", QUERY_MAX_TOKENS))
+        ce = cls(model.eval(), tokenizer, device=resolve_device(device), dtype=dtype or torch.float32,
+                 max_length=max_length, query_max_tokens=settings.get("query_max_tokens", QUERY_MAX_TOKENS))
+        ce.train_queries = settings.get("train_queries")
+        return ce
 
     @classmethod
+    @torch.inference_mode(False)  # a new scoring head too
     def from_model(cls, hf_model: nn.Module, tokenizer, *, device=None, dtype=None,
                    max_length: int | None = None, head_seed: int = 0) -> CrossEncoder:
         """Wrap an in-memory model: a one-label ``BertForSequenceClassification`` (used as is, shared), or
@@ -469,8 +474,11 @@ class CrossEncoder:
         def fill(tmp: Path) -> None:
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
+            settings = {"max_length": self.max_length, "query_max_tokens": self.query_max_tokens}
+            if self.train_queries is not None:
+                settings["train_queries"] = self.train_queries
             with open(tmp / SETTINGS_FILE, "w", encoding="utf-8") as f:
-                json.dump({"max_length": self.max_length, "query_max_tokens": self.query_max_tokens}, f)
+                json.dump(settings, f)
 
         return atomic_write_dir(path, fill)
 
@@ -585,9 +593,6 @@ class _Graph:
         self.graph, self.host, self.inputs, self.scores = graph, host, inputs, scores
 
 
-_CAPTURE_LOCK = threading.Lock()
-
-
 class Reranker:
     """Online reranking: the model stays resident; one query with N candidates is scored as one packed
     batch per chunk of at most ``max_tokens`` tokens / ``max_candidates`` candidates.
@@ -623,7 +628,7 @@ class Reranker:
         if self.cuda_graphs and dev.type != "cuda":
             raise ValueError("cuda_graphs=True needs the model on a CUDA device")
         if use_buckets is None:
-            use_buckets = self.cuda_graphs or cross_encoder.dtype != torch.float32
+            use_buckets = self.cuda_graphs or (dev.type == "cpu" and cross_encoder.dtype != torch.float32)
         self.use_buckets = bool(use_buckets)
         if self.cuda_graphs and not self.use_buckets:
             raise ValueError("CUDA graphs need fixed shapes: use_buckets must stay on")
@@ -724,9 +729,7 @@ class Reranker:
             self._weights_key = key
         g = self._graphs.get(layout.key)
         if g is None:
-            # One capture (with its warm-up) at a time in the process: under CUDA's global capture
-            # mode another Reranker's capture or warm-up allocations would fail this one.
-            with _CAPTURE_LOCK:
+            with CAPTURE_LOCK:
                 g = self._capture(layout, batch)
             self._graphs[layout.key] = g
         # The staging buffer is free again: the previous replay's result was read back synchronously.
@@ -755,6 +758,6 @@ class Reranker:
         graph = torch.cuda.CUDAGraph()
         # On this model's device's stream: torch's default capture stream belongs to whichever device
         # was current at the process's first capture.
-        with torch.cuda.graph(graph, pool=self._pool, stream=side):
+        with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode=CAPTURE_MODE):
             scores = self._forward_static(inputs, layout)
         return _Graph(graph, host, inputs, scores)

@@ -179,6 +179,14 @@ def test_identical_docs_tie_in_corpus_order(binaries, exported, esci_texts):
     rows = [(int(i), float(s)) for i, s in (line.split("\t") for line in done.stdout.splitlines())]
     dups = [(i, s) for i, s in rows if i in (1, 2, 3, 5)]
     assert [i for i, _ in dups] == [1, 2, 3, 5] and len({s for _, s in dups}) == 1
+    # Same ids, other token types: a literal [SEP] moves where the query ends.  Not duplicates.
+    pairs = ["red [SEP] shoe\tgarden hose", "red\tshoe [SEP] garden hose"]
+    together = _run(binaries, [str(exported)], pairs)
+    alone = [_run(binaries, [str(exported)], [p]) for p in pairs]
+    assert together.returncode == 0 and all(a.returncode == 0 for a in alone)
+    got, want = [float(x) for x in together.stdout.split()], [float(a.stdout) for a in alone]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert abs(want[0] - want[1]) > 1e-3
 
 
 def test_cpp_api_checks(binaries, exported):

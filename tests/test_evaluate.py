@@ -315,14 +315,18 @@ def test_validation_split_and_the_texts_each_variant_scores(tmp_path, tiny_ranke
 def test_refuses_to_validate_on_queries_the_ranker_trained_on(tmp_path, data_dir, tiny_ranker_dir):
     import shutil
 
+    from relsum_core.ranker import CrossEncoder
+
     hand = tmp_path / "hand.jsonl"
     hand.write_text("".join(json.dumps({"product_id": p, "summary": b}) + "\n" for p, _, b in PRODUCTS))
     val = split_queries(["q1", "q2", "q3"], 0.34, 0)[1]
+    text = {q: t for q, t, _, _ in JUDGMENTS}
     ranker = tmp_path / "ranker"
     shutil.copytree(tiny_ranker_dir, ranker)
 
     def run(train_queries, split="validation"):
-        (ranker / "relsum_ranker.json").write_text(json.dumps({"train_query_ids": train_queries}))
+        record = {q: text.get(q, "?") for q in train_queries} if train_queries is not None else None
+        (ranker / "relsum_ranker.json").write_text(json.dumps({"train_queries": record}))
         return evaluate_summaries(tmp_path / "e", ranker=str(ranker), data=str(data_dir),
                                   summaries={"hand": str(hand)}, split=split, val_fraction=0.34,
                                   device="cpu", plot=False, progress=False)
@@ -334,10 +338,23 @@ def test_refuses_to_validate_on_queries_the_ranker_trained_on(tmp_path, data_dir
     # the split it trained with passes
     report = run(sorted({"q1", "q2", "q3"} - set(val)))
     assert report["n_queries"] == len(val) and report["ranker_trained_queries"] == 0
-    # every query, knowingly: the report says how many the ranker trained on
+    # another dataset whose ids happen to match: the texts differ, so these are other queries
+    other = {"train_queries": {q: "garden hose" for q in text}}
+    (ranker / "relsum_ranker.json").write_text(json.dumps(other))
+    report = evaluate_summaries(tmp_path / "e", ranker=str(ranker), data=str(data_dir),
+                                summaries={"hand": str(hand)}, val_fraction=0.34, device="cpu", plot=False)
+    assert report["ranker_trained_queries"] == 0
+    # every query, knowingly: the report says how many the ranker trained on (None: no record)
     report = run(["q1", "q2"], split="all")
     assert report["n_queries"] == 3 and report["ranker_trained_queries"] == 2
     assert "The ranker trained on 2 of these queries." in (tmp_path / "e" / "report.md").read_text()
+    assert run(None, split="all")["ranker_trained_queries"] is None
+    # a re-saved ranker keeps the record
+    run(["q1", "q2", "q3"], split="all")
+    CrossEncoder.from_pretrained(ranker, device="cpu").save(tmp_path / "resaved")
+    with pytest.raises(ValueError, match="trained on 1 of the 1 validation queries"):
+        evaluate_summaries(tmp_path / "e", ranker=str(tmp_path / "resaved"), data=str(data_dir),
+                           summaries={"hand": str(hand)}, val_fraction=0.34, device="cpu", plot=False)
     (ranker / "relsum_ranker.json").write_text("{not json")
     with pytest.raises(ValueError, match="relsum_ranker.json: not valid JSON"):
         evaluate_summaries(tmp_path / "e", ranker=str(ranker), data=str(data_dir),

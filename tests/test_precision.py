@@ -44,3 +44,21 @@ def test_device_scope_selects_the_models_cuda_device():
     assert isinstance(precision.device_scope(torch.device("cpu")), contextlib.nullcontext)
     scope = precision.device_scope(torch.device("cuda", 1))  # built only: entering needs the GPU
     assert isinstance(scope, torch.cuda.device) and scope.idx == 1
+
+
+def test_claim_device_fills_the_index_and_makes_it_current(monkeypatch):
+    """A bare "cuda" (what resolve_device gives) must become cuda:<current> before set_device, which
+    refuses it."""
+    current, made = [3], []
+
+    def set_device(dev):
+        if not isinstance(dev, int) and dev.index is None:  # as torch.cuda.set_device does
+            raise ValueError("Expected a torch.device with a specified index or an integer")
+        made.append(dev)
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    assert precision.claim_device(torch.device("cuda")) == torch.device("cuda", 3)
+    assert precision.claim_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert made == [torch.device("cuda", 3), torch.device("cuda", 1)]
+    assert precision.claim_device(torch.device("cpu")) == torch.device("cpu") and len(made) == 2

@@ -339,8 +339,13 @@ def test_scoring_runs_on_the_models_device(tiny, monkeypatch):
     assert entered and set(entered) == {tiny.device}
 
 
-def test_inference_mode_weights(tiny):
+def test_inference_mode_weights(tiny, tiny_dir):
     from transformers import BertForSequenceClassification
+
+    with torch.inference_mode():  # loaded under inference mode, no move: still normal tensors
+        loaded = CrossEncoder.from_pretrained(tiny_dir, device="cpu")
+        pairs = mixed_pairs(seed=3)[:2]
+        np.testing.assert_allclose(loaded.predict(pairs), tiny.predict(pairs))
 
     # Loaded or converted under inference mode: the moved weights are still normal tensors.
     model = copy.deepcopy(tiny.model)

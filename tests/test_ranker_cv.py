@@ -41,7 +41,7 @@ def test_cross_validation_pools_every_query_and_resumes(tmp_path, tiny_base, cap
 
     for i in range(3):  # each fold's ranker records what it trained on, for `relsum evaluate`
         settings = json.loads((out / f"fold{i}" / "best" / "relsum_ranker.json").read_text())
-        assert sorted(settings["train_query_ids"]) == sorted(fold_queries(first6, 3, i)[0])
+        assert sorted(settings["train_queries"]) == sorted(fold_queries(first6, 3, i)[0])
 
     # A second run with the same settings reuses every fold instead of training again, also one
     # whose report holds an undefined NDCG (a query with no relevant product), which strict JSON

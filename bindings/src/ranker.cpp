@@ -242,12 +242,14 @@ std::vector<float> Ranker::predict(const std::vector<std::pair<std::string, std:
   // A pair whose ids repeat an earlier one's is scored once and copied: identical documents then tie
   // exactly (a score can depend on its row in a batch of mixed lengths), and rank() keeps them in
   // corpus_id order, as Python does.
+  // The key holds where token type 1 starts too: "a [SEP] b" + "c" and "a" + "b [SEP] c" share ids.
   std::vector<std::size_t> first(enc.size());
-  std::unordered_map<std::string_view, std::size_t> seen;
+  std::unordered_map<std::string, std::size_t> seen;
   std::vector<std::size_t> order;
   for (std::size_t i = 0; i < enc.size(); ++i) {
-    const std::string_view key(reinterpret_cast<const char*>(enc[i].ids.data()), enc[i].ids.size() * sizeof(int64_t));
-    const auto [it, fresh] = seen.emplace(key, i);
+    std::string key(reinterpret_cast<const char*>(enc[i].ids.data()), enc[i].ids.size() * sizeof(int64_t));
+    key.append(reinterpret_cast<const char*>(&enc[i].first_type1), sizeof(enc[i].first_type1));
+    const auto [it, fresh] = seen.emplace(std::move(key), i);
     first[i] = it->second;
     if (fresh) order.push_back(i);
   }

@@ -723,8 +723,9 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
         "title_tokens": sampler.title_tokens,
         "max_attr_tokens": cfg.max_attr_tokens,
         "max_length": cfg.max_length,
-        # so `relsum evaluate` can refuse to report the ranker on queries it trained on
-        "train_query_ids": train_q,
+        # so `relsum evaluate` can refuse to report the ranker on queries it trained on (id and text:
+        # another dataset's ids may coincide)
+        "train_queries": {q: by_query[q][0].query for q in train_q},
     }
 
     best = {"step": -1, "value": -math.inf, "metrics": None, "last_eval": -1}

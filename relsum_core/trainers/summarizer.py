@@ -58,7 +58,7 @@ from relsum_core.data import load_dataset, split_queries
 from relsum_core.io import JsonlLog, atomic_write_dir, trim_metrics
 from relsum_core.losses import dpo_loss, grpo_loss, sequence_logprob
 from relsum_core.policy import Rollouts, build_prompt, completion_logprobs, load_policy, sample
-from relsum_core.precision import check_precision, resolve_device, resolve_precision
+from relsum_core.precision import check_precision, claim_device, resolve_device, resolve_precision
 from relsum_core.rewards import COMPONENTS, RankerReward, RewardConfig, decoupled_advantages, group_advantages
 
 
@@ -267,11 +267,9 @@ class SummarizerTrainer:
         self.rank, self.world, self._joined_group = _distributed(device.type)
         if device.type == "cuda" and self.world > 1:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.rank)))
-        self.device = device
-        if device.type == "cuda":
-            # Triton (the fused log-prob, the ranker's kernels) and NCCL work on the current device:
-            # without this every torchrun process but rank 0 would launch its kernels on GPU 0.
-            torch.cuda.set_device(device)
+        # Triton (the fused log-prob, the ranker's kernels) and NCCL work on the current device:
+        # without this every torchrun process but rank 0 would launch its kernels on GPU 0.
+        self.device = device = claim_device(device)
         if cfg.products_per_step % self.world:
             raise ValueError(f"products_per_step={cfg.products_per_step} must be divisible by the "
                              f"{self.world} processes")
