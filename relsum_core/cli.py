@@ -7,8 +7,10 @@ import os
 import sys
 from pathlib import Path
 
-# relsum_core.precision.PRECISIONS, spelled out so that `relsum --help` does not import torch
+# relsum_core.precision.PRECISIONS and relsum_core.evaluate.SPLITS, spelled out so that `relsum --help`
+# does not import torch
 PRECISION_CHOICES = ("auto", "bf16", "fp32")
+SPLIT_CHOICES = ("validation", "heldout", "all")
 
 
 def _add_precision(p: argparse.ArgumentParser, help: str, default: str = "auto") -> None:
@@ -243,9 +245,10 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--doc2query", action="append", default=[], metavar="NAME=DIR",
                    help="the Doc2Query baseline: this policy writes search queries for each evaluated "
                    "product, scored as title + queries ('default' = packaged SmolLM2; repeatable)")
-    p.add_argument("--split", choices=["validation", "all"], default="validation",
+    p.add_argument("--split", choices=SPLIT_CHOICES, default="validation",
                    help="the validation queries of the training split (refused where the ranker's "
-                   "relsum_ranker.json lists some of them among its training queries), or every query")
+                   "relsum_ranker.json lists some of them among its training queries), every query the "
+                   "ranker did not train on (heldout: for --folds / --max-queries rankers), or every query")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--split-seed", type=int, default=0, help="the seed the ranker and summarizer split with")
     p.add_argument("--desc-tokens", type=int, nargs="+", default=[32],

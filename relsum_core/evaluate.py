@@ -37,6 +37,9 @@ from relsum_core.precision import resolve_device, resolve_precision
 from relsum_core.text import attributes_text, cut_to_tokens, join_title, normalise, product_text
 
 N_BOOTSTRAP = 1000
+# validation: the held-out part of --split-seed's split; heldout: every query the ranker's record
+# says it did not train on (a --folds or --max-queries ranker); all: every query
+SPLITS = ("validation", "heldout", "all")
 
 
 def read_summaries(path: str | Path) -> dict[str, str]:
@@ -201,8 +204,8 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
     clash = sorted({n for n in names if names.count(n) > 1})
     if clash:
         raise ValueError(f"names used for more than one of summaries files / policies / doc2query: {clash}")
-    if split not in ("validation", "all"):
-        raise ValueError(f"split must be 'validation' or 'all', got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if any(k < 1 for k in desc_tokens):
         raise ValueError(f"description prefixes need >= 1 token, got {list(desc_tokens)}")
     taken = sorted(set(names) & {f"desc{k}" for k in desc_tokens})
@@ -227,11 +230,19 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
     trained = read_ranker_settings(ranker).get("train_queries")  # train-ranker records {id: text}
     text = {j.query_id: j.query for j in judgments}
     seen = [q for q in queries if trained and trained.get(q) == text[q]]
+    if split == "heldout":
+        if trained is None:
+            raise ValueError(f"--split heldout needs the ranker's record of its training queries, and "
+                             f"{ranker} has none (relsum_ranker.json from `relsum train-ranker`)")
+        queries, seen = [q for q in queries if q not in set(seen)], []
+        if not queries:
+            raise ValueError(f"the ranker {ranker} trained on every query of this data: none is held out")
     if seen and split == "validation":
         raise ValueError(f"the ranker {ranker} trained on {len(seen)} of the {len(queries)} validation "
                          f"queries (e.g. {seen[:3]}): it was trained on another split (--max-queries, "
                          "--folds, or another --split-seed / --val-fraction); evaluate with the split it "
-                         "trained with, or pass --split all to score every query knowingly")
+                         "trained with, --split heldout for every query it did not train on, or --split "
+                         "all to score every query knowingly")
     ce = CrossEncoder.from_pretrained(ranker, device=device)
     ev = Evaluation(ce.predict, judgments, queries=queries)
 

@@ -177,7 +177,7 @@ def test_evaluate_summaries_bad_input(tmp_path, data_dir, tiny_ranker_dir):
         evaluate_summaries(tmp_path / "e", ranker=str(tiny_ranker_dir), summaries={"desc32": str(part)})
     with pytest.raises(FileNotFoundError, match="is a directory, not a JSONL file"):
         evaluate_summaries(tmp_path / "e", ranker=str(tiny_ranker_dir), summaries={"d": str(tmp_path)})
-    with pytest.raises(ValueError, match="split must be"):
+    with pytest.raises(ValueError, match="split must be one of validation, heldout, all"):
         evaluate_summaries(tmp_path / "e", ranker=str(tiny_ranker_dir), split="test")
     with pytest.raises(ValueError, match="precision must be one of auto, bf16, fp32"):
         evaluate_summaries(tmp_path / "e", ranker=str(tiny_ranker_dir), policies={"a": "default"},
@@ -344,6 +344,13 @@ def test_refuses_to_validate_on_queries_the_ranker_trained_on(tmp_path, data_dir
     report = evaluate_summaries(tmp_path / "e", ranker=str(ranker), data=str(data_dir),
                                 summaries={"hand": str(hand)}, val_fraction=0.34, device="cpu", plot=False)
     assert report["ranker_trained_queries"] == 0
+    # a fold ranker: every query it did not train on
+    report = run(["q2"], split="heldout")
+    assert report["split"] == "heldout" and report["n_queries"] == 2 and report["ranker_trained_queries"] == 0
+    with pytest.raises(ValueError, match="trained on every query of this data: none is held out"):
+        run(["q1", "q2", "q3"], split="heldout")
+    with pytest.raises(ValueError, match="--split heldout needs the ranker's record"):
+        run(None, split="heldout")
     # every query, knowingly: the report says how many the ranker trained on (None: no record)
     report = run(["q1", "q2"], split="all")
     assert report["n_queries"] == 3 and report["ranker_trained_queries"] == 2

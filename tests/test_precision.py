@@ -19,9 +19,11 @@ def test_precision_choices(monkeypatch):
 
 
 def test_cli_choices_match():
-    from relsum_core.cli import PRECISION_CHOICES
+    from relsum_core.cli import PRECISION_CHOICES, SPLIT_CHOICES
+    from relsum_core.evaluate import SPLITS
 
     assert PRECISION_CHOICES == precision.PRECISIONS
+    assert SPLIT_CHOICES == SPLITS
 
 
 def test_resolve_device_checks_the_name_and_cuda_up_front():
