@@ -228,13 +228,16 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
     if split == "validation":
         queries = split_queries(queries, val_fraction=val_fraction, seed=split_seed)[1]
     trained = read_ranker_settings(ranker).get("train_queries")  # train-ranker records {id: text}
+    if trained is not None and not isinstance(trained, dict):
+        raise ValueError(f"{ranker}: relsum_ranker.json's train_queries is not an object of query id: text")
     text = {j.query_id: j.query for j in judgments}
     seen = [q for q in queries if trained and trained.get(q) == text[q]]
     if split == "heldout":
         if trained is None:
             raise ValueError(f"--split heldout needs the ranker's record of its training queries, and "
                              f"{ranker} has none (relsum_ranker.json from `relsum train-ranker`)")
-        queries, seen = [q for q in queries if q not in set(seen)], []
+        trained_here = set(seen)
+        queries, seen = [q for q in queries if q not in trained_here], []
         if not queries:
             raise ValueError(f"the ranker {ranker} trained on every query of this data: none is held out")
     if seen and split == "validation":

@@ -362,6 +362,10 @@ def test_refuses_to_validate_on_queries_the_ranker_trained_on(tmp_path, data_dir
     with pytest.raises(ValueError, match="trained on 1 of the 1 validation queries"):
         evaluate_summaries(tmp_path / "e", ranker=str(tmp_path / "resaved"), data=str(data_dir),
                            summaries={"hand": str(hand)}, val_fraction=0.34, device="cpu", plot=False)
+    (ranker / "relsum_ranker.json").write_text(json.dumps({"train_queries": ["q1"]}))
+    with pytest.raises(ValueError, match="train_queries is not an object of query id: text"):
+        evaluate_summaries(tmp_path / "e", ranker=str(ranker), data=str(data_dir),
+                           summaries={"hand": str(hand)}, device="cpu", plot=False)
     (ranker / "relsum_ranker.json").write_text("{not json")
     with pytest.raises(ValueError, match="relsum_ranker.json: not valid JSON"):
         evaluate_summaries(tmp_path / "e", ranker=str(ranker), data=str(data_dir),
