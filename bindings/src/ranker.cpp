@@ -9,9 +9,9 @@
 #include <fstream>
 #include <iterator>
 #include <new>
-#include <sstream>
 #include <numeric>
 #include <optional>
+#include <sstream>
 #include <stdexcept>
 #include <string_view>
 #include <unordered_map>
