@@ -7,10 +7,11 @@ import os
 import sys
 from pathlib import Path
 
-# relsum_core.precision.PRECISIONS and relsum_core.evaluate.SPLITS, spelled out so that `relsum --help`
-# does not import torch
+# relsum_core.precision.PRECISIONS, relsum_core.evaluate.SPLITS and relsum_core.export.TARGETS, spelled
+# out so that `relsum --help` does not import torch
 PRECISION_CHOICES = ("auto", "bf16", "fp32")
 SPLIT_CHOICES = ("validation", "heldout", "all")
+TARGET_CHOICES = ("native", "x86-64-v3")  # relsum_core.export.TARGETS
 
 
 def _add_precision(p: argparse.ArgumentParser, help: str, default: str = "auto") -> None:
@@ -270,7 +271,7 @@ def _export_ranker(args: argparse.Namespace) -> int:
     from relsum_core.ranker import CrossEncoder
 
     ranker = CrossEncoder.from_pretrained(args.model, device="cpu", max_length=args.max_length)
-    out = export_ranker(ranker, args.out, dtype=getattr(torch, args.dtype))
+    out = export_ranker(ranker, args.out, dtype=getattr(torch, args.dtype), target=args.target)
     print(f"exported {args.model} -> {out} (serve it with bindings/: relsum_rerank {out})")
     return 0
 
@@ -287,6 +288,9 @@ def _add_export_ranker(sub) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="bfloat16 runs 1.7x (AVX512-BF16) to 2.7x (AMX) faster on CPUs that have them "
                    "(scores move ~1e-2)")
+    p.add_argument("--target", choices=TARGET_CHOICES, default="native",
+                   help="native: compiled for this CPU's vector extensions (the C++ refuses CPUs without "
+                   "them); x86-64-v3: any AVX2 x86 CPU")
     p.set_defaults(func=_export_ranker)
 
 

@@ -28,6 +28,7 @@ Plain text throughout so the C++ side needs nothing beyond libtorch.
 from __future__ import annotations
 
 import json
+import platform
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -248,13 +249,30 @@ def cpu_isa_flags() -> list[str]:
     return [f for f in ISA_FLAGS if f in have]
 
 
-def package_metadata(model: nn.Module) -> dict[str, str]:
+# Compile targets: "native" (-march=native, the exporting CPU's vector extensions: fastest there, and
+# only there) or "x86-64-v3" (AVX2, FMA, F16C, BMI: any x86 server since about 2015).  The GEMMs
+# are ATen calls that pick their kernels at run time either way; the target decides the compiled
+# pointwise and fused code.
+TARGETS = ("native", "x86-64-v3")
+X86_64_V3_FLAGS = ("sse4_1", "sse4_2", "popcnt", "abm", "movbe", "bmi1", "bmi2", "fma", "f16c", "avx", "avx2")
+
+
+def _target_configs(target: str) -> dict:
+    if target == "native":
+        return {}
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        raise ValueError(f"target {target} is an x86 target; this machine is {platform.machine()}")
+    return {"cpp.march": target, "cpp.simdlen": 256}  # 256-bit vectors: AVX2 kernels, no AVX-512
+
+
+def package_metadata(model: nn.Module, target: str = "native") -> dict[str, str]:
     """What model.pt2 records about itself for the C++ checks (module docstring)."""
     emb = model.bert.embeddings
+    flags = cpu_isa_flags() if target == "native" else list(X86_64_V3_FLAGS)
     return {"relsum_word_rows": str(emb.word_embeddings.num_embeddings),
             "relsum_position_rows": str(emb.position_embeddings.num_embeddings),
             "relsum_type_rows": str(emb.token_type_embeddings.num_embeddings),
-            "relsum_cpu_flags": " ".join(cpu_isa_flags())}
+            "relsum_cpu_flags": " ".join(flags)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,18 +306,23 @@ def check_export_dir(out: str | Path, model_dir: str | Path | None = None) -> Pa
 
 
 def export_ranker(ranker: CrossEncoder | str | Path, out: str | Path, *,
-                  dtype: torch.dtype = torch.float32) -> Path:
+                  dtype: torch.dtype = torch.float32, target: str = "native") -> Path:
     """Write the directory described in the module docstring to ``out`` (atomically: a failure
     leaves any previous export intact).  ``ranker``: a ``CrossEncoder`` or a checkpoint path for
     ``CrossEncoder.from_pretrained``.  The package targets the CPU (the model is copied there; the
     ``CrossEncoder`` is left as it was) in ``dtype``: float32, or bfloat16 for CPUs with bf16 dot
     products (AVX512-BF16, AMX), where it runs about twice as fast (scores move by ~1e-2).
     Compiling takes ~15 s for a tiny model, ~25 s for MiniLM on two cores.  ``out`` must be missing,
-    empty or a previous export (``check_export_dir``), else FileExistsError before any work."""
+    empty or a previous export (``check_export_dir``), else FileExistsError before any work.
+    ``target``: one of ``TARGETS`` (``"native"`` serves only on CPUs with the exporting CPU's vector
+    extensions; ``"x86-64-v3"`` on any AVX2 x86 CPU)."""
     import copy
 
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(map(str, EXPORT_DTYPES))}, got {dtype}")
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+    compile_configs = _target_configs(target)
     # HF records the checkpoint folder a model was loaded from; "" for one built in memory.
     model_dir = getattr(ranker.model, "name_or_path", "") if isinstance(ranker, CrossEncoder) else ranker
     out = check_export_dir(out, model_dir)
@@ -320,12 +343,12 @@ def export_ranker(ranker: CrossEncoder | str | Path, out: str | Path, *,
         raise ValueError(f"the tokenizer has {len(vocab)} tokens but the model only {ranker.vocab_size} "
                          "embedding rows (added tokens without resize_token_embeddings?)")
     rules = text_rules(ranker.tokenizer)
-    settings = _settings(ranker, spec, dtype)
-    metadata = package_metadata(model)
+    settings = _settings(ranker, spec, dtype) + [f"target {target}"]
+    configs = {"aot_inductor.metadata": package_metadata(model, target), **compile_configs}
 
     def fill(tmp: Path) -> None:
         torch._inductor.aoti_compile_and_package(program, package_path=str(tmp / PACKAGE_FILE),
-                                                 inductor_configs={"aot_inductor.metadata": metadata})
+                                                 inductor_configs=configs)
         atomic_write_text(tmp / VOCAB_FILE, "\n".join(vocab) + "\n")
         atomic_write_text(tmp / RULES_FILE, "\n".join(rules) + "\n")
         atomic_write_text(tmp / SETTINGS_FILE, "\n".join(settings) + "\n")

@@ -533,6 +533,24 @@ def test_text_rules_cover_what_the_tokenizer_changes(ranker):
     assert any(a <= ord(",") <= b for a, b in spans) and any(a <= ord(" ") <= b for a, b in spans)
 
 
+def test_portable_export_target(binaries, ranker, esci_texts, tmp_path):
+    """--target x86-64-v3: AVX2 code only (no -march=native, no AVX-512), same scores."""
+    import zipfile
+
+    queries, docs = esci_texts
+    with pytest.raises(ValueError, match="target must be one of native, x86-64-v3"):
+        export_ranker(ranker, tmp_path / "bad", target="avx512")
+    out = export_ranker(ranker, tmp_path / "v3", target="x86-64-v3")
+    assert "target x86-64-v3\n" in (out / "settings.txt").read_text()
+    with zipfile.ZipFile(out / "model.pt2") as z:
+        code = b"".join(z.read(n) for n in z.namelist() if n.endswith((".cpp", ".so")))
+    assert b"-march=x86-64-v3" in code and b"march=native" not in code and b"-mavx512" not in code
+    pairs = [(queries[7], d[:300]) for d in docs[:40]]
+    done = _run(binaries, [str(out)], [f"{_escape(q)}\t{_escape(d)}" for q, d in pairs])
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_allclose([float(x) for x in done.stdout.split()], ranker.predict(pairs), atol=1e-4)
+
+
 def test_bf16_export_scores_and_ranks_like_fp32(binaries, ranker, esci_texts, tmp_path):
     queries, docs = esci_texts
     out = export_ranker(ranker, tmp_path / "bf16", dtype=torch.bfloat16)

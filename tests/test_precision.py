@@ -19,11 +19,12 @@ def test_precision_choices(monkeypatch):
 
 
 def test_cli_choices_match():
-    from relsum_core.cli import PRECISION_CHOICES, SPLIT_CHOICES
+    from relsum_core.cli import PRECISION_CHOICES, SPLIT_CHOICES, TARGET_CHOICES
     from relsum_core.evaluate import SPLITS
+    from relsum_core.export import TARGETS
 
     assert PRECISION_CHOICES == precision.PRECISIONS
-    assert SPLIT_CHOICES == SPLITS
+    assert SPLIT_CHOICES == SPLITS and TARGET_CHOICES == TARGETS
 
 
 def test_resolve_device_checks_the_name_and_cuda_up_front():
