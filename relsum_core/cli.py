@@ -11,7 +11,7 @@ from pathlib import Path
 # out so that `relsum --help` does not import torch
 PRECISION_CHOICES = ("auto", "bf16", "fp32")
 SPLIT_CHOICES = ("validation", "heldout", "all")
-TARGET_CHOICES = ("native", "x86-64-v3")  # relsum_core.export.TARGETS
+TARGET_CHOICES = ("auto", "native", "x86-64-v3")  # relsum_core.export.TARGETS
 
 
 def _add_precision(p: argparse.ArgumentParser, help: str, default: str = "auto") -> None:
@@ -288,9 +288,9 @@ def _add_export_ranker(sub) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="bfloat16 runs 1.7x (AVX512-BF16) to 2.7x (AMX) faster on CPUs that have them "
                    "(scores move ~1e-2)")
-    p.add_argument("--target", choices=TARGET_CHOICES, default="native",
+    p.add_argument("--target", choices=TARGET_CHOICES, default="auto",
                    help="native: compiled for this CPU's vector extensions (the C++ refuses CPUs without "
-                   "them); x86-64-v3: any AVX2 x86 CPU")
+                   "them); x86-64-v3: any AVX2 x86 CPU; auto (default): x86-64-v3 on x86, else native")
     p.set_defaults(func=_export_ranker)
 
 
