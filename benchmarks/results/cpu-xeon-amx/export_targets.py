@@ -24,7 +24,8 @@ docs = [f"{p.title} {attributes_text(p)}"[:400].replace("\n", " ").replace("\t",
 for dtype in ("float32", "bfloat16"):
     ce = CrossEncoder.from_pretrained(packaged_minilm_path(), device="cpu", max_length=256)
     for target in ("native", "x86-64-v3"):
-        out = export_ranker(ce, out_dir / f"minilm-{dtype}-{target}", dtype=getattr(torch, dtype), target=target)
+        out = export_ranker(ce, out_dir / f"minilm-{dtype}-{target}", dtype=getattr(torch, dtype),
+                            target=target)
         runs = []
         for _ in range(2):
             done = subprocess.run([binary, str(out), "--rank", "--repeat", "20"],
