@@ -17,10 +17,10 @@ The directory holds:
   tokens matched verbatim before normalisation ([CLS], [SEP], ...).
 
 The package itself carries, as AOTInductor metadata that no text edit reaches, the model's embedding
-row counts (word, position, token type) and the exporting CPU's vector extensions: the C++ checks
-vocab.txt and settings.txt against the first (an id past them would abort the process inside an
-OpenMP region, not throw), and the serving CPU against the second (the package is compiled with
-``-march=native``; a CPU without them would die on SIGILL).
+row counts (word, position, token type) and the vector extensions its compiled code needs (the
+exporting CPU's for ``--target native``, AVX2's for ``x86-64-v3``): the C++ checks vocab.txt and
+settings.txt against the first (an id past them would abort the process inside an OpenMP region,
+not throw), and the serving CPU against the second (a CPU without them would die on SIGILL).
 
 Plain text throughout so the C++ side needs nothing beyond libtorch.
 """

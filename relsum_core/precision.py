@@ -1,4 +1,5 @@
-"""The dtype a job computes in: bf16 where the hardware multiplies it fast, fp32 elsewhere.
+"""Where and in what dtype a job computes: the device (checked up front, made current for Triton's
+launches) and bf16 where the hardware multiplies it fast, fp32 elsewhere.
 
 CPUs with bf16 dot products (AVX512-BF16, AMX) run the project's bf16 GEMMs far faster than fp32:
 2.4x on a 2-core EPYC with AVX512-BF16 (391 against 161 GFLOP/s), about 30x on a 2-core AMX Xeon

@@ -112,7 +112,7 @@ struct Ranker::Impl {
       if (std::find(have.begin(), have.end(), flag) == have.end()) missing += " " + flag;
     if (!missing.empty())
       throw std::runtime_error("relsum: " + package + " was compiled for a CPU with" + missing +
-                               ", which this CPU lacks; export the ranker again on this kind of machine");
+                               ", which this CPU lacks; export it again with --target x86-64-v3, or on this kind of machine");
   }
 
   int64_t token_id(const std::string& key) const {
