@@ -259,18 +259,22 @@ TARGETS = ("auto", "native", "x86-64-v3")
 X86_64_V3_FLAGS = ("sse4_1", "sse4_2", "popcnt", "abm", "movbe", "bmi1", "bmi2", "fma", "f16c", "avx", "avx2")
 
 
+def _on_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
 def _resolve_target(target: str) -> str:
     if target not in TARGETS:
         raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
     if target == "auto":
-        return "x86-64-v3" if platform.machine().lower() in ("x86_64", "amd64") else "native"
+        return "x86-64-v3" if _on_x86() else "native"
     return target
 
 
 def _target_configs(target: str) -> dict:
     if target == "native":
         return {}
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    if not _on_x86():
         raise ValueError(f"target {target} is an x86 target; this machine is {platform.machine()}")
     return {"cpp.march": target, "cpp.simdlen": 256}  # 256-bit vectors: AVX2 kernels, no AVX-512
 
