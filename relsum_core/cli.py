@@ -247,9 +247,9 @@ def _add_evaluate(sub) -> None:
                    help="the Doc2Query baseline: this policy writes search queries for each evaluated "
                    "product, scored as title + queries ('default' = packaged SmolLM2; repeatable)")
     p.add_argument("--split", choices=SPLIT_CHOICES, default="validation",
-                   help="the validation queries of the training split (refused where the ranker's "
-                   "relsum_ranker.json lists some of them among its training queries), every query the "
-                   "ranker did not train on (heldout: for --folds / --max-queries rankers), or every query")
+                   help="the validation queries of the training split (refused where the ranker's or a "
+                   "policy's record lists some of them, or of their products, as trained on), every "
+                   "query no model trained on (heldout: for --folds / --max-queries rankers), or every query")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--split-seed", type=int, default=0, help="the seed the ranker and summarizer split with")
     p.add_argument("--desc-tokens", type=int, nargs="+", default=[32],

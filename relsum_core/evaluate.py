@@ -37,8 +37,8 @@ from relsum_core.precision import resolve_device, resolve_precision
 from relsum_core.text import attributes_text, cut_to_tokens, join_title, normalise, product_text
 
 N_BOOTSTRAP = 1000
-# validation: the held-out part of --split-seed's split; heldout: every query the ranker's record
-# says it did not train on (a --folds or --max-queries ranker); all: every query
+# validation: the held-out part of --split-seed's split; heldout: every query the records say no
+# model trained on (the ranker not on it, no policy on one of its products); all: every query
 SPLITS = ("validation", "heldout", "all")
 
 
@@ -138,6 +138,9 @@ def _markdown(report: dict) -> str:
             f"intervals over queries ({N_BOOTSTRAP} resamples); delta = paired difference to `title`.")
     if report.get("ranker_trained_queries"):
         head += f" The ranker trained on {report['ranker_trained_queries']} of these queries."
+    for name, n in (report.get("policy_trained_products") or {}).items():
+        if n:
+            head += f" The policy behind `{name}` trained on {n} of these products."
     lines = [head, "",
              "| text | NDCG@5 | NDCG@10 | NDCG@10 delta vs title | recall@P90 | mean summary words |",
              "|---|---|---|---|---|---|"]
@@ -150,6 +153,25 @@ def _markdown(report: dict) -> str:
                      f"{m['recall@p90']:.3f} [{m['recall@p90_lo']:.3f}, {m['recall@p90_hi']:.3f}] | "
                      f"{words} |")
     return "\n".join(lines) + "\n"
+
+
+def _policy_record(summaries_file) -> dict[str, str] | None:
+    """The training record of the policy that wrote a ``relsum summarize`` file, found where its
+    ``.settings.json`` says the policy was; None when unknown (no settings, or the folder is gone)."""
+    from relsum_core.policy import read_training_record
+
+    settings = Path(str(summaries_file) + ".settings.json")
+    if not settings.is_file():
+        return None
+    try:
+        policy = json.loads(settings.read_text(encoding="utf-8")).get("policy")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+    if policy == "default":
+        return {}
+    if not isinstance(policy, str) or not Path(policy).is_dir():
+        return None
+    return read_training_record(policy)
 
 
 def _plot(report: dict, path: Path) -> None:
@@ -196,6 +218,7 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
     ``precision``: the policies' sampling dtype (`relsum_core.summarize.summarize_catalog`); the ranker
     always scores in fp32.
     """
+    from relsum_core.policy import read_training_record
     from relsum_core.ranker import CrossEncoder, read_ranker_settings
     from relsum_core.summarize import summarize_catalog
 
@@ -232,20 +255,46 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
         raise ValueError(f"{ranker}: relsum_ranker.json's train_queries is not an object of query id: text")
     text = {j.query_id: j.query for j in judgments}
     seen = [q for q in queries if trained and trained.get(q) == text[q]]
+    # The policies' records: a product counts as trained on when id and title match (another
+    # dataset's coinciding ids do not).
+    records = {name: _policy_record(summaries_file=path) for name, path in summaries.items()}
+    records |= {name: read_training_record(None if path == "default" else path)
+                for name, path in {**policies, **doc2query}.items()}
+
+    def policy_trained(products) -> dict[str, list[str]]:
+        return {name: [p for p in products if r.get(p) == catalog[p].title]
+                for name, r in records.items() if r}
+
+    candidates = {q: [] for q in queries}
+    for j in judgments:
+        if j.query_id in candidates:
+            candidates[j.query_id].append(j.product_id)
     if split == "heldout":
         if trained is None:
             raise ValueError(f"--split heldout needs the ranker's record of its training queries, and "
                              f"{ranker} has none (relsum_ranker.json from `relsum train-ranker`)")
         trained_here = set(seen)
-        queries, seen = [q for q in queries if q not in trained_here], []
+        queries = [q for q in queries if q not in trained_here
+                   and not any(policy_trained(candidates[q]).values())]
+        seen = []
         if not queries:
-            raise ValueError(f"the ranker {ranker} trained on every query of this data: none is held out")
+            raise ValueError(f"the ranker {ranker} or the policies trained on every query of this data "
+                             "(the ranker on the query, a policy on one of its products): none is held out")
     if seen and split == "validation":
         raise ValueError(f"the ranker {ranker} trained on {len(seen)} of the {len(queries)} validation "
                          f"queries (e.g. {seen[:3]}): it was trained on another split (--max-queries, "
                          "--folds, or another --split-seed / --val-fraction); evaluate with the split it "
-                         "trained with, --split heldout for every query it did not train on, or --split "
+                         "trained with, --split heldout for every query no model trained on, or --split "
                          "all to score every query knowingly")
+    if split == "validation":
+        evaluated = sorted({p for q in queries for p in candidates[q]})
+        for name, got in policy_trained(evaluated).items():
+            if got:
+                raise ValueError(
+                    f"the policy behind {name!r} trained on {len(got)} of the {len(evaluated)} validation "
+                    f"products (e.g. {got[:3]}): it was trained on another split (--split-seed / "
+                    "--val-fraction); evaluate with the split it trained with, --split heldout for every "
+                    "query no model trained on, or --split all to score every query knowingly")
     ce = CrossEncoder.from_pretrained(ranker, device=device)
     ev = Evaluation(ce.predict, judgments, queries=queries)
 
@@ -281,6 +330,8 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
     report = {"ranker": str(ranker), "split": split, "n_queries": len(ev.queries), "n_pairs": len(ev.pairs),
               "n_products": len(ev.product_ids),
               "ranker_trained_queries": len(seen) if trained is not None else None,  # None: no record
+              "policy_trained_products": {name: len(policy_trained(ev.product_ids).get(name, ()))
+                                          if records.get(name) is not None else None for name in given},
               "positive_grade": POSITIVE_GRADE, "precision_target": PRECISION_TARGET, "summaries": summaries,
               "sampling_dtype": {name: sampling_dtype for name, _, _ in tasks},
               "variants": {}}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,11 @@ DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_POLICY_NAME = "smollm2-135m-instruct"
 SUMMARY_BUDGET = 32
 PRODUCT_TOKENS = 384
+
+
+# What `relsum train` trained a checkpoint on: {"train_products": {product id: title}, ...}.  Read by
+# `relsum evaluate`, so a policy is never scored on products it was rewarded on.
+TRAINING_RECORD = "relsum_policy.json"
 
 
 class PolicyLoadError(RuntimeError):
@@ -84,6 +90,24 @@ def default_policy_path() -> Path:
     if not (target / "config.json").is_file():
         convert_gguf(_packaged_gguf(), target)
     return target
+
+
+def read_training_record(path: str | os.PathLike | None) -> dict[str, str] | None:
+    """{product id: title} a policy folder was trained on (its own run's and its base policy's), {} for
+    the packaged default (None), None for a folder without a record (not from `relsum train`)."""
+    if path is None:
+        return {}
+    file = Path(path) / TRAINING_RECORD
+    if not file.is_file():
+        return None
+    try:
+        record = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    products = record.get("train_products") if isinstance(record, dict) else None
+    if not isinstance(products, dict) or not all(isinstance(v, str) for v in products.values()):
+        raise ValueError(f"{file}: needs train_products, an object of product id: title")
+    return products
 
 
 def load_policy(path: str | os.PathLike | None = None, *, device=None, dtype=torch.float32):

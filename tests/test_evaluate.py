@@ -347,7 +347,7 @@ def test_refuses_to_validate_on_queries_the_ranker_trained_on(tmp_path, data_dir
     # a fold ranker: every query it did not train on
     report = run(["q2"], split="heldout")
     assert report["split"] == "heldout" and report["n_queries"] == 2 and report["ranker_trained_queries"] == 0
-    with pytest.raises(ValueError, match="trained on every query of this data: none is held out"):
+    with pytest.raises(ValueError, match="trained on every query of this data .*none is held out"):
         run(["q1", "q2", "q3"], split="heldout")
     with pytest.raises(ValueError, match="--split heldout needs the ranker's record"):
         run(None, split="heldout")
@@ -396,3 +396,74 @@ def test_titles_are_cut_to_the_title_budget_the_ranker_trained_with(tmp_path, ti
     assert long_title.startswith(title)
     assert len(tok(title, add_special_tokens=False)["input_ids"]) == TITLE_TOKENS
     assert with_summary == f"{title} | note"
+
+
+def test_refuses_to_validate_on_products_the_policy_trained_on(tmp_path, data_dir, tiny_ranker_dir):
+    """A summarizer rewarded on a product must not be scored on it: evaluate reads the policy's
+    relsum_policy.json, for --policy folders and for summaries files via their .settings.json."""
+    import shutil
+
+    from relsum_core.policy import TRAINING_RECORD
+
+    val = split_queries(["q1", "q2", "q3"], 0.34, 0)[1]
+    by_query = {}
+    for q, _, p, _ in JUDGMENTS:
+        by_query.setdefault(q, []).append(p)
+    titles = {p: t for p, t, _ in PRODUCTS}
+    ranker = tmp_path / "ranker"
+    shutil.copytree(tiny_ranker_dir, ranker)
+    (ranker / "relsum_ranker.json").write_text(json.dumps({"train_queries": {}}))
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    hand = tmp_path / "hand.jsonl"
+    hand.write_text("".join(json.dumps({"product_id": p, "summary": b}) + "\n" for p, _, b in PRODUCTS))
+
+    def run(trained_products, split="validation", settings=True):
+        if trained_products is None:
+            (policy / TRAINING_RECORD).unlink(missing_ok=True)
+        else:
+            record = {"train_products": {p: titles.get(p, "another product") for p in trained_products}}
+            (policy / TRAINING_RECORD).write_text(json.dumps(record))
+        record = hand.with_name(hand.name + ".settings.json")
+        record.unlink(missing_ok=True)
+        if settings:
+            record.write_text(json.dumps({"policy": str(policy)}))
+        return evaluate_summaries(tmp_path / "e", ranker=str(ranker), data=str(data_dir),
+                                  summaries={"hand": str(hand)}, split=split, val_fraction=0.34,
+                                  device="cpu", plot=False, progress=False)
+
+    val_products = by_query[val[0]]
+    with pytest.raises(ValueError, match="the policy behind 'hand' trained on 2 of the 2 validation"):
+        run(["p1", "p2", "p3", "p4", "p5", "p6"])
+    report = run([p for q in by_query if q not in val for p in by_query[q]])  # the split it trained with
+    assert report["n_queries"] == 1 and report["policy_trained_products"] == {"hand": 0}
+    # no record (a hand-written file, or a policy folder not from `relsum train`): not known
+    assert run(None)["policy_trained_products"] == {"hand": None}
+    assert run(["p1"], settings=False)["policy_trained_products"] == {"hand": None}
+    # another catalog's coinciding ids are other products
+    (policy / TRAINING_RECORD).write_text(json.dumps({"train_products": {p: "x" for p in titles}}))
+    hand.with_name(hand.name + ".settings.json").write_text(json.dumps({"policy": str(policy)}))
+    report = evaluate_summaries(tmp_path / "e", ranker=str(ranker), data=str(data_dir),
+                                summaries={"hand": str(hand)}, val_fraction=0.34, device="cpu", plot=False)
+    assert report["policy_trained_products"] == {"hand": 0}
+    # heldout: the queries none of whose products the policy trained on
+    report = run(val_products + by_query["q1" if val[0] != "q1" else "q2"], split="heldout")
+    assert report["n_queries"] == 1
+    with pytest.raises(ValueError, match="none is held out"):
+        run(list(titles), split="heldout")
+    # every query, knowingly: the count is reported
+    report = run(["p1", "p2", "p3"], split="all")
+    assert report["n_queries"] == 3 and report["policy_trained_products"] == {"hand": 3}
+    assert "behind `hand` trained on 3 of these products." in (tmp_path / "e/report.md").read_text()
+    # --policy folders are checked the same way, before any summarising
+    def run_policy():
+        return evaluate_summaries(tmp_path / "e2", ranker=str(ranker), data=str(data_dir),
+                                  policies={"mine": str(policy)}, val_fraction=0.34, device="cpu", plot=False,
+                                  progress=False)
+
+    (policy / TRAINING_RECORD).write_text(json.dumps({"train_products": titles}))
+    with pytest.raises(ValueError, match="the policy behind 'mine' trained on 2 of the 2 validation"):
+        run_policy()
+    (policy / TRAINING_RECORD).write_text(json.dumps({"train_products": ["p1"]}))
+    with pytest.raises(ValueError, match="needs train_products, an object of product id: title"):
+        run_policy()

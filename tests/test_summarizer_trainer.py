@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 
+from relsum_core.policy import TRAINING_RECORD
 from relsum_core.trainers.summarizer import (
     KL_GAIN,
     SummarizerConfig,
@@ -68,6 +69,16 @@ def test_grpo_run_logs_every_component_and_checkpoints(tmp_path, data_dir, tiny_
     assert evals[-1]["samples"] and all("summary" in s for s in evals[-1]["samples"])
     ckpt = tmp_path / "run" / "checkpoint"
     assert (ckpt / "trainer.pt").is_file() and (ckpt / "config.json").is_file()
+    # what evaluate keeps out of held-out scores: the training products, by id and title
+    titles = {p: t for p, t, _ in PRODUCTS}
+    record = json.loads((ckpt / TRAINING_RECORD).read_text())
+    trainer = SummarizerTrainer(cfg)
+    assert record["train_products"] == {p: titles[p] for p in trainer.train_ids}
+    assert not set(record["train_products"]) & set(trainer.val_ids) and record["step"] == 2
+    # a run from this checkpoint on another split adds its products to the base policy's
+    other = SummarizerTrainer(_cfg(tmp_path / "b", data_dir, str(ckpt), tiny_ranker_dir, split_seed=1))
+    assert set(other.train_ids) != set(trainer.train_ids)
+    assert other.trained_products == {p: titles[p] for p in set(trainer.train_ids) | set(other.train_ids)}
     # the first update moves the policy away from the reference: KL > 0 at step 2
     assert train[1]["kl"] > 0
 

@@ -33,7 +33,9 @@ one-process gradient of the same global batch.  Rank 0 logs, evaluates and saves
 Output directory::
 
     checkpoint/     policy (HF folder) + trainer.pt (optimizer, scheduler, step, KL weight): resume
-                    point (every draw is seeded by the step, so no RNG state is needed)
+                    point (every draw is seeded by the step, so no RNG state is needed), and
+                    relsum_policy.json: the products it trained on, which `relsum evaluate` keeps
+                    out of held-out scores
     metrics.jsonl   event "config" once, "train" per step, "eval" per evaluation (its "samples": the
                     greedy summaries)
 """
@@ -57,7 +59,15 @@ from torch import nn
 from relsum_core.data import load_dataset, split_queries
 from relsum_core.io import JsonlLog, atomic_write_dir, trim_metrics
 from relsum_core.losses import dpo_loss, grpo_loss, sequence_logprob
-from relsum_core.policy import Rollouts, build_prompt, completion_logprobs, load_policy, sample
+from relsum_core.policy import (
+    TRAINING_RECORD,
+    Rollouts,
+    build_prompt,
+    completion_logprobs,
+    load_policy,
+    read_training_record,
+    sample,
+)
 from relsum_core.precision import check_precision, claim_device, resolve_device, resolve_precision
 from relsum_core.rewards import COMPONENTS, RankerReward, RewardConfig, decoupled_advantages, group_advantages
 
@@ -280,6 +290,9 @@ class SummarizerTrainer:
             # processes split exactly that many
             raise ValueError(f"products_per_step={cfg.products_per_step} is more than the "
                              f"{len(self.train_ids)} training products")
+        # What evaluate must not score this policy on: this run's products and its base policy's.
+        self.trained_products = {**(read_training_record(cfg.policy) or {}),
+                                 **{p: self.catalog[p].title for p in self.train_ids}}
         # A fixed random draw, not the first ids: sorted ASINs put all the books (ISBNs) first.
         n_eval = min(cfg.eval_products, len(self.val_ids))
         self.eval_ids = sorted(random.Random(0).sample(self.val_ids, n_eval))
@@ -502,6 +515,10 @@ class SummarizerTrainer:
             self.tok.save_pretrained(tmp)
             torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                         "step": self.step, "beta": self.beta, "config": asdict(self.cfg)}, tmp / "trainer.pt")
+            record = {"train_products": self.trained_products, "data": self.cfg.data, "algo": self.cfg.algo,
+                      "step": self.step}
+            text = json.dumps(record, ensure_ascii=False) + "\n"
+            (tmp / TRAINING_RECORD).write_text(text, encoding="utf-8")
 
         return atomic_write_dir(self.out / "checkpoint", fill)
 
