@@ -23,6 +23,7 @@ from relsum_core.data import load_catalog
 from relsum_core.io import atomic_write_text
 from relsum_core.policy import PROMPTS, SUMMARY_BUDGET, NoProductText, build_prompt, load_policy, sample
 from relsum_core.precision import resolve_device, resolve_precision
+from relsum_core.records import changed_settings, describe
 
 
 def shard_path(out: str | os.PathLike, shard: int, num_shards: int) -> Path:
@@ -65,12 +66,10 @@ def _check_settings(path: Path, settings: dict) -> None:
     """Refuse to add to a file that other settings wrote; record them for a new file."""
     record = path.with_name(path.name + ".settings.json")
     if record.exists():
-        saved = json.loads(record.read_text(encoding="utf-8"))
-        changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+        changed = changed_settings(json.loads(record.read_text(encoding="utf-8")), settings)
         if changed and path.exists():
-            what = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
-            raise ValueError(f"{path} was written with other settings ({what}); write to a new file "
-                             "or delete it to start again")
+            raise ValueError(f"{path} was written with other settings ({describe(changed)}); write to a new "
+                             "file or delete it to start again")
     if not path.exists() or not record.exists():
         atomic_write_text(record, json.dumps(settings, indent=2) + "\n")
 

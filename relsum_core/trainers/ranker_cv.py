@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
 from relsum_core.data import fold_queries, group_by_query, load_dataset
 from relsum_core.io import atomic_write_text, json_report
+from relsum_core.records import changed_settings, dataclass_defaults
 from relsum_core.trainers.ranker import (
     RANKER,
     SELECT_VARIANT,
@@ -45,7 +46,6 @@ from relsum_core.trainers.ranker import (
 # trained.  A setting the saved report lacks was added later, at a default that keeps the old
 # behaviour.
 _IGNORED = {"progress", "out", "overwrite"}
-_DEFAULTS = {f.name: f.default for f in fields(RankerTrainConfig)}
 
 
 def _resolved(cfg: RankerTrainConfig) -> dict:
@@ -60,13 +60,10 @@ def _resolved(cfg: RankerTrainConfig) -> dict:
 def _changed_settings(saved: dict, cfg: RankerTrainConfig) -> list[str]:
     # None stays a value to compare (no step limit, the bundled data), except for the device: a fold
     # run where the device was left to choose is reused wherever it ran.
-    changed = []
-    for key, value in _resolved(cfg).items():
-        if key in _IGNORED or (key == "device" and value is None):
-            continue
-        if saved.get(key, _DEFAULTS[key]) != value:
-            changed.append(key)
-    return changed
+    now = _resolved(cfg)
+    if now["device"] is None:
+        del now["device"]
+    return list(changed_settings(saved, now, defaults=dataclass_defaults(RankerTrainConfig), ignore=_IGNORED))
 
 
 def _null_to_nan(obj):

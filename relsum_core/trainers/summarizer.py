@@ -69,6 +69,7 @@ from relsum_core.policy import (
     sample,
 )
 from relsum_core.precision import check_precision, claim_device, resolve_device, resolve_precision
+from relsum_core.records import changed_settings, dataclass_defaults, describe
 from relsum_core.rewards import COMPONENTS, RankerReward, RewardConfig, decoupled_advantages, group_advantages
 
 
@@ -162,18 +163,16 @@ RESUMABLE = frozenset({"out", "steps", "max_minutes", "progress", "device", "eva
 
 
 def _changed_settings(saved: dict, cfg: SummarizerConfig) -> dict:
-    """{setting: (saved, now)} for the settings that differ and may not change on a resume; a setting
-    ``saved`` lacks was added later and is not compared."""
-    now = asdict(cfg)
-    return {k: (saved[k], now[k]) for k in saved if k in now and k not in RESUMABLE and saved[k] != now[k]}
+    """The settings that differ from the saved run's and may not change on a resume."""
+    return changed_settings(saved, asdict(cfg), defaults=dataclass_defaults(SummarizerConfig),
+                            ignore=RESUMABLE)
 
 
 def _check_resume(saved: dict, cfg: SummarizerConfig) -> None:
     changed = _changed_settings(saved, cfg)
     if changed:
-        what = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
-        raise ValueError(f"{cfg.out}/checkpoint was trained with other settings ({what}); resume with "
-                         "the same ones, or train into a new --out")
+        raise ValueError(f"{cfg.out}/checkpoint was trained with other settings ({describe(changed)}); "
+                         "resume with the same ones, or train into a new --out")
 
 
 def _check_fresh_out(cfg: SummarizerConfig) -> None:
