@@ -155,7 +155,11 @@ def trim_metrics(path: str | os.PathLike, last_step: int) -> None:
 
 
 class JsonlLog:
-    """Append-only JSONL metrics, flushed per line so a crash loses at most the line being written."""
+    """Append-only JSONL metrics, flushed per line so a crash loses at most the line being written.
+
+    Strict JSON like the reports: a NaN metric (the NDCG of a query with no relevant product, a
+    diverged loss) is written as null, which pandas reads back as NaN and jq parses.
+    """
 
     def __init__(self, path: str | os.PathLike, *, append: bool = False):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -164,7 +168,8 @@ class JsonlLog:
     def write(self, event: str, **fields) -> None:
         import time
 
-        self.f.write(json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n")
+        row = _finite({"event": event, "time": round(time.time(), 3), **fields})
+        self.f.write(json.dumps(row, allow_nan=False) + "\n")
         self.f.flush()
 
     def close(self) -> None:

@@ -31,6 +31,12 @@ def test_atomic_write_text_and_jsonl(tmp_path):
         log.write("eval", step=1)
     rows = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert [r["event"] for r in rows] == ["train", "eval"] and rows[0]["loss"] == 0.5
+    # strict JSON: a NaN metric is null (bare NaN breaks jq and JavaScript), and relsum plot skips it
+    with JsonlLog(tmp_path / "m.jsonl", append=True) as log:
+        log.write("eval", step=2, ndcg=float("nan"), per_query={"q1": float("inf"), "q2": 0.5})
+    last = (tmp_path / "m.jsonl").read_text().splitlines()[-1]
+    assert "NaN" not in last and "Infinity" not in last
+    assert json.loads(last)["ndcg"] is None and json.loads(last)["per_query"] == {"q1": None, "q2": 0.5}
 
 
 def test_atomic_write_gives_a_plain_open_file_mode(tmp_path):
