@@ -526,6 +526,33 @@ def test_cpu_reranker_buckets_bf16_by_default(tiny):
     np.testing.assert_allclose(got, want, rtol=0, atol=0.02 * max(1.0, np.abs(want).max()))
 
 
+def test_predict_pads_batches_to_bucket_shapes_on_cpu_in_bf16(tiny, monkeypatch):
+    """predict in bf16 on CPU runs a few fixed shapes (oneDNN keeps kernels per shape); the padding's
+    dummy sequences never change a real score, and fp32 keeps each batch's exact shape."""
+    rng = random.Random(5)
+    pairs = [("garden hose", text(rng, rng.randint(0, 150))) for _ in range(45)]
+    seen = []
+    score_packed = CrossEncoder.score_packed
+
+    def recording(self, batch):
+        seen.append((self, len(batch.lens), int(batch.cu_seqlens[-1])))
+        return score_packed(self, batch)
+
+    monkeypatch.setattr(CrossEncoder, "score_packed", recording)
+    exact = tiny.predict(pairs, batch_size=8)
+    assert [n for _, n, _ in seen] == [8, 8, 8, 8, 8, 5]  # fp32: each batch as it is
+    half = CrossEncoder.from_model(copy.deepcopy(tiny.model), tiny.tokenizer, dtype=torch.bfloat16)
+    for ce, tol in ((tiny, 1e-5), (half, 0.02 * max(1.0, np.abs(exact).max()))):
+        if ce is tiny:
+            ce.use_buckets = True  # forced in fp32, to compare the scores exactly
+        seen.clear()
+        np.testing.assert_allclose(ce.predict(pairs, batch_size=8), exact, rtol=0, atol=tol)
+        shapes = ce._shapes[(8, 16384)]
+        assert len(seen) == 6 and all(n in shapes.seqs and t in shapes.tokens for _, n, t in seen)
+    tiny.use_buckets = None
+    assert tiny._bucket_shapes(8, 16384) is None and half._bucket_shapes(8, 16384) is not None
+
+
 def test_reranker_guards(tiny):
     with pytest.raises(ValueError, match="CUDA"):
         Reranker(tiny, cuda_graphs=True)
