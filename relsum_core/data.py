@@ -22,7 +22,8 @@ import gzip
 import io
 import json
 import random
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -122,9 +123,36 @@ def _decode(data: bytes, path: Path) -> str:
         raise DataError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
 
 
-def _csv_rows(path: Path, delimiter: str = ","):
-    """A csv.DictReader over the decoded file."""
-    return csv.DictReader(io.StringIO(_decode(path.read_bytes(), path), newline=""), delimiter=delimiter)
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def _csv_table(path: Path, delimiter: str = ",", multiline: frozenset[str] = frozenset()):
+    """(column names, rows): the decoded file's header, checked for a repeated name (csv.DictReader
+    would keep the last column of that name), and a generator of (where, row) over its rows.
+
+    A line break inside a field not in ``multiline`` is an error: it is how a stray quote shows
+    (``7,"tv stand,...`` opens a field that swallows the rows after it, up to the next quote, such
+    as an inch mark), and it would otherwise join those rows into one without a word.
+    """
+    reader = csv.DictReader(io.StringIO(_decode(path.read_bytes(), path), newline=""), delimiter=delimiter)
+    names = list(reader.fieldnames or ())
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DataError(f"{path}:1: header repeats column(s) {', '.join(repeated)}")
+
+    def rows():
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            _check_width(row, where)
+            broken = [k for k, v in row.items() if k not in multiline and _LINE_BREAK.search(v)]
+            if broken:
+                start = reader.line_num - sum(len(_LINE_BREAK.findall(v)) for v in row.values())
+                raise DataError(f"{path}:{start}: one row runs over lines {start}-{reader.line_num}: field "
+                                f"{broken[0]!r} holds a line break (an unclosed '\"' on line {start}?); "
+                                "quote such a field whole (\"...\", inner quotes doubled) or drop the quote")
+            yield where, row
+
+    return names, rows()
 
 
 def _check_width(row: dict, where: str) -> None:
@@ -164,6 +192,7 @@ def load_catalog(path: str | Path | None = None) -> dict[str, Product]:
         pid = row.get("product_id")
         if not isinstance(pid, str) or not pid.strip():
             raise DataError(f"{where}: missing or empty 'product_id'")
+        pid = pid.strip()  # as the judgments' ids are
         title = row.get("title")
         if not isinstance(title, str) or not title.strip():
             raise DataError(f"{where}: product {pid!r} has a missing or empty 'title'")
@@ -221,16 +250,14 @@ def load_judgments(
     seen: set[tuple[str, str]] = set()
     query_text: dict[str, str] = {}
     try:
-        reader = _csv_rows(path)
-        columns = set(reader.fieldnames or ())
+        names, rows = _csv_table(path)
+        columns = set(names)
         missing = {"query_id", "query", "product_id"} - columns
         if missing:
             raise DataError(f"{path}:1: header lacks column(s) {', '.join(sorted(missing))}")
         if not columns & {"grade", "esci_label"}:
             raise DataError(f"{path}:1: header needs a 'grade' or an 'esci_label' column")
-        for row in reader:
-            where = f"{path}:{reader.line_num}"
-            _check_width(row, where)
+        for where, row in rows:
             qid = (row.get("query_id") or "").strip()
             query = (row.get("query") or "").strip()
             pid = (row.get("product_id") or "").strip()
@@ -253,16 +280,16 @@ def load_judgments(
 
 
 def _wands_rows(path: Path, required: set[str]):
-    """(where, row) of a WANDS tab-separated file, its header checked for ``required``."""
-    reader = _csv_rows(path, delimiter="\t")
-    missing = required - set(reader.fieldnames or ())
+    """(where, row) of a WANDS tab-separated file, its header checked for ``required``; only the
+    product texts may span lines."""
+    names, rows = _csv_table(path, delimiter="\t",
+                             multiline=frozenset({"product_description", "product_features"}))
+    missing = required - set(names)
     if missing:
         raise DataError(f"{path}:1: header lacks column(s) {', '.join(sorted(missing))} "
                         f"(is it tab-separated?)")
-    for row in reader:
-        where = f"{path}:{reader.line_num}"
-        _check_width(row, where)
-        yield where, {k: (v or "").strip() for k, v in row.items()}
+    for where, row in rows:
+        yield where, {k: v.strip() for k, v in row.items()}
 
 
 def _wands_features(value: str) -> tuple[str, ...]:
@@ -352,40 +379,58 @@ def group_by_query(judgments: Iterable[Judgment]) -> dict[str, list[Judgment]]:
     return groups
 
 
+def _query_groups(query_ids: Sequence[str], query_texts: Mapping[str, str] | None) -> list[list[str]]:
+    """The distinct ids, sorted, as groups that must stay on one side of a split: ids whose query
+    texts match up to case and spacing ("Query 3", "query  3") form one group, ordered by its
+    first id (without texts, or without such duplicates, each id alone)."""
+    ids = sorted(set(query_ids))
+    if query_texts is None:
+        return [[i] for i in ids]
+    groups: dict[str, list[str]] = {}
+    for i in ids:
+        groups.setdefault(" ".join(query_texts[i].casefold().split()), []).append(i)
+    return sorted(groups.values())
+
+
 def split_queries(
-    query_ids: Sequence[str], val_fraction: float = 0.2, seed: int = 0
+    query_ids: Sequence[str], val_fraction: float = 0.2, seed: int = 0,
+    query_texts: Mapping[str, str] | None = None,
 ) -> tuple[list[str], list[str]]:
     """Deterministic (train, validation) split of distinct query ids.
 
     The ids are sorted before the seeded shuffle, so the split depends on the set of ids and the
     seed only, not on file order.  Validation gets ``round(val_fraction * n)`` queries, at least one.
+    ``query_texts`` (id -> text): ids of one query text (up to case and spacing) go to the same side,
+    counted as one query; data without such duplicates splits exactly as without it.
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    ids = sorted(set(query_ids))
-    if len(ids) < 2:
-        raise ValueError(f"need at least 2 distinct queries to split, got {len(ids)}")
-    random.Random(seed).shuffle(ids)
-    n_val = min(len(ids) - 1, max(1, round(val_fraction * len(ids))))
-    return sorted(ids[n_val:]), sorted(ids[:n_val])
+    groups = _query_groups(query_ids, query_texts)
+    if len(groups) < 2:
+        raise ValueError(f"need at least 2 distinct queries to split, got {len(groups)}")
+    random.Random(seed).shuffle(groups)
+    n_val = min(len(groups) - 1, max(1, round(val_fraction * len(groups))))
+    return sorted(i for g in groups[n_val:] for i in g), sorted(i for g in groups[:n_val] for i in g)
 
 
 def fold_queries(
-    query_ids: Sequence[str], folds: int, fold: int, seed: int = 0
+    query_ids: Sequence[str], folds: int, fold: int, seed: int = 0,
+    query_texts: Mapping[str, str] | None = None,
 ) -> tuple[list[str], list[str]]:
     """(train, validation) of fold ``fold`` in a deterministic ``folds``-fold split of the query ids.
 
     Same sort and seeded shuffle as ``split_queries``, then dealt round-robin, so the folds' validation
     sets are disjoint, cover every query once and differ in size by at most one.  Cross-validation
     is how a few hundred labelled queries give a verdict: every query is validated once.
+    ``query_texts``: as in ``split_queries``.
     """
     if folds < 2:
         raise ValueError(f"folds must be >= 2, got {folds}")
     if not 0 <= fold < folds:
         raise ValueError(f"fold must be in [0, {folds}), got {fold}")
-    ids = sorted(set(query_ids))
-    if len(ids) < folds:
-        raise ValueError(f"need at least {folds} distinct queries for {folds} folds, got {len(ids)}")
-    random.Random(seed).shuffle(ids)
-    val = set(ids[fold::folds])
-    return sorted(i for i in ids if i not in val), sorted(val)
+    groups = _query_groups(query_ids, query_texts)
+    if len(groups) < folds:
+        raise ValueError(f"need at least {folds} distinct queries for {folds} folds, got {len(groups)}")
+    random.Random(seed).shuffle(groups)
+    val = {i for g in groups[fold::folds] for i in g}
+    return sorted(i for g in groups for i in g if i not in val), sorted(val)

@@ -247,13 +247,13 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
     given = {name: read_summaries(path) for name, path in summaries.items()}
     out = Path(out)
     catalog, judgments = load_dataset(data)
-    queries = sorted({j.query_id for j in judgments})
+    text = {j.query_id: j.query for j in judgments}
+    queries = sorted(text)
     if split == "validation":
-        queries = split_queries(queries, val_fraction=val_fraction, seed=split_seed)[1]
+        queries = split_queries(queries, val_fraction=val_fraction, seed=split_seed, query_texts=text)[1]
     trained = read_ranker_settings(ranker).get("train_queries")  # train-ranker records {id: text}
     if trained is not None and not isinstance(trained, dict):
         raise ValueError(f"{ranker}: relsum_ranker.json's train_queries is not an object of query id: text")
-    text = {j.query_id: j.query for j in judgments}
     seen = [q for q in queries if trained and trained.get(q) == text[q]]
     # The policies' records: a product counts as trained on when id and title match (another
     # dataset's coinciding ids do not).

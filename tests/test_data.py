@@ -254,3 +254,63 @@ def test_wands_folder_missing_a_file_or_comma_separated(wands_repo):
 def test_validation_share_is_rounded_not_truncated():
     train, val = split_queries([f"q{i:02d}" for i in range(13)], val_fraction=0.2)
     assert len(val) == 3 and len(train) == 10  # 13 * 0.2 = 2.6 -> 3
+
+
+def test_a_stray_quote_is_an_error_not_rows_joined_into_one(data_dir):
+    """csv would read `"tv stand,...` as a quoted field running on to the next quote (an inch mark),
+    three judgment rows silently becoming one."""
+    path = data_dir / "judgments.csv"
+    path.write_text(HEADER + '1,"red shoe,p1,E,3\n2,towel,p2,E,3\n3,24" lamp,p3,E,3\n')
+    with pytest.raises(DataError, match=rf"{path}:2: one row runs over lines 2-4: field 'query' holds a "
+                                        r"line break \(an unclosed '\"' on line 2\?\)"):
+        load_judgments(path)
+    path.write_text(HEADER + '1,"red shoe, 9"" wide",p1,E,3\n2,24" lamp,p3,E,3\n')  # csv quoting: fine
+    assert [j.query for j in load_judgments(path)] == ['red shoe, 9" wide', '24" lamp']
+
+
+def test_a_repeated_header_column_is_an_error(data_dir, wands_repo):
+    path = data_dir / "judgments.csv"
+    path.write_text("query_id,query,product_id,grade,grade\n1,red shoe,p1,3,0\n")
+    with pytest.raises(DataError, match=rf"{path}:1: header repeats column\(s\) grade"):
+        load_judgments(path)
+    labels = wands_repo / "dataset" / "label.csv"
+    labels.write_text("id\tquery_id\tproduct_id\tlabel\tlabel\n0\t1\t1\tExact\tIrrelevant\n")
+    with pytest.raises(DataError, match=r"label.csv:1: header repeats column\(s\) label"):
+        load_dataset(wands_repo)
+
+
+def test_wands_product_texts_may_span_lines_but_names_may_not(wands_repo):
+    path = wands_repo / "dataset" / "product.csv"
+    path.write_text(WANDS_PRODUCTS + '3\tlamp\tLamps\t\t"two\nlines"\t\t\t\t\n')
+    assert load_catalog(path)["3"].description == "two\nlines"
+    path.write_text(WANDS_PRODUCTS + '3\t"lamp\tLamps\t\t\t\t\t\t\n4\tdesk"\tDesks\t\t\t\t\t\t\n')
+    with pytest.raises(DataError, match="field 'product_name' holds a line break"):
+        load_catalog(path)
+
+
+def test_catalog_ids_are_stripped_like_the_judgments_ids(data_dir):
+    write_catalog(data_dir / "products.jsonl", [{"product_id": " p1 ", "title": "Red shoe"},
+                                                {"product_id": "p2", "title": "Blue towel"},
+                                                {"product_id": "p3", "title": "Lamp"}])
+    catalog, judgments = load_dataset(data_dir)
+    assert "p1" in catalog and judgments[0].product_id == "p1"
+
+
+def test_one_query_text_under_two_ids_stays_on_one_side_of_every_split():
+    texts = {f"q{i:02d}": f"query {i}" for i in range(20)}
+    ids = list(texts)
+    # without duplicates the texts change nothing
+    assert split_queries(ids, 0.2, seed=3, query_texts=texts) == split_queries(ids, 0.2, seed=3)
+    assert fold_queries(ids, 4, 1, seed=3, query_texts=texts) == fold_queries(ids, 4, 1, seed=3)
+    texts |= {"x1": "Query 3", "x2": "query   3 ", "x3": "QUERY 7"}
+    ids = list(texts)
+    for seed in range(6):
+        train, val = split_queries(ids, 0.2, seed=seed, query_texts=texts)
+        assert sorted(train + val) == sorted(ids)
+        for group in ({"q03", "x1", "x2"}, {"q07", "x3"}):
+            assert group <= set(train) or group <= set(val), (seed, group)
+        for fold in range(4):
+            train, val = fold_queries(ids, 4, fold, seed=seed, query_texts=texts)
+            assert {"q03", "x1", "x2"} <= set(train) or {"q03", "x1", "x2"} <= set(val)
+    # and ids alone would have split a pair apart for some seed
+    assert any(len({"q03", "x1", "x2"} & set(split_queries(ids, 0.2, seed=s)[1])) in (1, 2) for s in range(6))

@@ -668,10 +668,11 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
     catalog, judgments = load_dataset(cfg.data)
     by_query = group_by_query(judgments)
     qids = list(by_query)[: cfg.max_queries] if cfg.max_queries is not None else list(by_query)
+    texts = {q: by_query[q][0].query for q in qids}  # one query under two ids stays on one side
     if cfg.folds:
-        train_q, val_q = fold_queries(qids, cfg.folds, cfg.fold, cfg.split_seed)
+        train_q, val_q = fold_queries(qids, cfg.folds, cfg.fold, cfg.split_seed, query_texts=texts)
     else:
-        train_q, val_q = split_queries(qids, cfg.val_fraction, cfg.split_seed)
+        train_q, val_q = split_queries(qids, cfg.val_fraction, cfg.split_seed, query_texts=texts)
     split = {
         **({"folds": cfg.folds, "fold": cfg.fold} if cfg.folds else {}),
         "train_queries": len(train_q),

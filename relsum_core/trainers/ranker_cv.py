@@ -171,10 +171,11 @@ def cross_validate_ranker(cfg: RankerTrainConfig, folds: int, log=print) -> dict
     out = Path(cfg.out)
     # The queries each fold validates, as train_ranker draws them: a saved fold whose data changed
     # since is retrained.
-    qids = list(group_by_query(load_dataset(cfg.data)[1]))
-    qids = qids[: cfg.max_queries] if cfg.max_queries else qids
+    by_query = group_by_query(load_dataset(cfg.data)[1])
+    qids = list(by_query)[: cfg.max_queries] if cfg.max_queries else list(by_query)
+    texts = {q: by_query[q][0].query for q in qids}
     reports = [_fold_report(replace(cfg, out=str(out / f"fold{i}"), folds=folds, fold=i),
-                            fold_queries(qids, folds, i, cfg.split_seed)[1], log)
+                            fold_queries(qids, folds, i, cfg.split_seed, query_texts=texts)[1], log)
                for i in range(folds)]
     pooled = pool_folds(reports)
     report = {"folds": folds, "split_seed": cfg.split_seed, **pooled,

@@ -213,8 +213,9 @@ def adapt_beta(beta: float, kl: float, target: float, floor: float = 0.0) -> flo
 
 def _split_products(judgments, cfg: SummarizerConfig) -> tuple[list[str], list[str]]:
     """Training and validation products, by the query split (a product goes where its queries go)."""
-    queries = sorted({j.query_id for j in judgments})
-    train_q, val_q = split_queries(queries, val_fraction=cfg.val_fraction, seed=cfg.split_seed)
+    texts = {j.query_id: j.query for j in judgments}
+    train_q, val_q = split_queries(sorted(texts), val_fraction=cfg.val_fraction, seed=cfg.split_seed,
+                                   query_texts=texts)
     val_q = set(val_q)
     train, val = set(), set()
     for j in judgments:
