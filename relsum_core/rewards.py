@@ -105,12 +105,25 @@ class RankerReward:
             self._titles[product_id] = title
         return title
 
+    def _score(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+        """The scorer's logits as float64 [len(pairs)]; a raw [N, 1] head output is accepted."""
+        scores = np.asarray(self.scorer(pairs), dtype=np.float64)
+        if scores.ndim == 2 and scores.shape[1] == 1:
+            scores = scores[:, 0]
+        if scores.shape != (len(pairs),):
+            raise ValueError(f"the scorer returned scores of shape {scores.shape} for {len(pairs)} pairs; "
+                             f"it must return one score per pair")
+        if np.isnan(scores).any():
+            n = int(np.isnan(scores).sum())
+            raise ValueError(f"the scorer returned NaN for {n} of {len(pairs)} pairs (a diverged ranker?)")
+        return scores
+
     def _ensure_title_scores(self, query_ids: set[str]) -> None:
         todo = sorted(q for q in query_ids if q not in self._title_scores)
         if not todo:
             return
         pairs = [(j.query, self.title(j.product_id)) for q in todo for j in self.by_query[q]]
-        scores = np.asarray(self.scorer(pairs), dtype=np.float64)
+        scores = self._score(pairs)
         at = 0
         for q in todo:
             n = len(self.by_query[q])
@@ -134,7 +147,7 @@ class RankerReward:
 
         pairs = [(j.query, join_title(self.title(pid), normalise(s)))
                  for pid, s in zip(product_ids, summaries) for j in self.by_product[pid]]
-        scores = np.asarray(self.scorer(pairs), dtype=np.float64)
+        scores = self._score(pairs)
         out = {c: np.zeros(len(product_ids)) for c in COMPONENTS}
         at = 0
         for i, (pid, summary, length) in enumerate(zip(product_ids, summaries, lengths)):
@@ -142,7 +155,8 @@ class RankerReward:
             for j in self.by_product[pid]:
                 s = scores[at]
                 at += 1
-                rel.append(cfg.grade_weights.get(j.grade, 0.0) / (1.0 + math.exp(-s)))
+                # the logistic as tanh: 1 / (1 + exp(-s)) overflows for a logit below -709
+                rel.append(cfg.grade_weights.get(j.grade, 0.0) * 0.5 * (1.0 + math.tanh(0.5 * s)))
                 rank.append(self._ndcg_delta(j, s))
             out["relevance"][i] = float(np.mean(rel))
             deltas = [d for d in rank if not math.isnan(d)]

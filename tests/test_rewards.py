@@ -210,3 +210,25 @@ def test_titles_are_cut_to_the_rankers_title_budget_as_in_training():
     calls.clear()
     RankerReward(overlap_scorer(calls), catalog, JUDGED)(["a"], ["steel water"], [2])
     assert f"{long_title} | steel water" in [d for call in calls for _, d in call]
+
+
+def test_scorer_output_is_checked_and_extreme_logits_do_not_overflow():
+    def constant(value, shape=None):
+        def score(pairs):
+            out = np.full(len(pairs), value, dtype=np.float64)
+            return out.reshape(shape(len(pairs))) if shape else out
+        return score
+
+    # a logit below -709 overflowed math.exp(-s); the logistic saturates instead
+    out = RankerReward(constant(-800.0), CATALOG, JUDGED)(["a", "b"], ["x", "x"], [1, 1])
+    assert out["relevance"][0] == 0.0 and np.isfinite(out["total"]).all()
+    out = RankerReward(constant(800.0), CATALOG, JUDGED)(["a", "b"], ["x", "x"], [1, 1])
+    assert out["relevance"].tolist() == [1.0, -1.0]
+    # a raw [N, 1] head output is one score per pair
+    out = RankerReward(constant(2.0, lambda n: (n, 1)), CATALOG, JUDGED)(["a"], ["x"], [1])
+    assert out["relevance"][0] == pytest.approx(1 / (1 + math.exp(-2)))
+    for scorer, message in ((lambda pairs: np.zeros(len(pairs) - 1), r"shape \(2,\) for 3 pairs"),
+                            (lambda pairs: np.zeros((len(pairs), 2)), r"shape \(3, 2\) for 3 pairs"),
+                            (constant(float("nan")), "NaN for 3 of 3 pairs")):
+        with pytest.raises(ValueError, match=message):
+            RankerReward(scorer, CATALOG, JUDGED)(["a"], ["x"], [1])
