@@ -134,6 +134,10 @@ def recall_at_precision(scores: Sequence[float], positive: Sequence[bool],
     pos = np.asarray(positive, dtype=bool)
     if s.shape != pos.shape:
         raise ValueError(f"scores {s.shape} and positive {pos.shape} must have one shape")
+    if not 0.0 < precision <= 1.0:  # 90 for 0.9 would silently give 0
+        raise ValueError(f"precision must be in (0, 1], got {precision}")
+    if np.isnan(s).any():  # argsort would rank NaN last, as if the lowest score
+        raise ValueError("scores contain NaN")
     n_pos = int(pos.sum())
     if n_pos == 0:
         return math.nan

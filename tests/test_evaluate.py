@@ -48,6 +48,12 @@ def test_recall_at_precision_hand_cases():
     assert math.isnan(recall_at_precision([0.3, 0.2], [False, False]))
     # exactly at the target: 9 positives then 1 negative is precision 0.9, so every positive counts
     assert recall_at_precision([1.0 - i / 10 for i in range(10)], [True] * 9 + [False], 0.9) == 1.0
+    # NaN would sort last, as the lowest score; 90 meant as 0.9 would give 0
+    with pytest.raises(ValueError, match="scores contain NaN"):
+        recall_at_precision([1.0, math.nan, 0.5], [True, True, False])
+    for precision in (90, 0, -0.5, math.nan):
+        with pytest.raises(ValueError, match="precision must be in"):
+            recall_at_precision([1.0, 0.5], [True, False], precision)
 
 
 def _overlap_scorer(pairs):
