@@ -13,14 +13,17 @@ The directory holds:
   WordPiece gives the same ids without reimplementing Unicode case folding or NFD.
 - ``settings.txt``: ``key value`` lines (the value may be empty): the truncation rule's budgets, the
   exported shapes' bounds, special token ids, the WordPiece parameters (``wordpiece_vocab_size``: the
-  model's vocabulary is the first lines of ``vocab.txt``, the added tokens outside it follow) and the
-  tokens matched verbatim before normalisation ([CLS], [SEP], ...).
+  model's vocabulary is the first lines of ``vocab.txt``, the added tokens outside it follow), the
+  tokens matched verbatim before normalisation ([CLS], [SEP], ...), a random ``export_id`` and the
+  FNV-1a 64 of each other text file (``fnv1a64 vocab.txt HEX``, ``fnv1a64 text_rules.tsv HEX``).
 
-The package itself carries, as AOTInductor metadata that no text edit reaches, the model's embedding
-row counts (word, position, token type) and the vector extensions its compiled code needs (the
-exporting CPU's for ``--target native``, AVX2's for ``x86-64-v3``): the C++ checks vocab.txt and
-settings.txt against the first (an id past them would abort the process inside an OpenMP region,
-not throw), and the serving CPU against the second (a CPU without them would die on SIGILL).
+The package itself carries, as AOTInductor metadata that no text edit reaches, the ``export_id``,
+the model's embedding row counts (word, position, token type) and the vector extensions its compiled
+code needs (the exporting CPU's for ``--target native``, AVX2's for ``x86-64-v3``): the C++ checks
+vocab.txt and settings.txt against the row counts (an id past them would abort the process inside an
+OpenMP region, not throw), and the serving CPU against the extensions (a CPU without them would die
+on SIGILL).  The id and the checksums let the C++ refuse files of two exports (an export replaced
+while it loads, or files copied between exports), which would otherwise load as silent garbage.
 
 Plain text throughout so the C++ side needs nothing beyond libtorch.
 """
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import json
 import platform
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,11 +40,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .io import atomic_write_dir, atomic_write_text
+from .io import atomic_write_bytes, atomic_write_dir, atomic_write_text
 from .ranker import SPECIAL_TOKENS, CrossEncoder, PackedBatch
 
-# 2: max_seqlen and wordpiece_vocab_size; 3: the package's metadata (bindings/src/export_dir.h kFormatVersion)
-FORMAT_VERSION = 3
+# 2: max_seqlen and wordpiece_vocab_size; 3: the package's metadata; 4: export_id (settings.txt and the
+# package) and the text files' fnv1a64 lines (bindings/src/export_dir.h kFormatVersion)
+FORMAT_VERSION = 4
 PACKAGE_FILE = "model.pt2"
 VOCAB_FILE = "vocab.txt"
 RULES_FILE = "text_rules.tsv"
@@ -230,6 +235,19 @@ def _settings(ce: CrossEncoder, spec: dict, dtype: torch.dtype) -> list[str]:
     return [f"{k} {v}" for k, v in rows]
 
 
+def fnv1a64(data: bytes) -> str:
+    """FNV-1a 64 of ``data`` as 16 hex digits (bindings/src/export_dir.cpp computes the same)."""
+    h = 0xCBF29CE484222325
+    for b in data:
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return f"{h:016x}"
+
+
+def checksum_lines(files: dict[str, bytes]) -> list[str]:
+    """settings.txt's ``fnv1a64 NAME HEX`` lines for the export's other text files."""
+    return [f"fnv1a64 {name} {fnv1a64(data)}" for name, data in files.items()]
+
+
 # x86 vector extensions a -march=native build may use (names as /proc/cpuinfo spells them).
 ISA_FLAGS = ("sse4_1", "sse4_2", "popcnt", "abm", "movbe", "bmi1", "bmi2", "fma", "f16c", "avx", "avx2",
              "avx_vnni", "avx_vnni_int8", "avx_ne_convert", "avx_ifma", "gfni", "vaes", "vpclmulqdq",
@@ -355,15 +373,20 @@ def export_ranker(ranker: CrossEncoder | str | Path, out: str | Path, *,
     if len(vocab) > ranker.vocab_size:
         raise ValueError(f"the tokenizer has {len(vocab)} tokens but the model only {ranker.vocab_size} "
                          "embedding rows (added tokens without resize_token_embeddings?)")
-    rules = text_rules(ranker.tokenizer)
-    settings = _settings(ranker, spec, dtype) + [f"target {target}"]
-    configs = {"aot_inductor.metadata": package_metadata(model, target), **compile_configs}
+    texts = {VOCAB_FILE: "\n".join(vocab) + "\n", RULES_FILE: "\n".join(text_rules(ranker.tokenizer)) + "\n"}
+    data = {name: text.encode("utf-8") for name, text in texts.items()}
+    # A fresh id a run: the C++ refuses settings.txt and model.pt2 of two exports (one replaced mid-load).
+    export_id = uuid.uuid4().hex
+    settings = _settings(ranker, spec, dtype) + [f"target {target}", f"export_id {export_id}",
+                                                 *checksum_lines(data)]
+    metadata = {**package_metadata(model, target), "relsum_export_id": export_id}
+    configs = {"aot_inductor.metadata": metadata, **compile_configs}
 
     def fill(tmp: Path) -> None:
         torch._inductor.aoti_compile_and_package(program, package_path=str(tmp / PACKAGE_FILE),
                                                  inductor_configs=configs)
-        atomic_write_text(tmp / VOCAB_FILE, "\n".join(vocab) + "\n")
-        atomic_write_text(tmp / RULES_FILE, "\n".join(rules) + "\n")
+        for name, payload in data.items():
+            atomic_write_bytes(tmp / name, payload)
         atomic_write_text(tmp / SETTINGS_FILE, "\n".join(settings) + "\n")
 
     return atomic_write_dir(out, fill)

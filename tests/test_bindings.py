@@ -27,10 +27,12 @@ from relsum_core.export import (  # noqa: E402
     _settings,
     _vocab_lines,
     check_export_dir,
+    checksum_lines,
     export_inputs,
     export_ranker,
     text_rules,
 )
+from relsum_core.io import _exchange  # noqa: E402
 from relsum_core.ranker import CrossEncoder  # noqa: E402
 from relsum_core.text import attributes_text  # noqa: E402
 
@@ -108,6 +110,12 @@ def exported(ranker_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ranker(ranker_dir) -> CrossEncoder:
     return CrossEncoder.from_pretrained(ranker_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def native_exported(ranker, tmp_path_factory) -> Path:
+    """A second export of the same checkpoint (--target native): another export_id, the same vocab.txt."""
+    return export_ranker(ranker, tmp_path_factory.mktemp("native") / "ranker", target="native")
 
 
 def _run(binaries: Path, args: list[str], lines: list[str]) -> subprocess.CompletedProcess:
@@ -225,15 +233,30 @@ def test_cli_bad_input_is_a_clear_error(binaries, exported, tmp_path):
     wrong_id = _run(binaries, [str(newer), "--tokenize"], ["abc"])
     assert wrong_id.returncode == 1 and "added_token `7 [CLS]` does not match vocab.txt" in wrong_id.stderr
 
-    settings.write_text(good)
     (newer / "text_rules.tsv").write_text("norm\t41\tZZ\tmap\t61\n")
+    settings.write_text(good)
+    _rehash(newer)  # an edit the checksums agree with: the parser's own error
     broken = _run(binaries, [str(newer), "--tokenize"], ["abc"])
     assert broken.returncode == 1 and "text_rules.tsv:1: bad code point `ZZ`" in broken.stderr
 
     shutil.copy(exported / "text_rules.tsv", newer / "text_rules.tsv")
+    settings.write_text(good)
     (newer / "model.pt2").unlink()
     no_model = _run(binaries, [str(newer)], ["q\td"])
     assert no_model.returncode == 1 and f"cannot read {newer / 'model.pt2'}" in no_model.stderr
+
+
+def _rehash(export: Path) -> None:
+    """settings.txt's checksums made to match the files as they are (an edit made on purpose)."""
+    settings = export / "settings.txt"
+    kept = [line for line in settings.read_text().splitlines() if not line.startswith("fnv1a64 ")]
+    files = {name: (export / name).read_bytes() for name in ("vocab.txt", "text_rules.tsv")}
+    settings.write_text("\n".join(kept + checksum_lines(files)) + "\n")
+
+
+def _export_id(export: Path) -> str:
+    lines = (export / "settings.txt").read_text().splitlines()
+    return next(line.split()[1] for line in lines if line.startswith("export_id "))
 
 
 def _with_setting(settings: str, key: str, value: str) -> str:
@@ -288,6 +311,7 @@ def test_broken_model_is_a_clear_error(binaries, exported, tmp_path):
         f.write("zzqxw\n")
     (grown / "settings.txt").write_text(_with_setting((grown / "settings.txt").read_text(),
                                                       "wordpiece_vocab_size", "30523"))
+    _rehash(grown)
     done = _run(binaries, [str(grown)], ["zzqxw\tdoc"])
     assert done.returncode == 1
     assert (f"relsum: {grown / 'model.pt2'}: the export's vocab.txt has 30523 tokens, more than this model's "
@@ -333,6 +357,7 @@ def test_package_metadata_guards_the_cpu_and_the_embeddings(binaries, ranker, ex
     meta = package_metadata(ranker.model)
     assert meta["relsum_word_rows"] == "30522" and meta["relsum_position_rows"] == "128"
     assert meta["relsum_type_rows"] == "2" and meta["relsum_cpu_flags"].split() == cpu_isa_flags()
+    meta["relsum_export_id"] = _export_id(exported)  # export_ranker adds its run's id
     # Compiled (-march=native) for a CPU with an extension this one lacks: refused, not a SIGILL.
     other = _stand_in_export(exported, tmp_path / "other_cpu", meta | {"relsum_cpu_flags": "avx2 amx_fp99"})
     done = _run(binaries, [str(other)], ["q\td"])
@@ -341,7 +366,7 @@ def test_package_metadata_guards_the_cpu_and_the_embeddings(binaries, ranker, ex
     # A package without the records (not from this relsum's export): refused by name.
     unrecorded = _stand_in_export(exported, tmp_path / "unrecorded", None)
     done = _run(binaries, [str(unrecorded)], ["q\td"])
-    assert done.returncode == 1 and "its metadata lacks a valid `relsum_word_rows`" in done.stderr
+    assert done.returncode == 1 and "its metadata lacks `relsum_export_id`" in done.stderr
     # With the records, the stand-in loads; its one score for two pairs is a clear error, not a
     # read past its output.
     swapped = _stand_in_export(exported, tmp_path / "swapped", meta)
@@ -351,6 +376,62 @@ def test_package_metadata_guards_the_cpu_and_the_embeddings(binaries, ranker, ex
     assert f"relsum: {swapped / 'model.pt2'}: the model returned 1 scores for 2 pairs" in done.stderr
 
 
+def test_files_of_two_exports_are_refused(binaries, exported, native_exported, tmp_path):
+    """What a load sees when `relsum export-ranker` replaces the directory midway (read by path, or
+    off Linux), or files copied between exports: settings.txt of one export with model.pt2 of
+    another, or a vocab.txt / text_rules.tsv that is not the one settings.txt records."""
+    first, second = _export_id(exported), _export_id(native_exported)
+    assert first != second and re.fullmatch(r"[0-9a-f]{32}", first)
+    assert f'"relsum_export_id": "{first}"'.encode() in _package_code(exported, ".json")
+    mixed = tmp_path / "mixed"
+    shutil.copytree(exported, mixed)
+    shutil.copy(native_exported / "model.pt2", mixed / "model.pt2")
+    done = _run(binaries, [str(mixed)], ["q\td"])
+    assert done.returncode == 1
+    assert (f"relsum: {mixed / 'model.pt2'}: the export changed while loading: settings.txt is export "
+            f"{first}, model.pt2 is export {second}; load it again") in done.stderr
+
+    for name in ("vocab.txt", "text_rules.tsv"):
+        edited = tmp_path / name
+        shutil.copytree(exported, edited)
+        data = bytearray((edited / name).read_bytes())
+        data[-2] ^= 1  # one byte of the last line
+        (edited / name).write_bytes(bytes(data))
+        for mode in ([], ["--tokenize"]):  # the Ranker and the Tokenizer alone
+            done = _run(binaries, [str(edited), *mode], ["q\td"])
+            assert done.returncode == 1
+            assert f"relsum: {edited / name} changed while loading, or comes from another export" \
+                in done.stderr, done.stderr
+            assert f"(export {first}) records" in done.stderr
+
+
+def test_export_replaced_while_loading_never_mixes(binaries, exported, native_exported, tmp_path):
+    """`relsum export-ranker` over a served folder swaps the directories in one step: loads meanwhile
+    read every file through one directory handle, so each sees one export whole (read by path, about
+    half would combine the two exports' settings.txt and model.pt2)."""
+    import threading
+
+    live, other = tmp_path / "ranker", tmp_path / "other"
+    shutil.copytree(exported, live)
+    shutil.copytree(native_exported, other)
+    if not _exchange(other, live):
+        pytest.skip("this file system cannot swap two directories in one step (renameat2)")
+    stop = threading.Event()
+
+    def swap():
+        while not stop.is_set():
+            assert _exchange(other, live)
+
+    swapper = threading.Thread(target=swap)
+    swapper.start()
+    try:
+        loads = [_run(binaries, [str(live)], ["q\td"]) for _ in range(6)]
+    finally:
+        stop.set()
+        swapper.join()
+    assert [d.stderr for d in loads if d.returncode != 0] == []
+
+
 def _tokenizer_export(ce: CrossEncoder, exported: Path, out: Path) -> Path:
     """What `relsum_rerank --tokenize` reads for ``ce``'s tokenizer, without compiling a model: vocab.txt and
     settings.txt as ``export_ranker`` writes them, the text rules of ``exported`` (same normalizer)."""
@@ -358,7 +439,9 @@ def _tokenizer_export(ce: CrossEncoder, exported: Path, out: Path) -> Path:
     out.mkdir()
     shutil.copy(exported / "text_rules.tsv", out)
     (out / "vocab.txt").write_text("\n".join(_vocab_lines(ce.tokenizer)) + "\n", encoding="utf-8")
-    (out / "settings.txt").write_text("\n".join(_settings(ce, spec, torch.float32)) + "\n", encoding="utf-8")
+    files = {name: (out / name).read_bytes() for name in ("vocab.txt", "text_rules.tsv")}
+    settings = _settings(ce, spec, torch.float32) + checksum_lines(files)
+    (out / "settings.txt").write_text("\n".join(settings) + "\n", encoding="utf-8")
     return out
 
 
@@ -533,14 +616,14 @@ def test_text_rules_cover_what_the_tokenizer_changes(ranker):
     assert any(a <= ord(",") <= b for a, b in spans) and any(a <= ord(" ") <= b for a, b in spans)
 
 
-def _package_code(export: Path) -> bytes:
+def _package_code(export: Path, suffixes=(".cpp", ".so")) -> bytes:
     import zipfile
 
     with zipfile.ZipFile(export / "model.pt2") as z:
-        return b"".join(z.read(n) for n in z.namelist() if n.endswith((".cpp", ".so")))
+        return b"".join(z.read(n) for n in z.namelist() if n.endswith(suffixes))
 
 
-def test_export_targets(binaries, exported, ranker, esci_texts, tmp_path):
+def test_export_targets(binaries, exported, native_exported, ranker, esci_texts, tmp_path):
     """The default (auto) on x86 is x86-64-v3: AVX2 code only, no -march=native and no AVX-512, so the
     package serves on any AVX2 CPU; --target native compiles for this CPU.  Same scores either way."""
     import platform
@@ -552,7 +635,7 @@ def test_export_targets(binaries, exported, ranker, esci_texts, tmp_path):
         assert "target x86-64-v3\n" in (exported / "settings.txt").read_text()
         code = _package_code(exported)
         assert b"-march=x86-64-v3" in code and b"march=native" not in code and b"-mavx512" not in code
-    native = export_ranker(ranker, tmp_path / "native", target="native")
+    native = native_exported
     assert "target native\n" in (native / "settings.txt").read_text()
     assert b"march=native" in _package_code(native)
     pairs = [(queries[7], d[:300]) for d in docs[:40]]

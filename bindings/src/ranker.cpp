@@ -22,10 +22,9 @@ namespace relsum {
 namespace {
 
 // The package path, checked first: the loader's own error for a missing file names nothing useful.
-std::string package_path(const std::string& dir) {
-  const auto package = detail::join(dir, "model.pt2");
-  if (!std::ifstream(package)) throw std::runtime_error("relsum: cannot read " + package);
-  return package;
+std::string package_path(const detail::ExportDir& dir) {
+  if (!std::ifstream(dir.open_path("model.pt2"))) throw std::runtime_error("relsum: cannot read " + dir.path("model.pt2"));
+  return dir.path("model.pt2");
 }
 
 struct Encoded {
@@ -49,7 +48,7 @@ std::vector<std::string> cpu_flags() {
 struct Ranker::Impl {
   // Every setting is range-checked before the package loads: a bad one would otherwise index past
   // the embeddings or the exported shapes, or wrap around as a size.
-  Impl(const std::string& dir, std::size_t num_runners, int num_threads)
+  Impl(const detail::ExportDir& dir, std::size_t num_runners, int num_threads)
       : settings(dir),
         tokenizer(dir),
         package(package_path(dir)),
@@ -63,7 +62,7 @@ struct Ranker::Impl {
         two_types(settings.count("two_token_types", 0, 1) != 0),
         num_threads(num_threads) {
     try {
-      loader.emplace(package, "model", /*run_single_threaded=*/false, num_runners);
+      loader.emplace(dir.open_path("model.pt2"), "model", /*run_single_threaded=*/false, num_runners);
     } catch (const std::exception& e) {  // c10::Error for a corrupt package: not a std::runtime_error
       throw std::runtime_error("relsum: " + package + ": cannot load the AOTInductor package: " + message(e));
     }
@@ -75,6 +74,15 @@ struct Ranker::Impl {
   // (the bounds check throws inside an OpenMP region), and a missing instruction set is a SIGILL.
   void check_package() {
     const auto meta = loader->get_metadata();
+    // First: files of two exports also fail the checks below, with a misleading message.
+    const auto id = meta.find("relsum_export_id");
+    if (id == meta.end() || id->second.empty())
+      throw std::runtime_error("relsum: " + package + ": its metadata lacks `relsum_export_id`: not a package of " +
+                               "`relsum export-ranker` format " + std::to_string(detail::kFormatVersion));
+    if (id->second != settings.export_id())
+      throw std::runtime_error("relsum: " + package + ": the export changed while loading: settings.txt is export " +
+                               settings.export_id() + ", model.pt2 is export " + id->second +
+                               "; load it again (files copied between exports: export again)");
     const auto rows = [&](const std::string& key) -> std::size_t {
       const auto it = meta.find(key);
       std::size_t used = 0, value = 0;
@@ -208,7 +216,8 @@ struct Ranker::Impl {
 Ranker::Ranker(const std::string& export_dir, const RankerOptions& options) {
   if (options.num_runners == 0) throw std::invalid_argument("relsum: num_runners must be >= 1");
   if (options.num_threads < 0) throw std::invalid_argument("relsum: num_threads must be >= 0");
-  impl_ = std::make_unique<Impl>(export_dir, options.num_runners, options.num_threads);
+  const detail::ExportDir dir(export_dir);  // open for the load only: closed once it is done
+  impl_ = std::make_unique<Impl>(dir, options.num_runners, options.num_threads);
   if (options.num_threads > 0) at::set_num_threads(options.num_threads);
 }
 Ranker::~Ranker() = default;

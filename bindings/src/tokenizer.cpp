@@ -99,10 +99,14 @@ std::u32string decode_utf8(std::string_view s) {
   return out;
 }
 
-Tokenizer::Tokenizer(const std::string& export_dir) {
-  const detail::Settings settings(export_dir);
-  const auto vocab_path = detail::join(export_dir, "vocab.txt");
-  const auto vocab = detail::read_lines(vocab_path);
+Tokenizer::Tokenizer(const std::string& export_dir) : Tokenizer(detail::ExportDir(export_dir)) {}
+
+Tokenizer::Tokenizer(const detail::ExportDir& dir) {
+  const detail::Settings settings(dir);
+  const auto vocab_path = dir.path("vocab.txt");
+  const auto vocab_bytes = dir.read("vocab.txt");
+  settings.check_file(dir, "vocab.txt", vocab_bytes);
+  const auto vocab = detail::split_lines(vocab_bytes);
   vocab_size_ = vocab.size();
   // vocab.txt is the WordPiece model's vocabulary, then the added tokens that are not in it: those match
   // only verbatim (below), never as a WordPiece piece, as in the Hugging Face tokenizer.
@@ -125,8 +129,10 @@ Tokenizer::Tokenizer(const std::string& export_dir) {
   std::stable_sort(added_.begin(), added_.end(),
                    [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
 
-  const auto rules_path = detail::join(export_dir, "text_rules.tsv");
-  const auto rules = detail::read_lines(rules_path);
+  const auto rules_path = dir.path("text_rules.tsv");
+  const auto rules_bytes = dir.read("text_rules.tsv");
+  settings.check_file(dir, "text_rules.tsv", rules_bytes);
+  const auto rules = detail::split_lines(rules_bytes);
   for (std::size_t i = 0; i < rules.size(); ++i) {
     if (rules[i].empty() || rules[i][0] == '#') continue;
     const auto f = split_tabs(rules[i]);

@@ -39,8 +39,11 @@ class Ranker {
   // naming the file for a missing or malformed one (a corrupt model.pt2 included), a setting out of
   // range or past the model's embeddings (vocab size, max_seqlen, token types: model.pt2 records its
   // own), a CPU lacking a vector extension the package was compiled for (it is built for the
-  // exporting CPU), or an export format this build does not read, and std::invalid_argument for
-  // num_runners 0 or negative num_threads.
+  // exporting CPU), an export format this build does not read, or files of two exports (settings.txt
+  // records the export's id, which model.pt2 carries too, and the checksums of vocab.txt and
+  // text_rules.tsv), and std::invalid_argument for num_runners 0 or negative num_threads.  On Linux
+  // the directory is opened once and every file read through that handle, so an export replaced
+  // meanwhile (`relsum export-ranker` swaps the directory) loads whole or fails, never mixed.
   explicit Ranker(const std::string& export_dir, const RankerOptions& options = {});
   ~Ranker();
   Ranker(Ranker&&) noexcept;

@@ -11,6 +11,9 @@
 #include <vector>
 
 namespace relsum {
+namespace detail {
+class ExportDir;
+}
 
 // A BERT WordPiece tokenizer equal, id for id, to the Hugging Face fast tokenizer it was exported
 // from: verbatim added tokens ([CLS], [SEP], ...) are matched first, then each code point is
@@ -21,8 +24,11 @@ namespace relsum {
 class Tokenizer {
  public:
   // Reads vocab.txt, text_rules.tsv and settings.txt from an export directory.  Throws
-  // std::runtime_error naming the file (and line) of anything missing, malformed or out of range.
+  // std::runtime_error naming the file (and line) of anything missing, malformed or out of range, and
+  // for a vocab.txt or text_rules.tsv other than the one settings.txt records (from another export,
+  // or the export replaced while loading).
   explicit Tokenizer(const std::string& export_dir);
+  explicit Tokenizer(const detail::ExportDir& dir);  // internal: the Ranker's already open directory
 
   // Token ids without special tokens.  Throws std::invalid_argument (with the byte offset) for text
   // that is not valid UTF-8.
