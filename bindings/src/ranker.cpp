@@ -218,7 +218,6 @@ Ranker::Ranker(const std::string& export_dir, const RankerOptions& options) {
   if (options.num_threads < 0) throw std::invalid_argument("relsum: num_threads must be >= 0");
   const detail::ExportDir dir(export_dir);  // open for the load only: closed once it is done
   impl_ = std::make_unique<Impl>(dir, options.num_runners, options.num_threads);
-  if (options.num_threads > 0) at::set_num_threads(options.num_threads);
 }
 Ranker::~Ranker() = default;
 Ranker::Ranker(Ranker&&) noexcept = default;

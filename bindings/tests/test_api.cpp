@@ -110,7 +110,12 @@ int main(int argc, char** argv) {
       seen = at::get_num_threads();
     });
     warmed.get_future().wait();
+    const int before = at::get_num_threads();
     const relsum::Ranker limited(argv[1], {1, 1});
+    // Building a Ranker leaves the building thread's count alone (a service's other torch work there).
+    check(at::get_num_threads() == before, "constructing a num_threads 1 Ranker keeps the thread's count " +
+                                               std::to_string(before) + " (saw " +
+                                               std::to_string(at::get_num_threads()) + ")");
     one_thread = &limited;
     built.set_value();
     worker.join();

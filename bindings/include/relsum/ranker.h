@@ -26,10 +26,12 @@ struct Ranked {
 struct RankerOptions {
   // Model instances: up to this many predict()/rank() calls run at once; more wait for one to free.
   std::size_t num_runners = 1;
-  // libtorch's intra-op threads of each predict()/rank() call (at::set_num_threads, applied in the
-  // calling thread: a thread that ran torch work keeps its own count otherwise); 0 leaves libtorch's
-  // default, one per core.  A service running several requests at once wants num_runners x
-  // num_threads <= cores.
+  // libtorch's intra-op threads of each predict()/rank() call; 0 leaves libtorch's default, one per
+  // core.  Each call sets it in its calling thread (at::set_num_threads) where that thread has another
+  // count, and does not restore it: the thread keeps it for its later torch work, and libtorch also
+  // takes it as the starting count of threads that have not run torch work yet.  (Restoring would
+  // also clear oneDNN's primitive cache twice a call.)  Constructing a Ranker sets no thread count.
+  // A service running several requests at once wants num_runners x num_threads <= cores.
   int num_threads = 0;
 };
 
