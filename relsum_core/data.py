@@ -136,20 +136,28 @@ def _csv_table(path: Path, delimiter: str = ",", multiline: frozenset[str] = fro
     """
     reader = csv.DictReader(io.StringIO(_decode(path.read_bytes(), path), newline=""), delimiter=delimiter)
     names = list(reader.fieldnames or ())
-    repeated = sorted({n for n in names if names.count(n) > 1})
+    # empty names are trailing separators, as spreadsheets write them: no column to mix up
+    repeated = sorted({n for n in names if n and names.count(n) > 1})
     if repeated:
         raise DataError(f"{path}:1: header repeats column(s) {', '.join(repeated)}")
 
     def rows():
+        end = reader.line_num  # the header's last line
         for row in reader:
-            where = f"{path}:{reader.line_num}"
-            _check_width(row, where)
-            broken = [k for k, v in row.items() if k not in multiline and _LINE_BREAK.search(v)]
+            start, end = end + 1, reader.line_num
+            where = f"{path}:{end}"
+            # before the width check: a quote left open to the end of the file leaves a short row
+            texts = [v for v in row.values() if isinstance(v, str)]
+            broken = [k for k, v in row.items() if k not in multiline and isinstance(v, str)
+                      and _LINE_BREAK.search(v)]
             if broken:
-                start = reader.line_num - sum(len(_LINE_BREAK.findall(v)) for v in row.values())
-                raise DataError(f"{path}:{start}: one row runs over lines {start}-{reader.line_num}: field "
+                # (a blank line before the row counts in ``start``; the field's own breaks do not
+                # when the quote runs to the end of the file)
+                start = max(start, end - sum(len(_LINE_BREAK.findall(v)) for v in texts))
+                raise DataError(f"{path}:{start}: one row runs over lines {start}-{end}: field "
                                 f"{broken[0]!r} holds a line break (an unclosed '\"' on line {start}?); "
                                 "quote such a field whole (\"...\", inner quotes doubled) or drop the quote")
+            _check_width(row, where)
             yield where, row
 
     return names, rows()

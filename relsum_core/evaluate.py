@@ -283,7 +283,8 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
     if seen and split == "validation":
         raise ValueError(f"the ranker {ranker} trained on {len(seen)} of the {len(queries)} validation "
                          f"queries (e.g. {seen[:3]}): it was trained on another split (--max-queries, "
-                         "--folds, or another --split-seed / --val-fraction); evaluate with the split it "
+                         "--folds, another --split-seed / --val-fraction, or a relsum from before one "
+                         "query text under two ids was kept on one side); evaluate with the split it "
                          "trained with, --split heldout for every query no model trained on, or --split "
                          "all to score every query knowingly")
     if split == "validation":

@@ -314,3 +314,12 @@ def test_one_query_text_under_two_ids_stays_on_one_side_of_every_split():
             assert {"q03", "x1", "x2"} <= set(train) or {"q03", "x1", "x2"} <= set(val)
     # and ids alone would have split a pair apart for some seed
     assert any(len({"q03", "x1", "x2"} & set(split_queries(ids, 0.2, seed=s)[1])) in (1, 2) for s in range(6))
+
+
+def test_trailing_separators_and_a_quote_left_open_to_the_end(data_dir):
+    path = data_dir / "judgments.csv"
+    path.write_text("query_id,query,product_id,grade,,\n1,red shoe,p1,3,,\n2,towel,p2,3,,\n")
+    assert [j.product_id for j in load_judgments(path)] == ["p1", "p2"]  # a spreadsheet's empty columns
+    path.write_text(HEADER + '1,"red shoe,p1,E,3\n2,towel,p2,E,3\n')
+    with pytest.raises(DataError, match=rf"{path}:2: one row runs over lines 2-3: field 'query'"):
+        load_judgments(path)

@@ -473,3 +473,31 @@ def test_refuses_to_validate_on_products_the_policy_trained_on(tmp_path, data_di
     (policy / TRAINING_RECORD).write_text(json.dumps({"train_products": ["p1"]}))
     with pytest.raises(ValueError, match="needs train_products, an object of product id: title"):
         run_policy()
+
+
+def test_validation_keeps_one_query_text_under_two_ids_together(tmp_path, tiny_ranker_dir, monkeypatch):
+    d = tmp_path / "data"
+    d.mkdir()
+    with open(d / "products.jsonl", "w") as f:
+        for pid, title, bullets in PRODUCTS:
+            f.write(json.dumps({"product_id": pid, "title": title, "bullet_points": bullets}) + "\n")
+    rows = JUDGMENTS + [(f"x{i}", "Red  Shirt", "p2", 3) for i in range(1)] + [
+        (f"z{i}", f"query {i}", "p3", 1) for i in range(6)]
+    (d / "judgments.csv").write_text("query_id,query,product_id,grade\n"
+                                     + "".join(f"{q},{t},{p},{g}\n" for q, t, p, g in rows))
+    seen = []
+    score = Evaluation.score
+
+    def recording_score(self, texts):
+        seen.append(set(self.queries))
+        return score(self, texts)
+
+    monkeypatch.setattr(Evaluation, "score", recording_score)
+    together = 0
+    for seed in (0, 1, 11):  # 11 validates the pair
+        seen.clear()
+        evaluate_summaries(tmp_path / "e", ranker=str(tiny_ranker_dir), data=str(d), split_seed=seed,
+                           val_fraction=0.3, desc_tokens=(2,), device="cpu", plot=False, progress=False)
+        assert ("q1" in seen[0]) == ("x0" in seen[0])
+        together += "q1" in seen[0]
+    assert together == 1

@@ -37,3 +37,12 @@ def test_summarizer_resume_compares_a_setting_added_later_against_its_default():
     assert _changed_settings(saved, cfg) == {}
     assert _changed_settings(saved, replace(cfg, top_p=0.5)) == {"top_p": (1.0, 0.5)}
     assert _changed_settings(saved, replace(cfg, steps=cfg.steps + 5)) == {}  # resumable
+
+
+def test_resume_of_a_run_from_before_a_setting_existed_compares_what_it_did():
+    cfg = SummarizerConfig(out="run", ranker="r", seed=3, split_seed=3)
+    old = {k: v for k, v in asdict(cfg).items() if k not in ("advantage", "split_seed")}
+    # such a run used total advantages and split by --seed
+    assert _changed_settings(old, replace(cfg, advantage="total")) == {}
+    assert _changed_settings(old, cfg) == {"advantage": ("total", "decoupled")}
+    assert _changed_settings(old, replace(cfg, advantage="total", split_seed=0)) == {"split_seed": (3, 0)}

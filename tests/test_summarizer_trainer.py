@@ -448,3 +448,28 @@ def test_two_process_gloo_step_equals_one_process(tmp_path, data_dir, tiny_polic
     for name, g in grads.items():
         assert rel_err(two[name], g) < 1e-3, name
     assert sum(float(g.abs().sum()) for g in grads.values()) > 0  # a real gradient, not zeros
+
+
+def test_product_split_keeps_one_query_text_on_one_side():
+    from relsum_core.data import Judgment
+    from relsum_core.trainers.summarizer import _split_products
+
+    judgments = [Judgment(f"q{i}", f"query {i}", f"p{i}", 3) for i in range(10)]
+    judgments.append(Judgment("dup", "Query 4", "p-dup", 3))
+    for seed in range(8):
+        train, val = _split_products(judgments, SummarizerConfig(out="x", ranker="r", split_seed=seed))
+        assert ("p4" in val) == ("p-dup" in val) and not set(train) & set(val)
+
+
+def test_resume_refuses_a_checkpoint_that_trained_on_other_products(tmp_path, data_dir, tiny_policy_dir,
+                                                                    tiny_ranker_dir):
+    cfg = _cfg(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir, steps=3, max_minutes=0.0)
+    train_summarizer(cfg)
+    record_file = tmp_path / "run" / "checkpoint" / TRAINING_RECORD
+    SummarizerTrainer(cfg)  # its own record: resumes
+    record = json.loads(record_file.read_text())
+    record["train_products"]["p-elsewhere"] = "a product of another split"
+    record_file.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"trained on other products than this run's split gives \(1 differ"):
+        SummarizerTrainer(cfg)
+

@@ -28,6 +28,7 @@ from relsum_core.trainers.ranker import (
     pointwise_loss,
     pseudo_pairs,
     pseudo_query,
+    query_split,
     save_checkpoint,
     train_ranker,
 )
@@ -555,3 +556,25 @@ def test_cosine_base_scores_with_its_own_tokenizer(tmp_path, tiny_base):
     cosine = report["table"]["untuned encoder cosine"]
     assert report["config"]["cosine_base"] == str(small)
     assert all(math.isfinite(cosine[f"{v}/ndcg@10"]) for v in ("title", "title+64"))
+
+
+def test_query_split_keeps_one_query_text_on_one_side_in_runs_and_folds():
+    """train-ranker and its CV folds split through query_split: ids of one query text (up to case and
+    spacing) never straddle train and validation."""
+    from dataclasses import replace
+
+    by_query = {f"q{i:02d}": [Judgment(f"q{i:02d}", f"query {i}", "p", 1)] for i in range(12)}
+    by_query["dup"] = [Judgment("dup", "QUERY  4", "p", 1)]
+    cfg = RankerTrainConfig(out="x", val_fraction=0.25)
+    straddled = 0
+    for seed in range(8):
+        folds = [replace(cfg, split_seed=seed, folds=3, fold=f) for f in range(3)]
+        runs = [replace(cfg, split_seed=seed), *folds]
+        for c in runs:
+            train, val = query_split(by_query, c)
+            assert ({"q04", "dup"} <= set(train)) or ({"q04", "dup"} <= set(val))
+            assert sorted(train + val) == sorted(by_query)
+        plain = split_queries(list(by_query), 0.25, seed)[1]  # ids alone
+        straddled += ("q04" in plain) != ("dup" in plain)
+    assert straddled  # the ids alone would have put them apart
+    assert sorted(sum(query_split(by_query, replace(cfg, max_queries=5)), [])) == sorted(list(by_query)[:5])

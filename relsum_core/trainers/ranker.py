@@ -167,6 +167,16 @@ def pointwise_loss(scores: torch.Tensor, grades: torch.Tensor) -> torch.Tensor:
         scores.float(), (grades >= POSITIVE_GRADE).float())
 
 
+def query_split(by_query: dict[str, list[Judgment]], cfg: RankerTrainConfig) -> tuple[list[str], list[str]]:
+    """(train, validation) query ids of a run: the first ``max_queries`` queries, split by
+    ``val_fraction`` or into ``folds`` folds, one query text under two ids kept on one side."""
+    qids = list(by_query)[: cfg.max_queries] if cfg.max_queries is not None else list(by_query)
+    texts = {q: by_query[q][0].query for q in qids}
+    if cfg.folds:
+        return fold_queries(qids, cfg.folds, cfg.fold, cfg.split_seed, query_texts=texts)
+    return split_queries(qids, cfg.val_fraction, cfg.split_seed, query_texts=texts)
+
+
 def make_groups(
     by_query: dict[str, list[Judgment]], query_ids: Sequence[str], group_size: int, rng: random.Random
 ) -> list[list[Judgment]]:
@@ -667,12 +677,7 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
 
     catalog, judgments = load_dataset(cfg.data)
     by_query = group_by_query(judgments)
-    qids = list(by_query)[: cfg.max_queries] if cfg.max_queries is not None else list(by_query)
-    texts = {q: by_query[q][0].query for q in qids}  # one query under two ids stays on one side
-    if cfg.folds:
-        train_q, val_q = fold_queries(qids, cfg.folds, cfg.fold, cfg.split_seed, query_texts=texts)
-    else:
-        train_q, val_q = split_queries(qids, cfg.val_fraction, cfg.split_seed, query_texts=texts)
+    train_q, val_q = query_split(by_query, cfg)
     split = {
         **({"folds": cfg.folds, "fold": cfg.fold} if cfg.folds else {}),
         "train_queries": len(train_q),

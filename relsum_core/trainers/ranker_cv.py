@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from relsum_core.data import fold_queries, group_by_query, load_dataset
+from relsum_core.data import group_by_query, load_dataset
 from relsum_core.io import atomic_write_text, json_report
 from relsum_core.records import changed_settings, dataclass_defaults
 from relsum_core.trainers.ranker import (
@@ -39,6 +39,7 @@ from relsum_core.trainers.ranker import (
     format_metric,
     graded_rates,
     paired_ndcg10,
+    query_split,
     train_ranker,
 )
 
@@ -172,11 +173,8 @@ def cross_validate_ranker(cfg: RankerTrainConfig, folds: int, log=print) -> dict
     # The queries each fold validates, as train_ranker draws them: a saved fold whose data changed
     # since is retrained.
     by_query = group_by_query(load_dataset(cfg.data)[1])
-    qids = list(by_query)[: cfg.max_queries] if cfg.max_queries else list(by_query)
-    texts = {q: by_query[q][0].query for q in qids}
-    reports = [_fold_report(replace(cfg, out=str(out / f"fold{i}"), folds=folds, fold=i),
-                            fold_queries(qids, folds, i, cfg.split_seed, query_texts=texts)[1], log)
-               for i in range(folds)]
+    fold_cfgs = [replace(cfg, out=str(out / f"fold{i}"), folds=folds, fold=i) for i in range(folds)]
+    reports = [_fold_report(c, query_split(by_query, c)[1], log) for c in fold_cfgs]
     pooled = pool_folds(reports)
     report = {"folds": folds, "split_seed": cfg.split_seed, **pooled,
               "config": reports[0]["config"] | {"fold": None}}

@@ -164,7 +164,9 @@ RESUMABLE = frozenset({"out", "steps", "max_minutes", "progress", "device", "eva
 
 def _changed_settings(saved: dict, cfg: SummarizerConfig) -> dict:
     """The settings that differ from the saved run's and may not change on a resume."""
-    return changed_settings(saved, asdict(cfg), defaults=dataclass_defaults(SummarizerConfig),
+    # What a run from before a setting existed did: total advantages, and the split seeded by --seed.
+    before = {"advantage": "total", "split_seed": saved.get("seed", 0)}
+    return changed_settings(saved, asdict(cfg), defaults={**dataclass_defaults(SummarizerConfig), **before},
                             ignore=RESUMABLE)
 
 
@@ -335,6 +337,15 @@ class SummarizerTrainer:
         if resuming:
             state = torch.load(resume / "trainer.pt", map_location="cpu", weights_only=False)
             _check_resume(state.get("config", {}), cfg)
+            # Its products must be this run's: changed data, or a checkpoint from before one query
+            # text under two ids was kept on one side of the split, would train on others.
+            done = read_training_record(resume)
+            if done is not None and done != self.trained_products:
+                moved = sorted(set(done) ^ set(self.trained_products))
+                raise ValueError(f"{resume} trained on other products than this run's split gives "
+                                 f"({len(moved)} differ, e.g. {moved[:3]}): the data changed, or the "
+                                 "checkpoint predates keeping one query text's ids on one side of the "
+                                 "split; train into a new --out")
             self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
             self.step = state["step"]
