@@ -405,6 +405,7 @@ class _FusedLogprob(torch.autograd.Function):
         return logp, entropy
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # second derivatives would be silently wrong
     def backward(ctx, g_lp, g_ent):
         hidden, weight, bias, targets, ignore, lse, ez = ctx.saved_tensors
         keep = ~ignore
@@ -442,6 +443,8 @@ def _validate(hidden, weight, targets, bias, temperature):
         raise ValueError(f"targets must have shape ({N},), got {tuple(targets.shape)}")
     devices = {hidden.device, weight.device, targets.device}
     if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
         check_floating("bias", bias)
         if bias.shape != (V,):
             raise ValueError(f"bias must have shape ({V},), got {tuple(bias.shape)}")
@@ -449,7 +452,8 @@ def _validate(hidden, weight, targets, bias, temperature):
     if len(devices) > 1:
         raise ValueError("hidden, weight, targets and bias must be on one device, got "
                          f"{sorted(map(str, devices))}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+            or not math.isfinite(temperature) or temperature <= 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
 
 
@@ -493,6 +497,8 @@ def fused_logprob(hidden, weight, targets, *, bias=None, temperature=1.0, with_e
     (and bias) gradient.
     """
     _validate(hidden, weight, targets, bias, temperature)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     filter_eps = _resolve_filter_eps(grad_filter_eps, hidden.dtype)
     impl = resolve_impl(impl, hidden)
     V = weight.shape[0]

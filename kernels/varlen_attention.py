@@ -298,7 +298,12 @@ def _length_buckets(sorted_lens: list[int]) -> list[tuple[int, int]]:
 
 
 def _fused_qkv_rows(q, k, v):
-    """[T, 3*H*D] view when q, k, v are the three slices of one packed QKV projection, else None."""
+    """[T, 3*H*D] view when q, k, v are the three slices of one packed QKV projection, else None.
+
+    Only without autograd: the view is taken from q, so a backward through it would give k and v
+    (and the key/value weights behind them) no gradient at all."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None
     T, H, D = q.shape
     hd = H * D
     if not (q.stride() == k.stride() == v.stride() and q.stride(1) == D and q.stride(2) == 1):

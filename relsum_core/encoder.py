@@ -174,7 +174,13 @@ class PackedBertEncoder(nn.Module):
         cu_seqlens: torch.Tensor,
         max_seqlen: int,
     ) -> torch.Tensor:
-        """input_ids, token_type_ids, position_ids: [T]; cu_seqlens: int32 [B+1] -> fp32 scores [B]."""
+        """input_ids, token_type_ids, position_ids: [T]; cu_seqlens: int32 [B+1] -> fp32 scores [B].
+
+        The token tensors' shapes and dtypes are checked here; their values are not (that would
+        cost a device sync a call, and break graph capture): ids must lie inside the embedding
+        tables, which `CrossEncoder` checks on the host before each batch.
+        """
+        _check_tokens(input_ids, token_type_ids, position_ids)
         emb = self.embeddings
         ln = emb.LayerNorm
         x = emb.word_embeddings(input_ids) + emb.token_type_embeddings(token_type_ids)
@@ -200,6 +206,18 @@ class PackedBertEncoder(nn.Module):
         pd = self.pooler.dense
         return K.cls_score(h, cu_seqlens, pd.weight, pd.bias, self.classifier.weight, self.classifier.bias,
                            impl=self.impl)
+
+
+def _check_tokens(input_ids: torch.Tensor, token_type_ids: torch.Tensor, position_ids: torch.Tensor) -> None:
+    """Shapes and dtypes only: a 2-D or mismatched id tensor would fail deep inside the layers."""
+    for name, t in (("input_ids", input_ids), ("token_type_ids", token_type_ids),
+                    ("position_ids", position_ids)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype not in (torch.int64, torch.int32):
+            what = (f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__)
+            raise ValueError(f"{name} must be a packed 1-D int64/int32 tensor [total tokens], got {what}")
+    if not input_ids.shape == token_type_ids.shape == position_ids.shape:
+        raise ValueError(f"input_ids, token_type_ids and position_ids must have one length, got "
+                         f"{input_ids.numel()}, {token_type_ids.numel()} and {position_ids.numel()}")
 
 
 def _onednn_fits(x: torch.Tensor, *weights) -> bool:

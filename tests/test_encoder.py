@@ -205,12 +205,42 @@ def test_parameters_are_shared_and_trainable():
         assert p.grad is not None and p.grad.abs().sum() > 0
 
 
+def test_every_parameter_gets_hfs_gradient():
+    """Training through the packed encoder: each weight's gradient is HF's (key and value included,
+    which a read of the joined QKV rows through q's view once dropped)."""
+    model = tiny_model()
+    ref = copy.deepcopy(model)
+    seqs, types, ids, tt, pos, cu = packed_inputs([5, 11, 1, 7])
+    PackedBertEncoder.from_hf(model)(ids, tt, pos, cu, 11).sum().backward()
+    sum(ref(input_ids=x[None], token_type_ids=t[None]).logits.sum() for x, t in zip(seqs, types)).backward()
+    grads = dict(model.named_parameters())
+    for name, p in ref.named_parameters():
+        if p.grad is None:  # unused by HF either (none in this model)
+            continue
+        got = grads[name].grad
+        assert got is not None, name
+        torch.testing.assert_close(got, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_non_gelu_activation_uses_torch_fallback():
     model = tiny_model(hidden_act="gelu_new")
     seqs, types, ids, tt, pos, cu = packed_inputs([6, 20])
     with torch.inference_mode():
         got = PackedBertEncoder.from_hf(model)(ids, tt, pos, cu, 20)
     torch.testing.assert_close(got, hf_scores(model, seqs, types), rtol=0, atol=1e-5)
+
+
+def test_bad_token_tensors_are_named():
+    enc = PackedBertEncoder.from_hf(tiny_model())
+    _, _, ids, tt, pos, cu = packed_inputs([5, 11])
+    cases = [((ids[None], tt, pos), r"input_ids must be a packed 1-D int64/int32 tensor \[total tokens\], "
+              r"got \(1, 16\)"),
+             ((ids, tt.float(), pos), "token_type_ids must be a packed 1-D int64/int32 tensor"),
+             ((ids, tt, pos.tolist()), "position_ids must be .* got list"),
+             ((ids, tt[:-1], pos), "must have one length, got 16, 15 and 16")]
+    for (a, b, c), message in cases:
+        with pytest.raises(ValueError, match=message):
+            enc(a, b, c, cu, 11)
 
 
 def test_rejects_unsupported_models():

@@ -319,6 +319,21 @@ def test_error_bad_rank_bias_temperature_impl():
         fused_logprob(h, w, t, temperature=0.0)
     with pytest.raises(ValueError, match="impl must be one of"):
         fused_logprob(h, w, t, impl="cuda")
+    with pytest.raises(TypeError, match="bias must be a torch.Tensor or None, got list"):
+        fused_logprob(h, w, t, bias=[0.0] * w.shape[0])
+    with pytest.raises(ValueError, match="temperature"):
+        fused_logprob(h, w, t, temperature=True)
+    with pytest.raises(TypeError, match="ignore_index must be an int, got None"):
+        fused_logprob(h, w, t, ignore_index=None)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_double_backward_is_refused_not_silently_wrong(impl):
+    h, w, t = _ok()
+    h.requires_grad_(True)
+    (g,) = torch.autograd.grad(fused_logprob(h, w, t, impl=impl).sum(), h, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        torch.autograd.grad((g * g).sum(), h)
 
 
 @pytest.mark.parametrize("eps", [-1e-3, float("nan"), float("inf"), "fast", None, True, torch.tensor(1e-3)])
