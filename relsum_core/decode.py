@@ -111,6 +111,9 @@ def static_unsupported_reason(model) -> str | None:
     if types != {"full_attention"} or getattr(cfg, "sliding_window", None) and getattr(
             cfg, "use_sliding_window", True):
         return f"layer types {sorted(types)} / sliding window: only full attention is supported"
+    if cfg.model_type == "bloom" or (cfg.model_type == "falcon" and getattr(cfg, "alibi", False)):
+        # their ALiBi slopes are built from a 2-D padding mask, and the 4-D one fails inside them
+        return f"{cfg.model_type} with ALiBi needs a 2-D attention mask"
     return None
 
 

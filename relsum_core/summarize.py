@@ -9,8 +9,11 @@ the catalog; ``n`` and ``k`` default to torchrun's ``WORLD_SIZE``/``RANK``.  A r
 file already holds and summarises only the rest; a line cut short by a crash is dropped first, so
 nothing written is lost or duplicated.  ``<out>.settings.json`` records what wrote the file (policy,
 task, budgets, sampling): a rerun with other settings is refused rather than appended to it.  Each
-product samples with its own seed (``seed`` + its index in the catalog's id order), so a resumed or
-sharded run writes what one uninterrupted run would.
+product samples with its own seed (``seed`` + its index in the catalog's id order), so in fp32 a
+resumed or sharded run writes what one uninterrupted run would.  In bf16 (what ``precision="auto"``
+picks on CPUs with bf16 dot products) it may not: a prompt's left padding depends on the batch it
+shares, and bf16 rounding then depends on the padding (4 of 8 SmolLM2 summaries differed between
+one batch of 8 and a resume in batches of 4).  ``--precision fp32`` when the files must match.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+
+import torch
 
 from relsum_core.data import load_catalog
 from relsum_core.io import atomic_write_text
@@ -66,7 +71,14 @@ def _check_settings(path: Path, settings: dict) -> None:
     """Refuse to add to a file that other settings wrote; record them for a new file."""
     record = path.with_name(path.name + ".settings.json")
     if record.exists():
-        changed = changed_settings(json.loads(record.read_text(encoding="utf-8")), settings)
+        try:
+            saved = json.loads(record.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{record}: not valid JSON ({e}); delete it (and {path.name}) to start "
+                             "again") from None
+        if not isinstance(saved, dict):
+            raise ValueError(f"{record}: not a JSON object; delete it (and {path.name}) to start again")
+        changed = changed_settings(saved, settings)
         if changed and path.exists():
             raise ValueError(f"{path} was written with other settings ({describe(changed)}); write to a new "
                              "file or delete it to start again")
@@ -99,6 +111,8 @@ def summarize_catalog(out: str | os.PathLike, *, policy: str | None = None, cata
         raise ValueError(f"max_product_tokens must be >= 1, got {max_product_tokens}")
     if task not in PROMPTS:
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(PROMPTS)}")
+    if device is None and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # torchrun: one GPU a process, as in training
     device = resolve_device(device)  # like training: CUDA when available
     dtype = resolve_precision(precision, device, auto_on_cuda=False)
     products = load_catalog(catalog)
@@ -124,6 +138,7 @@ def summarize_catalog(out: str | os.PathLike, *, policy: str | None = None, cata
     })
     todo = [pid for pid in mine if pid not in done]
     if not todo:
+        path.touch()  # a shard with no products still has its (empty) file, as the caller is told
         return path
     model, tok = load_policy(policy, device=device, dtype=dtype)
     desc = f"summarize ({str(dtype).removeprefix('torch.')})"  # which precision --precision auto chose

@@ -218,3 +218,25 @@ def test_bad_input(one_thread):
     with pytest.raises(ValueError, match="not available"):
         sample_ids(model, ids, mask, engine="static", **kw)
     assert resolve_engine(model, "auto") == "dynamic"
+
+
+def test_alibi_models_are_left_to_the_dynamic_engine():
+    """Bloom and ALiBi Falcon build their slopes from a 2-D padding mask: the static engine's 4-D
+    mask fails inside them, so auto must not pick it and an explicit static is refused clearly."""
+    import transformers as T
+
+    for cfg in (T.BloomConfig(vocab_size=60, hidden_size=32, n_layer=2, n_head=4),
+                T.FalconConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               alibi=True)):
+        model = T.AutoModelForCausalLM.from_config(cfg).eval()
+        assert "ALiBi" in decode.static_unsupported_reason(model)
+        with pytest.raises(ValueError, match="engine='static' is not available for this model"):
+            resolve_engine(model, "static")
+        ids = torch.randint(3, 60, (2, 5))
+        mask = torch.ones_like(ids)
+        mask[0, :2] = 0
+        r = sample_ids(model, ids, mask, stop_ids=[], pad_id=0, max_new_tokens=3, temperature=0.0)
+        assert r.completion_ids.shape == (2, 3)
+    rotary = T.FalconConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+    falcon = T.AutoModelForCausalLM.from_config(rotary)
+    assert decode.static_unsupported_reason(falcon) is None  # rotary Falcon keeps the static engine

@@ -130,7 +130,14 @@ def test_default_smollm2_converts_once_and_summarises(tmp_path_factory, monkeypa
     monkeypatch.setenv("RELSUM_CACHE", str(tmp_path_factory.mktemp("cache")))
     path = policy.default_policy_path()
     assert (path / "config.json").is_file() and any(path.glob("*.safetensors"))
-    assert policy.default_policy_path() == path  # cached: no second conversion
+    calls = []
+    convert = policy.convert_gguf
+    monkeypatch.setattr(policy, "convert_gguf", lambda g, target: calls.append(target) or convert(g, target))
+    assert policy.default_policy_path() == path and not calls  # cached: no second conversion
+    stamp = path / policy.SOURCE_STAMP
+    stamp.write_text(stamp.read_text().replace('"size": ', '"size": 1'))  # another GGUF now
+    assert policy.default_policy_path() == path and calls == [path]
+    assert policy.default_policy_path() == path and calls == [path]  # stamped again
     model, tok = load_policy(path)
     model.save_pretrained(tmp_path_factory.mktemp("resaved"))  # a plain model now, not a "quantized" one
     p = _product(title="Kindle Paperwhite waterproof 8 GB", bullets=["300 ppi glare-free display"])
@@ -203,3 +210,63 @@ def test_per_row_seeds_make_rows_batch_independent(tiny_policy_dir):
         assert torch.equal(full.completion_ids[i, :n], tail.completion_ids[i - 1, :n])
     with pytest.raises(ValueError, match="seeds for"):
         sample(model, tok, prompts, seed=[1, 2])
+
+
+@pytest.mark.parametrize("family", ["granite", "cohere"])
+def test_completion_logprobs_follow_a_scaled_lm_head(family):
+    """Granite divides its logits by logits_scaling, Cohere multiplies them by logit_scale: the
+    fused head must give the log-probs of the distribution the model samples from."""
+    import transformers as T
+
+    from relsum_core.policy import completion_logprobs, sample_ids
+
+    common = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = (T.GraniteForCausalLM(T.GraniteConfig(logits_scaling=8.0, **common)) if family == "granite"
+             else T.CohereForCausalLM(T.CohereConfig(logit_scale=0.0625, **common))).eval()
+    ids = torch.randint(3, 50, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    r = sample_ids(model, ids, mask, stop_ids=[], pad_id=0, max_new_tokens=5, temperature=1.0, seed=[1, 2],
+                   engine="dynamic")
+    for temperature in (1.0, 0.7):
+        got = completion_logprobs(model, r, temperature=temperature, impl="torch")
+        full = torch.cat([ids, r.completion_ids], 1)
+        fm = torch.cat([mask, r.completion_mask], 1)
+        positions = (fm.cumsum(-1) - 1).clamp_min(0)
+        with torch.no_grad():
+            logits = model(input_ids=full, attention_mask=fm, position_ids=positions).logits[:, 5:10].float()
+        want = (logits / temperature).log_softmax(-1).gather(-1, r.completion_ids[..., None])[..., 0]
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_nan_temperature_is_refused(tiny_policy_dir):
+    model, tok = load_policy(tiny_policy_dir)
+    with pytest.raises(ValueError, match="need temperature >= 0"):
+        sample(model, tok, ["red shirt"], max_new_tokens=3, temperature=float("nan"))
+
+
+def test_tokenizer_that_cannot_load_and_a_policy_without_eos_name_the_folder(tmp_path, tiny_policy_dir):
+    import json
+    import shutil
+
+    bare = tmp_path / "no_tokenizer"
+    bare.mkdir()
+    for f in tiny_policy_dir.iterdir():
+        if f.name in ("config.json", "model.safetensors", "generation_config.json"):
+            shutil.copy(f, bare)
+    with pytest.raises(PolicyLoadError, match=rf"{bare}: cannot load the tokenizer"):
+        load_policy(bare)
+    no_eos = tmp_path / "no_eos"
+    shutil.copytree(tiny_policy_dir, no_eos)
+    settings = json.loads((no_eos / "tokenizer_config.json").read_text())
+    settings.pop("eos_token", None)
+    settings.pop("pad_token", None)
+    (no_eos / "tokenizer_config.json").write_text(json.dumps(settings))
+    cfg = json.loads((no_eos / "config.json").read_text())
+    cfg["eos_token_id"] = cfg["pad_token_id"] = None
+    (no_eos / "config.json").write_text(json.dumps(cfg))
+    (no_eos / "generation_config.json").unlink(missing_ok=True)
+    with pytest.raises(PolicyLoadError, match="names an end-of-sequence token"):
+        load_policy(no_eos)

@@ -92,3 +92,17 @@ def test_other_settings_or_another_file_are_refused_not_appended(tmp_path, catal
     with pytest.raises(ValueError, match=f"{notes}:1: not a summaries row"):
         summarize_catalog(notes, budget=4, **kw)
     assert notes.read_text() == '{"a": 1}\n{"a": 2, "note": "precious"}'  # nothing cut
+
+
+def test_a_shard_with_nothing_to_do_still_has_its_file_and_a_bad_record_is_named(tmp_path, catalog,
+                                                                                   tiny_policy_dir):
+    kw = dict(policy=str(tiny_policy_dir), catalog=str(catalog), progress=False, budget=4)
+    out = summarize_catalog(tmp_path / "none.jsonl", product_ids=[], **kw)
+    assert out.is_file() and out.read_text() == ""  # the CLI prints this path
+    record = tmp_path / "none.jsonl.settings.json"
+    record.write_text("{cut")
+    with pytest.raises(ValueError, match=r"none.jsonl.settings.json: not valid JSON .*delete it"):
+        summarize_catalog(tmp_path / "none.jsonl", product_ids=[], **kw)
+    record.write_text("[]")
+    with pytest.raises(ValueError, match="not a JSON object"):
+        summarize_catalog(tmp_path / "none.jsonl", product_ids=[], **kw)
