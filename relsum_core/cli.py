@@ -61,7 +61,8 @@ def _add_train_ranker(sub) -> None:
                    help="encoder for the cosine baseline (default: --base; set it when --base is fine-tuned)")
     p.add_argument("--out", required=True, help="output dir: best/ checkpoint, metrics.jsonl, report.*")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier run in --out (without it, such an --out is refused)")
+                   help="replace an earlier run in --out: its report and best/ are deleted once the "
+                   "settings check out (without it, such an --out is refused)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=None,
                    help="encoder learning rate of the graded phase (default: 2e-5 after the pseudo-query "

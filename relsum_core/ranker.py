@@ -167,7 +167,8 @@ def _check_pairs(pairs) -> list[tuple[str, str]]:
 # --------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------
-def _read_config(path: Path) -> dict:
+def read_checkpoint_config(path: Path) -> dict:
+    """A checkpoint's config.json, refused unless it is a BERT-family model with (at most) one label."""
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory (CrossEncoder loads local checkpoints only)")
     cfg_file = path / "config.json"
@@ -299,7 +300,7 @@ class CrossEncoder:
         from transformers import AutoTokenizer, BertForSequenceClassification
 
         path = Path(path)
-        _read_config(path)
+        read_checkpoint_config(path)
         try:
             model, info = BertForSequenceClassification.from_pretrained(
                 path, num_labels=1, output_loading_info=True, local_files_only=True, dtype=torch.float32,

@@ -195,7 +195,7 @@ def test_train_ranker_bad_data_dir(tmp_path, tiny_base, capsys):
     (tmp_path / "data" / "judgments.csv").write_text("query_id,query,product_id,grade\n1,q,zzz,3\n")
     with pytest.raises(SystemExit) as e:
         main(["train-ranker", "--data", str(tmp_path / "data"), "--base", str(tiny_base),
-              "--out", str(tmp_path / "o"), "--no-progress"])
+              "--out", str(tmp_path / "o"), "--no-progress", "--max-length", "64"])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "error: DataError: " in err and "judgments.csv:2: product 'zzz' is not in the catalog" in err

@@ -145,3 +145,57 @@ def test_groups_are_dealt_by_grade_so_no_candidate_is_lost():
     for seed in range(20):
         groups = make_groups(by_query, ["a"], 4, random.Random(seed))
         assert sorted(j.product_id for g in groups for j in g) == [f"a{i}" for i in range(8)]
+
+
+def test_a_base_of_the_wrong_kind_is_refused_before_any_output(tmp_path, tiny_base):
+    """Checked before the log opens: a crash after it would make the corrected rerun refuse the
+    folder as an earlier run's."""
+    import shutil
+
+    three = tmp_path / "three_labels"
+    shutil.copytree(tiny_base, three)
+    cfg = json.loads((three / "config.json").read_text())
+    (three / "config.json").write_text(json.dumps({**cfg, "architectures": ["BertForSequenceClassification"],
+                                                   "id2label": {"0": "a", "1": "b", "2": "c"}}))
+    distil = tmp_path / "distil"
+    shutil.copytree(tiny_base, distil)
+    (distil / "config.json").write_text(json.dumps({**cfg, "model_type": "distilbert"}))
+    for base, settings, message in ((three, {}, "a sequence classifier with 3 labels"),
+                                    (distil, {}, "model_type 'distilbert' is not BERT-family"),
+                                    (tiny_base, {"freeze_layers": 3}, "freeze_layers=3 but .* only 2 layers"),
+                                    (tiny_base, {"max_length": 129}, r"max_length must be in \[3, 128\]")):
+        out = tmp_path / f"run-{base.name}-{len(settings)}"
+        with pytest.raises(ValueError, match=message):
+            _train(out, base, **settings)
+        assert not out.exists() or not any(out.iterdir()), message
+
+
+def test_overwrite_removes_the_earlier_report_before_it_trains(tmp_path, tiny_base, monkeypatch):
+    _train(tmp_path, tiny_base, max_steps=1)
+    assert (tmp_path / "report.json").is_file()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "save_checkpoint", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path, tiny_base, max_steps=1, seed=7, overwrite=True)
+    # no report of the earlier run beside this run's log: cross-validation takes a report as a finished fold
+    assert not (tmp_path / "report.json").exists() and not (tmp_path / "report.md").exists()
+    assert not (tmp_path / "best").exists()
+
+
+def test_a_diverging_run_stops_with_a_clear_error_before_nan_weights(tmp_path, tiny_base, monkeypatch):
+    real = trainer.listwise_loss
+    calls = []
+
+    def nan_at_second_step(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(trainer, "listwise_loss", nan_at_second_step)
+    with pytest.raises(trainer.TrainingDiverged, match=r"diverged at step 2 \(loss nan\): lower --lr"):
+        _train(tmp_path, tiny_base, max_steps=3, eval_every=1)
+    assert _rows(tmp_path, "diverged")[0]["at"] == "step 2"
+    assert (tmp_path / "best").is_dir()  # step 1's checkpoint stays

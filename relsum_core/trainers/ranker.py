@@ -45,7 +45,7 @@ from relsum_core.metrics import (
     recall_at_precision,
 )
 from relsum_core.precision import resolve_device, resolve_precision
-from relsum_core.ranker import SETTINGS_FILE, CrossEncoder, padded_pairs
+from relsum_core.ranker import SETTINGS_FILE, CrossEncoder, padded_pairs, read_checkpoint_config
 from relsum_core.text import SEPARATOR, PrefixSampler, product_text
 
 # Validation text variants: (name, attribute-token budget).
@@ -515,6 +515,20 @@ def freeze_lower(model, n_layers: int) -> None:
             p.requires_grad_(False)
 
 
+class TrainingDiverged(ValueError):
+    """The loss went NaN or infinite: the settings (a learning rate too high) made training diverge."""
+
+
+def _check_finite(loss: float, where: str, log: JsonlLog, best_dir: Path | None = None) -> None:
+    # Checked before the backward, so no optimizer step writes NaN into the weights.
+    if math.isfinite(loss):
+        return
+    log.write("diverged", at=where, loss=loss)
+    kept = f"; the best checkpoint so far stays in {best_dir}" if best_dir is not None else ""
+    raise TrainingDiverged(f"training diverged at {where} (loss {loss}): lower --lr / --head-lr "
+                           f"(or the warm-up's rates){kept}")
+
+
 def run_warmup(ce, cfg: RankerTrainConfig, batch_loss: Callable[[], torch.Tensor], event: str,
                log: JsonlLog) -> None:
     """``cfg.pseudo_steps`` optimizer steps on ``batch_loss()`` at the warm-up rates (trains ``ce.model``)."""
@@ -528,6 +542,7 @@ def run_warmup(ce, cfg: RankerTrainConfig, batch_loss: Callable[[], torch.Tensor
     bar = tqdm(range(1, cfg.pseudo_steps + 1), desc=f"warm-up ({cfg.warmup})", disable=not cfg.progress)
     for step in bar:
         loss = batch_loss()
+        _check_finite(loss.item(), f"warm-up step {step}", log)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -629,7 +644,7 @@ def _seed_all(seed: int) -> None:
 def train_ranker(cfg: RankerTrainConfig) -> dict:
     """Run one fine-tuning job; returns the report (also written to ``cfg.out``)."""
     from tqdm.auto import tqdm
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.optimization import get_linear_schedule_with_warmup
 
     from relsum_core.baselines import CosineScorer, bm25_scores
@@ -674,6 +689,14 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
     # bf16 autocast makes a MiniLM step 1.5x faster on a CPU with bf16 dot products; weights,
     # optimizer state and validation stay fp32.  Checked before the baselines' minute, not after.
     dtype = resolve_precision(cfg.precision, device)
+    # Checked before any output: a crash after the log opens would block the corrected rerun.
+    base_config = read_checkpoint_config(Path(base))  # BERT-family, one label (or a bare encoder)
+    positions = base_config.get("max_position_embeddings", 512)
+    layers = base_config.get("num_hidden_layers")
+    if not 3 <= cfg.max_length <= positions:
+        raise ValueError(f"max_length must be in [3, {positions}] for {base}, got {cfg.max_length}")
+    if layers is not None and cfg.freeze_layers > layers:
+        raise ValueError(f"freeze_layers={cfg.freeze_layers} but {base} has only {layers} layers")
 
     catalog, judgments = load_dataset(cfg.data)
     by_query = group_by_query(judgments)
@@ -691,9 +714,14 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
     if not tokenizer.is_fast:
         raise ValueError(f"{base}: a fast tokenizer is needed (token offsets for the text budgets)")
     val = ValSet(by_query, val_q, catalog, tokenizer)
-    positions = AutoConfig.from_pretrained(base).max_position_embeddings  # checked before any output
-    if not 3 <= cfg.max_length <= positions:
-        raise ValueError(f"max_length must be in [3, {positions}] for {base}, got {cfg.max_length}")
+    if cfg.overwrite:
+        # The earlier run goes first: a crash of this one must not leave its report beside this
+        # run's checkpoint (cross-validation takes a report.json as a finished fold).
+        import shutil
+
+        for name in ("report.json", "report.md"):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "best", ignore_errors=True)
     log = JsonlLog(out / "metrics.jsonl")
     log.write("split", **split)
 
@@ -782,6 +810,8 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
                 distill = distillation_loss(scores, teacher_scores(teacher, batch, texts, device), group_ids,
                                             cfg.distill_temperature)
                 loss = loss + cfg.distill_weight * distill
+            loss_value = loss.item()
+            _check_finite(loss_value, f"step {step + 1}", log, out / "best" if best["step"] >= 0 else None)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -790,7 +820,7 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
             step += 1
             pairs_seen += len(flat)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch)
+            bar.set_postfix(loss=f"{loss_value:.4f}", epoch=epoch)
             if step % cfg.log_every == 0 or step == total_steps:
                 log.write(
                     "train",

@@ -170,8 +170,8 @@ def cross_validate_ranker(cfg: RankerTrainConfig, folds: int, log=print) -> dict
     if folds < 2:
         raise ValueError(f"folds must be >= 2, got {folds}")
     out = Path(cfg.out)
-    # The queries each fold validates, as train_ranker draws them: a saved fold whose data changed
-    # since is retrained.
+    # The queries each fold validates, as train_ranker draws them: a saved fold whose validation
+    # queries changed since is retrained (edited grades under the same query ids are not noticed).
     by_query = group_by_query(load_dataset(cfg.data)[1])
     fold_cfgs = [replace(cfg, out=str(out / f"fold{i}"), folds=folds, fold=i) for i in range(folds)]
     reports = [_fold_report(c, query_split(by_query, c)[1], log) for c in fold_cfgs]
