@@ -208,7 +208,7 @@ def _add_summarize(sub) -> None:
     p.add_argument("--max-product-tokens", type=int, default=128,
                    help="product text given to the policy (use the training run's value; relsum train's "
                    "default is 128)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="products summarised together")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard", type=int, default=None, help="default: torchrun RANK")
@@ -258,7 +258,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--budget", type=int, default=32, help="--policy / --doc2query: generated tokens")
     p.add_argument("--max-product-tokens", type=int, default=128,
                    help="--policy / --doc2query: product text tokens")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="--policy / --doc2query: products summarised together (the ranker scores 128 "
+                   "pairs a batch)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     _add_precision(p, "--policy / --doc2query sampling: auto = bf16 on CPUs with bf16 dot products")
     p.add_argument("--no-progress", action="store_true")

@@ -25,6 +25,7 @@ entries, ``summaries-<name>.jsonl`` (resumable, like ``relsum summarize``).
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -42,8 +43,12 @@ N_BOOTSTRAP = 1000
 SPLITS = ("validation", "heldout", "all")
 
 
-def read_summaries(path: str | Path) -> dict[str, str]:
-    """product_id -> summary from a ``relsum summarize`` JSONL; skipped products map to ``""``."""
+def read_summaries(path: str | Path, catalog: Mapping | None = None) -> dict[str, str]:
+    """product_id -> summary from a ``relsum summarize`` JSONL; skipped products map to ``""``.
+
+    With ``catalog`` (product id -> Product), a row whose ``title`` differs from the catalog's for
+    its id is an error: summaries of another catalog whose ids happen to coincide.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"summaries file {path} does not exist")
@@ -61,7 +66,12 @@ def read_summaries(path: str | Path) -> dict[str, str]:
             summary = row.get("summary", "" if "skipped" in row else None)
             if not isinstance(summary, str):
                 raise ValueError(f"{path}:{n}: a row needs a string 'summary' (or 'skipped')")
-            out[row["product_id"]] = summary
+            pid, title = row["product_id"], row.get("title")
+            ours = catalog[pid].title if catalog is not None and pid in catalog else None
+            if isinstance(title, str) and ours is not None and ours != title:
+                raise ValueError(f"{path}:{n}: product {pid} is titled {title!r} here but {ours!r} in the "
+                                 "data: summaries of another catalog?")
+            out[pid] = summary
     return out
 
 
@@ -141,6 +151,9 @@ def _markdown(report: dict) -> str:
     for name, n in (report.get("policy_trained_products") or {}).items():
         if n:
             head += f" The policy behind `{name}` trained on {n} of these products."
+        elif n is None:
+            head += (f" `{name}` has no policy training record (relsum_policy.json), so its products were "
+                     "not checked against what it trained on.")
     lines = [head, "",
              "| text | NDCG@5 | NDCG@10 | NDCG@10 delta vs title | recall@P90 | mean summary words |",
              "|---|---|---|---|---|---|"]
@@ -244,9 +257,9 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
             raise FileNotFoundError(f"summaries {name!r}: {path} {what}")
     # Read the given files before any policy runs, so a bad row fails in seconds, not after
     # minutes of summarising.
-    given = {name: read_summaries(path) for name, path in summaries.items()}
     out = Path(out)
     catalog, judgments = load_dataset(data)
+    given = {name: read_summaries(path, catalog) for name, path in summaries.items()}
     text = {j.query_id: j.query for j in judgments}
     queries = sorted(text)
     if split == "validation":
@@ -260,6 +273,11 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
     records = {name: _policy_record(summaries_file=path) for name, path in summaries.items()}
     records |= {name: read_training_record(None if path == "default" else path)
                 for name, path in {**policies, **doc2query}.items()}
+
+    unknown = sorted(name for name, r in records.items() if r is None)
+    if unknown and split != "all":
+        warnings.warn(f"no policy training record (relsum_policy.json) for {', '.join(unknown)}: the "
+                      f"{split} split cannot leave out the products those policies trained on", stacklevel=2)
 
     def policy_trained(products) -> dict[str, list[str]]:
         return {name: [p for p in products if r.get(p) == catalog[p].title]
@@ -315,7 +333,7 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
                           product_ids=ev.product_ids, num_shards=1, shard=0, device=device, progress=progress,
                           task=task, precision=precision)
         summaries[name] = str(path)
-        given[name] = read_summaries(path)  # covers every evaluated product (skipped ones map to "")
+        given[name] = read_summaries(path, catalog)  # every evaluated product (skipped ones map to "")
 
     titles = {p: product_text(catalog[p], ce.tokenizer, 0) for p in ev.product_ids}  # capped as in training
     variants: dict[str, dict] = {"title": {"texts": titles}}
@@ -348,8 +366,6 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
         try:
             import matplotlib  # noqa: F401
         except ImportError:  # the reports are written; only the figure needs the plot extra
-            import warnings
-
             warnings.warn("matplotlib is not installed (pip install 'relsum[plot]'): no ndcg.png",
                           RuntimeWarning, stacklevel=2)
         else:

@@ -67,6 +67,17 @@ def _done_ids(path: Path) -> set[str]:
     return done
 
 
+def policy_weights(policy: str | None) -> list | None:
+    """[name, bytes, mtime_ns] of a policy folder's weight files (None: the packaged default).
+
+    Why: a training run rewrites its checkpoint folder in place, and summaries of the old weights
+    must not be resumed as the new policy's."""
+    if policy is None:
+        return None
+    files = sorted(f for pattern in ("*.safetensors", "*.bin") for f in Path(policy).glob(pattern))
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
 def _check_settings(path: Path, settings: dict) -> None:
     """Refuse to add to a file that other settings wrote; record them for a new file."""
     record = path.with_name(path.name + ".settings.json")
@@ -78,7 +89,13 @@ def _check_settings(path: Path, settings: dict) -> None:
                              "again") from None
         if not isinstance(saved, dict):
             raise ValueError(f"{record}: not a JSON object; delete it (and {path.name}) to start again")
-        changed = changed_settings(saved, settings)
+        # a record from before the weights were recorded: not compared (it predates the check)
+        weights = settings.get("policy_weights")
+        changed = changed_settings(saved, settings, defaults={"policy_weights": weights})
+        if "policy_weights" in changed and "policy" not in changed and path.exists():
+            raise ValueError(f"{path} was written by the policy at {settings['policy']} before its weights "
+                             "changed (a training run rewrote them); write to a new file or delete it to "
+                             "summarise with the new weights")
         if changed and path.exists():
             raise ValueError(f"{path} was written with other settings ({describe(changed)}); write to a new "
                              "file or delete it to start again")
@@ -132,6 +149,7 @@ def summarize_catalog(out: str | os.PathLike, *, policy: str | None = None, cata
     # when greedy), so the same command resumes anywhere
     _check_settings(path, {
         "policy": str(Path(policy).resolve()) if policy is not None else "default",
+        "policy_weights": policy_weights(policy),
         "catalog": str(Path(catalog).resolve()) if catalog is not None else "bundled",
         "task": task, "budget": budget, "max_product_tokens": max_product_tokens,
         "temperature": temperature, "seed": seed if temperature > 0 else None, "precision": precision,

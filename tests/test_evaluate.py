@@ -106,6 +106,16 @@ def test_read_summaries_and_named_arguments(tmp_path):
         read_summaries(path)
     with pytest.raises(FileNotFoundError):
         read_summaries(tmp_path / "none.jsonl")
+    # another catalog's file: its rows name other titles under the same ids
+    from relsum_core.data import Product
+
+    path.write_text('{"product_id": "p1", "title": "red shirt", "summary": "cotton"}\n'
+                    '{"product_id": "p2", "summary": "no title: not checked"}\n')
+    catalog = {"p1": Product("p1", "red shirt"), "p2": Product("p2", "blue towel")}
+    assert read_summaries(path, catalog) == {"p1": "cotton", "p2": "no title: not checked"}
+    catalog["p1"] = Product("p1", "garden hose")
+    with pytest.raises(ValueError, match="s.jsonl:1: product p1 is titled 'red shirt' here but 'garden"):
+        read_summaries(path, catalog)
     assert parse_named(["a=x.jsonl", "b=y"], "--summaries") == {"a": "x.jsonl", "b": "y"}
     for bad in (["x.jsonl"], ["=x"], ["a="], ["a=x", "a=y"]):
         with pytest.raises(ValueError, match="--summaries"):
@@ -443,8 +453,10 @@ def test_refuses_to_validate_on_products_the_policy_trained_on(tmp_path, data_di
         run(["p1", "p2", "p3", "p4", "p5", "p6"])
     report = run([p for q in by_query if q not in val for p in by_query[q]])  # the split it trained with
     assert report["n_queries"] == 1 and report["policy_trained_products"] == {"hand": 0}
-    # no record (a hand-written file, or a policy folder not from `relsum train`): not known
-    assert run(None)["policy_trained_products"] == {"hand": None}
+    # no record (a hand-written file, or a policy folder not from `relsum train`): not known, and said
+    with pytest.warns(UserWarning, match="no policy training record .* for hand"):
+        assert run(None)["policy_trained_products"] == {"hand": None}
+    assert "`hand` has no policy training record" in (tmp_path / "e" / "report.md").read_text()
     assert run(["p1"], settings=False)["policy_trained_products"] == {"hand": None}
     # another catalog's coinciding ids are other products
     (policy / TRAINING_RECORD).write_text(json.dumps({"train_products": {p: "x" for p in titles}}))

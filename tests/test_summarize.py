@@ -106,3 +106,28 @@ def test_a_shard_with_nothing_to_do_still_has_its_file_and_a_bad_record_is_named
     record.write_text("[]")
     with pytest.raises(ValueError, match="not a JSON object"):
         summarize_catalog(tmp_path / "none.jsonl", product_ids=[], **kw)
+
+
+def test_summaries_of_rewritten_policy_weights_are_not_resumed(tmp_path, catalog, tiny_policy_dir):
+    """A training run rewrites its checkpoint in place: the old weights' summaries must not pass for
+    the new policy's."""
+    import json
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    policy = tmp_path / "policy"
+    shutil.copytree(tiny_policy_dir, policy)
+    out = tmp_path / "s.jsonl"
+    kw = dict(policy=str(policy), catalog=str(catalog), budget=4, progress=False)
+    summarize_catalog(out, product_ids=["p0"], **kw)
+    AutoModelForCausalLM.from_pretrained(policy).save_pretrained(policy)  # new files: new mtimes
+    with pytest.raises(ValueError, match="before its weights changed"):
+        summarize_catalog(out, **kw)
+    # a record from before the weights were recorded resumes as it did
+    record = tmp_path / "s.jsonl.settings.json"
+    settings = json.loads(record.read_text())
+    del settings["policy_weights"]
+    record.write_text(json.dumps(settings))
+    summarize_catalog(out, **kw)
+    assert len(_rows(out)) == 5
