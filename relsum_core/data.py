@@ -126,6 +126,25 @@ def _decode(data: bytes, path: Path) -> str:
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
+class _Lines:
+    """The file's lines for csv, counting them: ``first`` is the first non-blank line read since it
+    was last reset, so the line a row starts on (csv's own count gives only where it ends)."""
+
+    def __init__(self, text: str):
+        self._lines = io.StringIO(text, newline="")
+        self.count, self.first = 0, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        line = next(self._lines)
+        self.count += 1
+        if self.first is None and line.strip("\r\n"):
+            self.first = self.count
+        return line
+
+
 def _csv_table(path: Path, delimiter: str = ",", multiline: frozenset[str] = frozenset()):
     """(column names, rows): the decoded file's header, checked for a repeated name (csv.DictReader
     would keep the last column of that name), and a generator of (where, row) over its rows.
@@ -134,7 +153,8 @@ def _csv_table(path: Path, delimiter: str = ",", multiline: frozenset[str] = fro
     (``7,"tv stand,...`` opens a field that swallows the rows after it, up to the next quote, such
     as an inch mark), and it would otherwise join those rows into one without a word.
     """
-    reader = csv.DictReader(io.StringIO(_decode(path.read_bytes(), path), newline=""), delimiter=delimiter)
+    lines = _Lines(_decode(path.read_bytes(), path))
+    reader = csv.DictReader(lines, delimiter=delimiter)
     names = list(reader.fieldnames or ())
     # empty names are trailing separators, as spreadsheets write them: no column to mix up
     repeated = sorted({n for n in names if n and names.count(n) > 1})
@@ -142,18 +162,17 @@ def _csv_table(path: Path, delimiter: str = ",", multiline: frozenset[str] = fro
         raise DataError(f"{path}:1: header repeats column(s) {', '.join(repeated)}")
 
     def rows():
-        end = reader.line_num  # the header's last line
-        for row in reader:
-            start, end = end + 1, reader.line_num
+        while True:
+            lines.first = None
+            row = next(reader, None)
+            if row is None:
+                return
+            start, end = lines.first or lines.count, lines.count
             where = f"{path}:{end}"
             # before the width check: a quote left open to the end of the file leaves a short row
-            texts = [v for v in row.values() if isinstance(v, str)]
             broken = [k for k, v in row.items() if k not in multiline and isinstance(v, str)
                       and _LINE_BREAK.search(v)]
             if broken:
-                # (a blank line before the row counts in ``start``; the field's own breaks do not
-                # when the quote runs to the end of the file)
-                start = max(start, end - sum(len(_LINE_BREAK.findall(v)) for v in texts))
                 raise DataError(f"{path}:{start}: one row runs over lines {start}-{end}: field "
                                 f"{broken[0]!r} holds a line break (an unclosed '\"' on line {start}?); "
                                 "quote such a field whole (\"...\", inner quotes doubled) or drop the quote")

@@ -154,16 +154,18 @@ def load_policy(path: str | os.PathLike | None = None, *, device=None, dtype=tor
     if not tokenizer.chat_template:
         raise PolicyLoadError(f"the tokenizer at {path} has no chat template; the prompt needs one")
     tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except Exception as e:  # a truncated or corrupt weights file
         raise PolicyLoadError(f"{path}: cannot load the model weights ({type(e).__name__}: {e})") from e
-    if tokenizer.pad_token_id is None or not stop_token_ids(model, tokenizer):
+    stops = stop_token_ids(model, tokenizer)
+    if not stops:
         raise PolicyLoadError(f"{path}: neither the tokenizer nor the generation config names an "
-                              "end-of-sequence token: summaries could not stop before their budget, "
-                              "nor a batch of prompts be padded")
+                              "end-of-sequence token: summaries could not stop before their budget")
+    if tokenizer.pad_token_id is None:  # pad with the generation config's end-of-sequence token
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(stops[0])
     if device is not None:
         model.to(device)
     return model, tokenizer

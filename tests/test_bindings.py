@@ -657,3 +657,13 @@ def test_bf16_export_scores_and_ranks_like_fp32(binaries, ranker, esci_texts, tm
     assert np.corrcoef(np.argsort(np.argsort(got)), np.argsort(np.argsort(want)))[0, 1] > 0.97
     with pytest.raises(ValueError, match="dtype must be one of"):
         export_ranker(ranker, tmp_path / "fp16", dtype=torch.float16)
+
+
+def test_fnv1a64_known_answers():
+    """The checksum settings.txt records must be FNV-1a 64 exactly: the C++ recomputes it."""
+    from relsum_core.export import checksum_lines, fnv1a64
+
+    assert fnv1a64(b"") == "cbf29ce484222325"
+    assert fnv1a64(b"a") == "af63dc4c8601ec8c"
+    assert fnv1a64(b"foobar") == "85944171f73967e8"
+    assert checksum_lines({"vocab.txt": b"a"}) == ["fnv1a64 vocab.txt af63dc4c8601ec8c"]

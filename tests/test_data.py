@@ -323,3 +323,28 @@ def test_trailing_separators_and_a_quote_left_open_to_the_end(data_dir):
     path.write_text(HEADER + '1,"red shoe,p1,E,3\n2,towel,p2,E,3\n')
     with pytest.raises(DataError, match=rf"{path}:2: one row runs over lines 2-3: field 'query'"):
         load_judgments(path)
+
+
+def test_the_line_a_broken_row_starts_on_counts_blank_lines(data_dir):
+    path = data_dir / "judgments.csv"
+    # a blank line before the broken row, the quote left open to the end of the file
+    path.write_text(HEADER + '1,ok,p1,E,3\n\n1,"red shoe\nstill,p2,E,3\n2,towel,p3,E,3\n')
+    with pytest.raises(DataError, match=rf"{path}:4: one row runs over lines 4-6"):
+        load_judgments(path)
+    # a blank line before a broken row whose quote does close
+    path.write_text(HEADER + '1,ok,p1,E,3\n\n1,"red\nshoe",p2,E,3\n')
+    with pytest.raises(DataError, match=rf"{path}:4: one row runs over lines 4-5"):
+        load_judgments(path)
+
+
+def test_query_groups_are_what_the_split_counts():
+    texts = {f"q{i:02d}": f"query {i}" for i in range(20)} | {"a": "Query 1", "b": "query 2", "c": "QUERY 3"}
+    ids = list(texts)
+    for seed in range(3):
+        _, val = split_queries(ids, 0.2, seed=seed, query_texts=texts)
+        groups = {" ".join(texts[i].casefold().split()) for i in val}
+        assert len(groups) == round(0.2 * 20)  # 20 distinct texts, not 23 ids
+    with pytest.raises(ValueError, match="at least 2 distinct queries"):
+        split_queries(["x", "y"], 0.5, query_texts={"x": "lamp", "y": "Lamp"})
+    with pytest.raises(ValueError, match="at least 3 distinct queries for 3 folds"):
+        fold_queries(["w", "x", "y", "z"], 3, 0, query_texts={"w": "a", "x": "A", "y": "b", "z": "B"})

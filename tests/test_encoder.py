@@ -237,7 +237,8 @@ def test_bad_token_tensors_are_named():
               r"got \(1, 16\)"),
              ((ids, tt.float(), pos), "token_type_ids must be a packed 1-D int64/int32 tensor"),
              ((ids, tt, pos.tolist()), "position_ids must be .* got list"),
-             ((ids, tt[:-1], pos), "must have one length, got 16, 15 and 16")]
+             ((ids, tt[:-1], pos), "must have one length, got 16, 15 and 16"),
+             ((ids, tt, pos[:-1]), "must have one length, got 16, 16 and 15")]
     for (a, b, c), message in cases:
         with pytest.raises(ValueError, match=message):
             enc(a, b, c, cu, 11)

@@ -54,6 +54,7 @@ def test_recall_at_precision_hand_cases():
     for precision in (90, 0, -0.5, math.nan):
         with pytest.raises(ValueError, match="precision must be in"):
             recall_at_precision([1.0, 0.5], [True, False], precision)
+    assert recall_at_precision([1.0, 0.5], [True, False], 1.0) == 1.0  # exactly 1 is a precision
 
 
 def _overlap_scorer(pairs):
@@ -457,6 +458,17 @@ def test_refuses_to_validate_on_products_the_policy_trained_on(tmp_path, data_di
     with pytest.warns(UserWarning, match="no policy training record .* for hand"):
         assert run(None)["policy_trained_products"] == {"hand": None}
     assert "`hand` has no policy training record" in (tmp_path / "e" / "report.md").read_text()
+    # the packaged default trained on nothing; a corrupt or dangling record is not known
+    settings = hand.with_name(hand.name + ".settings.json")
+    gone = json.dumps({"policy": str(tmp_path / "gone")})
+    cases = (('{"policy": "default"}', 0), ("{cut", None), (gone, None))
+    for written, want in cases:
+        settings.write_text(written)
+        report = evaluate_summaries(tmp_path / "e", ranker=str(ranker), data=str(data_dir),
+                                    summaries={"hand": str(hand)}, split="all", device="cpu", plot=False,
+                                    progress=False)
+        assert report["policy_trained_products"] == {"hand": want}, written
+        assert "trained on 0" not in (tmp_path / "e" / "report.md").read_text()
     assert run(["p1"], settings=False)["policy_trained_products"] == {"hand": None}
     # another catalog's coinciding ids are other products
     (policy / TRAINING_RECORD).write_text(json.dumps({"train_products": {p: "x" for p in titles}}))

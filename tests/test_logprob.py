@@ -323,8 +323,9 @@ def test_error_bad_rank_bias_temperature_impl():
         fused_logprob(h, w, t, bias=[0.0] * w.shape[0])
     with pytest.raises(ValueError, match="temperature"):
         fused_logprob(h, w, t, temperature=True)
-    with pytest.raises(TypeError, match="ignore_index must be an int, got None"):
-        fused_logprob(h, w, t, ignore_index=None)
+    for bad in (None, True, 1.0):
+        with pytest.raises(TypeError, match="ignore_index must be an int"):
+            fused_logprob(h, w, t, ignore_index=bad)
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])

@@ -270,3 +270,47 @@ def test_tokenizer_that_cannot_load_and_a_policy_without_eos_name_the_folder(tmp
     (no_eos / "generation_config.json").unlink(missing_ok=True)
     with pytest.raises(PolicyLoadError, match="names an end-of-sequence token"):
         load_policy(no_eos)
+
+
+def test_training_record_reading(tmp_path):
+    from relsum_core.policy import TRAINING_RECORD, read_training_record
+
+    assert read_training_record(None) == {}  # the packaged default trained on nothing here
+    assert read_training_record(tmp_path) is None  # a folder not from relsum train: not known
+    for text, message in (("{cut", "not valid JSON"),
+                          ('{"train_products": {"p1": 3}}', "needs train_products"),
+                          ('{"train_products": ["p1"]}', "needs train_products")):
+        (tmp_path / TRAINING_RECORD).write_text(text)
+        with pytest.raises(ValueError, match=message):
+            read_training_record(tmp_path)
+
+
+def test_a_bad_logit_scale_and_an_infinite_temperature_are_refused(tiny_policy_dir):
+    import transformers as T
+
+    from relsum_core.policy import _logit_scale
+
+    assert _logit_scale(T.GraniteConfig(logits_scaling=4.0)) == 0.25
+    assert _logit_scale(T.CohereConfig(logit_scale=0.5)) == 0.5
+    assert _logit_scale(T.LlamaConfig()) == 1.0
+    with pytest.raises(ValueError, match="logit scale is inf"):
+        _logit_scale(T.CohereConfig(logit_scale=float("inf")))
+    model, tok = load_policy(tiny_policy_dir)
+    with pytest.raises(ValueError, match="need temperature >= 0"):
+        sample(model, tok, ["red shirt"], max_new_tokens=3, temperature=float("inf"))
+
+
+def test_a_tokenizer_without_pad_or_eos_pads_with_the_generation_configs_eos(tmp_path, tiny_policy_dir):
+    import json
+    import shutil
+
+    folder = tmp_path / "policy"
+    shutil.copytree(tiny_policy_dir, folder)
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    settings.pop("eos_token", None)
+    settings.pop("pad_token", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    model, tok = load_policy(folder)
+    assert tok.eos_token_id is None and tok.pad_token_id == model.generation_config.eos_token_id
+    r = sample(model, tok, ["red shirt", "dog food kids"], max_new_tokens=3, temperature=0.0)
+    assert r.completion_ids.shape[0] == 2

@@ -551,6 +551,16 @@ def test_predict_pads_batches_to_bucket_shapes_on_cpu_in_bf16(tiny, monkeypatch)
         assert len(seen) == 6 and all(n in shapes.seqs and t in shapes.tokens for _, n, t in seen)
     tiny.use_buckets = None
     assert tiny._bucket_shapes(8, 16384) is None and half._bucket_shapes(8, 16384) is not None
+    # token-bound batches (small max_tokens) still fit a bucket, max_seqlen included
+    seen.clear()
+    seqlens = []
+    monkeypatch.setattr(CrossEncoder, "score_packed",
+                        lambda self, batch: seqlens.append(batch.max_seqlen) or recording(self, batch))
+    np.testing.assert_allclose(half.predict(pairs, batch_size=64, max_tokens=256), exact, rtol=0,
+                               atol=0.02 * max(1.0, np.abs(exact).max()))
+    shapes = half._shapes[(64, 256)]
+    assert len(seen) > 1 and all(t in shapes.tokens and n in shapes.seqs for _, n, t in seen)
+    assert all(s in shapes.seqlens for s in seqlens)
 
 
 def test_reranker_guards(tiny):

@@ -131,3 +131,14 @@ def test_summaries_of_rewritten_policy_weights_are_not_resumed(tmp_path, catalog
     record.write_text(json.dumps(settings))
     summarize_catalog(out, **kw)
     assert len(_rows(out)) == 5
+
+
+def test_deleting_the_summaries_lets_other_settings_start_again(tmp_path, catalog, tiny_policy_dir):
+    import json
+
+    out = tmp_path / "s.jsonl"
+    kw = dict(policy=str(tiny_policy_dir), catalog=str(catalog), progress=False, product_ids=["p0"])
+    summarize_catalog(out, budget=4, **kw)
+    out.unlink()  # what the refusal tells the user to do
+    summarize_catalog(out, budget=3, **kw)
+    assert json.loads((tmp_path / "s.jsonl.settings.json").read_text())["budget"] == 3

@@ -199,3 +199,32 @@ def test_a_diverging_run_stops_with_a_clear_error_before_nan_weights(tmp_path, t
         _train(tmp_path, tiny_base, max_steps=3, eval_every=1)
     assert _rows(tmp_path, "diverged")[0]["at"] == "step 2"
     assert (tmp_path / "best").is_dir()  # step 1's checkpoint stays
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_divergence_is_caught_in_the_warm_up_and_names_the_checkpoint_kept(tmp_path, tiny_base, monkeypatch,
+                                                                             bad):
+    real = trainer.pseudo_query_loss
+
+    def diverging(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        return lambda: loss() * bad
+    monkeypatch.setattr(trainer, "pseudo_query_loss", diverging)
+    with pytest.raises(trainer.TrainingDiverged, match=r"diverged at warm-up step 1 \(loss (inf|nan)\)"):
+        _train(tmp_path / "warm", tiny_base, max_steps=2, pseudo_steps=2)
+    monkeypatch.setattr(trainer, "pseudo_query_loss", real)
+    real_listwise, calls = trainer.listwise_loss, []
+
+    def late(*args, **kwargs):
+        calls.append(1)
+        return real_listwise(*args, **kwargs) * (bad if len(calls) == 2 else 1.0)
+    monkeypatch.setattr(trainer, "listwise_loss", late)
+    with pytest.raises(trainer.TrainingDiverged, match=r"best checkpoint so far stays in .*best"):
+        _train(tmp_path / "late", tiny_base, max_steps=3, eval_every=1)
+
+
+def test_freezing_every_layer_is_allowed_and_max_length_below_3_is_not(tmp_path, tiny_base):
+    _train(tmp_path / "frozen", tiny_base, max_steps=1, freeze_layers=2)
+    with pytest.raises(ValueError, match=r"max_length must be in \[3, 128\]"):
+        _train(tmp_path / "short", tiny_base, max_length=2)
+    assert not (tmp_path / "short" / "metrics.jsonl").exists()
