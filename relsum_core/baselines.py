@@ -60,7 +60,11 @@ class CosineScorer:
     def from_pretrained(cls, path: str, max_length: int = 256, device: str | torch.device = "cpu"):
         from transformers import AutoModel, AutoTokenizer
 
-        return cls(AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path), max_length, device)
+        try:
+            model, tokenizer = AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        except Exception as e:  # a missing, truncated or corrupt checkpoint: name the folder
+            raise ValueError(f"{path}: cannot load the encoder ({type(e).__name__}: {e})") from e
+        return cls(model, tokenizer, max_length, device)
 
     @torch.inference_mode()
     def embed(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:

@@ -90,23 +90,68 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
 SOURCE_STAMP = "relsum_source.json"
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _source_stamp(gguf_path: Path) -> dict:
     stat = gguf_path.stat()
-    return {"gguf": str(gguf_path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {"gguf": str(gguf_path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "sha256": _sha256(gguf_path)}
+
+
+def _converted_from(target: Path, gguf: Path) -> bool:
+    """Whether ``target`` holds a conversion of this GGUF's bytes: the same file unchanged (path,
+    size, mtime: no hashing), or another copy with the same content (another environment's install
+    sharing the cache)."""
+    try:
+        stamp = json.loads((target / SOURCE_STAMP).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(stamp, dict) or not (target / "config.json").is_file():
+        return False
+    stat = gguf.stat()
+    if stamp.get("size") != stat.st_size:
+        return False
+    if stamp.get("gguf") == str(gguf.resolve()) and stamp.get("mtime_ns") == stat.st_mtime_ns:
+        return True
+    return stamp.get("sha256") == _sha256(gguf)
 
 
 def default_policy_path() -> Path:
     """The converted default model's folder, converting it on first use and again when the packaged
-    GGUF changed (or the folder lacks its stamp, as an interrupted or older conversion does)."""
+    GGUF's content changed (or the folder lacks its stamp, as an interrupted or older conversion
+    does).  Processes that start together (torchrun) convert once: the others wait on a lock."""
     target = cache_dir() / DEFAULT_POLICY_NAME
     gguf = _packaged_gguf()
-    try:
-        current = json.loads((target / SOURCE_STAMP).read_text(encoding="utf-8")) == _source_stamp(gguf)
-    except (OSError, ValueError):
-        current = False
-    if not current or not (target / "config.json").is_file():
-        convert_gguf(gguf, target)
+    if _converted_from(target, gguf):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(target.parent / f".{DEFAULT_POLICY_NAME}.lock"):
+        if not _converted_from(target, gguf):  # another process may have converted meanwhile
+            convert_gguf(gguf, target)
     return target
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: concurrent conversions only duplicate work (the swap is atomic)
+        yield
+        return
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def read_training_record(path: str | os.PathLike | None) -> dict[str, str] | None:

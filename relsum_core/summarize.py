@@ -81,6 +81,8 @@ def policy_weights(policy: str | None) -> list | None:
 def _check_settings(path: Path, settings: dict) -> None:
     """Refuse to add to a file that other settings wrote; record them for a new file."""
     record = path.with_name(path.name + ".settings.json")
+    if path.exists() and path.stat().st_size == 0:
+        path.unlink()  # nothing written yet (an empty shard): any settings may start it
     if record.exists():
         try:
             saved = json.loads(record.read_text(encoding="utf-8"))
@@ -93,9 +95,9 @@ def _check_settings(path: Path, settings: dict) -> None:
         weights = settings.get("policy_weights")
         changed = changed_settings(saved, settings, defaults={"policy_weights": weights})
         if "policy_weights" in changed and "policy" not in changed and path.exists():
-            raise ValueError(f"{path} was written by the policy at {settings['policy']} before its weights "
-                             "changed (a training run rewrote them); write to a new file or delete it to "
-                             "summarise with the new weights")
+            raise ValueError(f"{path} was written by the policy at {settings['policy']} before its weight "
+                             "files changed (size or modification time: a training run rewrote them?); write "
+                             "to a new file or delete it to summarise with the new weights")
         if changed and path.exists():
             raise ValueError(f"{path} was written with other settings ({describe(changed)}); write to a new "
                              "file or delete it to start again")

@@ -138,6 +138,10 @@ def test_default_smollm2_converts_once_and_summarises(tmp_path_factory, monkeypa
     stamp.write_text(stamp.read_text().replace('"size": ', '"size": 1'))  # another GGUF now
     assert policy.default_policy_path() == path and calls == [path]
     assert policy.default_policy_path() == path and calls == [path]  # stamped again
+    # another environment's copy of the same GGUF (other path, other mtime): the content matches
+    text = stamp.read_text().replace('"gguf": "', '"gguf": "/elsewhere')
+    stamp.write_text(text.replace('"mtime_ns": ', '"mtime_ns": 1'))
+    assert policy.default_policy_path() == path and calls == [path]
     model, tok = load_policy(path)
     model.save_pretrained(tmp_path_factory.mktemp("resaved"))  # a plain model now, not a "quantized" one
     p = _product(title="Kindle Paperwhite waterproof 8 GB", bullets=["300 ppi glare-free display"])

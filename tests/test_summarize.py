@@ -99,6 +99,7 @@ def test_a_shard_with_nothing_to_do_still_has_its_file_and_a_bad_record_is_named
     kw = dict(policy=str(tiny_policy_dir), catalog=str(catalog), progress=False, budget=4)
     out = summarize_catalog(tmp_path / "none.jsonl", product_ids=[], **kw)
     assert out.is_file() and out.read_text() == ""  # the CLI prints this path
+    summarize_catalog(tmp_path / "none.jsonl", product_ids=[], **{**kw, "budget": 3})  # empty: any settings
     record = tmp_path / "none.jsonl.settings.json"
     record.write_text("{cut")
     with pytest.raises(ValueError, match=r"none.jsonl.settings.json: not valid JSON .*delete it"):
@@ -122,7 +123,7 @@ def test_summaries_of_rewritten_policy_weights_are_not_resumed(tmp_path, catalog
     kw = dict(policy=str(policy), catalog=str(catalog), budget=4, progress=False)
     summarize_catalog(out, product_ids=["p0"], **kw)
     AutoModelForCausalLM.from_pretrained(policy).save_pretrained(policy)  # new files: new mtimes
-    with pytest.raises(ValueError, match="before its weights changed"):
+    with pytest.raises(ValueError, match="before its weight files changed"):
         summarize_catalog(out, **kw)
     # a record from before the weights were recorded resumes as it did
     record = tmp_path / "s.jsonl.settings.json"

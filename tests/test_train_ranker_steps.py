@@ -185,6 +185,25 @@ def test_overwrite_removes_the_earlier_report_before_it_trains(tmp_path, tiny_ba
     assert not (tmp_path / "best").exists()
 
 
+def test_overwrite_can_continue_from_its_own_best_and_keeps_it_when_the_base_fails(tmp_path, tiny_base):
+    out = tmp_path / "run"
+    _train(out, tiny_base, max_steps=1)
+    # the earlier best/ is loaded before --overwrite deletes it
+    report = _train(out, out / "best", max_steps=1, overwrite=True)
+    assert (out / "best").is_dir() and report["steps"] == 1
+    # a base that cannot load leaves the earlier run as it was
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((tiny_base / "config.json").read_text())
+    for f in tiny_base.iterdir():
+        if f.name.startswith(("tokenizer", "vocab", "special")):
+            (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"not weights")
+    with pytest.raises(ValueError, match="broken: cannot load the encoder"):
+        _train(out, broken, max_steps=1, overwrite=True)
+    assert (out / "best").is_dir() and (out / "report.json").is_file()
+
+
 def test_a_diverging_run_stops_with_a_clear_error_before_nan_weights(tmp_path, tiny_base, monkeypatch):
     real = trainer.listwise_loss
     calls = []

@@ -714,9 +714,19 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
     if not tokenizer.is_fast:
         raise ValueError(f"{base}: a fast tokenizer is needed (token offsets for the text budgets)")
     val = ValSet(by_query, val_q, catalog, tokenizer)
+    # Both models load before the earlier run is deleted: the base may be that run's best/ (a run
+    # continued in place), and a base that fails to load must leave the earlier run as it was.
+    # (This order, cosine then ranker, is also the order the seeded head init has always had.)
+    cosine_base = cfg.cosine_base or base
+    # its own tokenizer: a cosine base with another vocabulary than base's
+    encoder = CosineScorer.from_pretrained(cosine_base, device=device)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1).to(device)
+    except Exception as e:  # a truncated or corrupt weights file: name the folder
+        raise ValueError(f"{base}: cannot load the weights ({type(e).__name__}: {e})") from e
     if cfg.overwrite:
-        # The earlier run goes first: a crash of this one must not leave its report beside this
-        # run's checkpoint (cross-validation takes a report.json as a finished fold).
+        # A crash of this run must not leave the earlier report beside this run's checkpoint
+        # (cross-validation takes a report.json as a finished fold).
         import shutil
 
         for name in ("report.json", "report.md"):
@@ -727,15 +737,11 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
 
     # Baselines first: they need no training and tell at once what the ranker has to beat.
     baseline_scores = {"BM25 (bm25s)": val.score_per_query(bm25_scores)}
-    cosine_base = cfg.cosine_base or base
-    # its own tokenizer: a cosine base with another vocabulary than base's
-    encoder = CosineScorer.from_pretrained(cosine_base, device=device)
     baseline_scores["untuned encoder cosine"] = val.score_per_query(encoder.scores)
     table = {name: val.metrics(scores) for name, scores in baseline_scores.items()}
     for name, m in table.items():
         log.write("baseline", scorer=name, **m)
 
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1).to(device)
     freeze_lower(model, cfg.freeze_layers)
     lr, head_lr = graded_rates(cfg)
     optimizer = torch.optim.AdamW(_param_groups(model, lr, head_lr, cfg.weight_decay))
