@@ -130,8 +130,11 @@ def summarize_catalog(out: str | os.PathLike, *, policy: str | None = None, cata
         raise ValueError(f"max_product_tokens must be >= 1, got {max_product_tokens}")
     if task not in PROMPTS:
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(PROMPTS)}")
-    if device is None and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # torchrun: one GPU a process, as in training
+    local = int(os.environ.get("LOCAL_RANK", -1))
+    if device is None and torch.cuda.is_available() and 0 <= local < torch.cuda.device_count():
+        # torchrun: one GPU a process, as in training (a launcher that gives each process its own
+        # CUDA_VISIBLE_DEVICES leaves one device: then plain "cuda")
+        device = f"cuda:{local}"
     device = resolve_device(device)  # like training: CUDA when available
     dtype = resolve_precision(precision, device, auto_on_cuda=False)
     products = load_catalog(catalog)
