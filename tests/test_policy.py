@@ -262,12 +262,7 @@ def test_tokenizer_that_cannot_load_and_a_policy_without_eos_name_the_folder(tmp
             shutil.copy(f, bare)
     with pytest.raises(PolicyLoadError, match=rf"{bare}: cannot load the tokenizer"):
         load_policy(bare)
-    no_eos = tmp_path / "no_eos"
-    shutil.copytree(tiny_policy_dir, no_eos)
-    settings = json.loads((no_eos / "tokenizer_config.json").read_text())
-    settings.pop("eos_token", None)
-    settings.pop("pad_token", None)
-    (no_eos / "tokenizer_config.json").write_text(json.dumps(settings))
+    no_eos = _without_tokenizer_eos(tiny_policy_dir, tmp_path / "no_eos")
     cfg = json.loads((no_eos / "config.json").read_text())
     cfg["eos_token_id"] = cfg["pad_token_id"] = None
     (no_eos / "config.json").write_text(json.dumps(cfg))
@@ -304,17 +299,21 @@ def test_a_bad_logit_scale_and_an_infinite_temperature_are_refused(tiny_policy_d
         sample(model, tok, ["red shirt"], max_new_tokens=3, temperature=float("inf"))
 
 
-def test_a_tokenizer_without_pad_or_eos_pads_with_the_generation_configs_eos(tmp_path, tiny_policy_dir):
+def _without_tokenizer_eos(src, folder):
+    """A copy of a policy folder whose tokenizer names no end-of-sequence or pad token."""
     import json
     import shutil
 
-    folder = tmp_path / "policy"
-    shutil.copytree(tiny_policy_dir, folder)
+    shutil.copytree(src, folder)
     settings = json.loads((folder / "tokenizer_config.json").read_text())
     settings.pop("eos_token", None)
     settings.pop("pad_token", None)
     (folder / "tokenizer_config.json").write_text(json.dumps(settings))
-    model, tok = load_policy(folder)
+    return folder
+
+
+def test_a_tokenizer_without_pad_or_eos_pads_with_the_generation_configs_eos(tmp_path, tiny_policy_dir):
+    model, tok = load_policy(_without_tokenizer_eos(tiny_policy_dir, tmp_path / "policy"))
     assert tok.eos_token_id is None and tok.pad_token_id == model.generation_config.eos_token_id
     r = sample(model, tok, ["red shirt", "dog food kids"], max_new_tokens=3, temperature=0.0)
     assert r.completion_ids.shape[0] == 2
