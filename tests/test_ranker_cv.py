@@ -62,6 +62,19 @@ def test_cross_validation_pools_every_query_and_resumes(tmp_path, tiny_base, cap
     err = capsys.readouterr().err
     assert e.value.code == 2 and "holds a finished fold trained with other max_steps" in err
     assert (out / "fold1" / "report.json").stat().st_mtime_ns == mtime
+    # ... nor data that changed under the same query ids (an edited grade, a product's text) ...
+    fold1 = json.loads((out / "fold1" / "report.json").read_text())
+    digest = fold1["split"]["data_digest"]
+    edited = fold1 | {"split": fold1["split"] | {"data_digest": "0"}}
+    (out / "fold1" / "report.json").write_text(json.dumps(edited))
+    with pytest.raises(SystemExit) as e:
+        main(_args(tiny_base, out))
+    assert e.value.code == 2 and "other data (judgments or product texts)" in capsys.readouterr().err
+    # (a report from before the digest is reused as it was)
+    del fold1["split"]["data_digest"]
+    (out / "fold1" / "report.json").write_text(json.dumps(fold1))
+    assert main(_args(tiny_base, out)) == 0 and capsys.readouterr().out.count("reusing") == 3
+    assert len(digest) == 64
     # ... unless asked: then every fold is trained again
     assert main(_args(tiny_base, out, "--max-steps", "1", "--overwrite")) == 0
     assert capsys.readouterr().out.count("training into") == 3
@@ -122,3 +135,18 @@ def test_fold_rows_name_the_kept_step():
               "table": {RANKER: {"title+64/ndcg@10": 0.5}}, "per_query_ndcg": {RANKER: per_query}}
     row = pool_folds([report])["fold_rows"][0]
     assert (row["kept_step"], row["steps"]) == (1, 2)
+
+
+def test_data_digest_follows_grades_and_product_texts_not_order():
+    from dataclasses import replace as swap
+
+    from relsum_core.data import Judgment, Product
+    from relsum_core.trainers.ranker import data_digest
+
+    catalog = {"a": Product("a", "red shirt", "cotton"), "b": Product("b", "blue towel")}
+    by_query = {"q1": [Judgment("q1", "shirt", "a", 3), Judgment("q1", "shirt", "b", 0)]}
+    digest = data_digest(by_query, catalog, ["q1"])
+    assert data_digest({"q1": by_query["q1"][::-1]}, catalog, ["q1"]) == digest  # order does not matter
+    regraded = {"q1": [swap(by_query["q1"][0], grade=2), by_query["q1"][1]]}
+    assert data_digest(regraded, catalog, ["q1"]) != digest
+    assert data_digest(by_query, catalog | {"a": Product("a", "red shirt", "linen")}, ["q1"]) != digest

@@ -22,6 +22,7 @@ Output directory::
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 import random
@@ -175,6 +176,20 @@ def query_split(by_query: dict[str, list[Judgment]], cfg: RankerTrainConfig) -> 
     if cfg.folds:
         return fold_queries(qids, cfg.folds, cfg.fold, cfg.split_seed, query_texts=texts)
     return split_queries(qids, cfg.val_fraction, cfg.split_seed, query_texts=texts)
+
+
+def data_digest(by_query: dict[str, list[Judgment]], catalog: dict[str, Product], query_ids) -> str:
+    """sha256 of what a run trains and validates on: the judgments of ``query_ids`` and the texts of
+    their products, so a finished CV fold is reused only on the same data (edited grades included)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for q in sorted(query_ids):
+        for j in sorted(by_query[q], key=lambda j: j.product_id):
+            p = catalog[j.product_id]
+            h.update(json.dumps([q, j.query, j.product_id, j.grade, p.title, p.description, list(p.bullets),
+                                 p.brand, p.color]).encode("utf-8"))
+    return h.hexdigest()
 
 
 def make_groups(
@@ -708,6 +723,7 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
         "train_pairs": sum(len(by_query[q]) for q in train_q),
         "val_pairs": sum(len(by_query[q]) for q in val_q),
         "val_query_ids": val_q,
+        "data_digest": data_digest(by_query, catalog, train_q + val_q),
     }
 
     tokenizer = AutoTokenizer.from_pretrained(base)

@@ -35,6 +35,7 @@ from relsum_core.trainers.ranker import (
     RANKER,
     SELECT_VARIANT,
     RankerTrainConfig,
+    data_digest,
     default_base,
     format_metric,
     graded_rates,
@@ -73,7 +74,7 @@ def _null_to_nan(obj):
     return {k: _null_to_nan(v) for k, v in obj.items()} if isinstance(obj, dict) else obj
 
 
-def _fold_report(cfg: RankerTrainConfig, val_query_ids: list[str], log=print) -> dict:
+def _fold_report(cfg: RankerTrainConfig, val_query_ids: list[str], digest: str, log=print) -> dict:
     path = Path(cfg.out) / "report.json"
     saved = None
     if path.exists() and not cfg.overwrite:
@@ -87,6 +88,8 @@ def _fold_report(cfg: RankerTrainConfig, val_query_ids: list[str], log=print) ->
         changed = _changed_settings(saved["config"], cfg)
         if saved["split"].get("val_query_ids") != val_query_ids:
             changed.append("validation queries")
+        elif saved["split"].get("data_digest", digest) != digest:  # (a report from before the digest)
+            changed.append("data (judgments or product texts)")
         if not changed:
             log(f"fold {cfg.fold}: reusing {path}")
             return saved
@@ -170,11 +173,15 @@ def cross_validate_ranker(cfg: RankerTrainConfig, folds: int, log=print) -> dict
     if folds < 2:
         raise ValueError(f"folds must be >= 2, got {folds}")
     out = Path(cfg.out)
-    # The queries each fold validates, as train_ranker draws them: a saved fold whose validation
-    # queries changed since is retrained (edited grades under the same query ids are not noticed).
-    by_query = group_by_query(load_dataset(cfg.data)[1])
+    # The queries each fold validates, as train_ranker draws them, and a digest of its data: a
+    # saved fold whose queries, grades or product texts changed since is refused.
+    catalog, judgments = load_dataset(cfg.data)
+    by_query = group_by_query(judgments)
     fold_cfgs = [replace(cfg, out=str(out / f"fold{i}"), folds=folds, fold=i) for i in range(folds)]
-    reports = [_fold_report(c, query_split(by_query, c)[1], log) for c in fold_cfgs]
+    reports = []
+    for c in fold_cfgs:
+        train_q, val_q = query_split(by_query, c)
+        reports.append(_fold_report(c, val_q, data_digest(by_query, catalog, train_q + val_q), log))
     pooled = pool_folds(reports)
     report = {"folds": folds, "split_seed": cfg.split_seed, **pooled,
               "config": reports[0]["config"] | {"fold": None}}
