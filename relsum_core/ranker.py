@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .encoder import PackedBertEncoder
-from .io import atomic_write_dir
+from .io import atomic_write_dir, read_json_object
 from .precision import CAPTURE_LOCK, CAPTURE_MODE, device_scope, resolve_device
 from .text import encode_texts
 
@@ -196,15 +196,7 @@ def read_ranker_settings(path) -> dict:
     """A checkpoint's relsum_ranker.json ({} where it has none): the input settings ``save`` writes, and
     what ``relsum train-ranker`` adds (``train_queries``: {query id: text} of those it trained on)."""
     file = Path(path) / SETTINGS_FILE
-    if not file.is_file():
-        return {}
-    try:
-        settings = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(settings, dict):
-        raise ValueError(f"{file}: not a JSON object")
-    return settings
+    return read_json_object(file) if file.is_file() else {}
 
 
 def _init_head(model: nn.Module, missing: Sequence[str], seed: int) -> list[str]:

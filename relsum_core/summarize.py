@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from relsum_core.data import load_catalog
-from relsum_core.io import atomic_write_text
+from relsum_core.io import atomic_write_text, read_json_object
 from relsum_core.policy import PROMPTS, SUMMARY_BUDGET, NoProductText, build_prompt, load_policy, sample
 from relsum_core.precision import resolve_device, resolve_precision
 from relsum_core.records import changed_settings, describe
@@ -85,12 +85,9 @@ def _check_settings(path: Path, settings: dict) -> None:
         path.unlink()  # nothing written yet (an empty shard): any settings may start it
     if record.exists():
         try:
-            saved = json.loads(record.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{record}: not valid JSON ({e}); delete it (and {path.name}) to start "
-                             "again") from None
-        if not isinstance(saved, dict):
-            raise ValueError(f"{record}: not a JSON object; delete it (and {path.name}) to start again")
+            saved = read_json_object(record)
+        except ValueError as e:
+            raise ValueError(f"{e}; delete it (and {path.name}) to start again") from None
         # a record from before the weights were recorded: not compared (it predates the check)
         weights = settings.get("policy_weights")
         changed = changed_settings(saved, settings, defaults={"policy_weights": weights})
