@@ -263,9 +263,7 @@ class CrossEncoder:
         self._two_types = cfg.type_vocab_size >= 2
         # {query id: text} the ranker trained on, from its checkpoint; save() keeps it for evaluate.
         self.train_queries: dict[str, str] | None = None
-        # predict's batches padded to a few fixed shapes (see BucketShapes); None: on CPU in bf16/fp16,
-        # where oneDNN builds and keeps kernels per shape (~5 MiB each: 100k pairs in batches of 32
-        # would grow by gigabytes).  fp32 runs each batch's exact shape, faster there.
+        # predict's batches padded to a few fixed shapes (BucketShapes); None: _buckets_by_default()
         self.use_buckets: bool | None = None
         self._shapes: dict[tuple[int, int], BucketShapes] = {}
 
@@ -441,22 +439,30 @@ class CrossEncoder:
             for idx in self._batches(lens, batch_size, max_tokens):
                 seqs = [encoded[i] for i in idx]
                 layout = shapes.plan([lens[i] for i in idx]) if shapes is not None else None
-                if layout is None:
-                    batch = PackedBatch(seqs)
-                else:  # the padding forms dummy sequences whose scores are dropped
-                    pad_id = self.tokenizer.pad_token_id or 0
-                    batch = PackedBatch(seqs, pad_lens=layout.dummy_lens, pad_id=pad_id)
-                    batch.max_seqlen = layout.max_seqlen
-                self.check_ids(seqs, batch, idx)
-                s = self.score_packed(batch)
+                s = self.score_packed(self._pack(seqs, layout, idx))
                 scores[idx] = s[: len(idx)].float().cpu().numpy()
                 bar.update(len(idx))
         return scores
 
+    def _pack(self, seqs: Sequence[tuple[list[int], int]], layout: BucketLayout | None,
+              positions: Sequence[int]) -> PackedBatch:
+        """``seqs`` packed for one forward, their ids checked: in ``layout``'s bucket shape when given,
+        the padding forming dummy sequences whose scores are dropped."""
+        if layout is None:
+            batch = PackedBatch(seqs)
+        else:
+            batch = PackedBatch(seqs, pad_lens=layout.dummy_lens, pad_id=self.tokenizer.pad_token_id or 0)
+            batch.max_seqlen = layout.max_seqlen
+        self.check_ids(seqs, batch, positions)
+        return batch
+
+    def _buckets_by_default(self) -> bool:
+        # On CPU in bf16/fp16, where oneDNN builds and keeps kernels per shape (~5 MiB each: 100k pairs
+        # in batches of 32 would grow by gigabytes); fp32 runs each batch's exact shape, faster there.
+        return self.device.type == "cpu" and self.dtype != torch.float32
+
     def _bucket_shapes(self, batch_size: int, max_tokens: int) -> BucketShapes | None:
-        use = self.use_buckets
-        if use is None:
-            use = self.device.type == "cpu" and self.dtype != torch.float32
+        use = self._buckets_by_default() if self.use_buckets is None else self.use_buckets
         if not use:
             return None
         key = (batch_size, max_tokens)
@@ -660,7 +666,7 @@ class Reranker:
         if self.cuda_graphs and dev.type != "cuda":
             raise ValueError("cuda_graphs=True needs the model on a CUDA device")
         if use_buckets is None:
-            use_buckets = self.cuda_graphs or (dev.type == "cpu" and cross_encoder.dtype != torch.float32)
+            use_buckets = self.cuda_graphs or cross_encoder._buckets_by_default()
         self.use_buckets = bool(use_buckets)
         if self.cuda_graphs and not self.use_buckets:
             raise ValueError("CUDA graphs need fixed shapes: use_buckets must stay on")
@@ -722,14 +728,9 @@ class Reranker:
         layout = None
         if self.use_buckets:
             layout = self.shapes.plan([len(ids) for ids, _ in seqs])
+        batch = self.ce._pack(seqs, layout, positions)
         if layout is None:  # no buckets, or (never for chunks cut by _chunks) none fits: exact path
-            batch = PackedBatch(seqs)
-            self.ce.check_ids(seqs, batch, positions)
             return self.ce.score_packed(batch).float().cpu().numpy()
-        pad_id = self.ce.tokenizer.pad_token_id or 0
-        batch = PackedBatch(seqs, pad_lens=layout.dummy_lens, pad_id=pad_id)
-        self.ce.check_ids(seqs, batch, positions)
-        batch.max_seqlen = layout.max_seqlen
         if not self.cuda_graphs:
             # Same single-buffer layout and forward that the graphs capture, run eagerly.
             host = batch.stage(torch.empty(batch.staged_size, dtype=torch.int64))
