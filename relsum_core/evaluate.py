@@ -346,10 +346,11 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
             "mean_words": float(np.mean([len(got[p].split()) for p in ev.product_ids]))}
 
     base = ev.score(variants["title"]["texts"])
+    policy_seen = policy_trained(ev.product_ids)
     report = {"ranker": str(ranker), "split": split, "n_queries": len(ev.queries), "n_pairs": len(ev.pairs),
               "n_products": len(ev.product_ids),
               "ranker_trained_queries": len(seen) if trained is not None else None,  # None: no record
-              "policy_trained_products": {name: len(policy_trained(ev.product_ids).get(name, ()))
+              "policy_trained_products": {name: len(policy_seen.get(name, ()))
                                           if records.get(name) is not None else None for name in given},
               "positive_grade": POSITIVE_GRADE, "precision_target": PRECISION_TARGET, "summaries": summaries,
               "sampling_dtype": {name: sampling_dtype for name, _, _ in tasks},
