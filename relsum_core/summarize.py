@@ -11,9 +11,11 @@ nothing written is lost or duplicated.  ``<out>.settings.json`` records what wro
 task, budgets, sampling): a rerun with other settings is refused rather than appended to it.  Each
 product samples with its own seed (``seed`` + its index in the catalog's id order), so in fp32 a
 resumed or sharded run writes what one uninterrupted run would.  In bf16 (what ``precision="auto"``
-picks on CPUs with bf16 dot products) it may not: a prompt's left padding depends on the batch it
-shares, and bf16 rounding then depends on the padding (4 of 8 SmolLM2 summaries differed between
-one batch of 8 and a resume in batches of 4).  ``--precision fp32`` when the files must match.
+picks on CPUs with bf16 dot products) it may not: bf16 rounding depends on the shape of the batch a
+prompt shares, its rows as well as its left padding (greedy SmolLM2, 8 products: batches of 4
+gave 2 of 8 summaries other than one batch of 8, and still 4 of 8 with every prompt padded to the
+batch of 8's length, so a fixed padding alone would not fix it).  ``--precision fp32`` when the
+files must match.
 """
 
 from __future__ import annotations
