@@ -21,7 +21,7 @@ PRELUDE = textwrap.dedent(r"""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
-    def compile_sm90(fn, sig, consts, num_warps=4, num_stages=3, aligned=()):  # Triton's launch defaults
+    def compile_sm90(fn, sig, consts, num_warps=4, num_stages=3, aligned=(), spill_ok=0):  # launch defaults
         # aligned: arguments a real launch specialises as multiples of 16 (pointers from torch's
         # allocator, strides and sizes such as 384): without that ptxas sees scalar loads.
         sig = {**sig, **{k: "constexpr" for k in consts}}
@@ -37,7 +37,7 @@ PRELUDE = textwrap.dedent(r"""
                                 capture_output=True, text=True, check=True).stderr
         os.unlink(f.name)
         spills = [int(x) for x in re.findall(r"(\d+) bytes spill stores", report)]
-        assert spills and max(spills) == 0, f"{fn.__name__} {consts}: {report}"
+        assert spills and max(spills) <= spill_ok, f"{fn.__name__} {consts}: {report}"
         print("compiled", fn.__name__, consts)
 """)
 

@@ -348,7 +348,11 @@ def test_error_bad_grad_filter_eps(eps):
 def test_kernels_compile_for_sm90():
     out = compile_offline("""
         import torch
+        import triton
+
         lp = importlib.import_module("relsum_kernels.logprob")
+        # triton 3.6's ptxas spills a few bytes in the 16-bit backward (see _launch_config); 3.7 none
+        old_triton = tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7)
         dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
         for dt, prec in (("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "ieee")):
             cfg = lp._launch_config(dtypes[dt])
@@ -363,6 +367,6 @@ def test_kernels_compile_for_sm90():
                          "gb_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32", "D": "i32",
                          "stride_h": "i32", "stride_w": "i32", "stride_gh": "i32", "stride_gw": "i32",
                          "inv_temp": "fp32", "log_filter_eps": "fp32"}, {**common, "HAS_ENT_GRAD": True},
-                         **opts)
+                         **opts, spill_ok=64 if old_triton and dt != "fp32" else 0)
     """)
     assert out.count("compiled") == 6

@@ -578,3 +578,29 @@ def test_query_split_keeps_one_query_text_on_one_side_in_runs_and_folds():
         straddled += ("q04" in plain) != ("dup" in plain)
     assert straddled  # the ids alone would have put them apart
     assert sorted(sum(query_split(by_query, replace(cfg, max_queries=5)), [])) == sorted(list(by_query)[:5])
+
+
+def test_train_ranker_refuses_validation_queries_without_a_positive_grade(tmp_path, tiny_base, capsys):
+    # Every validation query graded all irrelevant: NDCG would be NaN at every evaluation and the
+    # "best" checkpoint the untrained step 0; the run must stop before any output instead.
+    import shutil
+
+    from relsum_core.data import bundled_data_dir
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(bundled_data_dir() / "products.jsonl.gz", data)
+    _, judgments = load_dataset()
+    by_query = group_by_query(judgments)
+    _, val_q = query_split(by_query, RankerTrainConfig(out="unused", max_queries=8))
+    keep = [j for q in list(by_query)[:8] for j in by_query[q]]
+    rows = ["query_id,query,product_id,grade"] + [
+        f"{j.query_id},{j.query},{j.product_id},{0 if j.query_id in val_q else j.grade}" for j in keep]
+    (data / "judgments.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(SystemExit) as e:
+        main(["train-ranker", "--data", str(data), "--base", str(tiny_base), "--out", str(tmp_path / "o"),
+              "--max-queries", "8", "--max-length", "64", "--no-progress"])
+    assert e.value.code == 2
+    assert f"none of the {len(val_q)} validation queries has a candidate graded above irrelevant" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()

@@ -353,6 +353,11 @@ class ValSet:
     def n_pairs(self) -> int:
         return sum(len(g) for g in self.grades.values())
 
+    @property
+    def n_rankable(self) -> int:
+        """Queries with a candidate of positive gain: the only ones NDCG is defined on."""
+        return sum(bool((gains_of(g) > 0).any()) for g in self.grades.values())
+
     def score_per_query(self, score_fn: Callable[[str, list[str]], np.ndarray]) -> dict[str, dict]:
         """{variant: {query id: scores}} from a per-query scorer (baselines)."""
         return {name: {q: score_fn(self.queries[q], self.texts[name][q]) for q in self.query_ids}
@@ -730,6 +735,10 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
     if not tokenizer.is_fast:
         raise ValueError(f"{base}: a fast tokenizer is needed (token offsets for the text budgets)")
     val = ValSet(by_query, val_q, catalog, tokenizer)
+    if val.n_rankable == 0:  # every evaluation would be NaN, and the "best" checkpoint the untrained one
+        raise ValueError(f"none of the {len(val_q)} validation queries has a candidate graded above "
+                         "irrelevant, so their NDCG is undefined and no checkpoint can be selected; "
+                         "change --split-seed or --val-fraction, or check the grades")
     # Both models load before the earlier run is deleted: the base may be that run's best/ (a run
     # continued in place), and a base that fails to load must leave the earlier run as it was.
     # (This order, cosine then ranker, is also the order the seeded head init has always had.)
