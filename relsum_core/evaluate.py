@@ -35,7 +35,7 @@ from relsum_core.data import group_by_query, load_dataset, split_queries
 from relsum_core.io import atomic_write_bytes, atomic_write_text, json_report, read_json_object
 from relsum_core.metrics import POSITIVE_GRADE, PRECISION_TARGET, ndcg_at_k, recall_at_precision
 from relsum_core.precision import resolve_device, resolve_precision
-from relsum_core.text import attributes_text, cut_to_tokens, join_title, normalise, product_text
+from relsum_core.text import attributes_text, cut_to_tokens, join_title, product_text, summary_text
 
 N_BOOTSTRAP = 1000
 # validation: the held-out part of --split-seed's split; heldout: every query the records say no
@@ -342,7 +342,7 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
             attributes_text(catalog[p]), ce.tokenizer, k)) for p in ev.product_ids}}
     for name, got in given.items():
         variants[f"title+{name}"] = {
-            "texts": {p: join_title(titles[p], normalise(got[p])) for p in ev.product_ids},
+            "texts": {p: summary_text(catalog[p].title, got[p], ce.tokenizer) for p in ev.product_ids},
             "mean_words": float(np.mean([len(got[p].split()) for p in ev.product_ids]))}
 
     base = ev.score(variants["title"]["texts"])

@@ -35,7 +35,7 @@ import numpy as np
 
 from relsum_core.data import Judgment, Product
 from relsum_core.metrics import ndcg_at_k
-from relsum_core.text import attributes_text, join_title, normalise, product_text
+from relsum_core.text import attributes_text, summary_text, title_text
 
 Scorer = Callable[[list[tuple[str, str]]], np.ndarray]
 COMPONENTS = ("relevance", "ranking", "budget", "faithfulness", "novelty")
@@ -100,8 +100,7 @@ class RankerReward:
         title = self._titles.get(product_id)
         if title is None:
             product = self.catalog[product_id]
-            title = (normalise(product.title) if self.tokenizer is None
-                     else product_text(product, self.tokenizer, 0))
+            title = title_text(product.title, self.tokenizer)
             self._titles[product_id] = title
         return title
 
@@ -145,7 +144,7 @@ class RankerReward:
                 raise ValueError(f"product {pid} has no judged query to reward against")
         self._ensure_title_scores({j.query_id for pid in product_ids for j in self.by_product[pid]})
 
-        pairs = [(j.query, join_title(self.title(pid), normalise(s)))
+        pairs = [(j.query, summary_text(self.catalog[pid].title, s, self.tokenizer))
                  for pid, s in zip(product_ids, summaries) for j in self.by_product[pid]]
         scores = self._score(pairs)
         out = {c: np.zeros(len(product_ids)) for c in COMPONENTS}

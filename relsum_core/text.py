@@ -114,10 +114,25 @@ def join_title(title: str, attributes: str) -> str:
     return f"{title}{SEPARATOR}{attributes}" if attributes else title
 
 
+def title_text(title: str, tokenizer, title_tokens: int = TITLE_TOKENS) -> str:
+    """A title as the ranker reads it: whitespace-normalised and cut to ``title_tokens`` of the
+    ranker's tokenizer (``tokenizer=None``: whole)."""
+    title = normalise(title)
+    return title if tokenizer is None else cut_to_tokens(title, tokenizer, title_tokens)
+
+
 def product_text(product: Product, tokenizer, attr_tokens: int, title_tokens: int = TITLE_TOKENS) -> str:
     """``title | attributes`` cut to budgets; ``attr_tokens=0`` gives the title alone."""
-    title = cut_to_tokens(normalise(product.title), tokenizer, title_tokens)
+    title = title_text(product.title, tokenizer, title_tokens)
     return join_title(title, cut_to_tokens(attributes_text(product), tokenizer, attr_tokens))
+
+
+def summary_text(title: str, summary: str, tokenizer) -> str:
+    """What the ranker scores for a product with a summary: ``title | summary``, the title as
+    `title_text` reads it (``tokenizer``: the ranker's), the summary whitespace-normalised and whole
+    (its budget was the summarizer's).  The reward and ``relsum evaluate`` score exactly this text,
+    so a service ranking with relsum's summaries sends it too; an empty summary gives the title."""
+    return join_title(title_text(title, tokenizer), normalise(summary))
 
 
 _PHRASE_BREAK = re.compile(r"[,;:()\[\]|/\n\u2022]+|\.(?=\s|$)| - ")  # a "." only ends a sentence, not 1.5

@@ -192,7 +192,7 @@ def test_decoupled_advantages_scale_by_the_weights_norm():
 def test_titles_are_cut_to_the_rankers_title_budget_as_in_training():
     from transformers import AutoTokenizer
 
-    from relsum_core.text import TITLE_TOKENS, product_text
+    from relsum_core.text import TITLE_TOKENS, product_text, summary_text
     from relsum_core.trainers.ranker import default_base
 
     tok = AutoTokenizer.from_pretrained(default_base())
@@ -205,6 +205,7 @@ def test_titles_are_cut_to_the_rankers_title_budget_as_in_training():
     assert len(tok(cut, add_special_tokens=False)["input_ids"]) == TITLE_TOKENS
     texts = [d for call in calls for _, d in call]
     assert cut in texts and f"{cut} | steel water" in texts  # title-only and title | summary alike
+    assert summary_text(long_title, " steel\n water ", tok) == f"{cut} | steel water"  # the serving rule
     assert not any(long_title in d for d in texts)
     # without the ranker's tokenizer, the whole title
     calls.clear()

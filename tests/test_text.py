@@ -11,6 +11,8 @@ from relsum_core.text import (
     cut_to_tokens,
     normalise,
     product_text,
+    summary_text,
+    title_text,
 )
 from relsum_core.trainers.ranker import default_base
 
@@ -187,3 +189,17 @@ def test_encodings_follow_split_special_tokens_and_added_tokens():
     tok.add_tokens([AddedToken("zzqx", normalized=False)])  # after a first encoding: the copy is remade
     assert encode_texts(tok, ["zzqx cable"])[0].ids == hf("zzqx cable")
     assert encode_texts(tok, ["zzqx cable"])[0].ids[0] == len(tok) - 1
+
+
+def test_summary_text_is_the_cut_title_and_the_normalised_whole_summary(tok):
+    from relsum_core.text import TITLE_TOKENS
+
+    title = "  Red\trunning " + " ".join(f"shoe{i}" for i in range(80))
+    cut = title_text(title, tok)
+    assert n_tokens(tok, cut) == TITLE_TOKENS and cut.startswith("Red running shoe0")
+    assert title_text(title, None) == " ".join(title.split())  # no tokenizer: whole
+    summary = "breathable   mesh,\n" + " ".join(["size 10"] * 80)  # longer than any budget: kept whole
+    assert summary_text(title, summary, tok) == f"{cut} | {' '.join(summary.split())}"
+    assert summary_text(title, " \n ", tok) == cut  # an empty (skipped) summary: the title alone
+    title_only = "Stainless steel kitchen towel rack"
+    assert product_text(LONG, tok, 0) == summary_text(LONG.title, "", tok) == title_only
