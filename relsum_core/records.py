@@ -9,7 +9,9 @@ continuing it under other settings would mix two runs in one output.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Collection, Mapping
+from pathlib import Path
 
 
 def dataclass_defaults(cls) -> dict:
@@ -39,3 +41,14 @@ def changed_settings(saved: Mapping, now: Mapping, *, defaults: Mapping | None =
 def describe(changed: Mapping[str, tuple]) -> str:
     """"budget 32 -> 16, task 'summary' -> 'doc2query'": for the error that refuses the run."""
     return ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in sorted(changed.items()))
+
+
+def weight_files(folder: str | os.PathLike | None) -> list | None:
+    """[name, bytes, mtime_ns] of a model folder's weight files (None for None: a packaged default).
+
+    Why: a training run rewrites its checkpoint folder in place, and what was made from the old
+    weights (summaries, a summarizer trained against a ranker) must not be continued with the new."""
+    if folder is None:
+        return None
+    files = sorted(f for pattern in ("*.safetensors", "*.bin") for f in Path(folder).glob(pattern))
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]

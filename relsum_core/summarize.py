@@ -30,7 +30,7 @@ from relsum_core.data import load_catalog
 from relsum_core.io import atomic_write_text, read_json_object
 from relsum_core.policy import PROMPTS, SUMMARY_BUDGET, NoProductText, build_prompt, load_policy, sample
 from relsum_core.precision import resolve_device, resolve_precision
-from relsum_core.records import changed_settings, describe
+from relsum_core.records import changed_settings, describe, weight_files
 
 
 def shard_path(out: str | os.PathLike, shard: int, num_shards: int) -> Path:
@@ -67,17 +67,6 @@ def _done_ids(path: Path) -> set[str]:
         with open(path, "r+b") as f:
             f.truncate(end)
     return done
-
-
-def policy_weights(policy: str | None) -> list | None:
-    """[name, bytes, mtime_ns] of a policy folder's weight files (None: the packaged default).
-
-    Why: a training run rewrites its checkpoint folder in place, and summaries of the old weights
-    must not be resumed as the new policy's."""
-    if policy is None:
-        return None
-    files = sorted(f for pattern in ("*.safetensors", "*.bin") for f in Path(policy).glob(pattern))
-    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
 def _check_settings(path: Path, settings: dict) -> None:
@@ -153,7 +142,7 @@ def summarize_catalog(out: str | os.PathLike, *, policy: str | None = None, cata
     # when greedy), so the same command resumes anywhere
     _check_settings(path, {
         "policy": str(Path(policy).resolve()) if policy is not None else "default",
-        "policy_weights": policy_weights(policy),
+        "policy_weights": weight_files(policy),
         "catalog": str(Path(catalog).resolve()) if catalog is not None else "bundled",
         "task": task, "budget": budget, "max_product_tokens": max_product_tokens,
         "temperature": temperature, "seed": seed if temperature > 0 else None, "precision": precision,

@@ -473,3 +473,39 @@ def test_resume_refuses_a_checkpoint_that_trained_on_other_products(tmp_path, da
     with pytest.raises(ValueError, match=r"trained on other products than this run's split gives \(1 differ"):
         SummarizerTrainer(cfg)
 
+
+
+def test_resume_follows_the_models_and_data_not_their_path_strings(tmp_path, data_dir, tiny_policy_dir,
+                                                                   tiny_ranker_dir, monkeypatch):
+    ranker, policy = tmp_path / "ranker", tmp_path / "policy"
+    shutil.copytree(tiny_ranker_dir, ranker)
+    shutil.copytree(tiny_policy_dir, policy)
+    one = dict(steps=1, eval_products=0)
+    SummarizerTrainer(_cfg(tmp_path, data_dir, policy, ranker, **one)).train()
+    # the same models and data under other path strings (a symlink, a relative path): a resume
+    (tmp_path / "link").symlink_to(ranker)
+    monkeypatch.chdir(tmp_path)
+    relative_data = os.path.relpath(data_dir, tmp_path)
+    assert SummarizerTrainer(_cfg(tmp_path, relative_data, policy, tmp_path / "link", steps=2)).step == 1
+
+    def rewrite(folder):  # what train-ranker --overwrite or a continued run does to a model folder
+        w = next(folder.glob("*.safetensors"))
+        os.utime(w, ns=(w.stat().st_atime_ns, w.stat().st_mtime_ns + 10**9))
+
+    rewrite(ranker)
+    with pytest.raises(ValueError, match=r"other models or data: the ranker's weights at .*ranker differ"):
+        SummarizerTrainer(_cfg(tmp_path, data_dir, policy, ranker, **one))
+    # a checkpoint from before the sources were recorded compares the path strings, as it did
+    state_file = tmp_path / "run" / "checkpoint" / "trainer.pt"
+    state = torch.load(state_file, weights_only=False)
+    del state["sources"]
+    torch.save(state, state_file)
+    assert SummarizerTrainer(_cfg(tmp_path, data_dir, policy, ranker, **one)).step == 1
+    with pytest.raises(ValueError, match=r"other settings \(ranker "):
+        SummarizerTrainer(_cfg(tmp_path, data_dir, policy, tmp_path / "link", **one))
+    # a fresh checkpoint again records them; then the base policy (the KL reference) rewritten: refused
+    shutil.rmtree(tmp_path / "run")
+    SummarizerTrainer(_cfg(tmp_path, data_dir, policy, ranker, **one)).train()
+    rewrite(policy)
+    with pytest.raises(ValueError, match=r"the base policy's weights at .*policy differ"):
+        SummarizerTrainer(_cfg(tmp_path, data_dir, policy, ranker, **one))

@@ -69,7 +69,7 @@ from relsum_core.policy import (
     sample,
 )
 from relsum_core.precision import check_precision, claim_device, resolve_device, resolve_precision
-from relsum_core.records import changed_settings, dataclass_defaults, describe
+from relsum_core.records import changed_settings, dataclass_defaults, describe, weight_files
 from relsum_core.rewards import COMPONENTS, RankerReward, RewardConfig, decoupled_advantages, group_advantages
 
 
@@ -162,16 +162,40 @@ RESUMABLE = frozenset({"out", "steps", "max_minutes", "progress", "device", "eva
                        "eval_products", "compile_decode"})
 
 
-def _changed_settings(saved: dict, cfg: SummarizerConfig) -> dict:
+def _changed_settings(saved: dict, cfg: SummarizerConfig, ignore: frozenset = frozenset()) -> dict:
     """The settings that differ from the saved run's and may not change on a resume."""
     # What a run from before a setting existed did: total advantages, and the split seeded by --seed.
     before = {"advantage": "total", "split_seed": saved.get("seed", 0)}
     return changed_settings(saved, asdict(cfg), defaults={**dataclass_defaults(SummarizerConfig), **before},
-                            ignore=RESUMABLE)
+                            ignore=RESUMABLE | ignore)
 
 
-def _check_resume(saved: dict, cfg: SummarizerConfig) -> None:
-    changed = _changed_settings(saved, cfg)
+def run_sources(cfg: SummarizerConfig) -> dict:
+    """What the run's models and data are, beyond the paths that name them: the ranker's and base
+    policy's weight files (name, size, mtime) and the data folder's resolved path."""
+    return {"ranker_weights": weight_files(cfg.ranker), "policy_weights": weight_files(cfg.policy),
+            "data": str(Path(cfg.data).resolve()) if cfg.data is not None else None}
+
+
+def _check_resume(saved: dict, cfg: SummarizerConfig, saved_sources: dict | None = None,
+                  sources: dict | None = None) -> None:
+    """Refuse to resume under other settings, or against a ranker (the reward) or base policy (the KL
+    reference) whose weights changed since the checkpoint.  With sources recorded, the same models
+    and data under another path string resume; a checkpoint from before they were recorded compares
+    the path strings."""
+    ignore = frozenset()
+    if saved_sources is not None and sources is not None:
+        ignore = frozenset({"ranker", "policy", "data"})
+        moved = {k: (saved_sources.get(k), v) for k, v in sources.items() if saved_sources.get(k) != v}
+        if moved:
+            what = {"ranker_weights": f"the ranker's weights at {cfg.ranker}",
+                    "policy_weights": f"the base policy's weights at {cfg.policy}",
+                    "data": f"the data folder ({cfg.data})"}
+            changed = "; ".join(what[k] for k in sorted(moved))
+            raise ValueError(f"{cfg.out}/checkpoint was trained against other models or data: {changed} "
+                             "differ from the checkpoint's (rewritten since, or another folder); resume "
+                             "with the ones it trained against, or train into a new --out")
+    changed = _changed_settings(saved, cfg, ignore)
     if changed:
         raise ValueError(f"{cfg.out}/checkpoint was trained with other settings ({describe(changed)}); "
                          "resume with the same ones, or train into a new --out")
@@ -298,6 +322,7 @@ class SummarizerTrainer:
         # A fixed random draw, not the first ids: sorted ASINs put all the books (ISBNs) first.
         n_eval = min(cfg.eval_products, len(self.val_ids))
         self.eval_ids = sorted(random.Random(0).sample(self.val_ids, n_eval))
+        self.sources = run_sources(cfg)  # before loading: what this run reads
         self.ranker = CrossEncoder.from_pretrained(cfg.ranker, device=self.device)
         self.reward = RankerReward(
             self.ranker.predict, self.catalog, self.judgments,
@@ -336,7 +361,7 @@ class SummarizerTrainer:
         self.beta = cfg.beta
         if resuming:
             state = torch.load(resume / "trainer.pt", map_location="cpu", weights_only=False)
-            _check_resume(state.get("config", {}), cfg)
+            _check_resume(state.get("config", {}), cfg, state.get("sources"), self.sources)
             # Its products must be this run's: changed data, or a checkpoint from before one query
             # text under two ids was kept on one side of the split, would train on others.
             done = read_training_record(resume)
@@ -525,7 +550,8 @@ class SummarizerTrainer:
             self.policy.save_pretrained(tmp)
             self.tok.save_pretrained(tmp)
             torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                        "step": self.step, "beta": self.beta, "config": asdict(self.cfg)}, tmp / "trainer.pt")
+                        "step": self.step, "beta": self.beta, "config": asdict(self.cfg),
+                        "sources": self.sources}, tmp / "trainer.pt")
             record = {"train_products": self.trained_products, "data": self.cfg.data, "algo": self.cfg.algo,
                       "step": self.step}
             text = json.dumps(record, ensure_ascii=False) + "\n"
