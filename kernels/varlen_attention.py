@@ -215,6 +215,43 @@ CONFIG_CANDIDATES = {
 }
 # The one-key-tile kernel holds a [BLOCK_M, max_seqlen] score tile in registers.
 SHORT_MAX_SEQLEN = 128
+_CONFIG_INTS = ("BLOCK_M", "BLOCK_N", "HEADS", "num_warps", "num_stages")
+_CONFIG_FLAGS = ("SPLIT_TAIL", "SHORT")
+
+
+def resolve_config(config) -> dict | None:
+    """A tile override as ``varlen_attention(config=...)`` takes it: None, a ``CONFIG_CANDIDATES``
+    name, or a dict of some of its keys.  Checked here, on the host: a misspelt key or a tile Triton
+    cannot build would otherwise be ignored or fail inside the kernel's compile."""
+    if config is None:
+        return None
+    if isinstance(config, str):
+        if config not in CONFIG_CANDIDATES:
+            raise ValueError(f"unknown attention config {config!r}; choose one of "
+                             f"{sorted(CONFIG_CANDIDATES)}")
+        return dict(CONFIG_CANDIDATES[config])
+    if not isinstance(config, dict):
+        raise TypeError(f"an attention config is None, a CONFIG_CANDIDATES name or a dict, got "
+                        f"{type(config).__name__}")
+    unknown = sorted(set(config) - set(_CONFIG_INTS) - set(_CONFIG_FLAGS))
+    if unknown:
+        raise ValueError(f"unknown attention config keys {unknown}; allowed: "
+                         f"{sorted(_CONFIG_INTS + _CONFIG_FLAGS)}")
+    for key in _CONFIG_INTS:
+        value = config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"attention config {key} must be a positive int, got {value!r}")
+        if key in ("BLOCK_M", "BLOCK_N") and (value < 16 or value & (value - 1)):
+            raise ValueError(f"attention config {key} must be a power of two >= 16 (a tl.dot tile), "
+                             f"got {value}")
+        if key == "num_warps" and value & (value - 1):
+            raise ValueError(f"attention config num_warps must be a power of two, got {value}")
+    for key in _CONFIG_FLAGS:
+        if key in config and not isinstance(config[key], bool):
+            raise ValueError(f"attention config {key} must be True or False, got {config[key]!r}")
+    return dict(config)
 
 
 def _triton_config(max_seqlen: int, head_dim: int, dtype: torch.dtype) -> dict:
@@ -514,11 +551,12 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, softmax_scale=None, imp
     counter (through ``.data``, DLPack or another alias) goes unseen until a different tensor is
     passed.  Inference-mode and CPU tensors are read every call.  The Triton path is forward only:
     with grad enabled and an input that requires grad it raises (use impl="torch" to train through
-    it).  ``config``: a Triton tile override, one of
-    ``CONFIG_CANDIDATES``' values (a ``short_*`` one applies when max_seqlen <= SHORT_MAX_SEQLEN,
-    else the default tiles run); the torch path ignores it.
+    it).  ``config``: a Triton tile override, a ``CONFIG_CANDIDATES`` name or value (a ``short_*`` one
+    applies when max_seqlen <= SHORT_MAX_SEQLEN, else the default tiles run; see `resolve_config`);
+    the torch path checks it and ignores it.
     """
     host = _validate(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+    config = resolve_config(config)
     if host is not None and host.longest > max_seqlen:
         raise ValueError(f"max_seqlen={max_seqlen} is below the longest sequence ({host.longest})")
     impl = resolve_impl(impl, q)

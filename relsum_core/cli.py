@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Bad input (a missing folder, a malformed data row, a checkpoint of the wrong kind, a bad option value)
-# ends the command with one line naming the problem, as argparse's own errors do; RELSUM_TRACEBACK=1
+# ends the command with an error line naming the problem, as argparse's own errors do; RELSUM_TRACEBACK=1
 # shows the traceback as well.  PolicyLoadError derives from RuntimeError, so it is named on its own.
 def _input_errors() -> tuple[type[BaseException], ...]:
     from relsum_core.policy import PolicyLoadError

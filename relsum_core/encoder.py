@@ -27,6 +27,7 @@ from torch import nn
 
 import relsum_kernels as K
 from relsum_kernels.fused_ffn import MAX_HIDDEN as FUSED_FFN_MAX_HIDDEN
+from relsum_kernels.varlen_attention import resolve_config as resolve_attention_config
 
 # oneDNN's linear with bias and a GELU or residual add in its epilogue (the op torch.compile's CPU
 # backend emits).  Private to torch: used only once a probe shows it exists and computes what addmm
@@ -79,9 +80,19 @@ class PackedBertEncoder(nn.Module):
         # keeps the 4H activations on chip (kernels/fused_ffn.py), where H <= 512 and the act is
         # GELU; it takes precedence over the two flags above for the FFN (``test_cuda_fused_ffn``).
         self.fused_ffn = False
-        # Triton attention tiles (one of relsum_kernels.varlen_attention.CONFIG_CANDIDATES' values;
-        # None = the kernel's own choice), for the same reason: the GPU sweep picks.
-        self.attention_config: dict | None = None
+        # Triton attention tiles (see the property), for the same reason: the GPU sweep picks.
+        self._attention_config: dict | None = None
+
+    @property
+    def attention_config(self) -> dict | None:
+        """The attention kernel's tiles: None (its own choice), or a name or value of
+        ``relsum_kernels.varlen_attention.CONFIG_CANDIDATES`` (import it from that module: the
+        package's ``varlen_attention`` is the function).  Checked when set; read back as the dict."""
+        return self._attention_config
+
+    @attention_config.setter
+    def attention_config(self, config) -> None:
+        self._attention_config = resolve_attention_config(config)
 
     @classmethod
     def from_hf(cls, model: nn.Module) -> PackedBertEncoder:

@@ -143,6 +143,27 @@ def test_tokenizer_matches_hf_on_esci_and_hostile_text(binaries, exported, ranke
     assert not wrong, f"{len(wrong)} of {len(texts)} texts tokenised differently, first: {wrong[0]}"
 
 
+def test_tokenizer_builds_and_runs_without_libtorch(exported, ranker, esci_texts, tmp_path):
+    """-DRELSUM_TOKENIZER_ONLY=ON with no libtorch to find: relsum_tokenizer alone builds, and a
+    program linking only it tokenises like Hugging Face."""
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake is not installed: the C++ bindings cannot be built")
+    build = tmp_path / "build"
+    env = {k: v for k, v in os.environ.items() if k not in ("CMAKE_PREFIX_PATH", "Torch_DIR")}
+    for step in (["cmake", "-S", str(REPO / "bindings"), "-B", str(build), "-DRELSUM_TOKENIZER_ONLY=ON"],
+                 ["cmake", "--build", str(build), "-j", "2"]):
+        done = subprocess.run(step, capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert not (build / "relsum_rerank").exists()  # the libtorch targets were left out
+    queries, docs = esci_texts
+    texts = [t for t in queries + docs[:300] + HOSTILE if "\n" not in t and "\r" not in t]
+    done = subprocess.run([str(build / "relsum_tokenizer_test"), str(exported)], input="".join(
+        f"{t}\n" for t in texts), capture_output=True, text=True, encoding="utf-8", errors="surrogateescape")
+    assert done.returncode == 0, done.stderr
+    got = [[int(x) for x in line.split()] for line in done.stdout.splitlines()]
+    assert got == ranker.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
 def test_scores_match_python_predict(binaries, exported, ranker, esci_texts):
     queries, docs = esci_texts
     rng = random.Random(0)

@@ -95,6 +95,18 @@ def test_attention_config_reaches_the_kernel():
                       attention_config=CONFIG_CANDIDATES["short_m64_h4_w4"])
 
 
+def test_attention_config_takes_a_candidate_name_and_refuses_a_bad_one_when_set():
+    enc = PackedBertEncoder.from_hf(tiny_model())
+    enc.attention_config = "short_m64_h4_w4"
+    assert enc.attention_config == CONFIG_CANDIDATES["short_m64_h4_w4"]
+    assert enc.kernel_choices()[-1] == tuple(sorted(CONFIG_CANDIDATES["short_m64_h4_w4"].items()))
+    with pytest.raises(ValueError, match="unknown attention config 'short'"):
+        enc.attention_config = "short"
+    assert enc.attention_config == CONFIG_CANDIDATES["short_m64_h4_w4"]  # a refused value changes nothing
+    enc.attention_config = None
+    assert enc.attention_config is None
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("fused", [(False, False, False), (True, True, False), (False, True, True)],
                          ids=["cublas", "fused_gemms", "fused_ffn"])

@@ -438,3 +438,28 @@ def test_public_config_picks_the_short_kernel_only_where_it_fits(monkeypatch):
         assert rel_err(out, varlen_attention_reference(q, k, v, cu)) < TOL[torch.float32]
     assert calls == [100]  # the 130-token batch ran the default tiles
     assert cfg["SHORT"] and cfg["HEADS"] == 4  # the caller's dict is left as it was
+
+
+def test_tile_configs_are_checked_by_name_and_by_value():
+    from relsum_kernels.varlen_attention import CONFIG_CANDIDATES, resolve_config
+
+    assert resolve_config(None) is None
+    assert resolve_config("short_m64_h4_w4") == CONFIG_CANDIDATES["short_m64_h4_w4"]
+    assert resolve_config({"BLOCK_M": 32}) == {"BLOCK_M": 32}
+    for bad, message in [("m64_n64", "unknown attention config 'm64_n64'"),
+                         ({"BLOCK_Q": 64}, r"unknown attention config keys \['BLOCK_Q'\]"),
+                         ({"BLOCK_M": 48}, "BLOCK_M must be a power of two >= 16"),
+                         ({"BLOCK_N": 8}, "BLOCK_N must be a power of two >= 16"),
+                         ({"num_warps": 3}, "num_warps must be a power of two"),
+                         ({"HEADS": 0}, "HEADS must be a positive int"),
+                         ({"num_stages": 2.0}, "num_stages must be a positive int"),
+                         ({"SHORT": 1}, "SHORT must be True or False")]:
+        with pytest.raises(ValueError, match=message):
+            resolve_config(bad)
+    with pytest.raises(TypeError, match="got tuple"):
+        resolve_config(("BLOCK_M", 64))
+    # the public entry point checks it too, also on the torch path that ignores it
+    q = torch.randn(5, 2, 16)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    with pytest.raises(ValueError, match="unknown attention config keys"):
+        varlen_attention(q, q, q, cu, 3, impl="torch", config={"block_m": 64})
