@@ -168,6 +168,14 @@ def read_training_record(path: str | os.PathLike | None) -> dict[str, str] | Non
     return products
 
 
+def require_model_folder(path: str | os.PathLike) -> Path:
+    """``path`` if it holds an HF model (a config.json), else PolicyLoadError naming it."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise PolicyLoadError(f"no HF model folder at {path} (config.json missing)")
+    return path
+
+
 def load_policy(path: str | os.PathLike | None = None, *, device=None, dtype=torch.float32):
     """(model, tokenizer) from an HF causal-LM folder with a chat template; None = the default.
 
@@ -175,9 +183,7 @@ def load_policy(path: str | os.PathLike | None = None, *, device=None, dtype=tor
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    path = default_policy_path() if path is None else Path(path)
-    if not (path / "config.json").is_file():
-        raise PolicyLoadError(f"no HF model folder at {path} (config.json missing)")
+    path = default_policy_path() if path is None else require_model_folder(path)
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:  # a malformed config.json: name the folder, not just the JSON position

@@ -28,7 +28,15 @@ import torch
 
 from relsum_core.data import load_catalog
 from relsum_core.io import atomic_write_text, read_json_object
-from relsum_core.policy import PROMPTS, SUMMARY_BUDGET, NoProductText, build_prompt, load_policy, sample
+from relsum_core.policy import (
+    PROMPTS,
+    SUMMARY_BUDGET,
+    NoProductText,
+    build_prompt,
+    load_policy,
+    require_model_folder,
+    sample,
+)
 from relsum_core.precision import resolve_device, resolve_precision
 from relsum_core.records import changed_settings, describe, weight_files
 
@@ -125,6 +133,8 @@ def summarize_catalog(out: str | os.PathLike, *, policy: str | None = None, cata
         device = f"cuda:{local}"
     device = resolve_device(device)  # like training: CUDA when available
     dtype = resolve_precision(precision, device, auto_on_cuda=False)
+    if policy is not None:
+        require_model_folder(policy)  # before the settings record: a typo must leave no file behind
     products = load_catalog(catalog)
     catalog_order = sorted(products)
     wanted = catalog_order

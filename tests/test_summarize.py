@@ -143,3 +143,12 @@ def test_deleting_the_summaries_lets_other_settings_start_again(tmp_path, catalo
     out.unlink()  # what the refusal tells the user to do
     summarize_catalog(out, budget=3, **kw)
     assert json.loads((tmp_path / "s.jsonl.settings.json").read_text())["budget"] == 3
+
+
+def test_a_missing_policy_folder_is_named_and_leaves_no_file(tmp_path, catalog):
+    from relsum_core.policy import PolicyLoadError
+
+    out = tmp_path / "out" / "s.jsonl"
+    with pytest.raises(PolicyLoadError, match=r"no HF model folder at .*nope \(config.json missing\)"):
+        summarize_catalog(out, policy=str(tmp_path / "nope"), catalog=str(catalog), progress=False)
+    assert not (tmp_path / "out").exists()  # no settings record to refuse the corrected command

@@ -199,6 +199,7 @@ def test_train_ranker_bad_data_dir(tmp_path, tiny_base, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "error: DataError: " in err and "judgments.csv:2: product 'zzz' is not in the catalog" in err
+    assert not (tmp_path / "o").exists()  # a refused run leaves no folder behind
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -603,4 +604,4 @@ def test_train_ranker_refuses_validation_queries_without_a_positive_grade(tmp_pa
     assert e.value.code == 2
     assert f"none of the {len(val_q)} validation queries has a candidate graded above irrelevant" in (
         capsys.readouterr().err)
-    assert not (tmp_path / "o" / "metrics.jsonl").exists()
+    assert not (tmp_path / "o").exists()

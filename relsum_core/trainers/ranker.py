@@ -704,7 +704,6 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
     base = cfg.base or default_base()
     if not Path(base).is_dir():
         raise FileNotFoundError(f"base {base}: no such folder (a local Hugging Face BERT checkpoint)")
-    out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     # bf16 autocast makes a MiniLM step 1.5x faster on a CPU with bf16 dot products; weights,
     # optimizer state and validation stay fp32.  Checked before the baselines' minute, not after.
@@ -757,6 +756,7 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
         for name in ("report.json", "report.md"):
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / "best", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a run refused above leaves no folder behind
     log = JsonlLog(out / "metrics.jsonl")
     log.write("split", **split)
 
