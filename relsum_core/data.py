@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import io
 import json
 import random
@@ -404,6 +405,19 @@ def group_by_query(judgments: Iterable[Judgment]) -> dict[str, list[Judgment]]:
     for j in judgments:
         groups.setdefault(j.query_id, []).append(j)
     return groups
+
+
+def data_digest(by_query: dict[str, list[Judgment]], catalog: dict[str, Product], query_ids) -> str:
+    """sha256 of what a run trains and validates on: the judgments of ``query_ids`` and the texts of
+    their products, so a finished CV fold or a resumed run continues only on the same data (edited
+    grades or product texts included), whatever path names it."""
+    h = hashlib.sha256()
+    for q in sorted(query_ids):
+        for j in sorted(by_query[q], key=lambda j: j.product_id):
+            p = catalog[j.product_id]
+            h.update(json.dumps([q, j.query, j.product_id, j.grade, p.title, p.description, list(p.bullets),
+                                 p.brand, p.color]).encode("utf-8"))
+    return h.hexdigest()
 
 
 def _query_groups(query_ids: Sequence[str], query_texts: Mapping[str, str] | None) -> list[list[str]]:

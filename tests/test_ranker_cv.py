@@ -140,8 +140,7 @@ def test_fold_rows_name_the_kept_step():
 def test_data_digest_follows_grades_and_product_texts_not_order():
     from dataclasses import replace as swap
 
-    from relsum_core.data import Judgment, Product
-    from relsum_core.trainers.ranker import data_digest
+    from relsum_core.data import Judgment, Product, data_digest
 
     catalog = {"a": Product("a", "red shirt", "cotton"), "b": Product("b", "blue towel")}
     by_query = {"q1": [Judgment("q1", "shirt", "a", 3), Judgment("q1", "shirt", "b", 0)]}

@@ -293,7 +293,8 @@ def test_resume_refuses_other_settings_and_a_fresh_run_another_runs_log(tmp_path
     SummarizerTrainer(_cfg(crashed, data_dir, tiny_policy_dir, tiny_ranker_dir, **same)).train()
     shutil.rmtree(crashed / "run" / "checkpoint")
     SummarizerTrainer(_cfg(crashed, data_dir, tiny_policy_dir, tiny_ranker_dir, **same))
-    with pytest.raises(ValueError, match="holds another run's metrics"):
+    with pytest.raises(ValueError, match=r"holds the metrics of a run with other settings or models "
+                                         r"\(settings lr 0.001 -> 0.5\)"):
         SummarizerTrainer(_cfg(crashed, data_dir, tiny_policy_dir, tiny_ranker_dir, steps=1, lr=0.5))
     other = tmp_path / "ranker_run"
     other.mkdir()
@@ -472,6 +473,13 @@ def test_resume_refuses_a_checkpoint_that_trained_on_other_products(tmp_path, da
     record_file.write_text(json.dumps(record))
     with pytest.raises(ValueError, match=r"trained on other products than this run's split gives \(1 differ"):
         SummarizerTrainer(cfg)
+    # the same ids under another title: named too
+    del record["train_products"]["p-elsewhere"]
+    retitled = sorted(record["train_products"])[0]
+    record["train_products"][retitled] = "another title"
+    record_file.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=rf"\(1 differ, e.g. \['{retitled}'\]\)"):
+        SummarizerTrainer(cfg)
 
 
 
@@ -482,11 +490,23 @@ def test_resume_follows_the_models_and_data_not_their_path_strings(tmp_path, dat
     shutil.copytree(tiny_policy_dir, policy)
     one = dict(steps=1, eval_products=0)
     SummarizerTrainer(_cfg(tmp_path, data_dir, policy, ranker, **one)).train()
-    # the same models and data under other path strings (a symlink, a relative path): a resume
+    # the same models and data under other path strings (a symlink, a relative path, a copy): a
+    # resume, also with another grad_accum (it only splits the step's batch)
     (tmp_path / "link").symlink_to(ranker)
     monkeypatch.chdir(tmp_path)
     relative_data = os.path.relpath(data_dir, tmp_path)
     assert SummarizerTrainer(_cfg(tmp_path, relative_data, policy, tmp_path / "link", steps=2)).step == 1
+    copied = tmp_path / "data_copy"
+    shutil.copytree(data_dir, copied)
+    assert SummarizerTrainer(_cfg(tmp_path, copied, policy, ranker, grad_accum=2, **one)).step == 1
+    # edited grades in the data the run trains on: refused
+    judgments = copied / "judgments.csv"
+    lines = judgments.read_text().splitlines()
+    head, first = lines[0], lines[1].split(",")
+    first[-1] = "0" if first[-1] != "0" else "3"
+    judgments.write_text("\n".join([head, ",".join(first), *lines[2:]]) + "\n")
+    with pytest.raises(ValueError, match="the data's judgments or product texts differ"):
+        SummarizerTrainer(_cfg(tmp_path, copied, policy, ranker, **one))
 
     def rewrite(folder):  # what train-ranker --overwrite or a continued run does to a model folder
         w = next(folder.glob("*.safetensors"))

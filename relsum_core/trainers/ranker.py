@@ -22,7 +22,6 @@ Output directory::
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import random
@@ -35,7 +34,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from relsum_core.data import Judgment, Product, fold_queries, group_by_query, load_dataset, split_queries
+from relsum_core.data import (
+    Judgment,
+    Product,
+    data_digest,
+    fold_queries,
+    group_by_query,
+    load_dataset,
+    split_queries,
+)
 from relsum_core.io import JsonlLog, atomic_write_dir, atomic_write_text, json_report
 from relsum_core.metrics import (
     POSITIVE_GRADE,
@@ -176,20 +183,6 @@ def query_split(by_query: dict[str, list[Judgment]], cfg: RankerTrainConfig) -> 
     if cfg.folds:
         return fold_queries(qids, cfg.folds, cfg.fold, cfg.split_seed, query_texts=texts)
     return split_queries(qids, cfg.val_fraction, cfg.split_seed, query_texts=texts)
-
-
-def data_digest(by_query: dict[str, list[Judgment]], catalog: dict[str, Product], query_ids) -> str:
-    """sha256 of what a run trains and validates on: the judgments of ``query_ids`` and the texts of
-    their products, so a finished CV fold is reused only on the same data (edited grades included)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for q in sorted(query_ids):
-        for j in sorted(by_query[q], key=lambda j: j.product_id):
-            p = catalog[j.product_id]
-            h.update(json.dumps([q, j.query, j.product_id, j.grade, p.title, p.description, list(p.bullets),
-                                 p.brand, p.color]).encode("utf-8"))
-    return h.hexdigest()
 
 
 def make_groups(

@@ -28,14 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
-from relsum_core.data import group_by_query, load_dataset
+from relsum_core.data import data_digest, group_by_query, load_dataset
 from relsum_core.io import atomic_write_text, json_report
 from relsum_core.records import changed_settings, dataclass_defaults
 from relsum_core.trainers.ranker import (
     RANKER,
     SELECT_VARIANT,
     RankerTrainConfig,
-    data_digest,
     default_base,
     format_metric,
     graded_rates,

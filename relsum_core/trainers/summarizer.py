@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from relsum_core.data import load_dataset, split_queries
+from relsum_core.data import data_digest, group_by_query, load_dataset, split_queries
 from relsum_core.io import JsonlLog, atomic_write_dir, trim_metrics
 from relsum_core.losses import dpo_loss, grpo_loss, sequence_logprob
 from relsum_core.policy import (
@@ -159,7 +159,9 @@ class SummarizerConfig:
 
 # Settings a resumed run may change: they bound or watch the run, they do not change what it trains.
 RESUMABLE = frozenset({"out", "steps", "max_minutes", "progress", "device", "eval_every", "save_every",
-                       "eval_products", "compile_decode"})
+                       "eval_products", "compile_decode", "grad_accum"})
+# Path settings whose content `run_sources` records: with sources recorded, only the content counts.
+SOURCE_PATHS = frozenset({"ranker", "policy", "data"})
 
 
 def _changed_settings(saved: dict, cfg: SummarizerConfig, ignore: frozenset = frozenset()) -> dict:
@@ -170,40 +172,46 @@ def _changed_settings(saved: dict, cfg: SummarizerConfig, ignore: frozenset = fr
                             ignore=RESUMABLE | ignore)
 
 
-def run_sources(cfg: SummarizerConfig) -> dict:
-    """What the run's models and data are, beyond the paths that name them: the ranker's and base
-    policy's weight files (name, size, mtime) and the data folder's resolved path."""
+def run_sources(cfg: SummarizerConfig, catalog, judgments) -> dict:
+    """What the run's models and data are, whatever paths name them: the ranker's and the base
+    policy's weight files (name, size, mtime) and a digest of the judgments and their products."""
+    by_query = group_by_query(judgments)
     return {"ranker_weights": weight_files(cfg.ranker), "policy_weights": weight_files(cfg.policy),
-            "data": str(Path(cfg.data).resolve()) if cfg.data is not None else None}
+            "data_digest": data_digest(by_query, catalog, list(by_query))}
+
+
+def _changed_sources(saved: dict, sources: dict, cfg: SummarizerConfig) -> list[str]:
+    what = {"ranker_weights": f"the ranker's weights at {cfg.ranker}",
+            "policy_weights": f"the base policy's weights at {cfg.policy or 'the packaged default'}",
+            "data_digest": "the data's judgments or product texts"}
+    return [what.get(k, k) for k in sorted(sources) if saved.get(k) != sources[k]]
 
 
 def _check_resume(saved: dict, cfg: SummarizerConfig, saved_sources: dict | None = None,
                   sources: dict | None = None) -> None:
-    """Refuse to resume under other settings, or against a ranker (the reward) or base policy (the KL
-    reference) whose weights changed since the checkpoint.  With sources recorded, the same models
-    and data under another path string resume; a checkpoint from before they were recorded compares
-    the path strings."""
+    """Refuse to resume under other settings, or against a ranker (the reward), base policy (the KL
+    reference) or data that changed since the checkpoint.  With sources recorded, the same models
+    and data under another path resume; a checkpoint from before they were recorded compares the
+    path strings."""
     ignore = frozenset()
     if saved_sources is not None and sources is not None:
-        ignore = frozenset({"ranker", "policy", "data"})
-        moved = {k: (saved_sources.get(k), v) for k, v in sources.items() if saved_sources.get(k) != v}
+        ignore = SOURCE_PATHS
+        moved = _changed_sources(saved_sources, sources, cfg)
         if moved:
-            what = {"ranker_weights": f"the ranker's weights at {cfg.ranker}",
-                    "policy_weights": f"the base policy's weights at {cfg.policy}",
-                    "data": f"the data folder ({cfg.data})"}
-            changed = "; ".join(what[k] for k in sorted(moved))
-            raise ValueError(f"{cfg.out}/checkpoint was trained against other models or data: {changed} "
-                             "differ from the checkpoint's (rewritten since, or another folder); resume "
-                             "with the ones it trained against, or train into a new --out")
+            raise ValueError(f"{cfg.out}/checkpoint was trained against other models or data: "
+                             f"{'; '.join(moved)} differ from the checkpoint's (rewritten since, or "
+                             "another folder); resume with the ones it trained against, or train into "
+                             "a new --out")
     changed = _changed_settings(saved, cfg, ignore)
     if changed:
         raise ValueError(f"{cfg.out}/checkpoint was trained with other settings ({describe(changed)}); "
                          "resume with the same ones, or train into a new --out")
 
 
-def _check_fresh_out(cfg: SummarizerConfig) -> None:
+def _check_fresh_out(cfg: SummarizerConfig, sources: dict | None = None) -> None:
     """A new run must not overwrite another run's log (a ranker run, another summarizer run); the
-    same command, after a crash before its first checkpoint, starts again."""
+    same command, after a crash before its first checkpoint, starts again (the same models and data
+    under other paths too, when the log recorded them)."""
     log = Path(cfg.out) / "metrics.jsonl"
     if not log.is_file():
         return
@@ -216,9 +224,20 @@ def _check_fresh_out(cfg: SummarizerConfig) -> None:
         break
     if first is None:
         return
-    if not isinstance(first, dict) or first.get("event") != "config" or _changed_settings(first, cfg):
+    if not isinstance(first, dict) or first.get("event") != "config":
         raise ValueError(f"{log} holds another run's metrics and {cfg.out} has no checkpoint to resume; "
                          "train into a new --out")
+    saved_sources = first.get("sources")
+    differs = []
+    if isinstance(saved_sources, dict) and sources is not None:
+        differs = _changed_sources(saved_sources, sources, cfg)
+        changed = _changed_settings(first, cfg, SOURCE_PATHS)
+    else:
+        changed = _changed_settings(first, cfg)
+    if changed or differs:
+        what = "; ".join(([f"settings {describe(changed)}"] if changed else []) + differs)
+        raise ValueError(f"{log} holds the metrics of a run with other settings or models ({what}) and "
+                         f"{cfg.out} has no checkpoint to resume; train into a new --out")
 
 
 KL_GAIN = 0.5  # the controller's step: beta moves by at most 10% a step
@@ -322,7 +341,7 @@ class SummarizerTrainer:
         # A fixed random draw, not the first ids: sorted ASINs put all the books (ISBNs) first.
         n_eval = min(cfg.eval_products, len(self.val_ids))
         self.eval_ids = sorted(random.Random(0).sample(self.val_ids, n_eval))
-        self.sources = run_sources(cfg)  # before loading: what this run reads
+        self.sources = run_sources(cfg, self.catalog, self.judgments)  # before loading: what this run reads
         self.ranker = CrossEncoder.from_pretrained(cfg.ranker, device=self.device)
         self.reward = RankerReward(
             self.ranker.predict, self.catalog, self.judgments,
@@ -333,7 +352,7 @@ class SummarizerTrainer:
         resume = self.out / "checkpoint"
         resuming = (resume / "trainer.pt").is_file()
         if not resuming:
-            _check_fresh_out(cfg)
+            _check_fresh_out(cfg, self.sources)
         self.policy, self.tok = load_policy(resume if resuming else cfg.policy, device=self.device)
         self.ref = None
         if cfg.beta != 0.0 or cfg.algo == "dpo":
@@ -366,7 +385,8 @@ class SummarizerTrainer:
             # text under two ids was kept on one side of the split, would train on others.
             done = read_training_record(resume)
             if done is not None and done != self.trained_products:
-                moved = sorted(set(done) ^ set(self.trained_products))
+                moved = sorted(set(done) ^ set(self.trained_products)) + sorted(  # and retitled ones
+                    p for p in set(done) & set(self.trained_products) if done[p] != self.trained_products[p])
                 raise ValueError(f"{resume} trained on other products than this run's split gives "
                                  f"({len(moved)} differ, e.g. {moved[:3]}): the data changed, or the "
                                  "checkpoint predates keeping one query text's ids on one side of the "
@@ -572,7 +592,8 @@ class SummarizerTrainer:
                 trim_metrics(self.out / "metrics.jsonl", self.step)
             log = JsonlLog(self.out / "metrics.jsonl", append=self.step > 0)
             if self.step == 0:
-                log.write("config", **asdict(cfg), world_size=self.world, train_dtype=dtype_name)
+                log.write("config", **asdict(cfg), world_size=self.world, train_dtype=dtype_name,
+                          sources=self.sources)
                 self._log_eval(log)
         last = {"step": self.step}  # what a run already at its last step returns
         t_start = time.perf_counter()
