@@ -17,6 +17,11 @@ def _args(base, out, *extra):
 
 
 def test_cross_validation_pools_every_query_and_resumes(tmp_path, tiny_base, capsys):
+    import os
+    import shutil
+
+    shutil.copytree(tiny_base, tmp_path / "base")  # its own copy: rewritten below
+    tiny_base = tmp_path / "base"
     out = tmp_path / "cv"
     assert main(_args(tiny_base, out)) == 0
     printed = capsys.readouterr().out
@@ -60,7 +65,7 @@ def test_cross_validation_pools_every_query_and_resumes(tmp_path, tiny_base, cap
     with pytest.raises(SystemExit) as e:
         main(_args(tiny_base, out, "--max-steps", "1"))
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "holds a finished fold trained with other max_steps" in err
+    assert e.value.code == 2 and "fold trained with other settings (max_steps None -> 1)" in err
     assert (out / "fold1" / "report.json").stat().st_mtime_ns == mtime
     # ... nor data that changed under the same query ids (an edited grade, a product's text) ...
     fold1 = json.loads((out / "fold1" / "report.json").read_text())
@@ -75,6 +80,18 @@ def test_cross_validation_pools_every_query_and_resumes(tmp_path, tiny_base, cap
     (out / "fold1" / "report.json").write_text(json.dumps(fold1))
     assert main(_args(tiny_base, out)) == 0 and capsys.readouterr().out.count("reusing") == 3
     assert len(digest) == 64
+    # ... nor a base rewritten in place since; the same base under another path is reused (a report
+    # recording its sources and digest: a legacy one compares the path strings)
+    fold1["split"]["data_digest"] = digest
+    (out / "fold1" / "report.json").write_text(json.dumps(fold1))
+    (tmp_path / "link").symlink_to(tiny_base)
+    assert main(_args(tmp_path / "link", out)) == 0 and capsys.readouterr().out.count("reusing") == 3
+    weights = next(tiny_base.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    with pytest.raises(SystemExit) as e:
+        main(_args(tiny_base, out))
+    assert e.value.code == 2 and "other base weights (rewritten since, or another checkpoint)" in (
+        capsys.readouterr().err)
     # ... unless asked: then every fold is trained again
     assert main(_args(tiny_base, out, "--max-steps", "1", "--overwrite")) == 0
     assert capsys.readouterr().out.count("training into") == 3

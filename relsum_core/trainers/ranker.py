@@ -54,6 +54,7 @@ from relsum_core.metrics import (
 )
 from relsum_core.precision import resolve_device, resolve_precision
 from relsum_core.ranker import SETTINGS_FILE, CrossEncoder, padded_pairs, read_checkpoint_config
+from relsum_core.records import weight_files
 from relsum_core.text import SEPARATOR, PrefixSampler, product_text
 
 # Validation text variants: (name, attribute-token budget).
@@ -735,6 +736,8 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
     # continued in place), and a base that fails to load must leave the earlier run as it was.
     # (This order, cosine then ranker, is also the order the seeded head init has always had.)
     cosine_base = cfg.cosine_base or base
+    # the weights themselves, not the paths naming them: CV reuses a fold only on the same ones
+    sources = {"base_weights": weight_files(base), "cosine_base_weights": weight_files(cosine_base)}
     # its own tokenizer: a cosine base with another vocabulary than base's
     encoder = CosineScorer.from_pretrained(cosine_base, device=device)
     try:
@@ -885,6 +888,7 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
 
     report = {
         "split": split,
+        "sources": sources,
         "config": asdict(cfg) | {"base": base, "cosine_base": cosine_base, "device": str(device),
                                  "lr": lr, "head_lr": head_lr,
                                  "train_dtype": str(dtype).removeprefix("torch.")},

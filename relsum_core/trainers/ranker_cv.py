@@ -30,7 +30,7 @@ import numpy as np
 
 from relsum_core.data import data_digest, group_by_query, load_dataset
 from relsum_core.io import atomic_write_text, json_report
-from relsum_core.records import changed_settings, dataclass_defaults
+from relsum_core.records import changed_settings, dataclass_defaults, describe, weight_files
 from relsum_core.trainers.ranker import (
     RANKER,
     SELECT_VARIANT,
@@ -46,7 +46,10 @@ from relsum_core.trainers.ranker import (
 # A saved fold is reused when every setting matches, except these, which do not change what is
 # trained.  A setting the saved report lacks was added later, at a default that keeps the old
 # behaviour.
-_IGNORED = {"progress", "out", "overwrite"}
+_IGNORED = {"progress", "out", "overwrite", "log_every", "eval_batch_size"}
+# Paths whose content a report records (the bases' weight files, the data's digest): compared by
+# content when it is recorded, so the same base or data under another path is reused.
+_SOURCE_PATHS = {"base", "cosine_base", "data"}
 
 
 def _resolved(cfg: RankerTrainConfig) -> dict:
@@ -58,13 +61,21 @@ def _resolved(cfg: RankerTrainConfig) -> dict:
     return settings
 
 
-def _changed_settings(saved: dict, cfg: RankerTrainConfig) -> list[str]:
+def _sources(cfg: RankerTrainConfig) -> dict:
+    """What train_ranker records as the report's sources: the bases' weight files."""
+    settings = _resolved(cfg)
+    return {"base_weights": weight_files(settings["base"]),
+            "cosine_base_weights": weight_files(settings["cosine_base"])}
+
+
+def _changed_settings(saved: dict, cfg: RankerTrainConfig, ignore=frozenset()) -> dict:
     # None stays a value to compare (no step limit, the bundled data), except for the device: a fold
     # run where the device was left to choose is reused wherever it ran.
     now = _resolved(cfg)
     if now["device"] is None:
         del now["device"]
-    return list(changed_settings(saved, now, defaults=dataclass_defaults(RankerTrainConfig), ignore=_IGNORED))
+    return changed_settings(saved, now, defaults=dataclass_defaults(RankerTrainConfig),
+                            ignore=_IGNORED | ignore)
 
 
 def _null_to_nan(obj):
@@ -84,15 +95,22 @@ def _fold_report(cfg: RankerTrainConfig, val_query_ids: list[str], digest: str, 
     if saved and "per_query_ndcg" in saved:  # a finished fold
         for key in ("per_query_ndcg", "table"):  # json_report wrote their NaNs as null
             saved[key] = _null_to_nan(saved[key])
-        changed = _changed_settings(saved["config"], cfg)
+        saved_sources = saved.get("sources")
+        by_content = isinstance(saved_sources, dict) and "data_digest" in saved["split"]
+        changed = _changed_settings(saved["config"], cfg, _SOURCE_PATHS if by_content else frozenset())
+        differs = [f"settings ({describe(changed)})"] if changed else []
+        if by_content:
+            differs += [f"{key.removesuffix('_weights').replace('_', ' ')} weights (rewritten since, or "
+                        "another checkpoint)" for key, value in _sources(cfg).items()
+                        if saved_sources.get(key) != value]
         if saved["split"].get("val_query_ids") != val_query_ids:
-            changed.append("validation queries")
+            differs.append("validation queries")
         elif saved["split"].get("data_digest", digest) != digest:  # (a report from before the digest)
-            changed.append("data (judgments or product texts)")
-        if not changed:
+            differs.append("data (judgments or product texts)")
+        if not differs:
             log(f"fold {cfg.fold}: reusing {path}")
             return saved
-        raise FileExistsError(f"{cfg.out} holds a finished fold trained with other {', '.join(changed)}; "
+        raise FileExistsError(f"{cfg.out} holds a finished fold trained with other {'; '.join(differs)}; "
                               "pass --overwrite to retrain every fold, or choose a new --out")
     log(f"fold {cfg.fold} of {cfg.folds}: training into {cfg.out}")
     return train_ranker(replace(cfg, overwrite=True))  # overwrite asked, or an unfinished fold
