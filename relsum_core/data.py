@@ -414,10 +414,22 @@ def data_digest(by_query: dict[str, list[Judgment]], catalog: dict[str, Product]
     h = hashlib.sha256()
     for q in sorted(query_ids):
         for j in sorted(by_query[q], key=lambda j: j.product_id):
-            p = catalog[j.product_id]
-            h.update(json.dumps([q, j.query, j.product_id, j.grade, p.title, p.description, list(p.bullets),
-                                 p.brand, p.color]).encode("utf-8"))
+            h.update(json.dumps([q, j.query, j.product_id, j.grade, *_text_fields(catalog[j.product_id])])
+                     .encode("utf-8"))
     return h.hexdigest()
+
+
+def catalog_digest(catalog: dict[str, Product]) -> str:
+    """sha256 of every product's id and texts: summaries are appended only to a file made from the
+    same texts, whatever path names the catalog."""
+    h = hashlib.sha256()
+    for pid in sorted(catalog):
+        h.update(json.dumps([pid, *_text_fields(catalog[pid])]).encode("utf-8"))
+    return h.hexdigest()
+
+
+def _text_fields(p: Product) -> list:
+    return [p.title, p.description, list(p.bullets), p.brand, p.color]
 
 
 def _query_groups(query_ids: Sequence[str], query_texts: Mapping[str, str] | None) -> list[list[str]]:

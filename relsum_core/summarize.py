@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from relsum_core.data import load_catalog
+from relsum_core.data import catalog_digest, load_catalog
 from relsum_core.io import atomic_write_text, read_json_object
 from relsum_core.policy import (
     PROMPTS,
@@ -67,9 +67,10 @@ def _done_ids(path: Path) -> set[str]:
             row = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError):
             row = None
-        if not (isinstance(row, dict) and isinstance(row.get("product_id"), str)):
-            raise ValueError(f"{path}:{i}: not a summaries row (a JSON object with a product_id); "
-                             "is --out another file?")
+        if not (isinstance(row, dict) and isinstance(row.get("product_id"), str)
+                and ("summary" in row or "skipped" in row)):
+            raise ValueError(f"{path}:{i}: not a summaries row (a JSON object with a product_id and a "
+                             "summary or skipped); is --out another file?")
         done.add(row["product_id"])
     if end < len(data):  # the last write was interrupted
         with open(path, "r+b") as f:
@@ -82,14 +83,17 @@ def _check_settings(path: Path, settings: dict) -> None:
     record = path.with_name(path.name + ".settings.json")
     if path.exists() and path.stat().st_size == 0:
         path.unlink()  # nothing written yet (an empty shard): any settings may start it
+    if path.exists() and not record.exists():
+        raise ValueError(f"{path} holds lines but no {record.name}, so what wrote them is unknown (merged "
+                         "shards, or another file given as --out?); write to a new file, or delete it")
     if record.exists():
         try:
             saved = read_json_object(record)
         except ValueError as e:
             raise ValueError(f"{e}; delete it (and {path.name}) to start again") from None
-        # a record from before the weights were recorded: not compared (it predates the check)
-        weights = settings.get("policy_weights")
-        changed = changed_settings(saved, settings, defaults={"policy_weights": weights})
+        # a record from before the weights or the catalog's digest were recorded: those not compared
+        changed = changed_settings(saved, settings, defaults={
+            k: settings.get(k) for k in ("policy_weights", "catalog_digest")})
         if "policy_weights" in changed and "policy" not in changed and path.exists():
             raise ValueError(f"{path} was written by the policy at {settings['policy']} before its weight "
                              "files changed (size or modification time: a training run rewrote them?); write "
@@ -147,16 +151,17 @@ def summarize_catalog(out: str | os.PathLike, *, policy: str | None = None, cata
     index = {pid: i for i, pid in enumerate(catalog_order)}  # a product's seed: where it sits
     path = shard_path(out, shard, num_shards)
     path.parent.mkdir(parents=True, exist_ok=True)
-    done = _done_ids(path)
     # what the command asked for (precision, not the dtype "auto" chose on this machine; no seed
     # when greedy), so the same command resumes anywhere
     _check_settings(path, {
         "policy": str(Path(policy).resolve()) if policy is not None else "default",
         "policy_weights": weight_files(policy),
         "catalog": str(Path(catalog).resolve()) if catalog is not None else "bundled",
+        "catalog_digest": catalog_digest(products),  # its texts: edited in place, it is another catalog
         "task": task, "budget": budget, "max_product_tokens": max_product_tokens,
         "temperature": temperature, "seed": seed if temperature > 0 else None, "precision": precision,
     })
+    done = _done_ids(path)  # after the settings check: a refused run leaves the file as it was
     todo = [pid for pid in mine if pid not in done]
     if not todo:
         path.touch()  # a shard with no products still has its (empty) file, as the caller is told

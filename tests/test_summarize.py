@@ -87,11 +87,34 @@ def test_other_settings_or_another_file_are_refused_not_appended(tmp_path, catal
     with pytest.raises(ValueError, match="other settings .*task 'summary' -> 'doc2query'"):
         summarize_catalog(out, budget=4, task="doc2query", **kw)
     assert out.read_bytes() == before
+    # a file with no settings record: not adopted, and nothing cut from it (here the catalog itself,
+    # whose rows even have a product_id and whose last line is unterminated)
+    text = catalog.read_text().rstrip("\n")
+    catalog.write_text(text)
+    with pytest.raises(ValueError, match=r"holds lines but no products.jsonl.settings.json"):
+        summarize_catalog(catalog, budget=4, **kw)
+    assert catalog.read_text() == text and not (tmp_path / "products.jsonl.settings.json").exists()
+    # shards merged with cat: no record either
+    merged = tmp_path / "merged.jsonl"
+    merged.write_bytes(before + before)
+    with pytest.raises(ValueError, match="holds lines but no merged.jsonl.settings.json"):
+        summarize_catalog(merged, budget=4, **kw)
+    # a record beside lines that are not summaries (a product_id alone is not enough)
     notes = tmp_path / "notes.jsonl"
-    notes.write_text('{"a": 1}\n{"a": 2, "note": "precious"}')  # not summaries, last line unterminated
+    notes.write_text('{"product_id": "p1", "title": "x"}\n{"a": 2, "note": "precious"}')
+    (tmp_path / "notes.jsonl.settings.json").write_text((tmp_path / "s.jsonl.settings.json").read_text())
     with pytest.raises(ValueError, match=f"{notes}:1: not a summaries row"):
         summarize_catalog(notes, budget=4, **kw)
-    assert notes.read_text() == '{"a": 1}\n{"a": 2, "note": "precious"}'  # nothing cut
+    assert notes.read_text() == '{"product_id": "p1", "title": "x"}\n{"a": 2, "note": "precious"}'
+    # a refused run cuts nothing either: a partial last line stays until a run that may append
+    out.write_bytes(before + b'{"product_id": "p')
+    with pytest.raises(ValueError, match="other settings"):
+        summarize_catalog(out, budget=3, **kw)
+    assert out.read_bytes() == before + b'{"product_id": "p'
+    # the catalog's texts edited in place: another catalog, refused
+    catalog.write_text(text.replace("pack of two", "pack of three"))
+    with pytest.raises(ValueError, match=r"other settings \(catalog_digest "):
+        summarize_catalog(out, budget=4, **kw)
 
 
 def test_a_shard_with_nothing_to_do_still_has_its_file_and_a_bad_record_is_named(tmp_path, catalog,

@@ -6,12 +6,14 @@ import shutil
 import pytest
 import torch
 
+from relsum_core.data import load_dataset
 from relsum_core.policy import TRAINING_RECORD
 from relsum_core.trainers.summarizer import (
     KL_GAIN,
     SummarizerConfig,
     SummarizerTrainer,
     adapt_beta,
+    run_sources,
     train_summarizer,
 )
 
@@ -523,6 +525,14 @@ def test_resume_follows_the_models_and_data_not_their_path_strings(tmp_path, dat
     assert SummarizerTrainer(_cfg(tmp_path, data_dir, policy, ranker, **one)).step == 1
     with pytest.raises(ValueError, match=r"other settings \(ranker "):
         SummarizerTrainer(_cfg(tmp_path, data_dir, policy, tmp_path / "link", **one))
+    # a record from before the data's digest (its path then): the digest is not compared, the path is
+    state["sources"] = {**run_sources(_cfg(tmp_path, data_dir, policy, ranker), *load_dataset(data_dir)),
+                        "data": str(data_dir)}
+    del state["sources"]["data_digest"]
+    torch.save(state, state_file)
+    assert SummarizerTrainer(_cfg(tmp_path, data_dir, policy, tmp_path / "link", **one)).step == 1
+    with pytest.raises(ValueError, match=r"other settings \(data "):
+        SummarizerTrainer(_cfg(tmp_path, relative_data, policy, ranker, **one))
     # a fresh checkpoint again records them; then the base policy (the KL reference) rewritten: refused
     shutil.rmtree(tmp_path / "run")
     SummarizerTrainer(_cfg(tmp_path, data_dir, policy, ranker, **one)).train()

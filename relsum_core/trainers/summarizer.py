@@ -181,10 +181,16 @@ def run_sources(cfg: SummarizerConfig, catalog, judgments) -> dict:
 
 
 def _changed_sources(saved: dict, sources: dict, cfg: SummarizerConfig) -> list[str]:
+    """What differs from the recorded sources; one a record predates is not compared."""
     what = {"ranker_weights": f"the ranker's weights at {cfg.ranker}",
             "policy_weights": f"the base policy's weights at {cfg.policy or 'the packaged default'}",
             "data_digest": "the data's judgments or product texts"}
-    return [what.get(k, k) for k in sorted(sources) if saved.get(k) != sources[k]]
+    return [what.get(k, k) for k in sorted(sources) if k in saved and saved[k] != sources[k]]
+
+
+def _paths_recorded_by_content(saved: dict) -> frozenset:
+    """The path settings a sources record stands for (the data's only once its digest was recorded)."""
+    return SOURCE_PATHS if "data_digest" in saved else SOURCE_PATHS - {"data"}
 
 
 def _check_resume(saved: dict, cfg: SummarizerConfig, saved_sources: dict | None = None,
@@ -195,7 +201,7 @@ def _check_resume(saved: dict, cfg: SummarizerConfig, saved_sources: dict | None
     path strings."""
     ignore = frozenset()
     if saved_sources is not None and sources is not None:
-        ignore = SOURCE_PATHS
+        ignore = _paths_recorded_by_content(saved_sources)
         moved = _changed_sources(saved_sources, sources, cfg)
         if moved:
             raise ValueError(f"{cfg.out}/checkpoint was trained against other models or data: "
@@ -231,7 +237,7 @@ def _check_fresh_out(cfg: SummarizerConfig, sources: dict | None = None) -> None
     differs = []
     if isinstance(saved_sources, dict) and sources is not None:
         differs = _changed_sources(saved_sources, sources, cfg)
-        changed = _changed_settings(first, cfg, SOURCE_PATHS)
+        changed = _changed_settings(first, cfg, _paths_recorded_by_content(saved_sources))
     else:
         changed = _changed_settings(first, cfg)
     if changed or differs:
