@@ -109,8 +109,10 @@ def summarize_catalog(out: str | os.PathLike, *, policy: str | None = None, cata
                       budget: int = SUMMARY_BUDGET, batch_size: int = 16, temperature: float = 0.0,
                       seed: int = 0, max_product_tokens: int = 128, product_ids=None,
                       shard: int | None = None, num_shards: int | None = None, device=None,
-                      progress: bool = True, task: str = "summary", precision: str = "auto") -> Path:
-    """Summarise the catalog (or only ``product_ids`` of it) into ``out``; returns the file written.
+                      progress: bool = True, task: str = "summary", precision: str = "auto",
+                      max_products: int | None = None) -> Path:
+    """Summarise the catalog (or only ``product_ids`` of it; only the first ``max_products`` of
+    those in id order) into ``out``; returns the file written.
 
     ``precision`` "auto" samples in bf16 on CPUs with bf16 dot products (1.6x faster there; the
     prompt's prefill is most of the work) and in fp32 elsewhere, GPUs included, where bf16 sampling
@@ -128,6 +130,8 @@ def summarize_catalog(out: str | os.PathLike, *, policy: str | None = None, cata
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_product_tokens < 1:
         raise ValueError(f"max_product_tokens must be >= 1, got {max_product_tokens}")
+    if max_products is not None and max_products < 1:
+        raise ValueError(f"max_products must be >= 1, got {max_products}")
     if task not in PROMPTS:
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(PROMPTS)}")
     local = int(os.environ.get("LOCAL_RANK", -1))
@@ -147,7 +151,7 @@ def summarize_catalog(out: str | os.PathLike, *, policy: str | None = None, cata
         unknown = [p for p in wanted if p not in products]
         if unknown:
             raise ValueError(f"{len(unknown)} product ids are not in the catalog, e.g. {unknown[:3]}")
-    mine = wanted[shard::num_shards]
+    mine = wanted[:max_products][shard::num_shards]
     index = {pid: i for i, pid in enumerate(catalog_order)}  # a product's seed: where it sits
     path = shard_path(out, shard, num_shards)
     path.parent.mkdir(parents=True, exist_ok=True)

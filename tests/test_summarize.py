@@ -175,3 +175,17 @@ def test_a_missing_policy_folder_is_named_and_leaves_no_file(tmp_path, catalog):
     with pytest.raises(PolicyLoadError, match=r"no HF model folder at .*nope \(config.json missing\)"):
         summarize_catalog(out, policy=str(tmp_path / "nope"), catalog=str(catalog), progress=False)
     assert not (tmp_path / "out").exists()  # no settings record to refuse the corrected command
+
+
+def test_max_products_summarises_a_prefix_and_a_larger_one_appends(tmp_path, catalog, tiny_policy_dir):
+    from relsum_core.cli import main
+
+    out = tmp_path / "s.jsonl"
+    args = ["summarize", "--policy", str(tiny_policy_dir), "--catalog", str(catalog), "--out", str(out),
+            "--budget", "4", "--no-progress"]
+    assert main([*args, "--max-products", "2"]) == 0
+    assert [r["product_id"] for r in _rows(out)] == ["p0", "p1"]
+    assert main([*args, "--max-products", "3"]) == 0  # the same settings: a resume, one more product
+    assert [r["product_id"] for r in _rows(out)] == ["p0", "p1", "p2"]
+    with pytest.raises(ValueError, match="max_products must be >= 1"):
+        summarize_catalog(out, policy=str(tiny_policy_dir), catalog=str(catalog), budget=4, max_products=0)

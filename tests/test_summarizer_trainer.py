@@ -111,7 +111,12 @@ def test_cli_rerun_of_a_finished_run_says_so(tmp_path, data_dir, tiny_policy_dir
             "--lr", "1e-3", "--warmup-steps", "1", "--beta", "0.1", "--device", "cpu", "--precision", "fp32",
             "--no-progress"]
     assert main(args) == 0
-    assert "step 1: reward" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    eval_rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(x)["event"] == "eval"]
+    assert "step 1: training reward " in printed  # the samples', told apart from the greedy one
+    assert f"validation reward {eval_rows[-1]['reward']:.4f} (greedy, step 1)" in printed
+    assert f"checkpoint in {tmp_path / 'run' / 'checkpoint'}" in printed
     assert main(args) == 0
     assert "is at step 1, not below --steps 1: nothing to train" in capsys.readouterr().out
 
@@ -428,7 +433,7 @@ def test_readme_torchrun_command_runs_and_exits_cleanly(tmp_path, data_dir, tiny
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("step 1: reward") == 1  # rank 0 reports; both processes exited 0
+    assert done.stdout.count("step 1: training reward") == 1  # rank 0 reports; both processes exited 0
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert rows[0]["world_size"] == 2 and [r["step"] for r in rows if r["event"] == "train"] == [1]
 
