@@ -24,7 +24,9 @@ entries, ``summaries-<name>.jsonl`` (resumable, like ``relsum summarize``).
 
 from __future__ import annotations
 
+import glob
 import json
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -44,15 +46,43 @@ SPLITS = ("validation", "heldout", "all")
 
 
 def read_summaries(path: str | Path, catalog: Mapping | None = None) -> dict[str, str]:
-    """product_id -> summary from a ``relsum summarize`` JSONL; skipped products map to ``""``.
+    """product_id -> summary from a ``relsum summarize`` JSONL (or its shards, see `summary_files`);
+    skipped products map to ``""``.
 
     With ``catalog`` (product id -> Product), a row whose ``title`` differs from the catalog's for
     its id is an error: summaries of another catalog whose ids happen to coincide.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"summaries file {path} does not exist")
     out: dict[str, str] = {}
+    for part in summary_files(path):
+        _read_summary_rows(part, catalog, out)
+    return out
+
+
+def summary_files(path: str | Path) -> list[Path]:
+    """``path``, or where it is missing, the complete set of shard files ``relsum summarize`` wrote
+    for it (``<stem>.shardKKK-of-NNN<suffix>``, as sharded or torchrun runs name them)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    from relsum_core.summarize import shard_path
+
+    found = sorted(path.parent.glob(f"{glob.escape(path.stem)}.shard*-of-*{glob.escape(path.suffix)}"))
+    counts = {int(m.group(1)) for f in found if (m := re.search(r"-of-(\d+)", f.name[len(path.stem):]))}
+    if len(counts) == 1:
+        n = counts.pop()
+        shards = [shard_path(path, k, n) for k in range(n)]
+        missing = [s.name for s in shards if not s.is_file()]
+        if missing:
+            raise FileNotFoundError(f"summaries file {path} does not exist, and of its {n} shards "
+                                    f"{len(missing)} are missing, e.g. {missing[:3]}")
+        return shards
+    if counts:
+        raise FileNotFoundError(f"summaries file {path} does not exist, and its shard files come from runs "
+                                f"of {sorted(counts)} shards: keep one set")
+    raise FileNotFoundError(f"summaries file {path} does not exist")
+
+
+def _read_summary_rows(path: Path, catalog: Mapping | None, out: dict[str, str]) -> None:
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -72,7 +102,6 @@ def read_summaries(path: str | Path, catalog: Mapping | None = None) -> dict[str
                 raise ValueError(f"{path}:{n}: product {pid} is titled {title!r} here but {ours!r} in the "
                                  "data: summaries of another catalog?")
             out[pid] = summary
-    return out
 
 
 def parse_named(items: Sequence[str], what: str) -> dict[str, str]:
@@ -173,13 +202,19 @@ def _policy_record(summaries_file) -> dict[str, str] | None:
     ``.settings.json`` says the policy was; None when unknown (no settings, or the folder is gone)."""
     from relsum_core.policy import read_training_record
 
-    settings = Path(str(summaries_file) + ".settings.json")
-    if not settings.is_file():
-        return None
-    try:
-        policy = read_json_object(settings).get("policy")
-    except ValueError:
-        return None
+    policies = set()
+    for part in summary_files(summaries_file):  # a sharded file: every shard's record
+        settings = Path(str(part) + ".settings.json")
+        if not settings.is_file():
+            return None
+        try:
+            policies.add(read_json_object(settings).get("policy"))
+        except ValueError:
+            return None
+    if len(policies) > 1:
+        raise ValueError(f"the shards of {summaries_file} were written by different policies "
+                         f"({sorted(map(str, policies))}): summaries of one policy only")
+    policy = policies.pop()
     if policy == "default":
         return {}
     if not isinstance(policy, str) or not Path(policy).is_dir():
@@ -321,7 +356,9 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
         lacking = [p for p in ev.product_ids if p not in got]
         if lacking:
             raise ValueError(f"summaries {name!r} ({summaries[name]}) lack {len(lacking)} of the "
-                             f"{len(ev.product_ids)} evaluated products, e.g. {lacking[:3]}")
+                             f"{len(ev.product_ids)} evaluated products, e.g. {lacking[:3]}: summarise the "
+                             "whole catalog into it, or pass --policy NAME=DIR to summarise just the "
+                             "evaluated products here")
 
     out.mkdir(parents=True, exist_ok=True)
     tasks = [(name, policy, "summary") for name, policy in policies.items()]
