@@ -51,6 +51,9 @@ def _smooth(ys: list[float], window: int) -> list[float]:
     return out
 
 
+SHORT_RUN_POINTS = 20  # fewer points than this: dots on the lines as well
+
+
 def plot_metrics(metrics: str | Path, out: str | Path, title: str | None = None) -> Path:
     """Write the run's curves to ``out`` (atomically) in the format its suffix names: .png, .pdf or
     .svg (any other suffix, or none, is a ValueError); returns its path."""
@@ -119,6 +122,9 @@ def plot_metrics(metrics: str | Path, out: str | Path, title: str | None = None)
     for ax in fig.axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+        for line in ax.get_lines():  # a short run's curves: a line through one point draws nothing
+            if len(line.get_xdata()) < SHORT_RUN_POINTS and line.get_marker() in (None, "None", "", " "):
+                line.set_marker(".")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -55,3 +55,16 @@ def test_output_format_follows_the_suffix(tmp_path):
         with pytest.raises(ValueError, match=r"suffix must be one of \.png, \.pdf, \.svg"):
             plot_metrics(m, tmp_path / name)
         assert not (tmp_path / name).exists()
+
+
+def test_a_short_runs_single_points_are_drawn(tmp_path, monkeypatch):
+    # train-ranker logs its loss every 10 steps: a 3-step run has one point, which a bare line hides
+    import matplotlib.pyplot as plt
+
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: figures.append(fig) or close(fig))
+    m = tmp_path / "metrics.jsonl"
+    _write(m, [{"event": "train", "step": 3, "loss": 2.0}])
+    plot_metrics(m, tmp_path / "r.png")
+    (loss,) = figures[0].axes[0].get_lines()
+    assert len(loss.get_xdata()) == 1 and loss.get_marker() not in (None, "None", "", " ")
