@@ -211,8 +211,15 @@ def _add_train(sub) -> None:
 
 
 def _summarize(args: argparse.Namespace) -> int:
+    from relsum_core.policy import SUMMARY_BUDGET, read_prompt_settings
     from relsum_core.summarize import summarize_catalog
 
+    trained = read_prompt_settings(args.policy)  # a relsum train checkpoint's own budgets
+    for name, default in (("budget", SUMMARY_BUDGET), ("max_product_tokens", 128)):
+        if getattr(args, name) is None:
+            setattr(args, name, trained.get(name, default))
+            if name in trained:
+                print(f"{name} {trained[name]}: the policy's training value")
     path = summarize_catalog(args.out, policy=args.policy, catalog=args.catalog, budget=args.budget,
                              batch_size=args.batch_size, temperature=args.temperature, seed=args.seed,
                              max_product_tokens=args.max_product_tokens, shard=args.shard,
@@ -245,12 +252,12 @@ def _add_summarize(sub) -> None:
     p.add_argument("--policy", default=None, help="summarizer folder, e.g. a train run's checkpoint/")
     p.add_argument("--catalog", default=None, help="products JSONL(.gz) or data dir (default: bundled)")
     p.add_argument("--out", required=True, help="output JSONL (shards add .shardKKK-of-NNN)")
-    p.add_argument("--budget", type=int, default=32)
+    p.add_argument("--budget", type=int, default=None,
+                   help="summary tokens (default: the policy's training value, else 32)")
     p.add_argument("--task", choices=["summary", "doc2query"], default="summary",
                    help="write attribute summaries, or search queries for each product (Doc2Query)")
-    p.add_argument("--max-product-tokens", type=int, default=128,
-                   help="product text given to the policy (use the training run's value; relsum train's "
-                   "default is 128)")
+    p.add_argument("--max-product-tokens", type=int, default=None,
+                   help="product text given to the policy (default: the policy's training value, else 128)")
     p.add_argument("--batch-size", type=int, default=16, help="products summarised together")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0)

@@ -266,7 +266,7 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
     ``precision``: the policies' sampling dtype (`relsum_core.summarize.summarize_catalog`); the ranker
     always scores in fp32.
     """
-    from relsum_core.policy import read_training_record
+    from relsum_core.policy import read_prompt_settings, read_training_record
     from relsum_core.ranker import CrossEncoder, read_ranker_settings
     from relsum_core.summarize import summarize_catalog
 
@@ -309,6 +309,14 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
     records |= {name: read_training_record(None if path == "default" else path)
                 for name, path in {**policies, **doc2query}.items()}
 
+    for name, path in {**policies, **doc2query}.items():  # summarised here under this run's budgets
+        trained_with = read_prompt_settings(None if path == "default" else path)
+        used = {"budget": budget, "max_product_tokens": max_product_tokens}
+        differ = {k: (v, used[k]) for k, v in trained_with.items() if v != used[k]}
+        if differ:
+            warnings.warn(f"policy {name!r} was trained with " + ", ".join(
+                f"{k} {a}" for k, (a, _) in differ.items()) + "; it is evaluated with " + ", ".join(
+                f"{k} {b}" for k, (_, b) in differ.items()) + " (pass them to match)", stacklevel=2)
     unknown = sorted(name for name, r in records.items() if r is None)
     if unknown and split != "all":
         warnings.warn(f"no policy training record (relsum_policy.json) for {', '.join(unknown)}: the "

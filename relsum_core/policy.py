@@ -168,6 +168,17 @@ def read_training_record(path: str | os.PathLike | None) -> dict[str, str] | Non
     return products
 
 
+def read_prompt_settings(path: str | os.PathLike | None) -> dict[str, int]:
+    """The summary budget and product-text budget a `relsum train` checkpoint was trained with
+    (``budget``, ``max_product_tokens``); {} for the packaged default, a folder without a record, or
+    a record from before they were kept."""
+    if path is None or not (Path(path) / TRAINING_RECORD).is_file():
+        return {}
+    record = read_json_object(Path(path) / TRAINING_RECORD)
+    return {k: record[k] for k in ("budget", "max_product_tokens")
+            if isinstance(record.get(k), int) and not isinstance(record.get(k), bool)}
+
+
 def require_model_folder(path: str | os.PathLike) -> Path:
     """``path`` if it holds an HF model (a config.json), else PolicyLoadError naming it."""
     path = Path(path)

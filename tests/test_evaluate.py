@@ -556,3 +556,19 @@ def test_sharded_summaries_read_as_their_unsharded_name(tmp_path, tiny_policy_di
     summarize_catalog(out, shard=0, **{**kw, "num_shards": 3})
     with pytest.raises(FileNotFoundError, match=r"shard files come from runs of \[2, 3\] shards"):
         read_summaries(out)
+
+
+def test_a_policy_evaluated_under_other_budgets_than_it_trained_with_is_warned(tmp_path, data_dir,
+                                                                               tiny_ranker_dir):
+    from relsum_core.policy import TRAINING_RECORD, PolicyLoadError
+
+    policy = tmp_path / "policy"  # only its record: the warning comes before any summarising
+    policy.mkdir()
+    (policy / TRAINING_RECORD).write_text(json.dumps({"train_products": {}, "budget": 8,
+                                                      "max_product_tokens": 32}))
+    with pytest.warns(UserWarning, match=r"policy 'mine' was trained with budget 8, max_product_tokens 32; "
+                                         r"it is evaluated with budget 32, max_product_tokens 128"):
+        with pytest.raises(PolicyLoadError, match="no HF model folder"):
+            evaluate_summaries(tmp_path / "e", ranker=str(tiny_ranker_dir), data=str(data_dir),
+                               policies={"mine": str(policy)}, val_fraction=0.34, device="cpu", plot=False,
+                               progress=False)

@@ -189,3 +189,27 @@ def test_max_products_summarises_a_prefix_and_a_larger_one_appends(tmp_path, cat
     assert [r["product_id"] for r in _rows(out)] == ["p0", "p1", "p2"]
     with pytest.raises(ValueError, match="max_products must be >= 1"):
         summarize_catalog(out, policy=str(tiny_policy_dir), catalog=str(catalog), budget=4, max_products=0)
+
+
+def test_summarize_defaults_to_the_budgets_the_policy_trained_with(tmp_path, catalog, tiny_policy_dir,
+                                                                   capsys):
+    import shutil
+
+    from relsum_core.cli import main
+    from relsum_core.policy import TRAINING_RECORD
+
+    policy = tmp_path / "policy"
+    shutil.copytree(tiny_policy_dir, policy)
+    (policy / TRAINING_RECORD).write_text(json.dumps({"train_products": {}, "budget": 3,
+                                                      "max_product_tokens": 16}))
+    out = tmp_path / "s.jsonl"
+    args = ["summarize", "--policy", str(policy), "--catalog", str(catalog), "--out", str(out),
+            "--max-products", "2", "--no-progress"]
+    assert main(args) == 0
+    assert "budget 3: the policy's training value" in capsys.readouterr().out
+    settings = json.loads((tmp_path / "s.jsonl.settings.json").read_text())
+    assert (settings["budget"], settings["max_product_tokens"]) == (3, 16)
+    assert all(r["tokens"] <= 3 for r in _rows(out))
+    with pytest.raises(ValueError, match=r"other settings \(budget 3 -> 5\)"):  # given: it wins
+        summarize_catalog(out, policy=str(policy), catalog=str(catalog), budget=5, max_product_tokens=16,
+                          progress=False)

@@ -77,6 +77,11 @@ def test_grpo_run_logs_every_component_and_checkpoints(tmp_path, data_dir, tiny_
     trainer = SummarizerTrainer(cfg)
     assert record["train_products"] == {p: titles[p] for p in trainer.train_ids}
     assert not set(record["train_products"]) & set(trainer.val_ids) and record["step"] == 2
+    # the prompt's budgets, which summarize and evaluate default to / warn about
+    from relsum_core.policy import read_prompt_settings
+
+    assert read_prompt_settings(ckpt) == {"budget": 6, "max_product_tokens": 16} == {
+        k: record[k] for k in ("budget", "max_product_tokens")}
     # a run from this checkpoint on another split adds its products to the base policy's
     other = SummarizerTrainer(_cfg(tmp_path / "b", data_dir, str(ckpt), tiny_ranker_dir, split_seed=1))
     assert set(other.train_ids) != set(trainer.train_ids)

@@ -578,8 +578,10 @@ class SummarizerTrainer:
             torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                         "step": self.step, "beta": self.beta, "config": asdict(self.cfg),
                         "sources": self.sources}, tmp / "trainer.pt")
+            # the prompt's budgets too: summarize and evaluate default to them (policy.read_prompt_settings)
             record = {"train_products": self.trained_products, "data": self.cfg.data, "algo": self.cfg.algo,
-                      "step": self.step}
+                      "step": self.step, "budget": self.cfg.budget,
+                      "max_product_tokens": self.cfg.max_product_tokens}
             text = json.dumps(record, ensure_ascii=False) + "\n"
             (tmp / TRAINING_RECORD).write_text(text, encoding="utf-8")
 
