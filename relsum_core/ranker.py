@@ -199,6 +199,39 @@ def read_ranker_settings(path) -> dict:
     return read_json_object(file) if file.is_file() else {}
 
 
+NEW_HEAD = ("bert.pooler.", "classifier.")  # what a bare encoder checkpoint lacks of a cross-encoder
+
+
+def load_bert_classifier(path, **kwargs):
+    """(model, loading info) of a one-label ``BertForSequenceClassification`` from a local checkpoint,
+    with the loading checked here instead of in transformers' LOAD REPORT, which lists a bare
+    encoder's new head as MISSING (it reads like an error on every train-ranker run).  Raises
+    ValueError for a corrupt weights file, a head of another shape, or missing encoder weights."""
+    from transformers import BertForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = BertForSequenceClassification.from_pretrained(
+            path, num_labels=1, output_loading_info=True, local_files_only=True,
+            ignore_mismatched_sizes=True,  # so a multi-output head is reported here, clearly
+            **kwargs)
+    except Exception as e:  # a truncated or corrupt weights file
+        raise ValueError(f"{path}: cannot load the weights ({type(e).__name__}: {e})") from e
+    finally:
+        hf_logging.set_verbosity(level)
+    mismatched = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())]
+    if mismatched:
+        raise ValueError(f"{path}: weights {sorted(mismatched)} do not fit a one-label cross-encoder "
+                         "(a classifier with several labels?)")
+    lacking = sorted(k for k in info.get("missing_keys", ()) if not k.startswith(NEW_HEAD))
+    if lacking:
+        raise ValueError(f"{path}: the checkpoint lacks {len(lacking)} encoder weights, e.g. {lacking[:3]} "
+                         "(an incomplete or differently named checkpoint)")
+    return model, info
+
+
 def _init_head(model: nn.Module, missing: Sequence[str], seed: int) -> list[str]:
     """Seeded init of a new scoring head: weights ~ N(0, initializer_range), biases 0."""
     gen = torch.Generator().manual_seed(seed)
@@ -287,21 +320,11 @@ class CrossEncoder:
         checkpoint's relsum_ranker.json, else the model's ``max_position_embeddings``.  Raises ValueError
         for a checkpoint that is not BERT-family (naming its model_type) or a classifier with more than
         one label."""
-        from transformers import AutoTokenizer, BertForSequenceClassification
+        from transformers import AutoTokenizer
 
         path = Path(path)
         read_checkpoint_config(path)
-        try:
-            model, info = BertForSequenceClassification.from_pretrained(
-                path, num_labels=1, output_loading_info=True, local_files_only=True, dtype=torch.float32,
-                ignore_mismatched_sizes=True,  # so a multi-output head is reported here, clearly
-            )
-        except Exception as e:  # a truncated or corrupt weights file
-            raise ValueError(f"{path}: cannot load the weights ({type(e).__name__}: {e})") from e
-        mismatched = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())]
-        if mismatched:
-            raise ValueError(f"{path}: weights {sorted(mismatched)} do not fit a one-label cross-encoder "
-                             "(a classifier with several labels?)")
+        model, info = load_bert_classifier(path, dtype=torch.float32)
         _init_head(model, info.get("missing_keys", ()), head_seed)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         settings = read_ranker_settings(path)

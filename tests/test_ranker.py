@@ -222,6 +222,36 @@ def test_corrupt_ranker_checkpoint_names_its_folder(tiny, tmp_path):
         CrossEncoder.from_pretrained(ckpt)
 
 
+def test_incomplete_checkpoint_is_refused_and_a_new_head_is_no_load_report(tiny, tmp_path):
+    import logging
+
+    from safetensors.torch import load_file, save_file
+
+    bare = tmp_path / "bare"  # a bare encoder: its head is new
+    BertModel(tiny.model.config).save_pretrained(bare)
+    tiny.tokenizer.save_pretrained(bare)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    hf_logger = logging.getLogger("transformers")
+    hf_logger.addHandler(handler)
+    level = hf_logger.level
+    try:
+        CrossEncoder.from_pretrained(bare, device="cpu")
+    finally:
+        hf_logger.removeHandler(handler)
+    assert not any("LOAD REPORT" in r.getMessage() for r in records)  # not reported as if an error
+    assert hf_logger.level == level  # transformers' verbosity as it was
+    ckpt = tmp_path / "ckpt"
+    tiny.save(ckpt)
+    weights = load_file(ckpt / "model.safetensors")
+    dropped = sorted(k for k in weights if ".layer.1." in k)
+    save_file({k: v for k, v in weights.items() if k not in dropped}, ckpt / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"ckpt: the checkpoint lacks {len(dropped)} encoder weights"):
+        CrossEncoder.from_pretrained(ckpt)
+
+
 def test_multi_label_classifier_rejected(tmp_path, tiny):
     cfg = BertConfig(**{**tiny.model.config.to_dict(), "num_labels": 3})
     multi = BertForSequenceClassification(cfg)

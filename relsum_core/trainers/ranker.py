@@ -53,7 +53,13 @@ from relsum_core.metrics import (
     recall_at_precision,
 )
 from relsum_core.precision import resolve_device, resolve_precision
-from relsum_core.ranker import SETTINGS_FILE, CrossEncoder, padded_pairs, read_checkpoint_config
+from relsum_core.ranker import (
+    SETTINGS_FILE,
+    CrossEncoder,
+    load_bert_classifier,
+    padded_pairs,
+    read_checkpoint_config,
+)
 from relsum_core.records import weight_files
 from relsum_core.text import SEPARATOR, PrefixSampler, product_text
 
@@ -658,7 +664,7 @@ def _seed_all(seed: int) -> None:
 def train_ranker(cfg: RankerTrainConfig) -> dict:
     """Run one fine-tuning job; returns the report (also written to ``cfg.out``)."""
     from tqdm.auto import tqdm
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.optimization import get_linear_schedule_with_warmup
 
     from relsum_core.baselines import CosineScorer, bm25_scores
@@ -740,10 +746,7 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
     sources = {"base_weights": weight_files(base), "cosine_base_weights": weight_files(cosine_base)}
     # its own tokenizer: a cosine base with another vocabulary than base's
     encoder = CosineScorer.from_pretrained(cosine_base, device=device)
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1).to(device)
-    except Exception as e:  # a truncated or corrupt weights file: name the folder
-        raise ValueError(f"{base}: cannot load the weights ({type(e).__name__}: {e})") from e
+    model = load_bert_classifier(base)[0].to(device)  # its new head drawn from the seeded global RNG
     if cfg.overwrite:
         # A crash of this run must not leave the earlier report beside this run's checkpoint
         # (cross-validation takes a report.json as a finished fold).
