@@ -392,7 +392,8 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
 
     base = ev.score(variants["title"]["texts"])
     policy_seen = policy_trained(ev.product_ids)
-    report = {"ranker": str(ranker), "split": split, "n_queries": len(ev.queries), "n_pairs": len(ev.pairs),
+    report = {"ranker": str(ranker), "split": split, "n_queries": len(ev.queries),
+              "query_ids": list(ev.queries), "n_pairs": len(ev.pairs),
               "n_products": len(ev.product_ids),
               "ranker_trained_queries": len(seen) if trained is not None else None,  # None: no record
               "policy_trained_products": {name: len(policy_seen.get(name, ()))

@@ -173,7 +173,10 @@ def read_checkpoint_config(path: Path) -> dict:
         raise FileNotFoundError(f"{path} is not a directory (CrossEncoder loads local checkpoints only)")
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
-        raise ValueError(f"{path} has no config.json: not a Hugging Face checkpoint (model_type unknown)")
+        hint = (f"; {path / 'best'} is one (train-ranker's output folder holds its checkpoint there)"
+                if (path / "best" / "config.json").is_file() else "")
+        raise ValueError(f"{path} has no config.json: not a Hugging Face checkpoint (model_type "
+                         f"unknown){hint}")
     try:
         with open(cfg_file, encoding="utf-8") as f:
             cfg = json.load(f)

@@ -321,6 +321,7 @@ def test_validation_split_and_the_texts_each_variant_scores(tmp_path, tiny_ranke
                                 desc_tokens=(2,), device="cpu", plot=False, progress=False)
     val = split_queries(["q1", "q2", "q3"], 0.34, 0)[1]  # the ranker's held-out queries, not its training set
     assert all(queries == val for queries, _ in scored) and report["n_queries"] == len(val)
+    assert report["query_ids"] == val  # which queries the numbers are over
     titles = {p: t for p, t, _ in products}
     assert any(t == {p: f"{titles[p]} | hand note {p}" for p in t} for _, t in scored)
     tok = AutoTokenizer.from_pretrained(tiny_ranker_dir)

@@ -204,7 +204,13 @@ def test_not_bert_family_is_a_clear_error(tmp_path):
         CrossEncoder.from_pretrained(gpt)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ValueError, match="no config.json"):
+    with pytest.raises(ValueError, match="no config.json") as e:
+        CrossEncoder.from_pretrained(empty)
+    assert "best" not in str(e.value)
+    # train-ranker's output folder: its best/ is named
+    (empty / "best").mkdir()
+    (empty / "best" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"no config.json.*empty/best is one \(train-ranker's output folder"):
         CrossEncoder.from_pretrained(empty)
     with pytest.raises(FileNotFoundError):
         CrossEncoder.from_pretrained(tmp_path / "missing")
