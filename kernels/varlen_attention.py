@@ -251,6 +251,12 @@ def resolve_config(config) -> dict | None:
     for key in _CONFIG_FLAGS:
         if key in config and not isinstance(config[key], bool):
             raise ValueError(f"attention config {key} must be True or False, got {config[key]!r}")
+    # each kernel takes only its own keys (a stray keyword fails inside Triton's launch on a GPU)
+    own = {"HEADS"} if config.get("SHORT") else {"BLOCK_N", "SPLIT_TAIL"}
+    foreign = sorted((set(config) & {"HEADS", "BLOCK_N", "SPLIT_TAIL"}) - own)
+    if foreign:
+        kernel = "the one-key-tile (SHORT=True) kernel" if config.get("SHORT") else "the tiled kernel"
+        raise ValueError(f"attention config keys {foreign} do not apply to {kernel}")
     return dict(config)
 
 

@@ -211,11 +211,11 @@ def _add_train(sub) -> None:
 
 
 def _summarize(args: argparse.Namespace) -> int:
-    from relsum_core.policy import SUMMARY_BUDGET, read_prompt_settings
+    from relsum_core.policy import SUMMARY_BUDGET, SUMMARY_PRODUCT_TOKENS, read_prompt_settings
     from relsum_core.summarize import summarize_catalog
 
     trained = read_prompt_settings(args.policy)  # a relsum train checkpoint's own budgets
-    for name, default in (("budget", SUMMARY_BUDGET), ("max_product_tokens", 128)):
+    for name, default in (("budget", SUMMARY_BUDGET), ("max_product_tokens", SUMMARY_PRODUCT_TOKENS)):
         if getattr(args, name) is None:
             setattr(args, name, trained.get(name, default))
             if name in trained:

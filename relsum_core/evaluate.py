@@ -36,6 +36,7 @@ import numpy as np
 from relsum_core.data import group_by_query, load_dataset, split_queries
 from relsum_core.io import atomic_write_bytes, atomic_write_text, json_report, read_json_object
 from relsum_core.metrics import POSITIVE_GRADE, PRECISION_TARGET, ndcg_at_k, recall_at_precision
+from relsum_core.policy import SUMMARY_BUDGET, SUMMARY_PRODUCT_TOKENS
 from relsum_core.precision import resolve_device, resolve_precision
 from relsum_core.text import attributes_text, cut_to_tokens, join_title, product_text, summary_text
 
@@ -254,7 +255,8 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
                        summaries: Mapping[str, str] | None = None, policies: Mapping[str, str] | None = None,
                        doc2query: Mapping[str, str] | None = None, split: str = "validation",
                        val_fraction: float = 0.2, split_seed: int = 0,
-                       desc_tokens: Sequence[int] = (32,), budget: int = 32, max_product_tokens: int = 128,
+                       desc_tokens: Sequence[int] = (32,), budget: int = SUMMARY_BUDGET,
+                       max_product_tokens: int = SUMMARY_PRODUCT_TOKENS,
                        batch_size: int = 16, device=None, progress: bool = True, plot: bool = True,
                        precision: str = "auto") -> dict:
     """Score the variants and write report.json / report.md (/ ndcg.png); returns the report.
@@ -287,9 +289,12 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
     device = resolve_device(device)
     sampling_dtype = str(resolve_precision(precision, device, auto_on_cuda=False)).removeprefix("torch.")
     for name, path in summaries.items():
-        if not Path(path).is_file():
-            what = "is a directory, not a JSONL file" if Path(path).is_dir() else "does not exist"
-            raise FileNotFoundError(f"summaries {name!r}: {path} {what}")
+        if Path(path).is_dir():
+            raise FileNotFoundError(f"summaries {name!r}: {path} is a directory, not a JSONL file")
+        try:
+            summary_files(path)  # the file, or its complete set of shards
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"summaries {name!r}: {e}") from None
     # Read the given files before any policy runs, so a bad row fails in seconds, not after
     # minutes of summarising.
     out = Path(out)

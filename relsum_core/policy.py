@@ -26,6 +26,8 @@ DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_POLICY_NAME = "smollm2-135m-instruct"
 SUMMARY_BUDGET = 32
 PRODUCT_TOKENS = 384
+# product text a summarizer is shown by default in training, summarize and evaluate (its tokens)
+SUMMARY_PRODUCT_TOKENS = 128
 
 
 # What `relsum train` trained a checkpoint on: {"train_products": {product id: title}, ...}.  Read by

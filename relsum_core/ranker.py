@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import logging
 import math
 import numbers
 import os
@@ -203,6 +204,19 @@ def read_ranker_settings(path) -> dict:
 
 
 NEW_HEAD = ("bert.pooler.", "classifier.")  # what a bare encoder checkpoint lacks of a cross-encoder
+_LOADING = threading.local()
+
+
+class _OwnLoadReport(logging.Filter):
+    """Drops transformers' LOAD REPORT of the loads `load_bert_classifier` makes in this thread: it
+    lists a bare encoder's new head as MISSING, which reads like an error, and relsum checks the
+    loading info itself.  Other loads, and other threads, report as always (no global verbosity)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (getattr(_LOADING, "active", False) and "LOAD REPORT" in record.getMessage())
+
+
+_LOAD_REPORT_FILTER = _OwnLoadReport()
 
 
 def load_bert_classifier(path, **kwargs):
@@ -211,10 +225,11 @@ def load_bert_classifier(path, **kwargs):
     encoder's new head as MISSING (it reads like an error on every train-ranker run).  Raises
     ValueError for a corrupt weights file, a head of another shape, or missing encoder weights."""
     from transformers import BertForSequenceClassification
-    from transformers.utils import logging as hf_logging
 
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    if _LOAD_REPORT_FILTER not in report_logger.filters:
+        report_logger.addFilter(_LOAD_REPORT_FILTER)
+    _LOADING.active = True
     try:
         model, info = BertForSequenceClassification.from_pretrained(
             path, num_labels=1, output_loading_info=True, local_files_only=True,
@@ -223,7 +238,7 @@ def load_bert_classifier(path, **kwargs):
     except Exception as e:  # a truncated or corrupt weights file
         raise ValueError(f"{path}: cannot load the weights ({type(e).__name__}: {e})") from e
     finally:
-        hf_logging.set_verbosity(level)
+        _LOADING.active = False
     mismatched = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())]
     if mismatched:
         raise ValueError(f"{path}: weights {sorted(mismatched)} do not fit a one-label cross-encoder "

@@ -31,6 +31,7 @@ from relsum_core.io import atomic_write_text, read_json_object
 from relsum_core.policy import (
     PROMPTS,
     SUMMARY_BUDGET,
+    SUMMARY_PRODUCT_TOKENS,
     NoProductText,
     build_prompt,
     load_policy,
@@ -92,6 +93,7 @@ def _check_settings(path: Path, settings: dict) -> None:
         except ValueError as e:
             raise ValueError(f"{e}; delete it (and {path.name}) to start again") from None
         # a record from before the weights or the catalog's digest were recorded: those not compared
+        # (the record is written only with a new file, so such a file never gains the check)
         changed = changed_settings(saved, settings, defaults={
             k: settings.get(k) for k in ("policy_weights", "catalog_digest")})
         if "policy_weights" in changed and "policy" not in changed and path.exists():
@@ -107,7 +109,7 @@ def _check_settings(path: Path, settings: dict) -> None:
 
 def summarize_catalog(out: str | os.PathLike, *, policy: str | None = None, catalog: str | None = None,
                       budget: int = SUMMARY_BUDGET, batch_size: int = 16, temperature: float = 0.0,
-                      seed: int = 0, max_product_tokens: int = 128, product_ids=None,
+                      seed: int = 0, max_product_tokens: int = SUMMARY_PRODUCT_TOKENS, product_ids=None,
                       shard: int | None = None, num_shards: int | None = None, device=None,
                       progress: bool = True, task: str = "summary", precision: str = "auto",
                       max_products: int | None = None) -> Path:

@@ -528,22 +528,24 @@ def test_validation_keeps_one_query_text_under_two_ids_together(tmp_path, tiny_r
     assert together == 1
 
 
-def test_sharded_summaries_read_as_their_unsharded_name(tmp_path, tiny_policy_dir):
+def test_sharded_summaries_read_as_their_unsharded_name(tmp_path, data_dir, tiny_policy_dir,
+                                                        tiny_ranker_dir):
     """What `relsum summarize --num-shards N` (or torchrun) writes reads back under the --out it was
-    given; an incomplete or mixed set of shards is named."""
+    given, in evaluate too; an incomplete or mixed set of shards is named."""
     import json
 
     from relsum_core.evaluate import _policy_record
     from relsum_core.summarize import summarize_catalog
 
-    catalog = tmp_path / "products.jsonl"
-    catalog.write_text("".join(json.dumps({"product_id": f"p{i}", "title": f"shirt {i}",
-                                           "bullet_points": "cotton"}) + "\n" for i in range(5)))
     out = tmp_path / "s.jsonl"
-    kw = dict(policy=str(tiny_policy_dir), catalog=str(catalog), budget=4, progress=False, num_shards=2)
+    kw = dict(policy=str(tiny_policy_dir), catalog=str(data_dir), budget=4, progress=False, num_shards=2)
     for shard in (0, 1):
         summarize_catalog(out, shard=shard, **kw)
-    assert not out.exists() and sorted(read_summaries(out)) == [f"p{i}" for i in range(5)]
+    assert not out.exists() and sorted(read_summaries(out)) == sorted(p for p, _, _ in PRODUCTS)
+    report = evaluate_summaries(tmp_path / "e", ranker=str(tiny_ranker_dir), data=str(data_dir),
+                                summaries={"s": str(out)}, split="all", device="cpu", plot=False,
+                                progress=False)
+    assert "title+s" in report["variants"]
     records = [tmp_path / f"s.shard00{k}-of-002.jsonl.settings.json" for k in (0, 1)]
     for r in records:  # as if the packaged policy wrote both shards: its (empty) training record
         r.write_text(json.dumps(json.loads(r.read_text()) | {"policy": "default"}))
@@ -554,6 +556,9 @@ def test_sharded_summaries_read_as_their_unsharded_name(tmp_path, tiny_policy_di
     (tmp_path / "s.shard001-of-002.jsonl").unlink()
     with pytest.raises(FileNotFoundError, match=r"of its 2 shards 1 are missing, e.g. \['s.shard001-of-002"):
         read_summaries(out)
+    with pytest.raises(FileNotFoundError, match=r"summaries 's': .*of its 2 shards 1 are missing"):
+        evaluate_summaries(tmp_path / "e", ranker=str(tiny_ranker_dir), data=str(data_dir),
+                           summaries={"s": str(out)}, split="all", device="cpu", plot=False, progress=False)
     summarize_catalog(out, shard=0, **{**kw, "num_shards": 3})
     with pytest.raises(FileNotFoundError, match=r"shard files come from runs of \[2, 3\] shards"):
         read_summaries(out)

@@ -605,3 +605,13 @@ def test_train_ranker_refuses_validation_queries_without_a_positive_grade(tmp_pa
     assert f"none of the {len(val_q)} validation queries has a candidate graded above irrelevant" in (
         capsys.readouterr().err)
     assert not (tmp_path / "o").exists()
+    # every training query of one grade: nothing to learn from, refused as early, so the corrected
+    # rerun is not blocked by a log of this one
+    rows = ["query_id,query,product_id,grade"] + [
+        f"{j.query_id},{j.query},{j.product_id},{j.grade if j.query_id in val_q else 3}" for j in keep]
+    (data / "judgments.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(SystemExit):
+        main(["train-ranker", "--data", str(data), "--base", str(tiny_base), "--out", str(tmp_path / "o"),
+              "--max-queries", "8", "--max-length", "64", "--no-progress"])
+    assert "no training query has candidates of two different grades" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -453,7 +453,9 @@ def test_tile_configs_are_checked_by_name_and_by_value():
                          ({"num_warps": 3}, "num_warps must be a power of two"),
                          ({"HEADS": 0}, "HEADS must be a positive int"),
                          ({"num_stages": 2.0}, "num_stages must be a positive int"),
-                         ({"SHORT": 1}, "SHORT must be True or False")]:
+                         ({"SHORT": 1}, "SHORT must be True or False"),
+                         ({"HEADS": 4}, r"keys \['HEADS'\] do not apply to the tiled kernel"),
+                         ({"SHORT": True, "BLOCK_N": 64}, r"\['BLOCK_N'\] do not apply to the one-key-tile")]:
         with pytest.raises(ValueError, match=message):
             resolve_config(bad)
     with pytest.raises(TypeError, match="got tuple"):

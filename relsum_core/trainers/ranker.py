@@ -738,6 +738,10 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
         raise ValueError(f"none of the {len(val_q)} validation queries has a candidate graded above "
                          "irrelevant, so their NDCG is undefined and no checkpoint can be selected; "
                          "change --split-seed or --val-fraction, or check the grades")
+    # its own Random: the seeded draws of training are untouched
+    groups_per_epoch = len(make_groups(by_query, train_q, cfg.group_size, random.Random(cfg.seed)))
+    if groups_per_epoch == 0:
+        raise ValueError("no training query has candidates of two different grades")
     # Both models load before the earlier run is deleted: the base may be that run's best/ (a run
     # continued in place), and a base that fails to load must leave the earlier run as it was.
     # (This order, cosine then ranker, is also the order the seeded head init has always had.)
@@ -771,9 +775,6 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
     optimizer = torch.optim.AdamW(_param_groups(model, lr, head_lr, cfg.weight_decay))
     rng = random.Random(cfg.seed)
     sampler = PrefixSampler(tokenizer, cfg.max_attr_tokens, seed=cfg.seed, keyword_prob=cfg.keyword_prob)
-    groups_per_epoch = len(make_groups(by_query, train_q, cfg.group_size, random.Random(cfg.seed)))
-    if groups_per_epoch == 0:
-        raise ValueError("no training query has candidates of two different grades")
     steps_per_epoch = math.ceil(groups_per_epoch / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
