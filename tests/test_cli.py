@@ -69,3 +69,25 @@ def test_cli_interrupt_exits_130(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_plot", interrupted)  # the parser binds it when main() builds it
     assert cli.main(["plot", "m.jsonl"]) == 130
     assert "relsum plot: interrupted" in capsys.readouterr().err
+
+
+def test_train_help_shows_the_summarizer_defaults(capsys):
+    from relsum_core.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "summary tokens asked for and sampled at most (default 32)" in out
+    assert "grpo: adapt beta so the per-token KL tracks this (default none)" in out
+
+
+def test_train_summary_line_skips_an_undefined_validation_reward(tmp_path, monkeypatch, capsys):
+    import relsum_core.trainers.summarizer as trainer
+
+    out = tmp_path / "run"
+    out.mkdir()  # an eval row whose reward was NaN is logged as null
+    (out / "metrics.jsonl").write_text('{"event": "eval", "step": 0, "reward": 0.25}\n'
+                                       '{"event": "eval", "step": 1, "reward": null}\n')
+    monkeypatch.setattr(trainer, "train_summarizer", lambda cfg: {"step": 1, "reward": 0.5})
+    assert main(["train", "--ranker", "unused", "--out", str(out), "--no-progress"]) == 0
+    assert "validation reward 0.2500 (greedy, step 0)" in capsys.readouterr().out

@@ -572,9 +572,10 @@ def test_a_policy_evaluated_under_other_budgets_than_it_trained_with_is_warned(t
     policy.mkdir()
     (policy / TRAINING_RECORD).write_text(json.dumps({"train_products": {}, "budget": 8,
                                                       "max_product_tokens": 32}))
-    with pytest.warns(UserWarning, match=r"policy 'mine' was trained with budget 8, max_product_tokens 32; "
-                                         r"it is evaluated with budget 32, max_product_tokens 128"):
-        with pytest.raises(PolicyLoadError, match="no HF model folder"):
-            evaluate_summaries(tmp_path / "e", ranker=str(tiny_ranker_dir), data=str(data_dir),
-                               policies={"mine": str(policy)}, val_fraction=0.34, device="cpu", plot=False,
-                               progress=False)
+    for kind in ("policies", "doc2query"):
+        with pytest.warns(UserWarning, match=r"policy 'mine' was trained with budget 8, max_product_tokens "
+                                             r"32; it is evaluated with budget 32, max_product_tokens 128"):
+            with pytest.raises(PolicyLoadError, match="no HF model folder"):
+                evaluate_summaries(tmp_path / "e", ranker=str(tiny_ranker_dir), data=str(data_dir),
+                                   **{kind: {"mine": str(policy)}}, val_fraction=0.34, device="cpu",
+                                   plot=False, progress=False)

@@ -277,6 +277,14 @@ def test_bert_loads_check_themselves_quietly_one_at_a_time(tiny, tmp_path):
         CrossEncoder.from_pretrained(ckpt)
 
 
+def test_bare_encoder_without_a_pooler_loads_as_a_cross_encoder(tmp_path, tiny):
+    # sentence-transformers exports often have no pooler: it is part of the new head, not missing
+    BertModel(tiny.model.config, add_pooling_layer=False).save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    ce = CrossEncoder.from_pretrained(tmp_path)
+    assert np.isfinite(ce.predict([("red shirt", "cotton shirt, red")])).all()
+
+
 def test_multi_label_classifier_rejected(tmp_path, tiny):
     cfg = BertConfig(**{**tiny.model.config.to_dict(), "num_labels": 3})
     multi = BertForSequenceClassification(cfg)

@@ -166,3 +166,11 @@ def test_data_digest_follows_grades_and_product_texts_not_order():
     regraded = {"q1": [swap(by_query["q1"][0], grade=2), by_query["q1"][1]]}
     assert data_digest(regraded, catalog, ["q1"]) != digest
     assert data_digest(by_query, catalog | {"a": Product("a", "red shirt", "linen")}, ["q1"]) != digest
+
+
+def test_data_digest_ignores_the_order_of_query_ids():
+    from relsum_core.data import Judgment, Product, data_digest
+
+    catalog = {"a": Product("a", "red shirt"), "b": Product("b", "blue towel")}
+    by_query = {"q1": [Judgment("q1", "shirt", "a", 3)], "q2": [Judgment("q2", "towel", "b", 3)]}
+    assert data_digest(by_query, catalog, ["q1", "q2"]) == data_digest(by_query, catalog, ["q2", "q1"])

@@ -213,3 +213,25 @@ def test_summarize_defaults_to_the_budgets_the_policy_trained_with(tmp_path, cat
     with pytest.raises(ValueError, match=r"other settings \(budget 3 -> 5\)"):  # given: it wins
         summarize_catalog(out, policy=str(policy), catalog=str(catalog), budget=5, max_product_tokens=16,
                           progress=False)
+
+
+def test_max_products_is_a_prefix_of_the_whole_catalog_across_shards(tmp_path, catalog, tiny_policy_dir):
+    out = tmp_path / "s.jsonl"
+    ids = []
+    for k in range(2):
+        p = summarize_catalog(out, policy=str(tiny_policy_dir), catalog=str(catalog), budget=3, shard=k,
+                              num_shards=2, max_products=3, progress=False)
+        ids += [r["product_id"] for r in _rows(p)]
+    assert sorted(ids) == ["p0", "p1", "p2"]
+
+
+def test_a_record_from_before_the_catalog_digest_still_resumes(tmp_path, catalog, tiny_policy_dir):
+    out = tmp_path / "s.jsonl"
+    kw = dict(policy=str(tiny_policy_dir), catalog=str(catalog), budget=3, progress=False)
+    summarize_catalog(out, max_products=2, **kw)
+    record = out.with_name(out.name + ".settings.json")
+    saved = json.loads(record.read_text())
+    del saved["catalog_digest"]  # what an earlier relsum wrote
+    record.write_text(json.dumps(saved))
+    summarize_catalog(out, **kw)
+    assert len(_rows(out)) == 5

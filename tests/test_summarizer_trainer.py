@@ -508,6 +508,8 @@ def test_resume_follows_the_models_and_data_not_their_path_strings(tmp_path, dat
     monkeypatch.chdir(tmp_path)
     relative_data = os.path.relpath(data_dir, tmp_path)
     assert SummarizerTrainer(_cfg(tmp_path, relative_data, policy, tmp_path / "link", steps=2)).step == 1
+    (tmp_path / "policy_link").symlink_to(policy)  # the base policy too
+    assert SummarizerTrainer(_cfg(tmp_path, data_dir, tmp_path / "policy_link", ranker, steps=2)).step == 1
     copied = tmp_path / "data_copy"
     shutil.copytree(data_dir, copied)
     assert SummarizerTrainer(_cfg(tmp_path, copied, policy, ranker, grad_accum=2, **one)).step == 1

@@ -465,3 +465,12 @@ def test_tile_configs_are_checked_by_name_and_by_value():
     cu = torch.tensor([0, 2, 5], dtype=torch.int32)
     with pytest.raises(ValueError, match="unknown attention config keys"):
         varlen_attention(q, q, q, cu, 3, impl="torch", config={"block_m": 64})
+
+
+def test_tile_config_values_are_checked_strictly_and_candidates_copied():
+    from relsum_kernels.varlen_attention import CONFIG_CANDIDATES, resolve_config
+
+    with pytest.raises(ValueError, match="HEADS must be a positive int"):
+        resolve_config({"SHORT": True, "HEADS": True})
+    resolve_config("short_m64_h4_w4")["HEADS"] = 99  # the caller's copy, not the table's
+    assert CONFIG_CANDIDATES["short_m64_h4_w4"]["HEADS"] != 99
