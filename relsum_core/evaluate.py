@@ -24,9 +24,7 @@ entries, ``summaries-<name>.jsonl`` (resumable, like ``relsum summarize``).
 
 from __future__ import annotations
 
-import glob
 import json
-import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -38,6 +36,7 @@ from relsum_core.io import atomic_write_bytes, atomic_write_text, json_report, r
 from relsum_core.metrics import POSITIVE_GRADE, PRECISION_TARGET, ndcg_at_k, recall_at_precision
 from relsum_core.policy import SUMMARY_BUDGET, SUMMARY_PRODUCT_TOKENS
 from relsum_core.precision import resolve_device, resolve_precision
+from relsum_core.summarize import summarize_catalog, summary_files
 from relsum_core.text import attributes_text, cut_to_tokens, join_title, product_text, summary_text
 
 N_BOOTSTRAP = 1000
@@ -57,30 +56,6 @@ def read_summaries(path: str | Path, catalog: Mapping | None = None) -> dict[str
     for part in summary_files(path):
         _read_summary_rows(part, catalog, out)
     return out
-
-
-def summary_files(path: str | Path) -> list[Path]:
-    """``path``, or where it is missing, the complete set of shard files ``relsum summarize`` wrote
-    for it (``<stem>.shardKKK-of-NNN<suffix>``, as sharded or torchrun runs name them)."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    from relsum_core.summarize import shard_path
-
-    found = sorted(path.parent.glob(f"{glob.escape(path.stem)}.shard*-of-*{glob.escape(path.suffix)}"))
-    counts = {int(m.group(1)) for f in found if (m := re.search(r"-of-(\d+)", f.name[len(path.stem):]))}
-    if len(counts) == 1:
-        n = counts.pop()
-        shards = [shard_path(path, k, n) for k in range(n)]
-        missing = [s.name for s in shards if not s.is_file()]
-        if missing:
-            raise FileNotFoundError(f"summaries file {path} does not exist, and of its {n} shards "
-                                    f"{len(missing)} are missing, e.g. {missing[:3]}")
-        return shards
-    if counts:
-        raise FileNotFoundError(f"summaries file {path} does not exist, and its shard files come from runs "
-                                f"of {sorted(counts)} shards: keep one set")
-    raise FileNotFoundError(f"summaries file {path} does not exist")
 
 
 def _read_summary_rows(path: Path, catalog: Mapping | None, out: dict[str, str]) -> None:
@@ -270,7 +245,6 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
     """
     from relsum_core.policy import read_prompt_settings, read_training_record
     from relsum_core.ranker import CrossEncoder, read_ranker_settings
-    from relsum_core.summarize import summarize_catalog
 
     summaries, policies, doc2query = dict(summaries or {}), dict(policies or {}), dict(doc2query or {})
     names = list(summaries) + list(policies) + list(doc2query)

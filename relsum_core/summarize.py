@@ -20,8 +20,10 @@ files must match.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -47,6 +49,28 @@ def shard_path(out: str | os.PathLike, shard: int, num_shards: int) -> Path:
     if num_shards == 1:
         return out
     return out.with_name(f"{out.stem}.shard{shard:03d}-of-{num_shards:03d}{out.suffix}")
+
+
+def summary_files(path: str | Path) -> list[Path]:
+    """``path``, or where it is missing, the complete set of shard files ``relsum summarize`` wrote
+    for it (``<stem>.shardKKK-of-NNN<suffix>``, as sharded or torchrun runs name them)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    found = sorted(path.parent.glob(f"{glob.escape(path.stem)}.shard*-of-*{glob.escape(path.suffix)}"))
+    counts = {int(m.group(1)) for f in found if (m := re.search(r"-of-(\d+)", f.name[len(path.stem):]))}
+    if len(counts) == 1:
+        n = counts.pop()
+        shards = [shard_path(path, k, n) for k in range(n)]
+        missing = [s.name for s in shards if not s.is_file()]
+        if missing:
+            raise FileNotFoundError(f"summaries file {path} does not exist, and of its {n} shards "
+                                    f"{len(missing)} are missing, e.g. {missing[:3]}")
+        return shards
+    if counts:
+        raise FileNotFoundError(f"summaries file {path} does not exist, and its shard files come from runs "
+                                f"of {sorted(counts)} shards: keep one set")
+    raise FileNotFoundError(f"summaries file {path} does not exist")
 
 
 def _done_ids(path: Path) -> set[str]:
