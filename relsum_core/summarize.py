@@ -41,7 +41,7 @@ from relsum_core.policy import (
     sample,
 )
 from relsum_core.precision import resolve_device, resolve_precision
-from relsum_core.records import changed_settings, describe, weight_files
+from relsum_core.records import changed_settings, describe, weight_files, weights_differ
 
 
 def shard_path(out: str | os.PathLike, shard: int, num_shards: int) -> Path:
@@ -116,14 +116,24 @@ def _check_settings(path: Path, settings: dict) -> None:
             saved = read_json_object(record)
         except ValueError as e:
             raise ValueError(f"{e}; delete it (and {path.name}) to start again") from None
-        # a record from before the weights or the catalog's digest were recorded: those not compared
-        # (the record is written only with a new file, so such a file never gains the check)
-        changed = changed_settings(saved, settings, defaults={
-            k: settings.get(k) for k in ("policy_weights", "catalog_digest")})
-        if "policy_weights" in changed and "policy" not in changed and path.exists():
-            raise ValueError(f"{path} was written by the policy at {settings['policy']} before its weight "
-                             "files changed (size or modification time: a training run rewrote them?); write "
-                             "to a new file or delete it to summarise with the new weights")
+        # The content decides where it is recorded: a policy folder or catalog moved, linked or
+        # copied elsewhere continues the file.  A record from before the weights or the catalog's
+        # digest were recorded compares the paths instead (the record is written only with a new
+        # file, so such a file never gains the check).
+        by_content = {"policy": "policy_weights", "catalog": "catalog_digest"}
+        changed = changed_settings(saved, settings,
+                                   defaults={k: settings.get(k) for k in by_content.values()},
+                                   ignore={k for k, digest in by_content.items() if digest in saved})
+        if "policy_weights" in changed and not weights_differ(*changed["policy_weights"]):
+            del changed["policy_weights"]  # the same content under new file times
+        if "policy_weights" in changed and path.exists():
+            raise ValueError(f"{path} was written by other policy weights than those at {settings['policy']} "
+                             "(a training run rewrote them since, or another policy?); write to a new file "
+                             "or delete it to summarise with these weights")
+        if "catalog_digest" in changed and path.exists():
+            raise ValueError(f"{path} was written from another catalog than {settings['catalog']} (its "
+                             "product ids or texts differ: edited since?); write to a new file or delete "
+                             "it to start again")
         if changed and path.exists():
             raise ValueError(f"{path} was written with other settings ({describe(changed)}); write to a new "
                              "file or delete it to start again")

@@ -20,6 +20,8 @@ def test_cross_validation_pools_every_query_and_resumes(tmp_path, tiny_base, cap
     import os
     import shutil
 
+    from safetensors.torch import load_file, save_file
+
     shutil.copytree(tiny_base, tmp_path / "base")  # its own copy: rewritten below
     tiny_base = tmp_path / "base"
     out = tmp_path / "cv"
@@ -88,6 +90,10 @@ def test_cross_validation_pools_every_query_and_resumes(tmp_path, tiny_base, cap
     assert main(_args(tmp_path / "link", out)) == 0 and capsys.readouterr().out.count("reusing") == 3
     weights = next(tiny_base.glob("*.safetensors"))
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert main(_args(tiny_base, out)) == 0 and capsys.readouterr().out.count("reusing") == 3  # same bytes
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    save_file({**tensors, name: tensors[name] + 0.5}, weights, metadata={"format": "pt"})
     with pytest.raises(SystemExit) as e:
         main(_args(tiny_base, out))
     assert e.value.code == 2 and "other base weights (rewritten since, or another checkpoint)" in (

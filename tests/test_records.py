@@ -46,3 +46,26 @@ def test_resume_of_a_run_from_before_a_setting_existed_compares_what_it_did():
     assert _changed_settings(old, replace(cfg, advantage="total")) == {}
     assert _changed_settings(old, cfg) == {"advantage": ("total", "decoupled")}
     assert _changed_settings(old, replace(cfg, advantage="total", split_seed=0)) == {"split_seed": (3, 0)}
+
+
+def test_weight_files_compare_by_content_and_older_records_by_time(tmp_path):
+    import os
+
+    from relsum_core.records import weight_files, weights_differ
+
+    (tmp_path / "model.safetensors").write_bytes(b"weights one")
+    (tmp_path / "config.json").write_text("{}")  # not a weight file
+    now = weight_files(tmp_path)
+    assert [e[:2] for e in now] == [["model.safetensors", 11]] and len(now[0][3]) == 64
+    assert weight_files(None) is None and not weights_differ(None, None) and weights_differ(None, now)
+    legacy = [e[:3] for e in now]  # [name, bytes, mtime_ns], what records held before the content
+    w = tmp_path / "model.safetensors"
+    os.utime(w, ns=(w.stat().st_atime_ns, w.stat().st_mtime_ns + 10**9))  # a copy: new time, same bytes
+    later = weight_files(tmp_path)
+    assert not weights_differ(now, later) and weights_differ(legacy, later)
+    assert not weights_differ(legacy, now)
+    w.write_bytes(b"weights two")  # same size, other bytes
+    os.utime(w, ns=(w.stat().st_atime_ns, now[0][2]))  # even at the old time
+    assert weights_differ(now, weight_files(tmp_path))
+    (tmp_path / "extra.bin").write_bytes(b"")  # a file more
+    assert weights_differ(later, weight_files(tmp_path)) and weights_differ("garbage", now)

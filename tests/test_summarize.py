@@ -113,7 +113,8 @@ def test_other_settings_or_another_file_are_refused_not_appended(tmp_path, catal
     assert out.read_bytes() == before + b'{"product_id": "p'
     # the catalog's texts edited in place: another catalog, refused
     catalog.write_text(text.replace("pack of two", "pack of three"))
-    with pytest.raises(ValueError, match=r"other settings \(catalog_digest "):
+    with pytest.raises(ValueError, match=r"written from another catalog than .*products.jsonl \(its "
+                                         "product ids or texts differ"):
         summarize_catalog(out, budget=4, **kw)
 
 
@@ -138,6 +139,7 @@ def test_summaries_of_rewritten_policy_weights_are_not_resumed(tmp_path, catalog
     import json
     import shutil
 
+    import torch
     from transformers import AutoModelForCausalLM
 
     policy = tmp_path / "policy"
@@ -145,15 +147,30 @@ def test_summaries_of_rewritten_policy_weights_are_not_resumed(tmp_path, catalog
     out = tmp_path / "s.jsonl"
     kw = dict(policy=str(policy), catalog=str(catalog), budget=4, progress=False)
     summarize_catalog(out, product_ids=["p0"], **kw)
-    AutoModelForCausalLM.from_pretrained(policy).save_pretrained(policy)  # new files: new mtimes
-    with pytest.raises(ValueError, match="before its weight files changed"):
-        summarize_catalog(out, **kw)
+    # the same weights saved again (new file times), and the folder copied and moved: the same policy
+    AutoModelForCausalLM.from_pretrained(policy).save_pretrained(policy)
+    shutil.copytree(policy, tmp_path / "copy")
+    shutil.rmtree(policy)
+    (tmp_path / "copy").rename(policy.with_name("moved"))
+    moved_catalog = catalog.rename(tmp_path / "moved_catalog.jsonl")
+    moved = {**kw, "policy": str(tmp_path / "moved"), "catalog": str(moved_catalog)}
+    summarize_catalog(out, product_ids=["p1"], **moved)
+    assert [r["product_id"] for r in _rows(out)] == ["p0", "p1"]
+    # trained since: other weights, refused
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "moved")
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    model.save_pretrained(tmp_path / "moved")
+    with pytest.raises(ValueError, match=r"written by other policy weights than those at .*moved \(a "
+                                         "training run rewrote them since"):
+        summarize_catalog(out, **moved)
     # a record from before the weights were recorded resumes as it did
     record = tmp_path / "s.jsonl.settings.json"
     settings = json.loads(record.read_text())
     del settings["policy_weights"]
+    settings["policy"] = str((tmp_path / "moved").resolve())  # (its path compared instead)
     record.write_text(json.dumps(settings))
-    summarize_catalog(out, **kw)
+    summarize_catalog(out, **moved)
     assert len(_rows(out)) == 5
 
 

@@ -522,9 +522,18 @@ def test_resume_follows_the_models_and_data_not_their_path_strings(tmp_path, dat
     with pytest.raises(ValueError, match="the data's judgments or product texts differ"):
         SummarizerTrainer(_cfg(tmp_path, copied, policy, ranker, **one))
 
+    # a plain copy (cp -r: new file times) of the same weights resumes
+    shutil.copytree(ranker, tmp_path / "ranker_copy", copy_function=shutil.copy)
+    assert SummarizerTrainer(_cfg(tmp_path, data_dir, policy, tmp_path / "ranker_copy", **one)).step == 1
+
     def rewrite(folder):  # what train-ranker --overwrite or a continued run does to a model folder
+        from safetensors.torch import load_file, save_file
+
         w = next(folder.glob("*.safetensors"))
-        os.utime(w, ns=(w.stat().st_atime_ns, w.stat().st_mtime_ns + 10**9))
+        tensors = load_file(w)
+        name = sorted(tensors)[0]
+        tensors[name] = tensors[name] + 0.5
+        save_file(tensors, w, metadata={"format": "pt"})
 
     rewrite(ranker)
     with pytest.raises(ValueError, match=r"other models or data: the ranker's weights at .*ranker differ"):

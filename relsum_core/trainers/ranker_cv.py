@@ -30,7 +30,7 @@ import numpy as np
 
 from relsum_core.data import data_digest, group_by_query, load_dataset
 from relsum_core.io import atomic_write_text, json_report
-from relsum_core.records import changed_settings, dataclass_defaults, describe, weight_files
+from relsum_core.records import changed_settings, dataclass_defaults, describe, weight_files, weights_differ
 from relsum_core.trainers.ranker import (
     RANKER,
     SELECT_VARIANT,
@@ -102,7 +102,7 @@ def _fold_report(cfg: RankerTrainConfig, val_query_ids: list[str], digest: str, 
         if by_content:
             differs += [f"{key.removesuffix('_weights').replace('_', ' ')} weights (rewritten since, or "
                         "another checkpoint)" for key, value in _sources(cfg).items()
-                        if saved_sources.get(key) != value]
+                        if weights_differ(saved_sources.get(key), value)]
         if saved["split"].get("val_query_ids") != val_query_ids:
             differs.append("validation queries")
         elif saved["split"].get("data_digest", digest) != digest:  # (a report from before the digest)

@@ -70,7 +70,7 @@ from relsum_core.policy import (
     sample,
 )
 from relsum_core.precision import check_precision, claim_device, resolve_device, resolve_precision
-from relsum_core.records import changed_settings, dataclass_defaults, describe, weight_files
+from relsum_core.records import changed_settings, dataclass_defaults, describe, weight_files, weights_differ
 from relsum_core.rewards import COMPONENTS, RankerReward, RewardConfig, decoupled_advantages, group_advantages
 
 
@@ -175,7 +175,7 @@ def _changed_settings(saved: dict, cfg: SummarizerConfig, ignore: frozenset = fr
 
 def run_sources(cfg: SummarizerConfig, catalog, judgments) -> dict:
     """What the run's models and data are, whatever paths name them: the ranker's and the base
-    policy's weight files (name, size, mtime) and a digest of the judgments and their products."""
+    policy's weight files (name, size, mtime, sha256) and a digest of the judgments and their products."""
     by_query = group_by_query(judgments)
     return {"ranker_weights": weight_files(cfg.ranker), "policy_weights": weight_files(cfg.policy),
             "data_digest": data_digest(by_query, catalog, list(by_query))}
@@ -186,7 +186,12 @@ def _changed_sources(saved: dict, sources: dict, cfg: SummarizerConfig) -> list[
     what = {"ranker_weights": f"the ranker's weights at {cfg.ranker}",
             "policy_weights": f"the base policy's weights at {cfg.policy or 'the packaged default'}",
             "data_digest": "the data's judgments or product texts"}
-    return [what.get(k, k) for k in sorted(sources) if k in saved and saved[k] != sources[k]]
+    def differs(key):
+        if key.endswith("_weights"):
+            return weights_differ(saved[key], sources[key])
+        return saved[key] != sources[key]
+
+    return [what.get(k, k) for k in sorted(sources) if k in saved and differs(k)]
 
 
 def _paths_recorded_by_content(saved: dict) -> frozenset:
