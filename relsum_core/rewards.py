@@ -26,7 +26,6 @@ For a product p with title t and a sampled summary s, the ranker sees ``t | s`` 
 from __future__ import annotations
 
 import math
-import re
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,25 +34,21 @@ import numpy as np
 
 from relsum_core.data import Judgment, Product
 from relsum_core.metrics import ndcg_at_k
-from relsum_core.text import attributes_text, summary_text, title_text
+from relsum_core.text import attributes_text, is_unspaced, summary_text, title_text, words
 
 Scorer = Callable[[list[tuple[str, str]]], np.ndarray]
 COMPONENTS = ("relevance", "ranking", "budget", "faithfulness", "novelty")
 
-_WORD = re.compile(r"[a-z0-9]+")
 # Function words carry no attribute; leaving them out keeps faithfulness about content.
 STOPWORDS = frozenset(
     "a an the and or of for with in on at to by from as is are be it its this that these those "
     "your you our we it's into over under up out no not than then so very can will".split())
 
 
-def words(text: str) -> list[str]:
-    """Lower-cased alphanumeric words, stopwords included."""
-    return _WORD.findall(text.lower())
-
-
 def content_words(text: str) -> list[str]:
-    return [w for w in words(text) if w not in STOPWORDS and (len(w) > 1 or w.isdigit())]
+    """:func:`~relsum_core.text.words` less stopwords and lone letters (a lone character of an unspaced
+    script is a word)."""
+    return [w for w in words(text) if w not in STOPWORDS and (len(w) > 1 or w.isdigit() or is_unspaced(w))]
 
 
 @dataclass

@@ -21,9 +21,11 @@ A summarizer's output replaces ``attributes`` under the same rule, so a ranker t
 from __future__ import annotations
 
 import copy
+import functools
 import random
 import re
 import threading
+import unicodedata
 import weakref
 from collections.abc import Sequence
 
@@ -37,6 +39,45 @@ _SPACE = re.compile(r"\s+")
 
 def normalise(text: str) -> str:
     return _SPACE.sub(" ", text).strip()
+
+
+# Scripts written without spaces between words (Chinese, Japanese kana and kanji): a run of them is
+# cut into overlapping character bigrams, as search engines' CJK analyzers do, so that a word matches
+# inside the run that holds it.
+_UNSPACED = "\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_UNSPACED_RUN = re.compile(f"[{_UNSPACED}]+")
+# Full-width ASCII (U+FF01-FF5E, common in Japanese and Chinese listings: "１７０ｍｍ") as ASCII.  Not
+# NFKC: it also turns "SGT™" into the word "sgttm" and "Waist…" into "waist...".
+_FULL_WIDTH = {c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)}
+
+
+@functools.lru_cache(maxsize=8)
+def _word_pattern(joiners: str) -> re.Pattern:
+    letter = f"[^\\W_{_UNSPACED}]"  # a letter or digit of a spaced script
+    more = f"(?:{letter}|[{re.escape(joiners)}])*" if joiners else f"{letter}*"
+    return re.compile(f"[{_UNSPACED}]+|{letter}{more}")
+
+
+def is_unspaced(word: str) -> bool:
+    """Whether ``word`` is of an unspaced script (one of :func:`words`' bigrams, or a lone character)."""
+    return bool(_UNSPACED_RUN.fullmatch(word))
+
+
+def words(text: str, joiners: str = "") -> list[str]:
+    """The words of ``text`` in any script, case-folded (full-width letters and digits as ASCII):
+    runs of letters and digits, each run of an unspaced script as its character bigrams (a lone
+    character as itself).  ``joiners``: characters a word may continue with after its first letter
+    or digit ("'./-" keeps "12.5", "3/4", "o'neil").
+
+    Why not ``[a-z0-9]+``: it cut "réglable" to "r", "glable" and found no word at all in Japanese."""
+    out = []
+    for w in _word_pattern(joiners).findall(
+            unicodedata.normalize("NFC", text).translate(_FULL_WIDTH).casefold()):
+        if is_unspaced(w):
+            out.extend(w[i: i + 2] for i in range(max(1, len(w) - 1)))
+        else:
+            out.append(w)
+    return out
 
 
 def attributes_text(product: Product) -> str:
@@ -135,7 +176,9 @@ def summary_text(title: str, summary: str, tokenizer) -> str:
     return join_title(title_text(title, tokenizer), normalise(summary))
 
 
-_PHRASE_BREAK = re.compile(r"[,;:()\[\]|/\n\u2022]+|\.(?=\s|$)| - ")  # a "." only ends a sentence, not 1.5
+# A "." only ends a sentence, not 1.5; the ideographic marks end phrases of Chinese and Japanese text.
+_PHRASE_BREAK = re.compile(r"[,;:()\[\]|/\n\u2022\u3001\u3002\uff0c\uff1b\uff1a\uff08\uff09\u3010\u3011]+"
+                           r"|\.(?=\s|$)| - ")
 
 
 def attribute_phrases(product: Product, max_words: int = 6) -> list[str]:

@@ -233,3 +233,25 @@ def test_scorer_output_is_checked_and_extreme_logits_do_not_overflow():
                             (constant(float("nan")), "NaN for 3 of 3 pairs")):
         with pytest.raises(ValueError, match=message):
             RankerReward(scorer, CATALOG, JUDGED)(["a"], ["x"], [1])
+
+
+def test_faithfulness_and_novelty_read_words_of_any_script():
+    """A French, German or Japanese summary made of the product's own words is faithful (the ASCII
+    word rule cut "réglable" to "glable" and found no word in Japanese: faithfulness 0)."""
+    catalog = {
+        "fr": Product("fr", "Pied de lampe réglable", bullets=("Laiton brossé, hauteur 120 cm",)),
+        "de": Product("de", "Topf spülmaschinenfest", description="Edelstahl, 3 Liter"),
+        "ja": Product("ja", "高品質ステンレス包丁", bullets=("刃渡り１７０ｍｍ、重さ150g",)),
+    }
+    judged = [Judgment("q", "lampe", pid, 3 if pid == "fr" else 0) for pid in catalog]
+    r = RankerReward(overlap_scorer([]), catalog, judged, RewardConfig(budget_tokens=4))
+    assert r.faithfulness("fr", "laiton brossé réglable") == 1.0
+    assert r.faithfulness("fr", "laiton glable") == 0.5
+    assert r.novelty("fr", "Laiton brossé") == 1.0  # both from the bullets, neither in the title
+    assert r.faithfulness("de", "Spülmaschinenfest, Edelstahl") == 1.0
+    assert r.faithfulness("ja", "高品質 ステンレス 包丁") == 1.0  # bigrams of the title's run
+    assert r.faithfulness("ja", "170mm 150g") == 1.0  # full-width digits read as ASCII
+    assert r.faithfulness("ja", "木製 まな板") < 0.2  # words the product does not have
+    assert r.novelty("ja", "刃渡り") > 0 and r.novelty("ja", "包丁") == 0.0
+    assert content_words("à la crème") == ["la", "crème"]  # a lone Latin letter is not a content word
+    assert content_words("鍋") == ["鍋"]  # a lone kanji is

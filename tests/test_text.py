@@ -203,3 +203,16 @@ def test_summary_text_is_the_cut_title_and_the_normalised_whole_summary(tok):
     assert summary_text(title, " \n ", tok) == cut  # an empty (skipped) summary: the title alone
     title_only = "Stainless steel kitchen towel rack"
     assert product_text(LONG, tok, 0) == summary_text(LONG.title, "", tok) == title_only
+
+
+def test_words_of_any_script():
+    from relsum_core.text import words
+
+    assert words("The 2 Stainless-steel bottles, for kids!") == ["the", "2", "stainless", "steel", "bottles",
+                                                                  "for", "kids"]
+    assert words("12.5 oz. 3/4 in O'Neil", "'./-") == ["12.5", "oz.", "3/4", "in", "o'neil"]
+    assert words("Électrique rétro Weiß") == ["électrique", "rétro", "weiss"]
+    assert words("ＳＧＴ™ Waist… １７０ｍｍ") == ["sgt", "waist", "170mm"]  # full-width as ASCII, ™ dropped
+    bigrams = "高品 品質 質ス ステ テン ンレ レス".split()
+    assert words("包丁 高品質ステンレス 鍋") == ["包丁", *bigrams, "鍋"]
+    assert words("snake_case") == ["snake", "case"] and words("") == []

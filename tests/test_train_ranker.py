@@ -11,9 +11,9 @@ from relsum_core.cli import main
 from relsum_core.data import Judgment, group_by_query, load_dataset, split_queries
 from relsum_core.precision import resolve_precision
 from relsum_core.ranker import CrossEncoder
-from relsum_core.text import PrefixSampler
+from relsum_core.text import PrefixSampler, words
 from relsum_core.trainers.ranker import (
-    _WORD,
+    _JOINERS,
     RankerTrainConfig,
     _train_scores,
     add_attribute_words,
@@ -242,6 +242,10 @@ def test_pseudo_query_words_come_from_the_title_in_order():
         assert 2 <= len(q) <= 5 and all(w in words for w in q)
         assert [words.index(w) for w in q] == sorted(words.index(w) for w in q)
     assert pseudo_query("The Set", rng) is None  # fewer than two content words
+    # words of any script: accents kept whole, Japanese as the character bigrams of its runs
+    assert set(pseudo_query("Crème brûlée", rng).split()) == {"crème", "brûlée"}
+    jp = pseudo_query("高品質ステンレス包丁", rng)
+    assert jp is not None and all(w in "高品質ステンレス包丁" and len(w) == 2 for w in jp.split())
 
 
 def test_pseudo_groups_put_the_titles_product_first():
@@ -257,8 +261,7 @@ def test_pseudo_groups_put_the_titles_product_first():
         title = catalog[pids[0]].title.lower()
         assert all(w in title for w in query.split())
         for negative in pids[1:]:  # a negative never holds every query word: it would be a positive
-            words = set(_WORD.findall(catalog[negative].title.lower()))
-            assert not set(query.split()) <= words
+            assert not set(query.split()) <= set(words(catalog[negative].title, _JOINERS))
 
 
 def test_add_attribute_words():
@@ -615,3 +618,20 @@ def test_train_ranker_refuses_validation_queries_without_a_positive_grade(tmp_pa
               "--max-queries", "8", "--max-length", "64", "--no-progress"])
     assert "no training query has candidates of two different grades" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    # every query judged for fewer products than --group-size: the warm-up has no groups, refused
+    # before the baselines and any output (it failed after them, and its log blocked the rerun)
+    few = [j for q in list(by_query)[:8] for j in by_query[q][:3]]
+    rows = ["query_id,query,product_id,grade"] + [
+        f"{j.query_id},{j.query},{j.product_id},{j.grade}" for j in few]
+    (data / "judgments.csv").write_text("\n".join(rows) + "\n")
+    for warmup in ("pseudo", "cosine"):
+        with pytest.raises(SystemExit):
+            main(["train-ranker", "--data", str(data), "--base", str(tiny_base), "--out", str(tmp_path / "o"),
+                  "--max-queries", "8", "--max-length", "64", "--no-progress", "--group-size", "4",
+                  "--warmup", warmup])
+        assert (f"the {warmup} warm-up has no groups: it needs a training query with --group-size 4 judged "
+                "candidates") in capsys.readouterr().err
+        assert not (tmp_path / "o").exists()
+    assert main(["train-ranker", "--data", str(data), "--base", str(tiny_base), "--out", str(tmp_path / "o"),
+                 "--max-queries", "8", "--max-length", "64", "--no-progress", "--group-size", "3",
+                 "--pseudo-steps", "1", "--max-steps", "1", "--batch-size", "2"]) == 0

@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 import platform
 import random
-import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -61,7 +60,7 @@ from relsum_core.ranker import (
     read_checkpoint_config,
 )
 from relsum_core.records import weight_files
-from relsum_core.text import SEPARATOR, PrefixSampler, product_text
+from relsum_core.text import SEPARATOR, PrefixSampler, product_text, words
 
 # Validation text variants: (name, attribute-token budget).
 EVAL_VARIANTS = (("title", 0), ("title+64", 64))
@@ -219,7 +218,7 @@ def make_groups(
     return groups
 
 
-_WORD = re.compile(r"[a-z0-9][a-z0-9'./-]*")
+_JOINERS = "'./-"  # kept inside a pseudo-query word: "12.5", "3/4", "stainless-steel"
 _STOP = frozenset("a an and the of for with in on to by from at or is are x pack pcs pc set".split())
 
 
@@ -229,11 +228,11 @@ def pseudo_query(title: str, rng: random.Random) -> str | None:
     Why: 88 labelled queries teach the head little about matching query words against product
     text; every catalog product can supply one more (query, right product) example.
     """
-    words = list(dict.fromkeys(w for w in _WORD.findall(title.lower()) if w not in _STOP))
-    if len(words) < 2:
+    terms = list(dict.fromkeys(w for w in words(title, _JOINERS) if w not in _STOP))
+    if len(terms) < 2:
         return None
-    k = rng.randint(2, min(5, len(words)))
-    return " ".join(words[i] for i in sorted(rng.sample(range(len(words)), k)))
+    k = rng.randint(2, min(5, len(terms)))
+    return " ".join(terms[i] for i in sorted(rng.sample(range(len(terms)), k)))
 
 
 def make_pseudo_groups(by_query, query_ids, catalog: dict[str, Product], group_size: int,
@@ -249,14 +248,14 @@ def make_pseudo_groups(by_query, query_ids, catalog: dict[str, Product], group_s
     for q in query_ids:
         pids = [j.product_id for j in by_query[q]]
         rng.shuffle(pids)
-        title_words = {p: set(_WORD.findall(catalog[p].title.lower())) for p in pids}
+        title_words = {p: set(words(catalog[p].title, _JOINERS)) for p in pids}
         for g in range(0, len(pids) - group_size + 1, group_size):
             positive = pids[g]
             query = pseudo_query(catalog[positive].title, rng)
             if query is None:
                 continue
-            words = set(query.split())
-            negatives = [p for p in pids if p != positive and not words <= title_words[p]]
+            terms = set(query.split())
+            negatives = [p for p in pids if p != positive and not terms <= title_words[p]]
             if len(negatives) >= group_size - 1:
                 groups.append((query, [positive, *rng.sample(negatives, group_size - 1)]))
     rng.shuffle(groups)
@@ -275,11 +274,11 @@ def add_attribute_words(query: str, text: str, title: str, rng: random.Random, m
     if not text.startswith(prefix):
         return query
     have = set(query.split())
-    found = (w.rstrip("./-'") for w in _WORD.findall(text[len(prefix):].lower()))
-    words = list(dict.fromkeys(w for w in found if w and w not in _STOP and w not in have))
-    if not words:
+    found = (w.rstrip("./-'") for w in words(text[len(prefix):], _JOINERS))
+    terms = list(dict.fromkeys(w for w in found if w and w not in _STOP and w not in have))
+    if not terms:
         return query
-    return " ".join([query, *rng.sample(words, rng.randint(1, min(max_words, len(words))))])
+    return " ".join([query, *rng.sample(terms, rng.randint(1, min(max_words, len(terms))))])
 
 
 def pseudo_pairs(batch: Sequence[tuple[str, list[str]]], catalog: dict[str, Product], sampler: PrefixSampler,
@@ -580,6 +579,24 @@ def run_warmup(ce, cfg: RankerTrainConfig, batch_loss: Callable[[], torch.Tensor
             log.write(event, step=step, loss=loss.item(), lr=scheduler.get_last_lr()[0])
 
 
+def _check_warmup_groups(by_query, train_q, catalog, cfg: RankerTrainConfig) -> None:
+    """A warm-up needs groups of exactly ``group_size`` candidates of one training query (a pseudo-query
+    warm-up also a title with two content words): refuse before the baselines run and --out exists."""
+    if cfg.pseudo_steps <= 0:
+        return
+    rng = random.Random(cfg.seed)  # its own: the seeded draws of training are untouched
+    if cfg.warmup == "cosine":
+        found = candidate_groups(by_query, train_q, cfg.group_size, rng)
+    else:
+        found = make_pseudo_groups(by_query, train_q, catalog, cfg.group_size, rng)
+    if not found:
+        most = max(len(by_query[q]) for q in train_q)
+        need = "" if cfg.warmup == "cosine" else " (and a title that gives a pseudo-query)"
+        raise ValueError(f"the {cfg.warmup} warm-up has no groups: it needs a training query with "
+                         f"--group-size {cfg.group_size} judged candidates{need}, and the most any has is "
+                         f"{most}; lower --group-size, or pass --pseudo-steps 0 to skip the warm-up")
+
+
 def _dealt_batches(make_groups: Callable[[], list], batch_size: int, kind: str) -> Iterator[list]:
     """Endless batches of ``batch_size`` groups, dealing a fresh ``make_groups()`` when fewer remain."""
     groups: list = []
@@ -750,6 +767,7 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
     groups_per_epoch = len(make_groups(by_query, train_q, cfg.group_size, random.Random(cfg.seed)))
     if groups_per_epoch == 0:
         raise ValueError("no training query has candidates of two different grades")
+    _check_warmup_groups(by_query, train_q, catalog, cfg)
     # Both models load before the earlier run is deleted: the base may be that run's best/ (a run
     # continued in place), and a base that fails to load must leave the earlier run as it was.
     # (This order, cosine then ranker, is also the order the seeded head init has always had.)
