@@ -71,9 +71,10 @@ def bundled_data_dir() -> Path:
     return path
 
 
-def _wands_folder(data_dir: Path) -> Path | None:
-    """The folder holding WANDS's files when ``data_dir`` is (or contains, as ``dataset/``) one."""
-    names = (WANDS_PRODUCTS, WANDS_QUERIES, WANDS_LABELS)
+def _wands_folder(data_dir: Path, catalog_only: bool = False) -> Path | None:
+    """The folder holding WANDS's files when ``data_dir`` is (or contains, as ``dataset/``) one;
+    ``catalog_only``: its products file is all the caller reads."""
+    names = (WANDS_PRODUCTS,) if catalog_only else (WANDS_PRODUCTS, WANDS_QUERIES, WANDS_LABELS)
     for folder in (data_dir, data_dir / "dataset"):
         present = [name for name in names if (folder / name).is_file()]
         if present and not any((data_dir / name).is_file() for name in (*CATALOG_NAMES, JUDGMENTS_NAME)):
@@ -85,9 +86,11 @@ def _wands_folder(data_dir: Path) -> Path | None:
 
 
 def _catalog_path(data_dir: Path) -> Path:
-    for name in CATALOG_NAMES:
-        if (data_dir / name).is_file():
-            return data_dir / name
+    found = [data_dir / name for name in CATALOG_NAMES if (data_dir / name).is_file()]
+    if len(found) > 1:  # one is stale, and which one is read must not be a silent guess
+        raise DataError(f"{data_dir}: holds {' and '.join(f.name for f in found)}; keep one catalog file")
+    if found:
+        return found[0]
     raise DataError(f"{data_dir}: no catalog file (expected one of {', '.join(CATALOG_NAMES)}, "
                     f"or WANDS's {WANDS_PRODUCTS}, {WANDS_QUERIES} and {WANDS_LABELS})")
 
@@ -194,7 +197,7 @@ def load_catalog(path: str | Path | None = None) -> dict[str, Product]:
     """Products by id from a JSONL(.gz) file or a data directory; default: the bundled copy."""
     path = Path(path) if path is not None else bundled_data_dir()
     if path.is_dir():
-        wands = _wands_folder(path)
+        wands = _wands_folder(path, catalog_only=True)
         if wands is not None:
             return _load_wands_catalog(wands / WANDS_PRODUCTS)
         path = _catalog_path(path)
@@ -218,11 +221,16 @@ def load_catalog(path: str | Path | None = None) -> dict[str, Product]:
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected a JSON object")
         pid = row.get("product_id")
-        if not isinstance(pid, str) or not pid.strip():
+        if pid is not None and not isinstance(pid, str):  # pandas' to_json writes numeric ids as numbers
+            raise DataError(f"{where}: 'product_id' must be a string, got {type(pid).__name__} {pid!r} "
+                            "(quote ids in the file: a number loses leading zeros)")
+        if pid is None or not pid.strip():
             raise DataError(f"{where}: missing or empty 'product_id'")
         pid = pid.strip()  # as the judgments' ids are
         title = row.get("title")
-        if not isinstance(title, str) or not title.strip():
+        if title is not None and not isinstance(title, str):
+            raise DataError(f"{where}: product {pid!r}: 'title' must be a string, got {type(title).__name__}")
+        if title is None or not title.strip():
             raise DataError(f"{where}: product {pid!r} has a missing or empty 'title'")
         if pid in products:
             raise DataError(f"{where}: duplicate product_id {pid!r}")

@@ -66,6 +66,10 @@ def test_gzip_catalog(tmp_path):
     with gzip.open(tmp_path / "products.jsonl.gz", "wt") as f:
         f.write(json.dumps({"product_id": "a", "title": "T"}) + "\n")
     assert list(load_catalog(tmp_path)) == ["a"]
+    # beside a plain catalog, one of the two is stale: neither is picked silently
+    write_catalog(tmp_path / "products.jsonl", [{"product_id": "b", "title": "T"}])
+    with pytest.raises(DataError, match="holds products.jsonl.gz and products.jsonl; keep one catalog file"):
+        load_catalog(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -78,6 +82,8 @@ def test_gzip_catalog(tmp_path):
         ({"product_id": "p1", "title": "dup"}, "duplicate product_id 'p1'"),
         ({"product_id": "x", "title": "t", "bullet_points": 7}, "bullet_points"),
         ({"product_id": "x", "title": "t", "description": 3}, "'description' must be a string"),
+        ({"product_id": 7, "title": "t"}, r"'product_id' must be a string, got int 7 \(quote ids"),
+        ({"product_id": "x", "title": 8675309}, "product 'x': 'title' must be a string, got int"),
     ],
 )
 def test_bad_catalog_rows_name_file_and_line(tmp_path, row, message):
@@ -245,6 +251,7 @@ def test_wands_folder_missing_a_file_or_comma_separated(wands_repo):
     (wands_repo / "dataset" / "query.csv").unlink()
     with pytest.raises(DataError, match="a WANDS folder without query.csv"):
         load_dataset(wands_repo)
+    assert len(load_catalog(wands_repo)) == 3  # the products are all a catalog reads (summarize)
     (wands_repo / "dataset" / "query.csv").write_text("query_id,query,query_class\n0,salon chair,X\n")
     with pytest.raises(DataError, match=r"query.csv:1: header lacks column\(s\) query, query_id "
                                         r"\(is it tab-separated\?\)"):
