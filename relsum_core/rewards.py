@@ -34,7 +34,7 @@ import numpy as np
 
 from relsum_core.data import Judgment, Product
 from relsum_core.metrics import ndcg_at_k
-from relsum_core.text import attributes_text, is_unspaced, summary_text, title_text, words
+from relsum_core.text import attributes_text, is_unspaced, normalise, summary_text, title_text, words
 
 Scorer = Callable[[list[tuple[str, str]]], np.ndarray]
 COMPONENTS = ("relevance", "ranking", "budget", "faithfulness", "novelty")
@@ -176,7 +176,7 @@ class RankerReward:
         hit = self._product_words.get(product_id)
         if hit is None:
             p = self.catalog[product_id]
-            hit = (frozenset(content_words(p.title)),
+            hit = (frozenset(content_words(normalise(p.title))),
                    frozenset(content_words(f"{attributes_text(p)}\n{p.brand}\n{p.color}")))
             self._product_words[product_id] = hit
         return hit

@@ -7,7 +7,8 @@ The rule::
 
 * ``attributes`` are the bullets, then the description, each line whitespace-normalised (runs of
   spaces, tabs and line breaks inside a line become one space, empty lines dropped) and joined
-  with ``"\\n"``.
+  with ``"\\n"``.  HTML markup is dropped from titles and attributes alike (entities unescaped,
+  tags removed; a description's list items and breaks become lines).
 * Budgets count tokens of a given tokenizer (no special tokens).  Cuts fall on token boundaries:
   the text kept ends where the last kept token ends in the original string, so re-tokenising the
   cut text gives no more tokens than the budget.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import html
 import random
 import re
 import threading
@@ -37,8 +39,30 @@ TITLE_TOKENS = 64
 _SPACE = re.compile(r"\s+")
 
 
+# Catalog exports carry HTML: "<ul><li>Pre-seasoned</li>...", "500&deg;F", even escaped twice
+# ("&lt;li&gt;").  A tag is "<" then a letter, "/" or "!--": "size < 5 in" and "<3" stay text.
+_TAG = re.compile(r"<(?:/?[a-zA-Z][^<>]*|!--.*?--)>", re.S)
+_BLOCK_TAG = re.compile(r"<(?:br|hr|/?(?:p|div|li|ul|ol|tr|table|h[1-6]))\b[^<>]*>", re.I)
+
+
+def plain_text(text: str, line_breaks: bool = False) -> str:
+    """``text`` without HTML markup: entities unescaped and tags dropped, twice for markup escaped
+    twice; ``line_breaks``: block tags (<br>, <p>, <li>, ...) become line breaks, so list items stay
+    lines of the attributes.  Plain text comes back as it was."""
+    for _ in range(2):
+        if "<" not in text and "&" not in text:
+            break
+        text = html.unescape(text)
+        if line_breaks:
+            text = _BLOCK_TAG.sub("\n", text)
+        text = _TAG.sub(" ", text)
+    return text
+
+
 def normalise(text: str) -> str:
-    return _SPACE.sub(" ", text).strip()
+    """``text`` as every rule here reads it: HTML markup dropped (:func:`plain_text`), each run of
+    whitespace one space."""
+    return _SPACE.sub(" ", plain_text(text)).strip()
 
 
 # Scripts written without spaces between words (Chinese, Japanese kana and kanji): a run of them is
@@ -81,9 +105,10 @@ def words(text: str, joiners: str = "") -> list[str]:
 
 
 def attributes_text(product: Product) -> str:
-    """Bullets then description, one normalised line each, newline-joined."""
+    """Bullets then description (its HTML list items and breaks as lines), one normalised line each,
+    newline-joined."""
     lines = [normalise(b) for b in product.bullets]
-    lines += [normalise(line) for line in product.description.split("\n")]
+    lines += [normalise(line) for line in plain_text(product.description, line_breaks=True).split("\n")]
     return "\n".join(line for line in lines if line)
 
 

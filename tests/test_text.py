@@ -216,3 +216,18 @@ def test_words_of_any_script():
     bigrams = "高品 品質 質ス ステ テン ンレ レス".split()
     assert words("包丁 高品質ステンレス 鍋") == ["包丁", *bigrams, "鍋"]
     assert words("snake_case") == ["snake", "case"] and words("") == []
+
+
+def test_html_markup_is_dropped_from_titles_and_attributes(tok):
+    from relsum_core.text import plain_text
+
+    assert normalise("Tom &amp; Jerry <b>bold</b> 107&rdquo; size < 5 in <3 AT&T") == (
+        "Tom & Jerry bold 107\u201d size < 5 in <3 AT&T")
+    p = Product("x", "Skillet &amp; lid", bullets=("<b>Cast</b> iron",),
+                description="<div><ul><li>Pre-seasoned</li><li>Oven safe to 500&deg;F</li></ul></div>"
+                            "<p>&lt;ul&gt;&lt;li&gt;escaped twice&lt;/li&gt;&lt;/ul&gt;</p>")
+    assert attributes_text(p) == "Cast iron\nPre-seasoned\nOven safe to 500\u00b0F\nescaped twice"
+    assert product_text(p, tok, 0) == "Skillet & lid"
+    assert product_text(p, tok, 2) == "Skillet & lid | Cast iron"
+    plain = "Plain text, 2 < 3 & nothing else"
+    assert plain_text(plain) == plain == normalise(plain)

@@ -60,7 +60,7 @@ from relsum_core.ranker import (
     read_checkpoint_config,
 )
 from relsum_core.records import weight_files
-from relsum_core.text import SEPARATOR, PrefixSampler, product_text, words
+from relsum_core.text import SEPARATOR, PrefixSampler, normalise, product_text, words
 
 # Validation text variants: (name, attribute-token budget).
 EVAL_VARIANTS = (("title", 0), ("title+64", 64))
@@ -228,7 +228,7 @@ def pseudo_query(title: str, rng: random.Random) -> str | None:
     Why: 88 labelled queries teach the head little about matching query words against product
     text; every catalog product can supply one more (query, right product) example.
     """
-    terms = list(dict.fromkeys(w for w in words(title, _JOINERS) if w not in _STOP))
+    terms = list(dict.fromkeys(w for w in words(normalise(title), _JOINERS) if w not in _STOP))
     if len(terms) < 2:
         return None
     k = rng.randint(2, min(5, len(terms)))
@@ -248,7 +248,7 @@ def make_pseudo_groups(by_query, query_ids, catalog: dict[str, Product], group_s
     for q in query_ids:
         pids = [j.product_id for j in by_query[q]]
         rng.shuffle(pids)
-        title_words = {p: set(words(catalog[p].title, _JOINERS)) for p in pids}
+        title_words = {p: set(words(normalise(catalog[p].title), _JOINERS)) for p in pids}
         for g in range(0, len(pids) - group_size + 1, group_size):
             positive = pids[g]
             query = pseudo_query(catalog[positive].title, rng)
