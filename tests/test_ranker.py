@@ -480,9 +480,56 @@ def test_bad_inputs(tiny):
         too_long = [(list(range(5, 5 + tiny.max_length + 1)), 2)]
         with pytest.raises(ValueError, match="sequence 0 has .* more than max_length"):
             scorer(too_long)
+    # ... named by its place in the caller's list when an identical pair comes before it
+    dup_bad = [good[1], good[0], good[1], bad_id[1]]
+    for scorer in (tiny.score_encoded, Reranker(tiny).score_encoded):
+        with pytest.raises(ValueError, match=r"sequence 3 holds token ids outside \[0, "):
+            scorer(dup_bad)
     # Empty strings are allowed and scored.
     s = tiny.predict([("", ""), ("q", "")])
     assert np.isfinite(s).all()
+
+
+def test_duplicate_pairs_tie_exactly_and_keep_corpus_order(minilm):
+    """An fp32 score moves by ~1e-8 with the GEMM row tile a pair lands in: scored twice, copies of
+    one listing did not tie, and rank put a later copy first (a soak of 200 requests: 39 untied)."""
+    from relsum_core.data import load_catalog
+
+    titles = [p.title for p in list(load_catalog().values())[:3]]
+    a, b, c = titles
+    q, request = "red running shoes", [a, b, a, c, a]  # scored apart, copy 4 came 2e-8 above 0 and 2
+    pairs = [(q, d) for d in request]
+    as_arrays = [(np.asarray(ids), t) for ids, t in minilm.encode_pairs(pairs)]
+    reranked = Reranker(minilm).score(q, request)
+    for scores in (minilm.predict(pairs), reranked, minilm.score_encoded(as_arrays)):
+        assert scores[0] == scores[2] == scores[4]
+        np.testing.assert_allclose(scores, minilm.predict([(q, d) for d in titles])[
+            [0, 1, 0, 2, 0]], rtol=0, atol=1e-5)
+    for ranked in (minilm.rank(q, request), Reranker(minilm).rerank(q, request)):
+        order = [r["corpus_id"] for r in ranked]
+        assert [i for i in order if i in (0, 2, 4)] == [0, 2, 4]  # copies in corpus order
+
+
+def test_cpu_scoring_hands_freed_memory_back(tiny, monkeypatch):
+    """On CPU each scoring call checks the resident size; past the threshold it trims (glibc)."""
+    import relsum_core.ranker as ranker_mod
+
+    calls = []
+    monkeypatch.setitem(ranker_mod._TRIM, "fn", lambda pad: calls.append(pad) or 1)
+    monkeypatch.setitem(ranker_mod._TRIM, "loaded", True)
+    monkeypatch.setitem(ranker_mod._TRIM, "base", None)
+    tiny.predict([("q", "d")])
+    assert calls == []  # the first call only notes the size
+    monkeypatch.setitem(ranker_mod._TRIM, "base", ranker_mod._TRIM["base"] - 300)  # as if it grew 300 MiB
+    Reranker(tiny).score("q", ["d", "e"])
+    assert calls == [0]
+    tiny.predict([("q", "d")])
+    assert calls == [0]  # the base moved to the size after the trim
+    monkeypatch.setattr(tiny, "trim_threshold_mib", None)
+    monkeypatch.setitem(ranker_mod._TRIM, "base", 0.0)
+    tiny.predict([("q", "d")])
+    assert calls == [0]  # turned off
+    assert ranker_mod._malloc_trim() is not None  # this CI's Linux has glibc
 
 
 # ------------------------------------------------------------------ buckets and the Reranker
