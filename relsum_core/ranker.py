@@ -61,7 +61,8 @@ class PackedBatch:
     the arrays.
     """
 
-    def __init__(self, seqs: Sequence[tuple[list[int], int]], pad_lens: Sequence[int] = (), pad_id: int = 0):
+    def __init__(self, seqs: Sequence[tuple[list[int], int]], pad_lens: Sequence[int] = (), pad_id: int = 0,
+                 positions: Sequence[int] | None = None):
         n_real = len(seqs)
         lens = np.empty(n_real + len(pad_lens), dtype=np.int64)
         lens[:n_real] = np.fromiter((len(ids) for ids, _ in seqs), dtype=np.int64, count=n_real)
@@ -81,7 +82,8 @@ class PackedBatch:
             parts = [np.asarray(x) for x, _ in seqs]
             bad = next((i for i, x in enumerate(parts) if x.dtype.kind not in "iu" or x.ndim != 1), None)
             if bad is not None:
-                raise TypeError(f"token ids must be 1-D integer arrays; sequence {bad} is "
+                where = bad if positions is None else positions[bad]  # the caller's index, for the message
+                raise TypeError(f"token ids must be 1-D integer arrays; sequence {where} is "
                                 f"{parts[bad].dtype} of shape {parts[bad].shape}")
             np.concatenate(parts, out=ids[:real], casting="same_kind")
         else:
@@ -273,6 +275,17 @@ def _distinct_pairs(encoded: Sequence) -> tuple[list, list[int], np.ndarray | No
     Why: a pair's fp32 score moves by ~1e-8 with where it sits in the packed GEMMs' row tiles, so
     duplicate listings scored twice need not tie, and ``rank`` put a later copy first.  Scored once,
     they tie exactly and keep corpus order, as the C++ ``Ranker`` has them."""
+    # A cheap key first (length, split, two of the doc's tokens): only when two pairs share one are
+    # pairs compared whole (100 distinct pairs: ~25 us against ~290 us).
+    cheap = set()
+    for ids, split in encoded:
+        n = len(ids)
+        key = (n, split, int(ids[n // 2]), int(ids[-2])) if n > 1 else (n, split)
+        if key in cheap:
+            break
+        cheap.add(key)
+    else:
+        return list(encoded), list(range(len(encoded))), None
     first: dict = {}
     inverse = np.empty(len(encoded), dtype=np.int64)
     for i, (ids, split) in enumerate(encoded):
@@ -561,9 +574,10 @@ class CrossEncoder:
         """``seqs`` packed for one forward, their ids checked: in ``layout``'s bucket shape when given,
         the padding forming dummy sequences whose scores are dropped."""
         if layout is None:
-            batch = PackedBatch(seqs)
+            batch = PackedBatch(seqs, positions=positions)
         else:
-            batch = PackedBatch(seqs, pad_lens=layout.dummy_lens, pad_id=self.tokenizer.pad_token_id or 0)
+            batch = PackedBatch(seqs, pad_lens=layout.dummy_lens, pad_id=self.tokenizer.pad_token_id or 0,
+                                positions=positions)
             batch.max_seqlen = layout.max_seqlen
         self.check_ids(seqs, batch, positions)
         return batch

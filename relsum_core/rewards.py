@@ -177,7 +177,7 @@ class RankerReward:
         if hit is None:
             p = self.catalog[product_id]
             hit = (frozenset(content_words(normalise(p.title))),
-                   frozenset(content_words(f"{attributes_text(p)}\n{p.brand}\n{p.color}")))
+                   frozenset(content_words(f"{attributes_text(p)}\n{normalise(p.brand)}\n{normalise(p.color)}")))
             self._product_words[product_id] = hit
         return hit
 

@@ -116,23 +116,21 @@ def _check_settings(path: Path, settings: dict) -> None:
             saved = read_json_object(record)
         except ValueError as e:
             raise ValueError(f"{e}; delete it (and {path.name}) to start again") from None
-        # The content decides where it is recorded: a policy folder or catalog moved, linked or
-        # copied elsewhere continues the file.  A record from before the weights or the catalog's
-        # digest were recorded compares the paths instead (the record is written only with a new
-        # file, so such a file never gains the check).
-        by_content = {"policy": "policy_weights", "catalog": "catalog_digest"}
-        changed = changed_settings(saved, settings,
-                                   defaults={k: settings.get(k) for k in by_content.values()},
-                                   ignore={k for k, digest in by_content.items() if digest in saved})
+        # Path and content both count: the policy folder's prompt (its chat template, its recorded
+        # budgets) is not in the weights, and evaluate reads the recorded path.  A record from before
+        # the weights or the catalog's digest were recorded does not compare those (the record is
+        # written only with a new file, so such a file never gains the check).
+        changed = changed_settings(saved, settings, defaults={
+            k: settings.get(k) for k in ("policy_weights", "catalog_digest")})
         if "policy_weights" in changed and not weights_differ(*changed["policy_weights"]):
-            del changed["policy_weights"]  # the same content under new file times
-        if "policy_weights" in changed and path.exists():
-            raise ValueError(f"{path} was written by other policy weights than those at {settings['policy']} "
-                             "(a training run rewrote them since, or another policy?); write to a new file "
-                             "or delete it to summarise with these weights")
-        if "catalog_digest" in changed and path.exists():
-            raise ValueError(f"{path} was written from another catalog than {settings['catalog']} (its "
-                             "product ids or texts differ: edited since?); write to a new file or delete "
+            del changed["policy_weights"]  # the same content under new file times (a copy put back)
+        if "policy_weights" in changed and "policy" not in changed and path.exists():
+            raise ValueError(f"{path} was written by the policy at {settings['policy']} before its weights "
+                             "changed (a training run rewrote them?); write to a new file or delete it to "
+                             "summarise with the new weights")
+        if "catalog_digest" in changed and "catalog" not in changed and path.exists():
+            raise ValueError(f"{path} was written from the catalog at {settings['catalog']} before its "
+                             "product ids or texts changed (edited since?); write to a new file or delete "
                              "it to start again")
         if changed and path.exists():
             raise ValueError(f"{path} was written with other settings ({describe(changed)}); write to a new "

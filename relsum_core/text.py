@@ -40,9 +40,13 @@ _SPACE = re.compile(r"\s+")
 
 
 # Catalog exports carry HTML: "<ul><li>Pre-seasoned</li>...", "500&deg;F", even escaped twice
-# ("&lt;li&gt;").  A tag is "<" then a letter, "/" or "!--": "size < 5 in" and "<3" stay text.
-_TAG = re.compile(r"<(?:/?[a-zA-Z][^<>]*|!--.*?--)>", re.S)
-_BLOCK_TAG = re.compile(r"<(?:br|hr|/?(?:p|div|li|ul|ol|tr|table|h[1-6]))\b[^<>]*>", re.I)
+# ("&lt;li&gt;").  Only known HTML tags, within one line, count: "Model <X1>", "Input <AC 100-240V,
+# output >DC 12V" and "size < 5 in" stay text; and only entities closed by ";": "Pen&notepad" stays.
+_HTML_TAGS = ("a|abbr|b|big|blockquote|body|br|center|code|dd|div|dl|dt|em|font|h[1-6]|head|hr|html|i|img|"
+              "li|ol|p|pre|s|small|span|strike|strong|sub|sup|table|tbody|td|th|thead|tr|tt|u|ul")
+_TAG = re.compile(rf"<!--.*?-->|</?(?:{_HTML_TAGS})(?:\s[^<>\n]*)?/?>", re.I | re.S)
+_BLOCK_TAG = re.compile(r"<(?:br|hr|/?(?:p|div|li|ul|ol|tr|table|h[1-6]))(?:\s[^<>\n]*)?/?>", re.I)
+_ENTITY = re.compile(r"&(?:#[0-9]+|#[xX][0-9a-fA-F]+|[A-Za-z][A-Za-z0-9]*);")
 
 
 def plain_text(text: str, line_breaks: bool = False) -> str:
@@ -52,7 +56,7 @@ def plain_text(text: str, line_breaks: bool = False) -> str:
     for _ in range(2):
         if "<" not in text and "&" not in text:
             break
-        text = html.unescape(text)
+        text = _ENTITY.sub(lambda m: html.unescape(m[0]), text)
         if line_breaks:
             text = _BLOCK_TAG.sub("\n", text)
         text = _TAG.sub(" ", text)
@@ -68,17 +72,35 @@ def normalise(text: str) -> str:
 # Scripts written without spaces between words (Chinese, Japanese kana and kanji): a run of them is
 # cut into overlapping character bigrams, as search engines' CJK analyzers do, so that a word matches
 # inside the run that holds it.
-_UNSPACED = "\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_UNSPACED = ("\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff"  # Thai, Lao, Myanmar, Khmer
+             "\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f")
 _UNSPACED_RUN = re.compile(f"[{_UNSPACED}]+")
 # Full-width ASCII (U+FF01-FF5E, common in Japanese and Chinese listings: "１７０ｍｍ") as ASCII.  Not
 # NFKC: it also turns "SGT™" into the word "sgttm" and "Waist…" into "waist...".
 _FULL_WIDTH = {c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)}
 
 
+@functools.lru_cache(maxsize=1)
+def _combining_marks() -> str:
+    """A character class body of the combining marks (Mn, Mc, Me) below U+30000: ``re`` has no
+    ``\\p{M}``, and without them Devanagari, vowelled Arabic and a case-folded "İ" fell apart."""
+    out, start, prev = [], None, None
+    for cp in range(0x30000):
+        if unicodedata.category(chr(cp))[0] != "M":
+            continue
+        if start is not None and cp != prev + 1:
+            out.append(f"{re.escape(chr(start))}-{re.escape(chr(prev))}")
+            start = None
+        start = cp if start is None else start
+        prev = cp
+    out.append(f"{re.escape(chr(start))}-{re.escape(chr(prev))}")
+    return "".join(out)
+
+
 @functools.lru_cache(maxsize=8)
 def _word_pattern(joiners: str) -> re.Pattern:
     letter = f"[^\\W_{_UNSPACED}]"  # a letter or digit of a spaced script
-    more = f"(?:{letter}|[{re.escape(joiners)}])*" if joiners else f"{letter}*"
+    more = f"(?:{letter}|[{_combining_marks()}{re.escape(joiners)}])*"
     return re.compile(f"[{_UNSPACED}]+|{letter}{more}")
 
 

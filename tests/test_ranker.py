@@ -482,9 +482,14 @@ def test_bad_inputs(tiny):
             scorer(too_long)
     # ... named by its place in the caller's list when an identical pair comes before it
     dup_bad = [good[1], good[0], good[1], bad_id[1]]
-    for scorer in (tiny.score_encoded, Reranker(tiny).score_encoded):
+    float_ids = [(np.asarray(ids), t) for ids, t in good] * 2
+    float_ids.append((np.asarray(good[0][0], dtype=np.float32), 1))
+    one_a_batch = lambda e: tiny.score_encoded(e, batch_size=1)  # noqa: E731
+    for scorer in (tiny.score_encoded, Reranker(tiny).score_encoded, one_a_batch):
         with pytest.raises(ValueError, match=r"sequence 3 holds token ids outside \[0, "):
             scorer(dup_bad)
+        with pytest.raises(TypeError, match="1-D integer arrays; sequence 4 is float32"):
+            scorer(float_ids)
     # Empty strings are allowed and scored.
     s = tiny.predict([("", ""), ("q", "")])
     assert np.isfinite(s).all()

@@ -113,8 +113,8 @@ def test_other_settings_or_another_file_are_refused_not_appended(tmp_path, catal
     assert out.read_bytes() == before + b'{"product_id": "p'
     # the catalog's texts edited in place: another catalog, refused
     catalog.write_text(text.replace("pack of two", "pack of three"))
-    with pytest.raises(ValueError, match=r"written from another catalog than .*products.jsonl \(its "
-                                         "product ids or texts differ"):
+    with pytest.raises(ValueError, match=r"written from the catalog at .*products.jsonl before its product "
+                                         "ids or texts changed"):
         summarize_catalog(out, budget=4, **kw)
 
 
@@ -147,30 +147,31 @@ def test_summaries_of_rewritten_policy_weights_are_not_resumed(tmp_path, catalog
     out = tmp_path / "s.jsonl"
     kw = dict(policy=str(policy), catalog=str(catalog), budget=4, progress=False)
     summarize_catalog(out, product_ids=["p0"], **kw)
-    # the same weights saved again (new file times), and the folder copied and moved: the same policy
+    # the same weights saved again, or the folder copied away and back (new file times): the same policy
     AutoModelForCausalLM.from_pretrained(policy).save_pretrained(policy)
-    shutil.copytree(policy, tmp_path / "copy")
+    shutil.copytree(policy, tmp_path / "copy", copy_function=shutil.copy)
     shutil.rmtree(policy)
-    (tmp_path / "copy").rename(policy.with_name("moved"))
-    moved_catalog = catalog.rename(tmp_path / "moved_catalog.jsonl")
-    moved = {**kw, "policy": str(tmp_path / "moved"), "catalog": str(moved_catalog)}
-    summarize_catalog(out, product_ids=["p1"], **moved)
+    (tmp_path / "copy").rename(policy)
+    summarize_catalog(out, product_ids=["p1"], **kw)
     assert [r["product_id"] for r in _rows(out)] == ["p0", "p1"]
+    # under another path: refused (its prompt files are not compared, and evaluate reads the path)
+    shutil.copytree(policy, tmp_path / "moved")
+    moved = {**kw, "policy": str(tmp_path / "moved")}
+    with pytest.raises(ValueError, match=r"other settings \(policy "):
+        summarize_catalog(out, **moved)
     # trained since: other weights, refused
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "moved")
+    model = AutoModelForCausalLM.from_pretrained(policy)
     with torch.no_grad():
         model.lm_head.weight.add_(1.0)
-    model.save_pretrained(tmp_path / "moved")
-    with pytest.raises(ValueError, match=r"written by other policy weights than those at .*moved \(a "
-                                         "training run rewrote them since"):
-        summarize_catalog(out, **moved)
+    model.save_pretrained(policy)
+    with pytest.raises(ValueError, match=r"written by the policy at .*policy before its weights changed"):
+        summarize_catalog(out, **kw)
     # a record from before the weights were recorded resumes as it did
     record = tmp_path / "s.jsonl.settings.json"
     settings = json.loads(record.read_text())
     del settings["policy_weights"]
-    settings["policy"] = str((tmp_path / "moved").resolve())  # (its path compared instead)
     record.write_text(json.dumps(settings))
-    summarize_catalog(out, **moved)
+    summarize_catalog(out, **kw)
     assert len(_rows(out)) == 5
 
 

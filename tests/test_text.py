@@ -216,6 +216,10 @@ def test_words_of_any_script():
     bigrams = "高品 品質 質ス ステ テン ンレ レス".split()
     assert words("包丁 高品質ステンレス 鍋") == ["包丁", *bigrams, "鍋"]
     assert words("snake_case") == ["snake", "case"] and words("") == []
+    # combining marks stay inside their word (Devanagari vowel signs, Arabic vowels, a folded "İ")
+    assert words("स्टील की कड़ाही") == ["स्टील", "की", "कड़ाही"] and words("مِقْلاة حديد") == ["مِقْلاة", "حديد"]
+    assert words("İzmir") == ["i\u0307zmir"]
+    assert words("กระทะ 28") == ["กร", "ระ", "ะท", "ทะ", "28"]  # Thai is written without spaces too
 
 
 def test_html_markup_is_dropped_from_titles_and_attributes(tok):
@@ -231,3 +235,9 @@ def test_html_markup_is_dropped_from_titles_and_attributes(tok):
     assert product_text(p, tok, 2) == "Skillet & lid | Cast iron"
     plain = "Plain text, 2 < 3 & nothing else"
     assert plain_text(plain) == plain == normalise(plain)
+    # text that only looks like markup stays: unknown tags, a tag across lines, entities without ";"
+    for text in ("Fits Model <X1> and <X2>", "Input <AC 100-240V, output >DC 12V", "USB-C&micro cable",
+                 "Pen&notepad set", "Safe for kids <age 3\nand pets >10 lb", "<b bold"):
+        assert plain_text(text, line_breaks=True) == text
+    assert plain_text("a<br/>b<BR>c<p class='x'>d<!-- note -->e", line_breaks=True) == "a\nb\nc\nd e"
+    assert plain_text("&#176;&#xB0;&deg;") == "\u00b0" * 3

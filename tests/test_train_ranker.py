@@ -629,9 +629,20 @@ def test_train_ranker_refuses_validation_queries_without_a_positive_grade(tmp_pa
             main(["train-ranker", "--data", str(data), "--base", str(tiny_base), "--out", str(tmp_path / "o"),
                   "--max-queries", "8", "--max-length", "64", "--no-progress", "--group-size", "4",
                   "--warmup", warmup])
-        assert (f"the {warmup} warm-up has no groups: it needs a training query with --group-size 4 judged "
-                "candidates") in capsys.readouterr().err
+        assert (f"the {warmup} warm-up needs a training query with --group-size 4 judged candidates, and "
+                "the most any has is 3; pass --group-size 3 or less") in capsys.readouterr().err
         assert not (tmp_path / "o").exists()
     assert main(["train-ranker", "--data", str(data), "--base", str(tiny_base), "--out", str(tmp_path / "o"),
                  "--max-queries", "8", "--max-length", "64", "--no-progress", "--group-size", "3",
                  "--pseudo-steps", "1", "--max-steps", "1", "--batch-size", "2"]) == 0
+
+
+def test_an_empty_deal_of_warmup_groups_is_dealt_again():
+    """Pseudo-query deals are random: one that comes up empty is luck, not an impossible warm-up."""
+    from relsum_core.trainers.ranker import _WARMUP_DEALS, _dealt_batches
+
+    deals = iter([[], [], ["g1", "g2"], []])
+    batches = _dealt_batches(lambda: next(deals), 2, "pseudo-query")
+    assert next(batches) == ["g1", "g2"]
+    with pytest.raises(ValueError, match=f"no pseudo-query groups in {_WARMUP_DEALS} deals"):
+        next(_dealt_batches(lambda: [], 2, "pseudo-query"))

@@ -579,22 +579,32 @@ def run_warmup(ce, cfg: RankerTrainConfig, batch_loss: Callable[[], torch.Tensor
             log.write(event, step=step, loss=loss.item(), lr=scheduler.get_last_lr()[0])
 
 
+# A deal of pseudo-query groups is random (the positive, its words, the negatives that lack them):
+# so many deals come up empty before a warm-up is called impossible.
+_WARMUP_DEALS = 20
+
+
 def _check_warmup_groups(by_query, train_q, catalog, cfg: RankerTrainConfig) -> None:
     """A warm-up needs groups of exactly ``group_size`` candidates of one training query (a pseudo-query
-    warm-up also a title with two content words): refuse before the baselines run and --out exists."""
+    warm-up also a title with two content words that enough of the others lack): refuse before the
+    baselines run and --out exists."""
     if cfg.pseudo_steps <= 0:
         return
-    rng = random.Random(cfg.seed)  # its own: the seeded draws of training are untouched
+    most = max(len(by_query[q]) for q in train_q)
+    if most < cfg.group_size:
+        raise ValueError(f"the {cfg.warmup} warm-up needs a training query with --group-size "
+                         f"{cfg.group_size} judged candidates, and the most any has is {most}; pass "
+                         f"--group-size {most} or less, or --pseudo-steps 0 to skip the warm-up")
     if cfg.warmup == "cosine":
-        found = candidate_groups(by_query, train_q, cfg.group_size, rng)
-    else:
-        found = make_pseudo_groups(by_query, train_q, catalog, cfg.group_size, rng)
-    if not found:
-        most = max(len(by_query[q]) for q in train_q)
-        need = "" if cfg.warmup == "cosine" else " (and a title that gives a pseudo-query)"
-        raise ValueError(f"the {cfg.warmup} warm-up has no groups: it needs a training query with "
-                         f"--group-size {cfg.group_size} judged candidates{need}, and the most any has is "
-                         f"{most}; lower --group-size, or pass --pseudo-steps 0 to skip the warm-up")
+        return  # its groups are any group_size candidates of a query
+    rng = random.Random(cfg.seed)  # its own: the seeded draws of training are untouched
+    deals = (make_pseudo_groups(by_query, train_q, catalog, cfg.group_size, rng)
+             for _ in range(_WARMUP_DEALS))
+    if not any(deals):
+        raise ValueError(f"the pseudo warm-up found no group in {_WARMUP_DEALS} tries: no training product's "
+                         f"title gave a pseudo-query (two content words) that {cfg.group_size - 1} other "
+                         "candidates of its query lack; pass --warmup cosine, a smaller --group-size, or "
+                         "--pseudo-steps 0")
 
 
 def _dealt_batches(make_groups: Callable[[], list], batch_size: int, kind: str) -> Iterator[list]:
@@ -602,9 +612,12 @@ def _dealt_batches(make_groups: Callable[[], list], batch_size: int, kind: str) 
     groups: list = []
     while True:
         if len(groups) < batch_size:
-            groups = make_groups()
-            if not groups:
-                raise ValueError(f"no {kind} groups: no train query has group_size candidates")
+            for _ in range(_WARMUP_DEALS):  # (an empty deal is luck where _check_warmup_groups passed)
+                groups = make_groups()
+                if groups:
+                    break
+            else:
+                raise ValueError(f"no {kind} groups in {_WARMUP_DEALS} deals")
         batch, groups = groups[:batch_size], groups[batch_size:]
         yield batch
 
