@@ -327,19 +327,25 @@ def trim_freed_memory(threshold_mib: float) -> bool:
             _TRIM["fn"], _TRIM["loaded"] = _malloc_trim(), True
         if _TRIM["fn"] is None:
             return False
-        try:
-            with open("/proc/self/statm", "rb") as f:
-                resident = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-        except (OSError, ValueError, IndexError):
+        resident = _resident_mib()
+        if resident is None:
             return False
         if _TRIM["base"] is None or resident < _TRIM["base"]:
             _TRIM["base"] = resident
         if resident - _TRIM["base"] < threshold_mib:
             return False
         _TRIM["fn"](0)
-        with open("/proc/self/statm", "rb") as f:
-            _TRIM["base"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        _TRIM["base"] = _resident_mib()
         return True
+
+
+def _resident_mib() -> float | None:
+    """The process's resident size (Linux's /proc/self/statm), None where it cannot be read."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class CrossEncoder:
