@@ -60,6 +60,7 @@ from relsum_core.data import data_digest, group_by_query, load_dataset, split_qu
 from relsum_core.io import JsonlLog, atomic_write_dir, trim_metrics
 from relsum_core.losses import dpo_loss, grpo_loss, sequence_logprob
 from relsum_core.policy import (
+    SUMMARY_BUDGET,
     SUMMARY_PRODUCT_TOKENS,
     TRAINING_RECORD,
     Rollouts,
@@ -99,7 +100,7 @@ class SummarizerConfig:
     loss_type: str = "dapo"
     temperature: float = 1.0
     top_p: float = 1.0
-    budget: int = 32  # summary tokens asked for and sampled at most
+    budget: int = SUMMARY_BUDGET  # summary tokens asked for and sampled at most
     max_product_tokens: int = SUMMARY_PRODUCT_TOKENS
     val_fraction: float = 0.2
     # The query split is train-ranker's and evaluate's (split_seed 0 in all three by default), so the
