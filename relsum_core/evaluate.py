@@ -17,6 +17,8 @@ E are positives; one score threshold over all pairs, as a serving cut-off would 
 with a 95% bootstrap interval over queries, and each variant's NDCG with the paired difference to
 ``title`` and its interval (the same resampled queries for both), since 22 queries make the
 unpaired intervals wide.
+Beside them, each variant's mean doc-side length in ranker tokens (the serving cost) and each
+summary's mean length in words (``text.word_count``).
 
 Output folder: ``report.json``, ``report.md``, ``ndcg.png`` and, for ``--policy`` / ``--doc2query``
 entries, ``summaries-<name>.jsonl`` (resumable, like ``relsum summarize``).
@@ -37,7 +39,15 @@ from relsum_core.metrics import POSITIVE_GRADE, PRECISION_TARGET, ndcg_at_k, rec
 from relsum_core.policy import SUMMARY_BUDGET, SUMMARY_PRODUCT_TOKENS
 from relsum_core.precision import resolve_device, resolve_precision
 from relsum_core.summarize import summarize_catalog, summary_files
-from relsum_core.text import attributes_text, cut_to_tokens, join_title, product_text, summary_text
+from relsum_core.text import (
+    attributes_text,
+    cut_to_tokens,
+    encode_texts,
+    join_title,
+    product_text,
+    summary_text,
+    word_count,
+)
 
 N_BOOTSTRAP = 1000
 # validation: the held-out part of --split-seed's split; heldout: every query the records say no
@@ -160,8 +170,9 @@ def _markdown(report: dict) -> str:
             head += (f" `{name}` has no policy training record (relsum_policy.json), so its products were "
                      "not checked against what it trained on.")
     lines = [head, "",
-             "| text | NDCG@5 | NDCG@10 | NDCG@10 delta vs title | recall@P90 | mean summary words |",
-             "|---|---|---|---|---|---|"]
+             "| text | NDCG@5 | NDCG@10 | NDCG@10 delta vs title | recall@P90 | mean summary words "
+             "| mean doc tokens |",
+             "|---|---|---|---|---|---|---|"]
     for name, m in report["variants"].items():
         delta = (f"{m['ndcg@10_delta']:+.4f} [{m['ndcg@10_delta_lo']:+.4f}, {m['ndcg@10_delta_hi']:+.4f}]"
                  if "ndcg@10_delta" in m else "")
@@ -169,7 +180,7 @@ def _markdown(report: dict) -> str:
         lines.append(f"| {name} | {m['ndcg@5']:.4f} [{m['ndcg@5_lo']:.3f}, {m['ndcg@5_hi']:.3f}] | "
                      f"{m['ndcg@10']:.4f} [{m['ndcg@10_lo']:.3f}, {m['ndcg@10_hi']:.3f}] | {delta} | "
                      f"{m['recall@p90']:.3f} [{m['recall@p90_lo']:.3f}, {m['recall@p90_hi']:.3f}] | "
-                     f"{words} |")
+                     f"{words} | {m['mean_doc_tokens']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -367,7 +378,7 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
     for name, got in given.items():
         variants[f"title+{name}"] = {
             "texts": {p: summary_text(catalog[p].title, got[p], ce.tokenizer) for p in ev.product_ids},
-            "mean_words": float(np.mean([len(got[p].split()) for p in ev.product_ids]))}
+            "mean_words": float(np.mean([word_count(got[p]) for p in ev.product_ids]))}
 
     base = ev.score(variants["title"]["texts"])
     policy_seen = policy_trained(ev.product_ids)
@@ -385,6 +396,10 @@ def evaluate_summaries(out: str | Path, *, ranker: str, data: str | None = None,
         m = ev.metrics(scores, None if name == "title" else base)
         if "mean_words" in v:
             m["mean_words"] = v["mean_words"]
+        # What each variant costs the ranker: its doc side in the ranker's tokens (before the pair's
+        # max_length cut), the serving latency's driver.
+        m["mean_doc_tokens"] = float(np.mean([len(e.ids) for e in encode_texts(
+            ce.tokenizer, [v["texts"][p] for p in ev.product_ids])]))
         report["variants"][name] = m
     atomic_write_text(out / "report.json", json_report(report))
     atomic_write_text(out / "report.md", _markdown(report))

@@ -126,6 +126,14 @@ def words(text: str, joiners: str = "") -> list[str]:
     return out
 
 
+def word_count(text: str) -> int:
+    """How many words ``text`` has, for reports: a word of a spaced script counts one ("non-GMO" and
+    "12.5" too), each character of an unspaced script one, as word counts of Chinese and Japanese
+    text usually go (whitespace splitting counts a whole Japanese sentence as one word)."""
+    runs = _word_pattern("'./-").findall(unicodedata.normalize("NFC", text).translate(_FULL_WIDTH))
+    return sum(len(w) if is_unspaced(w) else 1 for w in runs)
+
+
 def attributes_text(product: Product) -> str:
     """Bullets then description (its HTML list items and breaks as lines), one normalised line each,
     newline-joined."""

@@ -328,6 +328,12 @@ def test_validation_split_and_the_texts_each_variant_scores(tmp_path, tiny_ranke
     for p, text in scored[1][1].items():  # title+desc2: two attribute tokens after the title
         assert text.startswith(titles[p] + " | ")
         assert len(tok(text.split(" | ", 1)[1], add_special_tokens=False)["input_ids"]) <= 2
+    # each variant's cost to the ranker: the mean length of the doc side it scored, in ranker tokens
+    for name, texts in zip(report["variants"], (t for _, t in scored)):
+        want = np.mean([len(tok(x, add_special_tokens=False)["input_ids"]) for x in texts.values()])
+        assert report["variants"][name]["mean_doc_tokens"] == pytest.approx(want)
+    assert report["variants"]["title+hand"]["mean_words"] == 3  # "hand note p1"
+    assert "| 3.0 |" in (tmp_path / "e" / "report.md").read_text()
 
 
 def test_refuses_to_validate_on_queries_the_ranker_trained_on(tmp_path, data_dir, tiny_ranker_dir):

@@ -222,6 +222,15 @@ def test_words_of_any_script():
     assert words("กระทะ 28") == ["กร", "ระ", "ะท", "ทะ", "28"]  # Thai is written without spaces too
 
 
+def test_word_count_counts_characters_of_unspaced_scripts():
+    from relsum_core.text import word_count
+
+    assert word_count("Taurine, non-GMO, chicken bone broth") == 5
+    assert word_count("2 x 12.5 oz. cans & lids") == 6  # "&" is no word
+    assert word_count("鶏ガラスープ、無添加") == 9  # one per character: whitespace saw one word
+    assert word_count("ｆｕｌｌ ＡＢＣ réglable") == 3 and word_count(" \n") == 0
+
+
 def test_html_markup_is_dropped_from_titles_and_attributes(tok):
     from relsum_core.text import plain_text
 
