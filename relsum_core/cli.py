@@ -250,7 +250,8 @@ def _add_summarize(sub) -> None:
     p = sub.add_parser("summarize", help="summaries for a whole catalog to JSONL (resumable, sharded; the "
                        "bundled 6,764 products take about 45 minutes on a 2-core CPU)")
     p.add_argument("--policy", default=None, help="summarizer folder, e.g. a train run's checkpoint/")
-    p.add_argument("--catalog", default=None, help="products JSONL(.gz) or data dir (default: bundled)")
+    p.add_argument("--catalog", "--data", dest="catalog", default=None,  # --data as in the other commands
+                   help="products JSONL(.gz) or data dir (default: bundled)")
     p.add_argument("--out", required=True, help="output JSONL (shards add .shardKKK-of-NNN)")
     p.add_argument("--budget", type=int, default=None,
                    help="summary tokens (default: the policy's training value, else 32)")

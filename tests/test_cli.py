@@ -28,6 +28,12 @@ def test_precision_defaults():
     assert parser.parse_args(["summarize", "--out", "x"]).precision == "auto"
 
 
+def test_summarize_takes_data_as_the_other_commands_do():
+    parser = build_parser()
+    assert parser.parse_args(["summarize", "--out", "x", "--data", "d"]).catalog == "d"
+    assert parser.parse_args(["summarize", "--out", "x", "--catalog", "c"]).catalog == "c"
+
+
 def test_summarize_cli_end_to_end(tmp_path, tiny_policy_dir, capsys):
     catalog = tmp_path / "products.jsonl"
     row = {"product_id": "p1", "title": "red shirt", "bullet_points": "cotton"}
