@@ -24,6 +24,7 @@ import io
 import json
 import random
 import re
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -208,7 +209,7 @@ def load_catalog(path: str | Path | None = None) -> dict[str, Product]:
     try:
         with opener(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: a corrupt (not truncated) .gz
         raise DataError(f"{path}: cannot read catalog ({e})") from e
     for lineno, line in enumerate(_decode(data, path).split("\n"), start=1):
         if not line.strip():

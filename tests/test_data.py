@@ -5,7 +5,11 @@ import pytest
 
 from relsum_core.data import (
     DataError,
+    Judgment,
+    Product,
     bundled_data_dir,
+    catalog_digest,
+    data_digest,
     fold_queries,
     group_by_query,
     load_catalog,
@@ -72,6 +76,32 @@ def test_gzip_catalog(tmp_path):
         load_catalog(tmp_path)
 
 
+def _gzip_catalog():
+    return gzip.compress(b"".join(json.dumps({"product_id": f"p{i}", "title": "T" * 50}).encode() + b"\n"
+                                  for i in range(200)))
+
+
+def test_a_truncated_gzip_catalog_is_a_data_error(tmp_path):
+    data = _gzip_catalog()
+    (tmp_path / "products.jsonl.gz").write_bytes(data[: len(data) // 2])  # EOFError from gzip
+    with pytest.raises(DataError, match="cannot read catalog"):
+        load_catalog(tmp_path)
+
+
+def test_a_corrupt_gzip_catalog_is_a_data_error(tmp_path):
+    data = bytearray(_gzip_catalog())
+    data[20:60] = bytes(b ^ 0xFF for b in data[20:60])  # zlib.error from the deflate stream
+    (tmp_path / "products.jsonl.gz").write_bytes(data)
+    with pytest.raises(DataError, match="cannot read catalog"):
+        load_catalog(tmp_path)
+
+
+def test_a_catalog_of_blank_lines_is_empty(tmp_path):
+    (tmp_path / "products.jsonl").write_text("\n  \n")
+    with pytest.raises(DataError, match="catalog is empty"):
+        load_catalog(tmp_path)
+
+
 @pytest.mark.parametrize(
     "row, message",
     [
@@ -81,6 +111,8 @@ def test_gzip_catalog(tmp_path):
         ('{"product_id": "x", "title": ', "not valid JSON"),
         ({"product_id": "p1", "title": "dup"}, "duplicate product_id 'p1'"),
         ({"product_id": "x", "title": "t", "bullet_points": 7}, "bullet_points"),
+        ({"product_id": "x", "title": "t", "bullet_points": ["ok", 3]},
+         "'bullet_points' must be a string or a list of strings"),
         ({"product_id": "x", "title": "t", "description": 3}, "'description' must be a string"),
         ({"product_id": 7, "title": "t"}, r"'product_id' must be a string, got int 7 \(quote ids"),
         ({"product_id": "x", "title": 8675309}, "product 'x': 'title' must be a string, got int"),
@@ -98,6 +130,7 @@ def test_bad_catalog_rows_name_file_and_line(tmp_path, row, message):
     [
         ("1,red shoe,p1,E,x\n", "grade 'x' is not an integer"),
         ("1,red shoe,p1,,5\n", "grade 5 is outside 0..3"),
+        ("1,red shoe,p1,,-1\n", "grade -1 is outside 0..3"),
         ("1,red shoe,p1,Q,3\n", "esci_label 'Q'"),
         ("1,red shoe,p1,S,3\n", "disagrees with esci_label S"),
         ("1,red shoe,p1,,\n", "neither a grade nor an esci_label"),
@@ -142,11 +175,39 @@ def test_label_only_and_grade_only_columns(data_dir):
         load_judgments(path)
 
 
+def test_esci_labels_are_read_in_any_case(data_dir):
+    path = data_dir / "judgments.csv"
+    path.write_text(HEADER + "1,red shoe,p1,e,\n1,red shoe,p2, s ,2\n")
+    assert [(j.grade, j.label) for j in load_judgments(path)] == [(3, "E"), (2, "S")]
+
+
+def test_a_judgments_header_without_product_id_names_it(data_dir):
+    # not every row failing as one with an empty product_id
+    path = data_dir / "judgments.csv"
+    path.write_text("query_id,query,grade\n1,red shoe,3\n")
+    with pytest.raises(DataError, match=rf"{path}:1: header lacks column\(s\) product_id"):
+        load_judgments(path)
+
+
+def test_a_judgments_file_without_rows_is_an_error(data_dir):
+    path = data_dir / "judgments.csv"
+    path.write_text(HEADER)
+    with pytest.raises(DataError, match=f"{path}: no judgments"):
+        load_judgments(path)
+
+
 def test_missing_files(tmp_path):
     with pytest.raises(DataError, match="no catalog file"):
         load_dataset(tmp_path)
     with pytest.raises(DataError, match="not a directory"):
         load_dataset(tmp_path / "absent")
+
+
+def test_a_data_directory_without_judgments_is_a_data_error(data_dir):
+    # a DataError, not a FileNotFoundError
+    (data_dir / "judgments.csv").unlink()
+    with pytest.raises(DataError, match="judgments.csv: cannot read judgments"):
+        load_dataset(data_dir)
 
 
 def test_split_is_deterministic_disjoint_and_order_free():
@@ -162,6 +223,18 @@ def test_split_is_deterministic_disjoint_and_order_free():
     with pytest.raises(ValueError):
         split_queries(["a"], 0.5)
 
+
+def test_a_split_always_leaves_a_training_query():
+    train, val = split_queries(["a", "b"], 0.9)  # 0.9 * 2 rounds to 2 validation queries: 1 is kept
+    assert len(train) == 1 and len(val) == 1
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_queries(["a", "b", "c"], 0.0)
+
+
+def test_as_many_folds_as_queries():
+    # leave-one-out is a valid split
+    vals = [fold_queries(["a", "b", "c"], 3, f)[1] for f in range(3)]
+    assert sorted(v for val in vals for v in val) == ["a", "b", "c"] and all(len(v) == 1 for v in vals)
 
 
 def test_folds_cover_every_query_once():
@@ -236,6 +309,8 @@ def test_wands_folder_loads_with_esci_grades(wands_repo):
         ("query.csv", "5\t\tX\n", "empty query_id or query"),
         ("product.csv", "3\t\tBeds\t\t\t\t\t\t\n", "product '3' has an empty product_name"),
         ("product.csv", "2\tagain\tBeds\t\t\t\t\t\t\n", "duplicate product_id '2'"),
+        ("product.csv", "\tlamp\tLamps\t\t\t\t\t\t\n", "empty product_id"),
+        ("label.csv", "3\t1\t\tExact\n", "empty query_id or product_id"),
     ],
 )
 def test_bad_wands_rows_name_file_and_line(wands_repo, name, line, message):
@@ -256,6 +331,19 @@ def test_wands_folder_missing_a_file_or_comma_separated(wands_repo):
     with pytest.raises(DataError, match=r"query.csv:1: header lacks column\(s\) query, query_id "
                                         r"\(is it tab-separated\?\)"):
         load_dataset(wands_repo)
+
+
+def test_wands_cells_are_stripped(wands_repo):
+    labels = wands_repo / "dataset" / "label.csv"
+    labels.write_text(WANDS_LABELS + "3\t0\t2\t Exact \n")
+    assert load_dataset(wands_repo)[1][-1].grade == 3
+
+
+def test_esci_files_win_over_a_stray_wands_products_file(data_dir):
+    # a product.csv beside products.jsonl and judgments.csv does not make the folder a WANDS one
+    (data_dir / "product.csv").write_text(WANDS_PRODUCTS)
+    catalog, judgments = load_dataset(data_dir)
+    assert sorted(catalog) == ["p1", "p2", "p3"] and len(judgments) == 3
 
 
 def test_validation_share_is_rounded_not_truncated():
@@ -355,3 +443,12 @@ def test_query_groups_are_what_the_split_counts():
         split_queries(["x", "y"], 0.5, query_texts={"x": "lamp", "y": "Lamp"})
     with pytest.raises(ValueError, match="at least 3 distinct queries for 3 folds"):
         fold_queries(["w", "x", "y", "z"], 3, 0, query_texts={"w": "a", "x": "A", "y": "b", "z": "B"})
+
+
+def test_digests_follow_brand_and_colour():
+    catalog = {"a": Product("a", "shirt", brand="Acme", color="red")}
+    by_query = {"q": [Judgment("q", "shirt", "a", 3)]}
+    for edit in ({"brand": "Bolt"}, {"color": "blue"}):
+        other = {"a": Product("a", "shirt", **({"brand": "Acme", "color": "red"} | edit))}
+        assert catalog_digest(other) != catalog_digest(catalog)
+        assert data_digest(by_query, other, ["q"]) != data_digest(by_query, catalog, ["q"])

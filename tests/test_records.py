@@ -69,3 +69,48 @@ def test_weight_files_compare_by_content_and_older_records_by_time(tmp_path):
     assert weights_differ(now, weight_files(tmp_path))
     (tmp_path / "extra.bin").write_bytes(b"")  # a file more
     assert weights_differ(later, weight_files(tmp_path)) and weights_differ("garbage", now)
+
+
+def test_bin_weights_are_weight_files(tmp_path):
+    # a folder with only pytorch_model.bin is not weightless
+    from relsum_core.records import weight_files, weights_differ
+
+    w = tmp_path / "pytorch_model.bin"
+    w.write_bytes(b"weights one")
+    before = weight_files(tmp_path)
+    assert [e[:2] for e in before] == [["pytorch_model.bin", 11]]
+    w.write_bytes(b"weights two")
+    assert weights_differ(before, weight_files(tmp_path))
+
+
+def test_weight_files_are_listed_by_name(tmp_path):
+    # not in the order of the glob patterns or of the directory on disk
+    from relsum_core.records import weight_files
+
+    for name in ("b.safetensors", "a.bin", "c.safetensors"):
+        (tmp_path / name).write_bytes(b"w")
+    assert [e[0] for e in weight_files(tmp_path)] == ["a.bin", "b.safetensors", "c.safetensors"]
+
+
+def test_weight_hashes_are_computed_once_per_file_version(tmp_path, monkeypatch):
+    # each CV fold re-checks the same weights: their hashes are cached until the file changes
+    from relsum_core import records
+
+    calls = []
+    real = records.file_sha256
+    monkeypatch.setattr(records, "file_sha256", lambda p: calls.append(p) or real(p))
+    w = tmp_path / "model.safetensors"
+    w.write_bytes(b"weights one")
+    first = records.weight_files(tmp_path)
+    assert records.weight_files(tmp_path) == first and len(calls) == 1
+    w.write_bytes(b"weights two")
+    assert records.weight_files(tmp_path) != first and len(calls) == 2
+
+
+def test_a_renamed_weight_file_differs():
+    # names are compared with sizes and hashes; the time alone is not
+    from relsum_core.records import weights_differ
+
+    h = "0" * 64
+    assert weights_differ([["model.safetensors", 3, 1, h]], [["other.safetensors", 3, 1, h]])
+    assert not weights_differ([["model.safetensors", 3, 1, h]], [["model.safetensors", 3, 2, h]])

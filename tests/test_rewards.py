@@ -255,3 +255,74 @@ def test_faithfulness_and_novelty_read_words_of_any_script():
     assert r.novelty("ja", "刃渡り") > 0 and r.novelty("ja", "包丁") == 0.0
     assert content_words("à la crème") == ["la", "crème"]  # a lone Latin letter is not a content word
     assert content_words("鍋") == ["鍋"]  # a lone kanji is
+
+
+def test_ndcg_k_below_one_is_refused():
+    with pytest.raises(ValueError, match="ndcg_k"):
+        RewardConfig(ndcg_k=0)
+
+
+def test_faithfulness_counts_every_word_not_each_distinct_word():
+    r, _ = _reward()
+    assert r.faithfulness("c", "fleece fleece fleece purple") == pytest.approx(3 / 4)
+
+
+def test_novelty_floor_is_half_the_budget_rounded_down():
+    r, _ = _reward(budget_tokens=5)  # a floor of 2 words, not 3
+    assert r.novelty("a", "steel") == pytest.approx(1 / 2)
+
+
+def test_brand_and_colour_are_the_products_own_words():
+    p = Product("p", "Water bottle", brand="Hydra", color="Navy blue")
+    r = RankerReward(overlap_scorer([]), {"p": p}, [Judgment("q", "bottle", "p", 3)],
+                     RewardConfig(budget_tokens=2))
+    assert r.faithfulness("p", "hydra navy") == 1.0
+    assert r.novelty("p", "hydra navy") == 1.0
+
+
+def test_title_markup_is_not_a_title_word():
+    # "&amp;" in a title is "&", no word "amp" of the product
+    p = Product("p", "Salt &amp; pepper mill", bullets=("ceramic",))
+    r = RankerReward(overlap_scorer([]), {"p": p}, [Judgment("q", "mill", "p", 3)])
+    assert r.faithfulness("p", "amp") == 0.0
+    assert r.faithfulness("p", "salt pepper ceramic") == 1.0
+
+
+def test_a_product_without_judged_queries_is_refused():
+    # its relevance would be the mean of nothing, NaN
+    catalog = {**CATALOG, "z": Product("z", "Zed lamp")}
+    r = RankerReward(overlap_scorer([]), catalog, JUDGED)
+    with pytest.raises(ValueError, match="product z has no judged query"):
+        r(["z"], ["x"], [1])
+
+
+def test_a_grade_without_a_weight_counts_zero():
+    r, _ = _reward(grade_weights={3: 1.0})
+    assert r(["b"], ["steel water"], [2])["relevance"][0] == 0.0  # b is grade 0 for q1
+
+
+def test_ranking_of_a_product_only_in_queries_without_relevant_candidates_is_zero():
+    # such a query has no NDCG (all gains 0): no NaN delta is averaged in
+    catalog = {**CATALOG, "d": Product("d", "Wool socks")}
+    judged = JUDGED + [Judgment("q3", "wool socks", "d", 0)]
+    out = RankerReward(overlap_scorer([]), catalog, judged)(["d"], ["wool"], [1])
+    assert out["ranking"][0] == 0.0 and np.isfinite(out["total"]).all()
+
+
+def test_total_weighs_every_component():
+    # ranking included: test_total_is_the_weighted_sum_and_one_ranker_call_per_batch weighs it 0
+    r, _ = _reward()
+    out = r(["b"], ["steel water bottle"], [3])
+    assert out["ranking"][0] < 0
+    cfg = RewardConfig()
+    components = ("relevance", "ranking", "budget", "faithfulness", "novelty")
+    want = sum(getattr(cfg, c) * out[c] for c in components)
+    assert np.allclose(out["total"], want)
+
+
+def test_groups_of_one_sample_have_zero_advantage():
+    # a group of one has no std (NaN with ddof=1): nothing to scale
+    with np.errstate(all="ignore"):
+        adv = group_advantages([1.0, 5.0], 1)
+    assert adv.tolist() == [0.0, 0.0]
+    assert math.isfinite(adv.sum())

@@ -9,10 +9,12 @@ from relsum_core.text import (
     attribute_phrases,
     attributes_text,
     cut_to_tokens,
+    encode_texts,
     normalise,
     product_text,
     summary_text,
     title_text,
+    words,
 )
 from relsum_core.trainers.ranker import default_base
 
@@ -154,9 +156,9 @@ def test_encodings_ignore_truncation_left_on_the_shared_tokenizer(tok):
         tok.backend_tokenizer.no_truncation()
 
 
-def test_byte_level_bpe_cut_inside_a_character_stays_within_budget():
-    # Byte-level BPE splits an unseen multi-byte character into byte tokens that all report the
-    # whole character's span; cutting after one of them must not keep the others.
+def _byte_level_bpe():
+    """A small byte-level BPE tokenizer (GPT-2 style): unlike the ranker's WordPiece it has tokens
+    for single bytes and for whitespace."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -165,7 +167,13 @@ def test_byte_level_bpe_cut_inside_a_character_stays_within_budget():
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(["red shoe blue towel steel rack"] * 10, trainers.BpeTrainer(
         vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    fast = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe)
+
+
+def test_byte_level_bpe_cut_inside_a_character_stays_within_budget():
+    # Byte-level BPE splits an unseen multi-byte character into byte tokens that all report the
+    # whole character's span; cutting after one of them must not keep the others.
+    fast = _byte_level_bpe()
     text = "a\u2764b shoe"
     assert len(fast(text, add_special_tokens=False)["input_ids"]) > 4  # the heart is 3 byte tokens
     for k in range(1, 8):
@@ -250,3 +258,51 @@ def test_html_markup_is_dropped_from_titles_and_attributes(tok):
         assert plain_text(text, line_breaks=True) == text
     assert plain_text("a<br/>b<BR>c<p class='x'>d<!-- note -->e", line_breaks=True) == "a\nb\nc\nd e"
     assert plain_text("&#176;&#xB0;&deg;") == "\u00b0" * 3
+
+
+def test_markup_escaped_twice_is_dropped():
+    # one unescape only gets to "&lt;b&gt;Cast&lt;/b&gt; iron": the tags need a second pass
+    assert normalise("&amp;lt;b&amp;gt;Cast&amp;lt;/b&amp;gt; iron") == "Cast iron"
+
+
+def test_words_read_decomposed_accents_as_composed():
+    # "é" typed as e + U+0301 is the same word as the precomposed "é"
+    assert words("Re\u0301glable") == words("Réglable") == ["réglable"]
+
+
+def test_combining_marks_outside_the_bmp_stay_in_their_word():
+    # a Brahmi vowel sign (U+11038, a mark above U+FFFF) between two Brahmi letters
+    assert words("\U00011013\U00011038\U00011013") == ["\U00011013\U00011038\U00011013"]
+
+
+def test_a_cut_after_a_whitespace_token_drops_the_whitespace():
+    # byte-level BPE makes "\n" a token of its own, so the first two tokens of "red\nshoe" end in a
+    # line break that a "title | attributes" text must not carry
+    assert cut_to_tokens("red\nshoe", _byte_level_bpe(), 2) == "red"
+
+
+def test_sampler_rejects_a_negative_budget_or_keyword_share(tok):
+    with pytest.raises(ValueError, match="max_attr_tokens"):
+        PrefixSampler(tok, -1)
+    with pytest.raises(ValueError, match="keyword_prob"):
+        PrefixSampler(tok, 8, keyword_prob=-0.1)
+
+
+def test_truncation_and_padding_set_before_the_first_encoding_are_not_copied(tok):
+    # the private backend copy is made at the first encoding; truncation or padding already on the
+    # shared tokenizer then must not come along into the copy
+    fresh = AutoTokenizer.from_pretrained(default_base())
+    text = "stainless steel kitchen towel rack with six hooks and screws included"
+    want = tok(text, add_special_tokens=False)["input_ids"]
+    fresh.backend_tokenizer.enable_truncation(3)
+    fresh.backend_tokenizer.enable_padding(length=40)
+    assert encode_texts(fresh, [text])[0].ids == want
+    assert n_tokens(tok, cut_to_tokens(text, fresh, 8)) == 8
+
+
+def test_private_backend_follows_split_special_tokens_set_after_first_use():
+    fresh = AutoTokenizer.from_pretrained(default_base())
+    text = "usb [SEP] cable"
+    assert encode_texts(fresh, [text])[0].ids == fresh(text, add_special_tokens=False)["input_ids"]
+    fresh.split_special_tokens = True  # after a first encoding: the copy must be remade
+    assert encode_texts(fresh, [text])[0].ids == fresh(text, add_special_tokens=False)["input_ids"]
