@@ -6,7 +6,9 @@
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <fstream>
+#include <mutex>
 #include <iterator>
 #include <new>
 #include <numeric>
@@ -17,6 +19,11 @@
 #include <unordered_map>
 
 #include "export_dir.h"
+
+#if defined(__GLIBC__)
+#include <malloc.h>
+#include <unistd.h>
+#endif
 
 namespace relsum {
 namespace {
@@ -43,7 +50,40 @@ std::vector<std::string> cpu_flags() {
   return {};
 }
 
+// The process's resident size in MiB (Linux's /proc/self/statm); negative where it cannot be read.
+double resident_mib() {
+#if defined(__GLIBC__)
+  std::FILE* f = std::fopen("/proc/self/statm", "r");
+  if (!f) return -1;
+  long long size = 0, resident = -1;
+  const bool read = std::fscanf(f, "%lld %lld", &size, &resident) == 2;
+  std::fclose(f);
+  return read ? static_cast<double>(resident) * static_cast<double>(sysconf(_SC_PAGESIZE)) / (1 << 20) : -1;
+#else
+  return -1;
+#endif
+}
+
+std::mutex trim_mutex;
+double trim_base = -1;  // the resident size after the last trim (or the lowest seen since): process-wide
+
 }  // namespace
+
+bool trim_freed_memory(std::size_t threshold_mib) {
+#if defined(__GLIBC__)
+  const std::lock_guard lock(trim_mutex);
+  const double resident = resident_mib();
+  if (resident < 0) return false;
+  if (trim_base < 0 || resident < trim_base) trim_base = resident;
+  if (resident - trim_base < static_cast<double>(threshold_mib)) return false;
+  malloc_trim(0);
+  trim_base = resident_mib();
+  return true;
+#else
+  (void)threshold_mib;
+  return false;
+#endif
+}
 
 struct Ranker::Impl {
   // Every setting is range-checked before the package loads: a bad one would otherwise index past
@@ -210,6 +250,7 @@ struct Ranker::Impl {
   int64_t cls_id, sep_id;
   bool two_types;
   int num_threads;  // 0: libtorch's default
+  std::size_t trim_threshold_mib = 0;  // 0: never trims
   std::optional<torch::inductor::AOTIModelPackageLoader> loader;  // loaded last, once the settings pass
 };
 
@@ -218,6 +259,7 @@ Ranker::Ranker(const std::string& export_dir, const RankerOptions& options) {
   if (options.num_threads < 0) throw std::invalid_argument("relsum: num_threads must be >= 0");
   const detail::ExportDir dir(export_dir);  // open for the load only: closed once it is done
   impl_ = std::make_unique<Impl>(dir, options.num_runners, options.num_threads);
+  impl_->trim_threshold_mib = options.trim_threshold_mib;
 }
 Ranker::~Ranker() = default;
 Ranker::Ranker(Ranker&&) noexcept = default;
@@ -278,6 +320,7 @@ std::vector<float> Ranker::predict(const std::vector<std::pair<std::string, std:
     i = j;
   }
   for (std::size_t i = 0; i < enc.size(); ++i) scores[i] = scores[first[i]];
+  if (impl_->trim_threshold_mib > 0) trim_freed_memory(impl_->trim_threshold_mib);
   return scores;
 }
 

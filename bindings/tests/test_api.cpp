@@ -123,6 +123,18 @@ int main(int argc, char** argv) {
                          std::to_string(seen) + ")");
   }
 
+  // Handing freed memory back: process-wide, at once for threshold 0 (glibc), never for 1 TiB; a Ranker
+  // that trims after every call scores the same.
+#if defined(__GLIBC__)
+  check(relsum::trim_freed_memory(0), "trim_freed_memory(0) trims");
+#endif
+  check(!relsum::trim_freed_memory(std::size_t{1} << 20), "trim_freed_memory(1 TiB) does not trim");
+  {
+    relsum::RankerOptions trimming;
+    trimming.trim_threshold_mib = 1;
+    check(relsum::Ranker(argv[1], trimming).predict(pairs) == scores, "a trimming Ranker scores the same");
+  }
+
   // Truncation: a doc far past max_length is cut to exactly max_length tokens.
   std::string long_doc;
   for (int i = 0; i < 2000; ++i) long_doc += "bottle ";
