@@ -103,15 +103,21 @@ class ExportEncoder(nn.Module):
         return self.classifier(pooled).squeeze(-1)
 
 
-def export_inputs(encoded: Sequence[tuple[Sequence[int], int]]) -> tuple[torch.Tensor, ...]:
+def export_inputs(encoded: Sequence[tuple[Sequence[int], int]],
+                  token_multiple: int = 1) -> tuple[torch.Tensor, ...]:
     """The six input tensors of ``ExportEncoder`` for encoded pairs (``CrossEncoder.encode_pairs``):
-    the layout the C++ packer builds, here for the trace example and the tests."""
+    the layout the C++ packer builds, here for the trace example and the tests.  ``token_multiple``:
+    the token stream padded to a multiple of it with rows of zeros that no sequence attends to, as
+    the C++ packer pads it to 64 (so the linears see few distinct row counts)."""
     batch = PackedBatch(encoded)  # ids / token types / positions, and the checks on the sequences
-    T, B, L = batch.input_ids.numel(), len(batch.lens), batch.max_seqlen
+    n, B, L = batch.input_ids.numel(), len(batch.lens), batch.max_seqlen
+    T = -(-n // token_multiple) * token_multiple
     slot = batch.position_ids + torch.repeat_interleave(torch.arange(B) * L, torch.tensor(batch.lens))
     pad_index = torch.full((B * L,), T, dtype=torch.long)
-    pad_index[slot] = torch.arange(T)
-    return (batch.input_ids, batch.token_type_ids, batch.position_ids, pad_index.view(B, L), slot,
+    pad_index[slot] = torch.arange(n)
+    extra = torch.zeros(T - n, dtype=torch.long)
+    return (torch.cat([batch.input_ids, extra]), torch.cat([batch.token_type_ids, extra]),
+            torch.cat([batch.position_ids, extra]), pad_index.view(B, L), torch.cat([slot, extra]),
             batch.cu_seqlens[:-1].long())
 
 

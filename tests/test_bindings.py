@@ -624,6 +624,14 @@ def test_export_encoder_matches_the_packed_encoder(ranker, esci_texts):
     with torch.inference_mode():
         got = ExportEncoder(ranker.model).eval()(*export_inputs(enc))
     np.testing.assert_allclose(got.numpy(), ranker.score_encoded(enc), atol=1e-5, rtol=0)
+    # the C++ packer's layout: the stream padded to a multiple of 64 with rows nothing attends to
+    for pairs in (enc, enc[-1:]):
+        padded = export_inputs(pairs, token_multiple=64)
+        assert padded[0].numel() % 64 == 0 and padded[0].numel() > sum(len(ids) for ids, _ in pairs)
+        with torch.inference_mode():
+            np.testing.assert_allclose(ExportEncoder(ranker.model).eval()(*padded).numpy(),
+                                       ExportEncoder(ranker.model).eval()(*export_inputs(pairs)).numpy(),
+                                       atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="at least one sequence"):
         export_inputs([])
 

@@ -191,6 +191,7 @@ struct Ranker::Impl {
     return e;
   }
 
+  static constexpr int64_t kTokenMultiple = 64;
   // The exported model's six inputs for these sequences (relsum_core/export.py: export_inputs).
   std::vector<float> score(const std::vector<const Encoded*>& seqs) {
     const auto B = static_cast<int64_t>(seqs.size());
@@ -199,9 +200,15 @@ struct Ranker::Impl {
       T += static_cast<int64_t>(s->ids.size());
       L = std::max<int64_t>(L, static_cast<int64_t>(s->ids.size()));
     }
+    // The token stream is padded to a multiple of kTokenMultiple with rows no sequence attends to
+    // (id 0, position 0, type 0): every linear's row count is then one of a few, so oneDNN's per-shape
+    // primitive caches hit instead of filling up.  On the AMX Xeon, 250 varied bf16 requests took
+    // 59.6 s instead of 73.1 s and grew the process 445 MiB instead of 1.4 GiB; fp32 was unchanged.
+    T = std::min<int64_t>((T + kTokenMultiple - 1) / kTokenMultiple * kTokenMultiple,
+                          static_cast<int64_t>(max_packed_tokens));
     const auto opts = at::TensorOptions().dtype(at::kLong);
-    auto ids = at::empty({T}, opts), types = at::empty({T}, opts), pos = at::empty({T}, opts);
-    auto pad_index = at::full({B, L}, T, opts), slot = at::empty({T}, opts), cls = at::empty({B}, opts);
+    auto ids = at::zeros({T}, opts), types = at::zeros({T}, opts), pos = at::zeros({T}, opts);
+    auto pad_index = at::full({B, L}, T, opts), slot = at::zeros({T}, opts), cls = at::empty({B}, opts);
     auto* pi = ids.data_ptr<int64_t>();
     auto* pt = types.data_ptr<int64_t>();
     auto* pp = pos.data_ptr<int64_t>();

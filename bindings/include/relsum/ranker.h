@@ -40,10 +40,9 @@ struct RankerOptions {
 // Hands the memory glibc keeps after frees back to the OS (malloc_trim(0)) once the process's resident
 // size has grown threshold_mib MiB past where the last trim left it (process-wide, thread-safe); whether
 // it trimmed.  Always false off glibc or where /proc/self/statm cannot be read.  Why: requests of new
-// shapes leave freed blocks that glibc keeps; 250 varied bf16 rank() calls of MiniLM grew the process
-// by 1.4 GiB, 0.5 GiB of it free heap (the rest is oneDNN's per-shape caches, which only
-// LRU_CACHE_CAPACITY / ONEDNN_PRIMITIVE_CACHE_CAPACITY in the environment bound).  Reading the
-// resident size costs about 20 us, a trim 5-15 ms.
+// shapes leave freed blocks that glibc keeps (the Python CrossEncoder's fp32 grew 1.8 GiB over 1,500
+// varied calls untrimmed).  Reading the resident size costs about 20 us, a trim 5-15 ms, and the
+// pages it returns fault back in on later calls.
 bool trim_freed_memory(std::size_t threshold_mib);
 
 class Ranker {
