@@ -4,9 +4,10 @@ The directory holds:
 - ``model.pt2``: an AOTInductor package of the packed encoder (CPU, fp32 or bf16).  Its inputs are what the
   C++ packer builds: ids / token types / positions over the packed tokens [T], ``pad_index`` [B, L]
   (the packed row of each padded slot, ``T`` for padding), ``token_slot`` [T] (each token's flat slot
-  in [B, L]) and ``cls_index`` [B].  The dense layers run on the packed tokens only; attention runs
-  on the padded [B, L] view, the one formulation ``torch.export`` traces without data-dependent
-  control flow.
+  in [B, L]) and ``cls_index`` [B].  The dense layers run on the packed tokens only (for a bf16
+  package the C++ pads them to a multiple of 64 with rows no slot points at, so oneDNN's per-shape
+  kernels are reused); attention runs on the padded [B, L] view, the one formulation
+  ``torch.export`` traces without data-dependent control flow.
 - ``vocab.txt`` (one token a line, line number = id) and ``text_rules.tsv``: the tokenizer as tables.
   The rules are read off the Hugging Face fast tokenizer itself, one code point at a time (what its
   normalizer turns each character into, which characters its pre-tokenizer splits on), so the C++
@@ -108,7 +109,9 @@ def export_inputs(encoded: Sequence[tuple[Sequence[int], int]],
     """The six input tensors of ``ExportEncoder`` for encoded pairs (``CrossEncoder.encode_pairs``):
     the layout the C++ packer builds, here for the trace example and the tests.  ``token_multiple``:
     the token stream padded to a multiple of it with rows of zeros that no sequence attends to, as
-    the C++ packer pads it to 64 (so the linears see few distinct row counts)."""
+    the C++ packer pads a bf16 package's to 64 (so the linears see few distinct row counts)."""
+    if token_multiple < 1:
+        raise ValueError(f"token_multiple must be >= 1, got {token_multiple}")
     batch = PackedBatch(encoded)  # ids / token types / positions, and the checks on the sequences
     n, B, L = batch.input_ids.numel(), len(batch.lens), batch.max_seqlen
     T = -(-n // token_multiple) * token_multiple

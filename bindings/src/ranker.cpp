@@ -71,7 +71,9 @@ double trim_base = -1;  // the resident size after the last trim (or the lowest 
 
 bool trim_freed_memory(std::size_t threshold_mib) {
 #if defined(__GLIBC__)
-  const std::lock_guard lock(trim_mutex);
+  // A call that finds another checking or trimming leaves it to that one: none waits out a trim.
+  const std::unique_lock lock(trim_mutex, std::try_to_lock);
+  if (!lock.owns_lock()) return false;
   const double resident = resident_mib();
   if (resident < 0) return false;
   if (trim_base < 0 || resident < trim_base) trim_base = resident;
@@ -100,6 +102,7 @@ struct Ranker::Impl {
         cls_id(token_id("cls_id")),
         sep_id(token_id("sep_id")),
         two_types(settings.count("two_token_types", 0, 1) != 0),
+        token_multiple(settings.all("dtype") == std::vector<std::string>{"float32"} ? 1 : 64),
         num_threads(num_threads) {
     try {
       loader.emplace(dir.open_path("model.pt2"), "model", /*run_single_threaded=*/false, num_runners);
@@ -191,7 +194,6 @@ struct Ranker::Impl {
     return e;
   }
 
-  static constexpr int64_t kTokenMultiple = 64;
   // The exported model's six inputs for these sequences (relsum_core/export.py: export_inputs).
   std::vector<float> score(const std::vector<const Encoded*>& seqs) {
     const auto B = static_cast<int64_t>(seqs.size());
@@ -200,11 +202,7 @@ struct Ranker::Impl {
       T += static_cast<int64_t>(s->ids.size());
       L = std::max<int64_t>(L, static_cast<int64_t>(s->ids.size()));
     }
-    // The token stream is padded to a multiple of kTokenMultiple with rows no sequence attends to
-    // (id 0, position 0, type 0): every linear's row count is then one of a few, so oneDNN's per-shape
-    // primitive caches hit instead of filling up.  On the AMX Xeon, 250 varied bf16 requests took
-    // 59.6 s instead of 73.1 s and grew the process 445 MiB instead of 1.4 GiB; fp32 was unchanged.
-    T = std::min<int64_t>((T + kTokenMultiple - 1) / kTokenMultiple * kTokenMultiple,
+    T = std::min<int64_t>((T + token_multiple - 1) / token_multiple * token_multiple,
                           static_cast<int64_t>(max_packed_tokens));
     const auto opts = at::TensorOptions().dtype(at::kLong);
     auto ids = at::zeros({T}, opts), types = at::zeros({T}, opts), pos = at::zeros({T}, opts);
@@ -256,6 +254,12 @@ struct Ranker::Impl {
   std::size_t max_packed_tokens, max_batch, max_seqlen, max_length, query_max_tokens;
   int64_t cls_id, sep_id;
   bool two_types;
+  // A bf16 package's token stream is padded to a multiple of this with rows no sequence attends to
+  // (id 0, position 0, type 0): its linears then see few distinct row counts, and oneDNN, which builds
+  // and caches a kernel per shape, reuses them.  On the AMX Xeon 250 varied bf16 requests took 59.5 s
+  // instead of 79.1 s, the process growing 479 MiB instead of 1.0 GiB (the default trim on in both).
+  // fp32 (MKL, no per-shape kernels) gained nothing and stays exact.
+  int64_t token_multiple;
   int num_threads;  // 0: libtorch's default
   std::size_t trim_threshold_mib = 0;  // 0: never trims
   std::optional<torch::inductor::AOTIModelPackageLoader> loader;  // loaded last, once the settings pass

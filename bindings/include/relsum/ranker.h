@@ -64,7 +64,8 @@ class Ranker {
   // Scores in input order.  Pairs go through the model longest first, at most batch_size pairs and
   // max_tokens padded tokens (pairs x longest pair: attention runs padded) a forward, and always at
   // least one pair.  Forwards of similar lengths pad little: on a 2-core CPU, 100 candidates of
-  // 24-96 tokens ran ~10% faster in forwards of 1-4k padded tokens than in one.  Throws
+  // 24-96 tokens ran ~10% faster in forwards of 1-4k padded tokens than in one.  A bf16 package's
+  // dense layers also run on up to 63 filler rows a forward (see Ranker::Impl::token_multiple).  Throws
   // std::invalid_argument for an empty list, batch_size or max_tokens 0, or text that is not UTF-8, and
   // std::runtime_error naming model.pt2 if the model fails or returns other than one score a pair
   // (only an inconsistent export does).
