@@ -73,7 +73,8 @@ def normalise(text: str) -> str:
 # cut into overlapping character bigrams, as search engines' CJK analyzers do, so that a word matches
 # inside the run that holds it.
 _UNSPACED = ("\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff"  # Thai, Lao, Myanmar, Khmer
-             "\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f")
+             "\u3040-\u30fa\u30fc-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f"
+             "\U00020000-\U0003ffff")  # kana (not the middle dot ・), CJK ideographs of every plane
 _UNSPACED_RUN = re.compile(f"[{_UNSPACED}]+")
 # Full-width ASCII (U+FF01-FF5E, common in Japanese and Chinese listings: "１７０ｍｍ") as ASCII.  Not
 # NFKC: it also turns "SGT™" into the word "sgttm" and "Waist…" into "waist...".
@@ -129,9 +130,12 @@ def words(text: str, joiners: str = "") -> list[str]:
 def word_count(text: str) -> int:
     """How many words ``text`` has, for reports: a word of a spaced script counts one ("non-GMO" and
     "12.5" too), each character of an unspaced script one, as word counts of Chinese and Japanese
-    text usually go (whitespace splitting counts a whole Japanese sentence as one word)."""
+    text usually go (whitespace splitting counts a whole Japanese sentence as one word).  Thai, Lao,
+    Khmer and Myanmar count their letters too (their words need a dictionary); combining marks and
+    voicing marks count nothing."""
     runs = _word_pattern("'./-").findall(unicodedata.normalize("NFC", text).translate(_FULL_WIDTH))
-    return sum(len(w) if is_unspaced(w) else 1 for w in runs)
+    return sum(sum(not unicodedata.category(c).startswith("M") and c not in "\uff9e\uff9f" for c in w)
+               if is_unspaced(w) else 1 for w in runs)
 
 
 def attributes_text(product: Product) -> str:

@@ -228,6 +228,7 @@ def test_words_of_any_script():
     assert words("स्टील की कड़ाही") == ["स्टील", "की", "कड़ाही"] and words("مِقْلاة حديد") == ["مِقْلاة", "حديد"]
     assert words("İzmir") == ["i\u0307zmir"]
     assert words("กระทะ 28") == ["กร", "ระ", "ะท", "ทะ", "28"]  # Thai is written without spaces too
+    assert words("キッチン・タオル") == ["キッ", "ッチ", "チン", "タオ", "オル"]  # the middle dot splits
 
 
 def test_word_count_counts_characters_of_unspaced_scripts():
@@ -237,6 +238,9 @@ def test_word_count_counts_characters_of_unspaced_scripts():
     assert word_count("2 x 12.5 oz. cans & lids") == 6  # "&" is no word
     assert word_count("鶏ガラスープ、無添加") == 9  # one per character: whitespace saw one word
     assert word_count("ｆｕｌｌ ＡＢＣ réglable") == 3 and word_count(" \n") == 0
+    # marks count nothing: Thai tone and vowel marks, half-width voicing marks; the middle dot splits
+    assert word_count("ไม่มี") == 3 and word_count("ｶﾞﾗｽ") == 3 and word_count("キッチン・タオル") == 7
+    assert word_count("\U00020000\U00020001") == 2  # ideographs beyond the first plane
 
 
 def test_html_markup_is_dropped_from_titles_and_attributes(tok):
