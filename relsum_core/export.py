@@ -5,8 +5,8 @@ The directory holds:
   C++ packer builds: ids / token types / positions over the packed tokens [T], ``pad_index`` [B, L]
   (the packed row of each padded slot, ``T`` for padding), ``token_slot`` [T] (each token's flat slot
   in [B, L]) and ``cls_index`` [B].  The dense layers run on the packed tokens only (for a bf16
-  package the C++ pads them to a multiple of 64 with rows no slot points at, so oneDNN's per-shape
-  kernels are reused); attention runs on the padded [B, L] view, the one formulation
+  package the C++ pads them by a few rows that no slot points at, so oneDNN's per-shape kernels
+  are reused); attention runs on the padded [B, L] view, the one formulation
   ``torch.export`` traces without data-dependent control flow.
 - ``vocab.txt`` (one token a line, line number = id) and ``text_rules.tsv``: the tokenizer as tables.
   The rules are read off the Hugging Face fast tokenizer itself, one code point at a time (what its
@@ -109,7 +109,7 @@ def export_inputs(encoded: Sequence[tuple[Sequence[int], int]],
     """The six input tensors of ``ExportEncoder`` for encoded pairs (``CrossEncoder.encode_pairs``):
     the layout the C++ packer builds, here for the trace example and the tests.  ``token_multiple``:
     the token stream padded to a multiple of it with rows of zeros that no sequence attends to, as
-    the C++ packer pads a bf16 package's to 64 (so the linears see few distinct row counts)."""
+    the C++ packer pads a bf16 package's (so the linears see few distinct row counts)."""
     if token_multiple < 1:
         raise ValueError(f"token_multiple must be >= 1, got {token_multiple}")
     batch = PackedBatch(encoded)  # ids / token types / positions, and the checks on the sequences

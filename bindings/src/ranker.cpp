@@ -102,7 +102,7 @@ struct Ranker::Impl {
         cls_id(token_id("cls_id")),
         sep_id(token_id("sep_id")),
         two_types(settings.count("two_token_types", 0, 1) != 0),
-        token_multiple(settings.all("dtype") == std::vector<std::string>{"float32"} ? 1 : 64),
+        pad_tokens(settings.all("dtype") != std::vector<std::string>{"float32"}),
         num_threads(num_threads) {
     try {
       loader.emplace(dir.open_path("model.pt2"), "model", /*run_single_threaded=*/false, num_runners);
@@ -194,6 +194,22 @@ struct Ranker::Impl {
     return e;
   }
 
+  // A bf16 package's token stream is padded with rows no sequence attends to (id 0, position 0, type
+  // 0), to a multiple of 1/16 of T's power of two, 8 at least and 64 at most: 7 filler rows at most
+  // below 128 tokens, a 16th of the stream at most above, and about 16 distinct row counts an octave.
+  // The linears then see few shapes, and oneDNN, which builds and caches a kernel per shape, reuses
+  // them.  On the AMX Xeon, 250 varied bf16 requests took 59.7 s instead of 79.1 s and grew the
+  // process 535 MiB instead of 1.0 GiB (the default trim on in both).  A multiple of 64 throughout was
+  // as fast but took one 16-token pair 4.8 ms instead of 2.6.  fp32 (MKL, no per-shape kernels) gained
+  // nothing and stays exact.
+  int64_t padded_tokens(int64_t T) const {
+    if (!pad_tokens) return T;
+    int64_t octave = 1;
+    while (octave * 2 <= T) octave *= 2;
+    const int64_t step = std::clamp<int64_t>(octave / 16, 8, 64);
+    return std::min<int64_t>((T + step - 1) / step * step, static_cast<int64_t>(max_packed_tokens));
+  }
+
   // The exported model's six inputs for these sequences (relsum_core/export.py: export_inputs).
   std::vector<float> score(const std::vector<const Encoded*>& seqs) {
     const auto B = static_cast<int64_t>(seqs.size());
@@ -202,8 +218,7 @@ struct Ranker::Impl {
       T += static_cast<int64_t>(s->ids.size());
       L = std::max<int64_t>(L, static_cast<int64_t>(s->ids.size()));
     }
-    T = std::min<int64_t>((T + token_multiple - 1) / token_multiple * token_multiple,
-                          static_cast<int64_t>(max_packed_tokens));
+    T = padded_tokens(T);
     const auto opts = at::TensorOptions().dtype(at::kLong);
     auto ids = at::zeros({T}, opts), types = at::zeros({T}, opts), pos = at::zeros({T}, opts);
     auto pad_index = at::full({B, L}, T, opts), slot = at::zeros({T}, opts), cls = at::empty({B}, opts);
@@ -254,12 +269,7 @@ struct Ranker::Impl {
   std::size_t max_packed_tokens, max_batch, max_seqlen, max_length, query_max_tokens;
   int64_t cls_id, sep_id;
   bool two_types;
-  // A bf16 package's token stream is padded to a multiple of this with rows no sequence attends to
-  // (id 0, position 0, type 0): its linears then see few distinct row counts, and oneDNN, which builds
-  // and caches a kernel per shape, reuses them.  On the AMX Xeon 250 varied bf16 requests took 59.5 s
-  // instead of 79.1 s, the process growing 479 MiB instead of 1.0 GiB (the default trim on in both).
-  // fp32 (MKL, no per-shape kernels) gained nothing and stays exact.
-  int64_t token_multiple;
+  bool pad_tokens;  // see padded_tokens
   int num_threads;  // 0: libtorch's default
   std::size_t trim_threshold_mib = 0;  // 0: never trims
   std::optional<torch::inductor::AOTIModelPackageLoader> loader;  // loaded last, once the settings pass

@@ -65,7 +65,7 @@ class Ranker {
   // max_tokens padded tokens (pairs x longest pair: attention runs padded) a forward, and always at
   // least one pair.  Forwards of similar lengths pad little: on a 2-core CPU, 100 candidates of
   // 24-96 tokens ran ~10% faster in forwards of 1-4k padded tokens than in one.  A bf16 package's
-  // dense layers also run on up to 63 filler rows a forward (see Ranker::Impl::token_multiple).  Throws
+  // dense layers also run on a few filler rows a forward (Ranker::Impl::padded_tokens).  Throws
   // std::invalid_argument for an empty list, batch_size or max_tokens 0, or text that is not UTF-8, and
   // std::runtime_error naming model.pt2 if the model fails or returns other than one score a pair
   // (only an inconsistent export does).
