@@ -12,7 +12,7 @@
 //     --intra N         RankerOptions::num_threads (default 0: libtorch's default)
 //     --ranker-trim M   RankerOptions::trim_threshold_mib (0: never; default: the library's, 256)
 //
-// DOCS.txt / QUERIES.txt: one text a line; `\t`, `\n`, `\\` stand for tab, line break, backslash.
+// DOCS.txt / QUERIES.txt: one text a line (make_inputs.py writes them).
 // Request i (the same for every run with one seed, whatever the thread count): a query (70% from
 // QUERIES.txt, 30% 1-8 random words from the docs), k candidates (1/4 uniform 1..max, 3/4
 // log-uniform 1..max), each doc a title-length, medium or long cut (see make_request).
@@ -43,25 +43,12 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-std::string unescape(const std::string& s) {
-  std::string out;
-  for (std::size_t i = 0; i < s.size(); ++i) {
-    if (s[i] == '\\' && i + 1 < s.size()) {
-      const char c = s[++i];
-      out += c == 't' ? '\t' : c == 'n' ? '\n' : c;
-    } else {
-      out += s[i];
-    }
-  }
-  return out;
-}
-
 std::vector<std::string> read_lines(const std::string& path) {
   std::ifstream in(path);
   if (!in) throw std::runtime_error("cannot read " + path);
   std::vector<std::string> out;
   for (std::string line; std::getline(in, line);)
-    if (!line.empty()) out.push_back(unescape(line));
+    if (!line.empty()) out.push_back(line);
   return out;
 }
 
