@@ -8,8 +8,8 @@
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
-#include <mutex>
 #include <iterator>
+#include <mutex>
 #include <new>
 #include <numeric>
 #include <optional>
