@@ -1,6 +1,7 @@
 from dataclasses import asdict, dataclass, field, replace
 
-from relsum_core.records import changed_settings, dataclass_defaults, describe
+from relsum_core import records
+from relsum_core.records import changed_settings, dataclass_defaults, describe, weight_files, weights_differ
 from relsum_core.trainers.summarizer import SummarizerConfig, _changed_settings
 
 
@@ -51,8 +52,6 @@ def test_resume_of_a_run_from_before_a_setting_existed_compares_what_it_did():
 def test_weight_files_compare_by_content_and_older_records_by_time(tmp_path):
     import os
 
-    from relsum_core.records import weight_files, weights_differ
-
     (tmp_path / "model.safetensors").write_bytes(b"weights one")
     (tmp_path / "config.json").write_text("{}")  # not a weight file
     now = weight_files(tmp_path)
@@ -73,8 +72,6 @@ def test_weight_files_compare_by_content_and_older_records_by_time(tmp_path):
 
 def test_bin_weights_are_weight_files(tmp_path):
     # a folder with only pytorch_model.bin is not weightless
-    from relsum_core.records import weight_files, weights_differ
-
     w = tmp_path / "pytorch_model.bin"
     w.write_bytes(b"weights one")
     before = weight_files(tmp_path)
@@ -85,8 +82,6 @@ def test_bin_weights_are_weight_files(tmp_path):
 
 def test_weight_files_are_listed_by_name(tmp_path):
     # not in the order of the glob patterns or of the directory on disk
-    from relsum_core.records import weight_files
-
     for name in ("b.safetensors", "a.bin", "c.safetensors"):
         (tmp_path / name).write_bytes(b"w")
     assert [e[0] for e in weight_files(tmp_path)] == ["a.bin", "b.safetensors", "c.safetensors"]
@@ -94,8 +89,6 @@ def test_weight_files_are_listed_by_name(tmp_path):
 
 def test_weight_hashes_are_computed_once_per_file_version(tmp_path, monkeypatch):
     # each CV fold re-checks the same weights: their hashes are cached until the file changes
-    from relsum_core import records
-
     calls = []
     real = records.file_sha256
     monkeypatch.setattr(records, "file_sha256", lambda p: calls.append(p) or real(p))
@@ -109,8 +102,6 @@ def test_weight_hashes_are_computed_once_per_file_version(tmp_path, monkeypatch)
 
 def test_a_renamed_weight_file_differs():
     # names are compared with sizes and hashes; the time alone is not
-    from relsum_core.records import weights_differ
-
     h = "0" * 64
     assert weights_differ([["model.safetensors", 3, 1, h]], [["other.safetensors", 3, 1, h]])
     assert not weights_differ([["model.safetensors", 3, 1, h]], [["model.safetensors", 3, 2, h]])
