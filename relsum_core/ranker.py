@@ -566,14 +566,17 @@ class CrossEncoder:
         shapes = self._bucket_shapes(batch_size, max_tokens)
         from tqdm.auto import tqdm
 
-        with tqdm(total=len(pairs), disable=not show_progress_bar, desc="scoring", unit="pair") as bar:
-            for idx in self._batches(lens, batch_size, max_tokens):
-                seqs = [pairs[i] for i in idx]
-                layout = shapes.plan([lens[i] for i in idx]) if shapes is not None else None
-                s = self.score_packed(self._pack(seqs, layout, [origin[i] for i in idx]))
-                scores[idx] = s[: len(idx)].float().cpu().numpy()
-                bar.update(len(idx))
-        self._after_scoring()
+        # a call that fails mid-way (out of memory, an interrupt) freed its activations too: trim then as well
+        try:
+            with tqdm(total=len(pairs), disable=not show_progress_bar, desc="scoring", unit="pair") as bar:
+                for idx in self._batches(lens, batch_size, max_tokens):
+                    seqs = [pairs[i] for i in idx]
+                    layout = shapes.plan([lens[i] for i in idx]) if shapes is not None else None
+                    s = self.score_packed(self._pack(seqs, layout, [origin[i] for i in idx]))
+                    scores[idx] = s[: len(idx)].float().cpu().numpy()
+                    bar.update(len(idx))
+        finally:
+            self._after_scoring()
         return scores if inverse is None else scores[inverse]
 
     def _pack(self, seqs: Sequence[tuple[list[int], int]], layout: BucketLayout | None,
@@ -832,10 +835,12 @@ class Reranker:
             raise ValueError("the candidate list is empty: nothing to rank")
         pairs, origin, inverse = _distinct_pairs(encoded)
         scores = np.empty(len(pairs), dtype=np.float32)
-        with self._lock, device_scope(self.ce.device):
-            for idx in self._chunks([len(ids) for ids, _ in pairs]):
-                scores[idx] = self._score_chunk([pairs[i] for i in idx], [origin[i] for i in idx])
-        self.ce._after_scoring()
+        try:
+            with self._lock, device_scope(self.ce.device):
+                for idx in self._chunks([len(ids) for ids, _ in pairs]):
+                    scores[idx] = self._score_chunk([pairs[i] for i in idx], [origin[i] for i in idx])
+        finally:  # as in CrossEncoder.score_encoded: a failed call trims too
+            self.ce._after_scoring()
         return scores if inverse is None else scores[inverse]
 
     def rerank(self, query: str, candidates: Sequence[str], top_k: int | None = None,

@@ -537,6 +537,27 @@ def test_cpu_scoring_hands_freed_memory_back(tiny, monkeypatch):
     assert ranker_mod._malloc_trim() is not None  # this CI's Linux has glibc
 
 
+def test_a_scoring_call_that_fails_still_trims(tiny, monkeypatch):
+    """A forward that fails mid-way (out of memory, an interrupt) freed its activations too."""
+    import relsum_core.ranker as ranker_mod
+
+    checks = []
+    monkeypatch.setattr(ranker_mod, "trim_freed_memory", lambda threshold: checks.append(threshold))
+
+    def fail(*args, **kwargs):
+        raise MemoryError("out of memory mid-forward")
+
+    monkeypatch.setattr(tiny, "score_packed", fail)
+    with pytest.raises(MemoryError):
+        tiny.predict([("q", "d")])
+    assert checks == [256.0]
+    reranker = Reranker(tiny)
+    monkeypatch.setattr(reranker, "_score_chunk", fail)
+    with pytest.raises(MemoryError):
+        reranker.score("q", ["d", "e"])
+    assert checks == [256.0, 256.0]
+
+
 # ------------------------------------------------------------------ buckets and the Reranker
 def test_packed_batch_layout():
     b = PackedBatch([([101, 5, 102, 7, 102], 3), ([101, 102, 102], 2)])

@@ -69,7 +69,7 @@ double trim_base = -1;  // the resident size after the last trim (or the lowest 
 
 }  // namespace
 
-bool trim_freed_memory(std::size_t threshold_mib) {
+bool trim_freed_memory(std::size_t threshold_mib) noexcept {
 #if defined(__GLIBC__)
   // A call that finds another checking or trimming leaves it to that one: none waits out a trim.
   const std::unique_lock lock(trim_mutex, std::try_to_lock);
@@ -300,6 +300,13 @@ std::vector<float> Ranker::predict(const std::vector<std::pair<std::string, std:
   if (max_tokens == 0) throw std::invalid_argument("relsum: max_tokens must be >= 1");
   batch_size = std::min(batch_size, impl_->max_batch);
   max_tokens = std::min(max_tokens, impl_->max_packed_tokens);  // padded >= packed: within the export
+  // Trims on the way out, a throw included: a forward that failed mid-way freed its activations too.
+  struct TrimOnExit {
+    std::size_t threshold_mib;
+    ~TrimOnExit() {
+      if (threshold_mib > 0) trim_freed_memory(threshold_mib);
+    }
+  } const trim_on_exit{impl_->trim_threshold_mib};
   // at::set_num_threads reaches only threads that have not run torch work yet: set it per calling thread.
   if (impl_->num_threads > 0 && at::get_num_threads() != impl_->num_threads) at::set_num_threads(impl_->num_threads);
   std::vector<Encoded> enc;
@@ -341,7 +348,6 @@ std::vector<float> Ranker::predict(const std::vector<std::pair<std::string, std:
     i = j;
   }
   for (std::size_t i = 0; i < enc.size(); ++i) scores[i] = scores[first[i]];
-  if (impl_->trim_threshold_mib > 0) trim_freed_memory(impl_->trim_threshold_mib);
   return scores;
 }
 

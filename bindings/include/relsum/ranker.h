@@ -33,7 +33,7 @@ struct RankerOptions {
   // also clear oneDNN's primitive cache twice a call.)  Constructing a Ranker sets no thread count.
   // A service running several requests at once wants num_runners x num_threads <= cores.
   int num_threads = 0;
-  // After each predict()/rank() call: trim_freed_memory(trim_threshold_mib); 0 never trims.
+  // After each predict()/rank() call, one that throws too: trim_freed_memory(trim_threshold_mib); 0 never trims.
   std::size_t trim_threshold_mib = 256;
 };
 
@@ -43,7 +43,7 @@ struct RankerOptions {
 // shapes leave freed blocks that glibc keeps (the Python CrossEncoder's fp32 grew 1.8 GiB over 1,500
 // varied calls untrimmed).  Reading the resident size costs about 20 us, a trim 5-15 ms, and the
 // pages it returns fault back in on later calls.
-bool trim_freed_memory(std::size_t threshold_mib);
+bool trim_freed_memory(std::size_t threshold_mib) noexcept;
 
 class Ranker {
  public:
