@@ -684,6 +684,8 @@ def test_bf16_export_scores_and_ranks_like_fp32(binaries, ranker, esci_texts, tm
     want = ranker.predict(pairs)  # fp32
     assert np.abs(got - want).max() < 0.05 * max(1.0, np.abs(want).max())
     assert np.corrcoef(np.argsort(np.argsort(got)), np.argsort(np.argsort(want)))[0, 1] > 0.97
+    api = subprocess.run([str(binaries / "relsum_api_test"), str(out)], capture_output=True, text=True)
+    assert api.returncode == 0 and "all checks passed" in api.stdout, api.stderr + api.stdout
     with pytest.raises(ValueError, match="dtype must be one of"):
         export_ranker(ranker, tmp_path / "fp16", dtype=torch.float16)
 

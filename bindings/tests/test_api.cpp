@@ -1,6 +1,7 @@
 // The C++ API's own checks, against an export directory given on the command line
 // (tests/test_bindings.py builds one from a small random BERT with a real vocabulary).
 // Score and tokenisation parity with Python are checked there, through relsum_rerank.
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -44,6 +45,13 @@ void expect_throw(const std::function<void()>& f, const std::string& needle, con
   check(false, what + ": no exception");
 }
 
+bool is_bf16_export(const std::string& export_dir) {
+  std::ifstream settings(std::filesystem::path(export_dir) / "settings.txt");
+  for (std::string line; std::getline(settings, line);)
+    if (line == "dtype bfloat16") return true;
+  return false;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -65,6 +73,11 @@ int main(int argc, char** argv) {
   std::vector<std::pair<std::string, std::string>> pairs;
   for (const auto& d : docs) pairs.emplace_back(query, d);
   const auto scores = ranker.predict(pairs);
+  // How far a score may move with the batch it shares: fp32 sums in another order (~1e-6); a bf16
+  // package rounds every activation and the score to 8 bits of mantissa (2-3 ulps seen).
+  float largest = 0;
+  for (const float s : scores) largest = std::max(largest, std::fabs(s));
+  const float tol = is_bf16_export(argv[1]) ? 2e-2f * std::max(largest, 1e-3f) : 1e-5f;
   const auto ranked = ranker.rank(query, docs);
   check(ranked.size() == docs.size(), "rank returns every doc");
   for (std::size_t i = 0; i < ranked.size(); ++i) {
@@ -81,9 +94,9 @@ int main(int argc, char** argv) {
   const auto token_capped = ranker.predict(pairs, 128, 1);  // max_tokens below one pair: one a forward
   const auto one_batch = ranker.predict(pairs, 128, 1 << 20);
   for (std::size_t i = 0; i < scores.size(); ++i) {
-    check(std::fabs(one_by_one[i] - scores[i]) < 1e-5f, "batch_size 1 gives the same scores");
-    check(std::fabs(token_capped[i] - scores[i]) < 1e-5f, "max_tokens 1 gives the same scores");
-    check(std::fabs(one_batch[i] - scores[i]) < 1e-5f, "one forward gives the same scores");
+    check(std::fabs(one_by_one[i] - scores[i]) < tol, "batch_size 1 gives the same scores");
+    check(std::fabs(token_capped[i] - scores[i]) < tol, "max_tokens 1 gives the same scores");
+    check(std::fabs(one_batch[i] - scores[i]) < tol, "one forward gives the same scores");
   }
 
   // Concurrent callers get the same answers, on one model instance and on several.
@@ -144,7 +157,7 @@ int main(int argc, char** argv) {
   const auto lone = ranker.predict({{"", ""}});
   check(lone.size() == 1 && std::isfinite(lone[0]), "a lone empty pair scores");
   const auto single = ranker.rank(query, {docs[0]});
-  check(single.size() == 1 && single[0].corpus_id == 0 && std::fabs(single[0].score - scores[0]) < 1e-5f,
+  check(single.size() == 1 && single[0].corpus_id == 0 && std::fabs(single[0].score - scores[0]) < tol,
         "one candidate");
 
   // Bad input: clear errors, no crash.
