@@ -32,6 +32,7 @@ import torch  # noqa: E402
 
 from relsum_core.data import load_dataset  # noqa: E402
 from relsum_core.ranker import CrossEncoder, packaged_minilm_path  # noqa: E402
+from relsum_core.rerank_lines import escape  # noqa: E402
 from relsum_core.text import attributes_text, cut_to_tokens  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,10 +75,6 @@ def _case(ce: CrossEncoder, n: int, lo: int, hi: int, seed: int = 0) -> tuple[st
     return query, [cut_to_tokens(d, ce.tokenizer, rng.randint(lo, hi) - q_len) for d in rng.sample(docs, n)]
 
 
-def _escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
-
-
 @pytest.mark.parametrize("method", ["python_rank", "cpp_process", "python_rank_bf16", "cpp_process_bf16"])
 @pytest.mark.parametrize("row", ROWS, ids=lambda r: f"{r[0]}cands-{r[1]}-{r[2]}")
 def test_cpu_cpp_rerank_latency(benchmark, setup, row, method):
@@ -86,7 +83,7 @@ def test_cpu_cpp_rerank_latency(benchmark, setup, row, method):
     ce, export = models[dtype], exports[dtype]
     query, cands = _case(ce, *row)
     lens = [len(ids) for ids, _ in ce.encode_pairs([(query, c) for c in cands])]
-    stdin = "".join(_escape(t) + "\n" for t in (query, *cands))
+    stdin = "".join(escape(t) + "\n" for t in (query, *cands))
     torch.set_num_threads(os.cpu_count() or 1)
     want = {r["corpus_id"]: r["score"] for r in ce.rank(query, cands)}
     warm = {}

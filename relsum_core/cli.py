@@ -350,6 +350,38 @@ def _add_export_ranker(sub) -> None:
     p.set_defaults(func=_export_ranker)
 
 
+def _rerank(args: argparse.Namespace) -> int:
+    import torch
+
+    from relsum_core.precision import resolve_device
+    from relsum_core.ranker import CrossEncoder
+    from relsum_core.rerank_lines import parse, read_lines, run
+
+    if args.top_k is not None and not args.rank:
+        raise ValueError("--top-k needs --rank")
+    request = parse(read_lines(sys.stdin.buffer), rank=args.rank)  # a malformed line costs no model load
+    ranker = CrossEncoder.from_pretrained(args.model, device=resolve_device(args.device),
+                                          dtype=getattr(torch, args.dtype))
+    run(ranker, request, sys.stdout, top_k=args.top_k, batch_size=args.batch_size, max_tokens=args.max_tokens)
+    return 0
+
+
+def _add_rerank(sub) -> None:
+    p = sub.add_parser("rerank", help="score QUERY<TAB>DOC lines (or rank a query's candidates) from stdin "
+                       "with a ranker checkpoint, in the C++ relsum_rerank's format")
+    p.add_argument("--model", required=True, help="HF BERT-family checkpoint folder (e.g. runs/ranker/best)")
+    p.add_argument("--rank", action="store_true",
+                   help="stdin: the query, then a candidate a line; stdout: CORPUS_ID<TAB>SCORE, best first")
+    p.add_argument("--top-k", type=int, default=None, help="--rank: keep the best K")
+    p.add_argument("--batch-size", type=int, default=128, help="pairs a forward")
+    p.add_argument("--max-tokens", type=int, default=16384, help="packed tokens a forward")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="bfloat16: faster on CPUs with bf16 dot products (scores move ~1e-2)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.epilog = "In texts, \\t, \\n and \\\\ stand for a tab, a line break and a backslash."
+    p.set_defaults(func=_rerank)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relsum", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -370,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_plot(sub)
     _add_export_ranker(sub)
+    _add_rerank(sub)
     return parser
 
 

@@ -608,12 +608,12 @@ class CrossEncoder:
         return self._shapes[key]
 
     def rank(self, query: str, docs: Sequence[str], top_k: int | None = None, return_documents: bool = False,
-             batch_size: int = 128) -> list[dict]:
+             batch_size: int = 128, *, max_tokens: int = 16384) -> list[dict]:
         """``[{"corpus_id", "score"(, "text")}]`` sorted by score, highest first (ties: lower corpus_id
-        first), cut to ``top_k`` when given."""
+        first), cut to ``top_k`` when given; batched as :meth:`predict`."""
         _check_text(query, "query")
         docs = _check_docs(docs)
-        scores = self.predict([(query, d) for d in docs], batch_size=batch_size)
+        scores = self.predict([(query, d) for d in docs], batch_size=batch_size, max_tokens=max_tokens)
         return _ranked(scores, docs, top_k, return_documents)
 
     # ---------------------------------------------------------------- saving

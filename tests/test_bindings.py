@@ -34,6 +34,7 @@ from relsum_core.export import (  # noqa: E402
 )
 from relsum_core.io import _exchange  # noqa: E402
 from relsum_core.ranker import CrossEncoder  # noqa: E402
+from relsum_core.rerank_lines import escape  # noqa: E402
 from relsum_core.text import attributes_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,10 +64,6 @@ def _random_texts(n: int, seed: int = 0) -> list[str]:
             chars.append(chr(rng.randint(lo, hi)) if rng.random() < 0.7 else rng.choice(" abcde"))
         out.append("".join(chars))
     return out
-
-
-def _escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +131,7 @@ def esci_texts() -> tuple[list[str], list[str]]:
 def test_tokenizer_matches_hf_on_esci_and_hostile_text(binaries, exported, ranker, esci_texts):
     queries, docs = esci_texts
     texts = queries + docs + HOSTILE + _random_texts(400)
-    done = _run(binaries, [str(exported), "--tokenize"], [_escape(t) for t in texts])
+    done = _run(binaries, [str(exported), "--tokenize"], [escape(t) for t in texts])
     assert done.returncode == 0, done.stderr
     got = [[int(x) for x in line.split()] for line in done.stdout.splitlines()]
     assert len(got) == len(texts)
@@ -170,7 +167,7 @@ def test_scores_match_python_predict(binaries, exported, ranker, esci_texts):
     # mixed lengths: short titles to docs far past max_length (128), plus empty strings
     pairs = [(rng.choice(queries), rng.choice(docs)[: rng.choice([20, 80, 400, 4000])]) for _ in range(150)]
     pairs += [("", ""), ("", "a doc"), ("a query", ""), ("x " * 300, "y " * 300)]
-    lines = [f"{_escape(q)}\t{_escape(d)}" for q, d in pairs]
+    lines = [f"{escape(q)}\t{escape(d)}" for q, d in pairs]
     done = _run(binaries, [str(exported), "--batch-size", "32"], lines)
     assert done.returncode == 0, done.stderr
     got = np.array([float(x) for x in done.stdout.split()], dtype=np.float32)
@@ -189,7 +186,7 @@ def test_scores_match_python_predict(binaries, exported, ranker, esci_texts):
 def test_rank_matches_python_rank(binaries, exported, ranker, esci_texts):
     queries, docs = esci_texts
     query, cands = queries[3], docs[:60]
-    done = _run(binaries, [str(exported), "--rank", "--top-k", "10"], [_escape(t) for t in (query, *cands)])
+    done = _run(binaries, [str(exported), "--rank", "--top-k", "10"], [escape(t) for t in (query, *cands)])
     assert done.returncode == 0, done.stderr
     rows = [line.split("\t") for line in done.stdout.splitlines()]
     want = ranker.rank(query, cands, top_k=10)
@@ -203,7 +200,7 @@ def test_identical_docs_tie_in_corpus_order(binaries, exported, esci_texts):
     queries, docs = esci_texts
     a, d, b = docs[10][:400], docs[11][:120], docs[12][:300]
     cands = [a, d, d, d, b, d]
-    done = _run(binaries, [str(exported), "--rank"], [_escape(t) for t in (queries[0], *cands)])
+    done = _run(binaries, [str(exported), "--rank"], [escape(t) for t in (queries[0], *cands)])
     assert done.returncode == 0, done.stderr
     rows = [(int(i), float(s)) for i, s in (line.split("\t") for line in done.stdout.splitlines())]
     dups = [(i, s) for i, s in rows if i in (1, 2, 3, 5)]
@@ -216,6 +213,30 @@ def test_identical_docs_tie_in_corpus_order(binaries, exported, esci_texts):
     got, want = [float(x) for x in together.stdout.split()], [float(a.stdout) for a in alone]
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert abs(want[0] - want[1]) > 1e-3
+
+
+def test_python_rerank_cli_writes_what_relsum_rerank_does(binaries, exported, ranker_dir, esci_texts,
+                                                          monkeypatch, capsys):
+    """`relsum rerank --model CKPT` and `relsum_rerank EXPORT` on the same lines: the same output, so a
+    service can diff its export against the checkpoint it came from."""
+    import io
+    import sys
+
+    queries, docs = esci_texts
+    texts = [queries[3], *(d[:250] for d in docs[40:70]), "tab\there, break\nthere, back\\slash"]
+    for args, lines in (([], [f"{escape(queries[3])}\t{escape(d)}" for d in texts[1:]]),
+                        (["--rank", "--top-k", "7"], [escape(t) for t in texts])):
+        cpp = _run(binaries, [str(exported), *args], lines)
+        assert cpp.returncode == 0, cpp.stderr
+        stdin = "".join(f"{x}\n" for x in lines).encode()
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8"))
+        assert cli.main(["rerank", "--model", str(ranker_dir), "--device", "cpu", *args]) == 0
+        py = capsys.readouterr().out
+        assert len(py.splitlines()) == len(cpp.stdout.splitlines()) == (7 if args else len(lines))
+        for p_line, c_line in zip(py.splitlines(), cpp.stdout.splitlines()):
+            p_fields, c_fields = p_line.split("\t"), c_line.split("\t")
+            assert p_fields[:-1] == c_fields[:-1]  # the same corpus ids in the same order
+            assert abs(float(p_fields[-1]) - float(c_fields[-1])) < 1e-4
 
 
 def test_cpp_api_checks(binaries, exported):
@@ -467,7 +488,7 @@ def _tokenizer_export(ce: CrossEncoder, exported: Path, out: Path) -> Path:
 
 
 def _tokenize(binaries: Path, export: Path, texts: list[str]) -> list[list[int]]:
-    done = _run(binaries, [str(export), "--tokenize"], [_escape(t) for t in texts])
+    done = _run(binaries, [str(export), "--tokenize"], [escape(t) for t in texts])
     assert done.returncode == 0, done.stderr
     return [[int(x) for x in line.split()] for line in done.stdout.splitlines()]
 
@@ -668,7 +689,7 @@ def test_export_targets(binaries, exported, native_exported, ranker, esci_texts,
     assert "target native\n" in (native / "settings.txt").read_text()
     assert b"march=native" in _package_code(native)
     pairs = [(queries[7], d[:300]) for d in docs[:40]]
-    done = _run(binaries, [str(native)], [f"{_escape(q)}\t{_escape(d)}" for q, d in pairs])
+    done = _run(binaries, [str(native)], [f"{escape(q)}\t{escape(d)}" for q, d in pairs])
     assert done.returncode == 0, done.stderr
     np.testing.assert_allclose([float(x) for x in done.stdout.split()], ranker.predict(pairs), atol=1e-4)
 
@@ -678,7 +699,7 @@ def test_bf16_export_scores_and_ranks_like_fp32(binaries, ranker, esci_texts, tm
     out = export_ranker(ranker, tmp_path / "bf16", dtype=torch.bfloat16)
     assert "dtype bfloat16" in (out / "settings.txt").read_text()
     pairs = [(queries[5], d[:300]) for d in docs[:80]]
-    done = _run(binaries, [str(out)], [f"{_escape(q)}\t{_escape(d)}" for q, d in pairs])
+    done = _run(binaries, [str(out)], [f"{escape(q)}\t{escape(d)}" for q, d in pairs])
     assert done.returncode == 0, done.stderr
     got = np.array([float(x) for x in done.stdout.split()])
     want = ranker.predict(pairs)  # fp32

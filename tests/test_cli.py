@@ -7,7 +7,8 @@ from relsum_core.cli import build_parser, main
 
 def test_every_subcommand_has_help():
     parser = build_parser()
-    for cmd in ("bench-logprob", "train-ranker", "train", "summarize", "evaluate", "plot"):
+    for cmd in ("bench-logprob", "train-ranker", "train", "summarize", "evaluate", "plot", "export-ranker",
+                "rerank"):
         with pytest.raises(SystemExit) as e:
             parser.parse_args([cmd, "--help"])
         assert e.value.code == 0
