@@ -547,14 +547,14 @@ def test_a_scoring_call_that_fails_still_trims(tiny, monkeypatch):
     def fail(*args, **kwargs):
         raise MemoryError("out of memory mid-forward")
 
-    monkeypatch.setattr(tiny, "score_packed", fail)
+    # on the classes: an instance attribute would outlive the test (monkeypatch restores it as one)
+    monkeypatch.setattr(CrossEncoder, "score_packed", fail)
     with pytest.raises(MemoryError):
         tiny.predict([("q", "d")])
     assert checks == [256.0]
-    reranker = Reranker(tiny)
-    monkeypatch.setattr(reranker, "_score_chunk", fail)
+    monkeypatch.setattr(Reranker, "_score_chunk", fail)
     with pytest.raises(MemoryError):
-        reranker.score("q", ["d", "e"])
+        Reranker(tiny).score("q", ["d", "e"])
     assert checks == [256.0, 256.0]
 
 
