@@ -1,7 +1,7 @@
 """`relsum rerank`: a ranker checkpoint from the shell, in the line format of the C++ `relsum_rerank`.
 
-The same lines in give the same lines out (scores within float rounding of an fp32 export), so a
-service can check its export against the checkpoint it came from by diffing the two tools' output.
+The same lines in give the same lines out (an fp32 export's scores within 1e-4), so a service can
+check its export against the checkpoint it came from by comparing the two tools' output.
 
 Pairs: ``QUERY<TAB>DOC`` a line in, a score a line out.  Ranking: the query on the first line, a
 candidate on each line after it; ``CORPUS_ID<TAB>SCORE`` out, best first.  In texts, ``\\t``, ``\\n``
