@@ -78,7 +78,9 @@ def _add_train_ranker(sub) -> None:
     p.add_argument("--pseudo-head-lr", type=float, default=1e-3, help="head learning rate of the warm-up")
     p.add_argument("--batch-size", type=int, default=4, help="queries per step")
     p.add_argument("--group-size", type=int, default=8, help="candidates of a query per softmax")
-    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="cap on the graded phase's steps (default: --epochs' worth); the --pseudo-steps "
+                   "warm-up runs first, so a quick trial sets both: --max-steps 3 --pseudo-steps 0")
     p.add_argument("--seed", type=int, default=0, help="data order, prefix lengths, head init")
     p.add_argument("--split-seed", type=int, default=0, help="train/validation split of the queries")
     p.add_argument("--val-fraction", type=float, default=0.2)
@@ -360,8 +362,16 @@ def _rerank(args: argparse.Namespace) -> int:
     if args.top_k is not None and not args.rank:
         raise ValueError("--top-k needs --rank")
     request = parse(read_lines(sys.stdin.buffer), rank=args.rank)  # a malformed line costs no model load
-    ranker = CrossEncoder.from_pretrained(args.model, device=resolve_device(args.device),
-                                          dtype=getattr(torch, args.dtype))
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar would land beside the scores in a terminal
+    try:
+        ranker = CrossEncoder.from_pretrained(args.model, device=resolve_device(args.device),
+                                              dtype=getattr(torch, args.dtype))
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     run(ranker, request, sys.stdout, top_k=args.top_k, batch_size=args.batch_size, max_tokens=args.max_tokens)
     return 0
 
