@@ -6,6 +6,8 @@ Log-probs come from `relsum_kernels.fused_logprob`; these functions only combine
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -72,12 +74,17 @@ def grpo_loss(
     if advantages.shape not in (logp.shape[:1], logp.shape):
         raise ValueError(f"advantages must be [B] or [B, T] with B={logp.shape[0]}, T={logp.shape[1]}, "
                          f"got {tuple(advantages.shape)}")
+    # written so that NaN fails each check too (every comparison with NaN is False)
+    if not beta >= 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
     if beta != 0.0 and ref_logp is None:
         raise ValueError("beta != 0 needs ref_logp")
+    if not math.isfinite(entropy_coef):
+        raise ValueError(f"entropy_coef must be finite, got {entropy_coef}")
     if entropy_coef != 0.0 and entropy is None:
         raise ValueError("entropy_coef != 0 needs entropy")
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
-    if epsilon_low < 0 or eps_high < 0:
+    if not (epsilon_low >= 0 and eps_high >= 0):
         raise ValueError("epsilon_low and epsilon_high must be >= 0")
 
     mask = mask.to(torch.bool)
@@ -152,7 +159,7 @@ def dpo_loss(
                     ("ref_rejected", ref_rejected)):
         if t.shape != shape:
             raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    if beta <= 0:
+    if not beta > 0:  # NaN too
         raise ValueError(f"beta must be > 0, got {beta}")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")

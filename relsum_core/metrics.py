@@ -37,10 +37,12 @@ GAIN_SCHEMES = ("esci", "grade")
 
 def gains_of(grades: Sequence[int], scheme: str = "esci") -> np.ndarray:
     if scheme == "esci":
-        try:
-            return np.array([ESCI_GAINS[int(g)] for g in grades], dtype=np.float64)
-        except KeyError as e:
-            raise ValueError(f"grade {e.args[0]} has no ESCI gain (grades are 0..3)") from None
+        out = []
+        for g in grades:  # ESCI_GAINS[int(2.7)] would quietly read grade 2
+            if g not in ESCI_GAINS:
+                raise ValueError(f"grade {g!r} has no ESCI gain (grades are the integers 0..3)")
+            out.append(ESCI_GAINS[g])
+        return np.array(out, dtype=np.float64)
     if scheme == "grade":
         return np.asarray(grades, dtype=np.float64)
     raise ValueError(f"unknown gain scheme {scheme!r}; choose one of {GAIN_SCHEMES}")

@@ -153,3 +153,131 @@ def test_dpo_bad_input():
         dpo_loss(torch.zeros(0), torch.zeros(0), torch.zeros(0), torch.zeros(0))
     with pytest.raises(ValueError, match="beta"):
         dpo_loss(x, x, x, x, beta=0.0)
+
+
+def test_per_token_advantages_are_accepted_and_match_broadcast():
+    logp = torch.zeros(2, 3)
+    mask = torch.ones(2, 3)
+    per_seq, _ = grpo_loss(logp, None, torch.tensor([1.0, 2.0]), mask)
+    per_tok, _ = grpo_loss(logp, None, torch.tensor([[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]]), mask)
+    assert per_seq.item() == pytest.approx(-9 / 6) and per_tok.item() == pytest.approx(-9 / 6)
+    varied, _ = grpo_loss(logp, None, torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]), mask)
+    assert varied.item() == pytest.approx(-21 / 6)
+
+
+def test_grpo_loss_rejects_entropy_coef_without_entropy_and_negative_epsilon():
+    logp, mask = torch.zeros(2, 3), torch.ones(2, 3)
+    with pytest.raises(ValueError, match="needs entropy"):
+        grpo_loss(logp, None, torch.zeros(2), mask, entropy_coef=0.01)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        grpo_loss(logp, None, torch.zeros(2), mask, epsilon_low=-0.1)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        grpo_loss(logp, None, torch.zeros(2), mask, epsilon_high=-0.1)
+
+
+def test_epsilon_high_zero_is_not_the_default():
+    # epsilon_high=0.0 is an explicit bound (ratio capped at 1), not "use epsilon_low"
+    old = torch.zeros(1, 1)
+    logp = torch.log(torch.tensor([[1.1]]))
+    loss, m = grpo_loss(logp, old, torch.tensor([1.0]), torch.ones(1, 1), epsilon_low=0.2, epsilon_high=0.0)
+    assert loss.item() == pytest.approx(-1.0)
+    assert m["clip_ratio_high"].item() == 1.0
+
+
+def test_empty_completions_in_each_aggregation():
+    # row 1 has no completion tokens: it adds nothing, but still counts as a sequence (grpo, dr_grpo)
+    logp = torch.zeros(2, 2, requires_grad=True)
+    mask = torch.tensor([[1, 1], [0, 0]])
+    adv = torch.tensor([1.0, 5.0])
+    dapo, _ = grpo_loss(logp, None, adv, mask, loss_type="dapo")
+    grpo, _ = grpo_loss(logp, None, adv, mask, loss_type="grpo")
+    dr, _ = grpo_loss(logp, None, adv, mask, loss_type="dr_grpo")
+    assert dapo.item() == pytest.approx(-2 / 2)
+    assert grpo.item() == pytest.approx((-1 + 0) / 2)
+    assert dr.item() == pytest.approx(-2 / (2 * 2))
+    # a batch without any completion token: loss 0 and a finite (zero) gradient, never NaN
+    for loss_type in ("dapo", "grpo", "dr_grpo"):
+        logp.grad = None
+        loss, m = grpo_loss(logp, None, adv, torch.zeros(2, 2), loss_type=loss_type)
+        loss.backward()
+        assert loss.item() == 0.0 and torch.equal(logp.grad, torch.zeros(2, 2))
+        assert all(math.isfinite(v.item()) for v in m.values())
+
+
+def test_clip_metrics_use_their_own_bound_and_the_mask():
+    # ratio 1.25 is inside the upper bound 1.28: not clipped although it is above 1 + epsilon_low
+    old = torch.zeros(1, 1)
+    logp = torch.log(torch.tensor([[1.25]]))
+    _, m = grpo_loss(logp, old, torch.tensor([1.0]), torch.ones(1, 1), epsilon_low=0.2, epsilon_high=0.28)
+    assert m["clip_ratio_high"].item() == 0.0 and m["clip_fraction"].item() == 0.0
+    # on policy the ratio is exactly 1: never clipped, even with zero-width bounds
+    logp = torch.zeros(2, 2, requires_grad=True)
+    _, m = grpo_loss(logp, None, torch.tensor([-1.0, 1.0]), torch.ones(2, 2), epsilon_low=0.0,
+                     epsilon_high=0.0)
+    assert m["clip_fraction"].item() == 0.0 and m["clip_ratio_low"].item() == 0.0
+    # ratio_mean averages live tokens only: ratios 2 (live) and 5 (masked)
+    _, m = grpo_loss(torch.log(torch.tensor([[2.0, 5.0]])), torch.zeros(1, 2), torch.tensor([1.0]),
+                     torch.tensor([[1, 0]]))
+    assert m["ratio_mean"].item() == pytest.approx(2.0)
+
+
+def test_metrics_are_detached():
+    logp = torch.zeros(2, 3, requires_grad=True)
+    _, m = grpo_loss(logp, None, torch.tensor([1.0, -1.0]), torch.ones(2, 3), ref_logp=torch.zeros(2, 3),
+                     beta=0.1)
+    assert not any(v.requires_grad for v in m.values())
+    pc = torch.tensor([-5.0], requires_grad=True)
+    _, m = dpo_loss(pc, torch.tensor([-6.0]), torch.tensor([-5.0]), torch.tensor([-5.0]))
+    assert not any(v.requires_grad for v in m.values())
+
+
+def test_dpo_reward_metrics_by_hand():
+    # pair 1: chosen reward 0.5 * (-10 + 11) = 0.5, rejected 0.5 * (-12 + 13) = 0.5 (a tie, not accurate)
+    # pair 2: chosen 0.5 * (-10 + 11) = 0.5, rejected 0.5 * (-12 + 11) = -0.5
+    pc, pr = torch.tensor([-10.0, -10.0]), torch.tensor([-12.0, -12.0])
+    rc, rr = torch.tensor([-11.0, -11.0]), torch.tensor([-13.0, -11.0])
+    loss, m = dpo_loss(pc, pr, rc, rr, beta=0.5)
+    assert loss.item() == pytest.approx((math.log(2) + math.log1p(math.exp(-1.0))) / 2)
+    assert m["reward_chosen"].item() == pytest.approx(0.5)
+    assert m["reward_rejected"].item() == pytest.approx(0.0)
+    assert m["reward_margin"].item() == pytest.approx(0.5)
+    assert m["reward_accuracy"].item() == pytest.approx(0.5)
+    # policy == reference (the first step): no pair is ranked correctly yet
+    x = torch.tensor([-3.0, -4.0])
+    _, m = dpo_loss(x, x, x, x)
+    assert m["reward_accuracy"].item() == 0.0
+
+
+def test_dpo_large_margin_is_finite():
+    # -log sigmoid(-300) = softplus(300) ~ 300; log(sigmoid(.)) would underflow to inf in fp32
+    pc = torch.tensor([-300.0], requires_grad=True)
+    loss, _ = dpo_loss(pc, torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0.0]), beta=1.0)
+    loss.backward()
+    assert loss.item() == pytest.approx(300.0)
+    assert pc.grad.item() == pytest.approx(-1.0)
+
+
+def test_dpo_bad_input_shape_and_label_smoothing():
+    x = torch.zeros(2)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        dpo_loss(x, x, x, x, label_smoothing=0.5)
+    y = torch.zeros(2, 1)
+    with pytest.raises(ValueError, match=r"non-empty \[B\]"):
+        dpo_loss(y, y, y, y)
+
+
+def test_nan_or_negative_settings_are_refused():
+    """Every comparison with NaN is False: checks written as `x < 0` would let a NaN setting through."""
+    logp, mask, ref = torch.zeros(2, 3), torch.ones(2, 3), torch.zeros(2, 3)
+    for kwargs, match in (({"beta": math.nan, "ref_logp": ref}, "beta must be >= 0"),
+                          ({"beta": -0.1, "ref_logp": ref}, "beta must be >= 0"),
+                          ({"epsilon_low": math.nan}, "must be >= 0"),
+                          ({"epsilon_high": math.nan}, "must be >= 0"),
+                          ({"entropy_coef": math.nan, "entropy": ref}, "entropy_coef must be finite")):
+        with pytest.raises(ValueError, match=match):
+            grpo_loss(logp, None, torch.zeros(2), mask, **kwargs)
+    x = torch.zeros(2)
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        dpo_loss(x, x, x, x, beta=math.nan)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        dpo_loss(x, x, x, x, label_smoothing=math.nan)

@@ -3,7 +3,15 @@ import math
 import numpy as np
 import pytest
 
-from relsum_core.metrics import dcg_at_k, gains_of, mean_ndcg, ndcg_at_k, paired_difference, per_query_ndcg
+from relsum_core.metrics import (
+    dcg_at_k,
+    gains_of,
+    mean_ndcg,
+    ndcg_at_k,
+    paired_difference,
+    per_query_ndcg,
+    recall_at_precision,
+)
 
 L3 = math.log2(3)  # discount denominator at rank 2
 L4 = 2.0  # rank 3
@@ -14,6 +22,10 @@ def test_esci_gains():
     assert gains_of([3, 2, 1, 0], "grade").tolist() == [3.0, 2.0, 1.0, 0.0]
     with pytest.raises(ValueError, match="no ESCI gain"):
         gains_of([4])
+    with pytest.raises(ValueError, match="grade 2.7 has no ESCI gain"):
+        gains_of([3, 2.7])  # not read as grade 2
+    assert gains_of(np.array([3, 0])).tolist() == [1.0, 0.0]  # numpy integers and 3.0 are grades
+    assert gains_of([3.0]).tolist() == [1.0]
     with pytest.raises(ValueError, match="unknown gain scheme"):
         gains_of([1], "exp")
 
@@ -109,3 +121,43 @@ def test_paired_difference_edges():
     assert none["n"] == 0 and math.isnan(none["mean"])
     with pytest.raises(ValueError, match="different queries"):
         paired_difference({"a": 0.5}, {"b": 0.5})
+
+
+def test_ideal_dcg_is_cut_at_k():
+    # two exact matches but k=1: the ideal list holds only one of them
+    assert ndcg_at_k([1.0, 0.0], [3, 3], k=1) == pytest.approx(1.0)
+    # E, I, E with k=2: DCG = 1, IDCG@2 = 1 + 1/log2(3) (the third E is beyond the cutoff)
+    assert ndcg_at_k([2.0, 1.0, 0.0], [3, 0, 3], k=2) == pytest.approx(1 / (1 + 1 / L3))
+
+
+def test_per_query_and_mean_pass_the_gain_scheme_on():
+    scores, grades = {"a": [1.0, 0.0]}, {"a": [2, 3]}
+    plain = (2 + 3 / L3) / (3 + 2 / L3)
+    assert per_query_ndcg(scores, grades, 5, gains="grade")["a"] == pytest.approx(plain)
+    assert mean_ndcg(scores, grades, 5, gains="grade") == (pytest.approx(plain), 1)
+
+
+def test_paired_difference_tie_boundary_and_theirs_undefined():
+    # differences +0.25, +0.5, -0.25 with tie=0.25: |d| <= tie is a tie, so 1 win, 2 ties, 0 losses
+    d = paired_difference({"a": 0.5, "b": 0.75, "c": 0.0}, {"a": 0.25, "b": 0.25, "c": 0.25}, tie=0.25)
+    assert (d["wins"], d["ties"], d["losses"], d["n"]) == (1, 2, 0, 3)
+    # an undefined NDCG on the baseline's side is skipped as well
+    d = paired_difference({"a": 0.5, "b": 0.2}, {"a": math.nan, "b": 0.1})
+    assert d["n"] == 1 and d["mean"] == pytest.approx(0.1)
+    # one scorer covering a strict subset of the other's queries is refused too
+    with pytest.raises(ValueError, match="different queries"):
+        paired_difference({"a": 0.5}, {"a": 0.5, "b": 0.1})
+
+
+def test_recall_at_precision_just_below_target():
+    # 7 positives, a negative, a positive: cutting after 9 gives precision 8/9 < 0.9, so the best
+    # threshold stops after the 7th (recall 7/8)
+    scores = [1.0 - i / 10 for i in range(9)]
+    assert recall_at_precision(scores, [True] * 7 + [False, True], 0.9) == pytest.approx(7 / 8)
+
+
+def test_recall_at_precision_shape_mismatch():
+    with pytest.raises(ValueError, match="must have one shape"):
+        recall_at_precision([1.0, 0.5], [True, False, True])
+    with pytest.raises(ValueError, match="must have one shape"):
+        recall_at_precision([1.0, 0.5], [[True], [False]])
