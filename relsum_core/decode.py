@@ -85,7 +85,7 @@ def sample_from_logits(logits: torch.Tensor, temperature: float, top_p: float, k
     order = None
     if top_p < 1.0:
         probs, order = probs.sort(dim=-1, descending=True)
-        probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0.0)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)  # the tokens before reach top_p
     cdf = probs.cumsum(-1)
     total = cdf[:, -1:]
     idx = torch.searchsorted(cdf, row_uniforms(keys, step) * total, right=True)

@@ -240,3 +240,112 @@ def test_alibi_models_are_left_to_the_dynamic_engine():
     rotary = T.FalconConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
     falcon = T.AutoModelForCausalLM.from_config(rotary)
     assert decode.static_unsupported_reason(falcon) is None  # rotary Falcon keeps the static engine
+
+
+def test_hashed_sampler_takes_the_nucleus_of_the_tempered_distribution_of_unsorted_logits():
+    # Unsorted logits: the nucleus must be mapped back through the sort.  T=2 flattens
+    # [.05, .3, .15, .5] to ~[.12, .29, .21, .38]: top_p 0.7 then keeps tokens 3, 1 and 2
+    # (nucleus taken before tempering would keep only 3 and 1).
+    probs = torch.tensor([0.05, 0.3, 0.15, 0.5])
+    n = 20000
+    keys = decode.row_keys(list(range(n)), n)
+    step = torch.zeros(1, dtype=torch.long)
+    draws = decode.sample_from_logits(probs.log().expand(n, 4), 2.0, 0.7, keys, step)
+    want = torch.softmax(probs.log() / 2.0, dim=0)
+    want[0] = 0.0
+    want /= want.sum()
+    assert set(draws.tolist()) == {1, 2, 3}
+    assert torch.allclose(torch.bincount(draws, minlength=4) / n, want, atol=0.015)
+
+
+def test_greedy_ties_go_to_the_first_token_in_both_engines():
+    from relsum_core.policy import _next_token
+
+    logits = torch.zeros(2, 5)
+    logits[1, [1, 3]] = 1.0
+    keys, step = decode.row_keys([1, 2], 2), torch.zeros(1, dtype=torch.long)
+    assert decode.sample_from_logits(logits, 0.0, 1.0, keys, step).tolist() == [0, 1]
+    assert _next_token(logits, 0.0, 1.0, None).tolist() == [0, 1]
+
+
+def test_a_zero_uniform_never_picks_a_leading_zero_probability_token(monkeypatch):
+    # u = 0 is a possible draw (1 in 2**24): CDF inversion must skip tokens with no mass.
+    monkeypatch.setattr(decode, "row_uniforms", lambda keys, step: torch.zeros(keys.shape[0], 1))
+    logits = torch.tensor([[-float("inf"), 0.0, 0.0], [0.0, -float("inf"), 1.0]])
+    keys, step = decode.row_keys([1, 2], 2), torch.zeros(1, dtype=torch.long)
+    assert decode.sample_from_logits(logits, 1.0, 1.0, keys, step).tolist() == [1, 0]
+    assert decode.sample_from_logits(logits, 1.0, 0.9, keys, step).tolist() == [1, 2]
+
+
+def test_a_resident_engine_gives_what_a_fresh_one_gives(one_thread):
+    # Reused buffers (tokens, live, done, cache) must not leak from one call into the next: a call
+    # that runs the whole budget, then one that stops after the first "all done" check (so later
+    # columns are never rewritten), then rows that stop at different steps.
+    model = _tiny_llama()
+    ids, mask = _left_padded([11, 4], P=11)
+    kw = dict(pad_id=0, max_new_tokens=20, temperature=0.0)
+    free = sample_ids(model, ids, mask, stop_ids=[], engine="dynamic", **kw)
+    stops = [int(free.completion_ids[0, 1])]
+    assert stops[0] not in free.completion_ids[1].tolist()  # row 1 never stops, row 0 at step <= 1
+    long, short = (ids[[1, 1]], mask[[1, 1]]), (ids[[0, 0]], mask[[0, 0]])
+    engine = None
+    for i, m in [long, short, (ids, mask), long, (ids.flip(0), mask.flip(0))]:
+        want = sample_ids(model, i, m, stop_ids=stops, engine="dynamic", **kw)
+        got = sample_ids(model, i, m, stop_ids=stops, engine="static", **kw)
+        engine = engine or decode._ENGINES[model]
+        assert decode._ENGINES[model] is engine  # the same resident engine every time
+        assert torch.equal(got.completion_ids, want.completion_ids)
+        assert torch.equal(got.completion_mask, want.completion_mask)
+
+
+def _sharp_model(family):
+    """A tiny model with large random weights: unlike the default 0.02 init (near-uniform attention,
+    a model that repeats one token), its greedy tokens depend on every position id."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    if family == "gpt2":  # learned absolute positions: a constant shift of a row's positions shows too
+        cfg = T.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                           initializer_range=0.5, bos_token_id=1, eos_token_id=1)
+        cfg._attn_implementation = "sdpa"
+        return T.GPT2LMHeadModel(cfg).eval()
+    cfg = T.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                        initializer_range=0.5)
+    cfg._attn_implementation = "sdpa"
+    return T.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_both_engines_match_each_prompt_decoded_alone_without_a_cache(family, one_thread):
+    # The reference: every row alone, unpadded, its whole sequence recomputed each step (no cache, no
+    # position ids).  Left padding, prefill positions and decode positions must all leave it unchanged.
+    model = _sharp_model(family)
+    ids, mask = _left_padded([11, 3, 7, 1])
+    n = 8
+    want = []
+    with torch.no_grad():
+        for row, m in zip(ids, mask):
+            x = row[m.bool()][None]
+            for _ in range(n):
+                x = torch.cat([x, model(input_ids=x).logits[:, -1].argmax(-1, keepdim=True)], 1)
+            want.append(x[0, -n:])
+    want = torch.stack(want)
+    assert len(set(want.flatten().tolist())) > 8  # a model whose tokens depend on the context
+    for engine in ("dynamic", "static"):
+        got = sample_ids(model, ids, mask, stop_ids=[], pad_id=0, max_new_tokens=n, temperature=0.0,
+                         engine=engine)
+        assert torch.equal(got.completion_ids, want), engine
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_it_in_both_engines():
+    """[.5, .25, .25] with top_p .75: the first two tokens reach it exactly, so the third is out (as
+    HF's TopPLogitsWarper); a nucleus rule of `mass before > top_p` kept it."""
+    from relsum_core.policy import _next_token
+
+    logits = torch.tensor([[0.5, 0.25, 0.25]]).log().expand(4000, 3)
+    keys, step = decode.row_keys(list(range(4000)), 4000), torch.zeros(1, dtype=torch.long)
+    assert set(decode.sample_from_logits(logits, 1.0, 0.75, keys, step).tolist()) == {0, 1}
+    assert set(_next_token(logits, 1.0, 0.75, torch.Generator().manual_seed(0)).tolist()) == {0, 1}
+    # just past the boundary the third token is in the nucleus again
+    assert set(decode.sample_from_logits(logits, 1.0, 0.76, keys, step).tolist()) == {0, 1, 2}

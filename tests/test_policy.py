@@ -317,3 +317,60 @@ def test_a_tokenizer_without_pad_or_eos_pads_with_the_generation_configs_eos(tmp
     assert tok.eos_token_id is None and tok.pad_token_id == model.generation_config.eos_token_id
     r = sample(model, tok, ["red shirt", "dog food kids"], max_new_tokens=3, temperature=0.0)
     assert r.completion_ids.shape[0] == 2
+
+
+def test_dynamic_sampler_takes_the_nucleus_of_the_tempered_distribution_of_unsorted_logits():
+    # Unsorted logits: the nucleus must be scattered back to vocabulary order.  T=2 flattens
+    # [.05, .3, .15, .5] to ~[.12, .29, .21, .38]: top_p 0.7 then keeps tokens 3, 1 and 2
+    # (nucleus taken before tempering would keep only 3 and 1).
+    probs = torch.tensor([0.05, 0.3, 0.15, 0.5])
+    n = 20000
+    g = torch.Generator().manual_seed(0)
+    draws = policy._next_token(probs.log().expand(n, 4), 2.0, 0.7, g)
+    want = torch.softmax(probs.log() / 2.0, dim=0)
+    want[0] = 0.0
+    want /= want.sum()
+    assert set(draws.tolist()) == {1, 2, 3}
+    assert torch.allclose(torch.bincount(draws, minlength=4) / n, want, atol=0.015)
+
+
+def test_build_prompt_cuts_the_attributes_to_the_product_token_budget(tiny_policy_dir):
+    _, tok = load_policy(tiny_policy_dir)
+    p = Product(product_id="p1", title="red cotton shirt", description="",
+                bullets=["size large pack of two", "steel water bottle kids"])
+    prompt = build_prompt(p, tok, budget=16, max_product_tokens=3)
+    assert "user red cotton shirt | size large pack\n\nWhat" in prompt  # the title whole, 3 attribute tokens
+    prompt = build_prompt(p, tok, budget=16, max_product_tokens=7)
+    assert "red cotton shirt | size large pack of two\nsteel water\n\nWhat" in prompt
+
+
+def test_completion_logprobs_of_left_padded_rows_match_each_row_alone():
+    # Learned absolute positions (GPT-2) and large weights: the log-probs depend on every position id,
+    # so the reference is each row unpadded, alone, through the plain HF forward (no position ids).
+    import transformers as T
+
+    from relsum_core.policy import Rollouts, completion_logprobs
+
+    torch.manual_seed(0)
+    cfg = T.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, initializer_range=0.5,
+                       bos_token_id=1, eos_token_id=1)
+    model = T.GPT2LMHeadModel(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    prompt_ids = torch.randint(3, 64, (3, 7), generator=g)
+    completion_ids = torch.randint(3, 64, (3, 5), generator=g)
+    prompt_mask, completion_mask = torch.ones_like(prompt_ids), torch.ones_like(completion_ids)
+    for row, pad in ((1, 4), (2, 6)):
+        prompt_ids[row, :pad], prompt_mask[row, :pad] = 0, 0
+    completion_mask[1, 2:] = 0  # row 1 stopped after two tokens
+    completion_ids[1, 2:] = 0
+    r = Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, [])
+    got = completion_logprobs(model, r, temperature=0.7, impl="torch")
+    with torch.no_grad():
+        for b in range(3):
+            prompt = prompt_ids[b][prompt_mask[b].bool()]
+            n = int(completion_mask[b].sum())
+            seq = torch.cat([prompt, completion_ids[b, :n]])[None]
+            logq = (model(input_ids=seq).logits[0, len(prompt) - 1:-1].double() / 0.7).log_softmax(-1)
+            want = logq.gather(-1, completion_ids[b, :n, None])[:, 0]
+            torch.testing.assert_close(got[b, :n].double(), want, rtol=0, atol=1e-5)
+            assert bool((got[b, n:] == 0).all())
