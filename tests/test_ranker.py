@@ -23,7 +23,9 @@ from relsum_core.ranker import (  # noqa: E402
     CrossEncoder,
     PackedBatch,
     Reranker,
+    _distinct_pairs,
     _geometric,
+    padded_pairs,
     plan_bucket,
     truncate_pair,
 )
@@ -817,3 +819,93 @@ def test_minilm_rankings_agree_with_hf_on_esci_validation_queries(minilm):
         assert np.array_equal(np.sign(got[i] - got[k])[clear], np.sign(ref[i] - ref[k])[clear]), q
         n_checked += int(clear.sum())
     assert n_checked > 10_000  # the order of (almost) every pair was compared
+
+
+# ------------------------------------------------------------------ mutation-test additions
+# (needs: from relsum_core.ranker import padded_pairs, _distinct_pairs)
+def test_padded_pairs_layout_by_hand():
+    """The padded [B, L] counterpart of PackedBatch: pad ids, type 1 from the doc on, padding type 0
+    and masked out."""
+    ids, types, mask = padded_pairs([([101, 5, 102, 7, 102], 3), ([101, 102, 102], 2)], pad_id=9)
+    assert ids.tolist() == [[101, 5, 102, 7, 102], [101, 102, 102, 9, 9]]
+    assert types.tolist() == [[0, 0, 0, 1, 1], [0, 0, 1, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    assert ids.dtype == types.dtype == mask.dtype == torch.int64
+
+
+def test_counts_and_top_k_refuse_booleans(tiny):
+    """True is an int to Python: batch_size=True or top_k=True is a mistake, not 1."""
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        tiny.predict([("q", "d")], batch_size=True)
+    with pytest.raises(ValueError, match="max_tokens must be a positive int"):
+        tiny.predict([("q", "d")], max_tokens=True)
+    with pytest.raises(ValueError, match="top_k"):
+        tiny.rank("q", ["a", "b"], top_k=True)
+
+
+def test_duplicates_are_pairs_with_the_same_ids_and_the_same_type_split(tiny):
+    """Two pairs with equal token ids but token type 1 starting elsewhere are different inputs: each
+    keeps its own score (as lists and as arrays), and only true copies share one."""
+    (ids, split), = tiny.encode_pairs([("red running shoe", "waterproof jacket kitchen towel")])
+    other = (ids, split + 2)  # same ids, the query "longer" by two tokens
+    want = np.array([tiny.score_encoded([(ids, split)])[0], tiny.score_encoded([other])[0]])
+    assert abs(want[0] - want[1]) > 1e-4  # the token types matter to this model
+    for enc in ([(ids, split), (ids, split), other], [(np.asarray(ids), split), (np.asarray(ids), split),
+                                                      (np.asarray(ids), split + 2)]):
+        for scorer in (tiny.score_encoded, Reranker(tiny).score_encoded):
+            np.testing.assert_allclose(scorer(enc), want[[0, 0, 1]], rtol=0, atol=1e-5)
+    distinct, origin, inverse = _distinct_pairs([(ids, split), other, (ids, split), other])
+    assert origin == [0, 1] and inverse.tolist() == [0, 1, 0, 1]  # each copy's first index
+
+
+def test_a_bad_pair_listed_twice_is_named_by_its_first_place(tiny):
+    good = tiny.encode_pairs([("q", "d")])[0]
+    bad = ([*good[0][:-1], tiny.vocab_size], good[1])
+    for scorer in (tiny.score_encoded, Reranker(tiny).score_encoded):
+        with pytest.raises(ValueError, match=r"sequence 1 holds token ids outside"):
+            scorer([good, bad, good, bad])
+
+
+def test_token_id_zero_is_a_valid_id(tiny):
+    """Id 0 ([PAD] in BERT vocabularies) is inside [0, vocab_size): scored, not refused."""
+    ids = [tiny.tokenizer.cls_token_id, 0, tiny.tokenizer.sep_token_id, 0, tiny.tokenizer.sep_token_id]
+    for scorer in (tiny.score_encoded, Reranker(tiny).score_encoded):
+        assert np.isfinite(scorer([(ids, 3)])).all()
+
+
+def test_many_tied_scores_keep_corpus_order(tiny):
+    """Ties are broken by corpus_id however many there are (a small list sorts stably anyway)."""
+    docs = ["same doc"] * 40 + ["garden hose"] * 40
+    docs = [d for pair in zip(docs[:40], docs[40:]) for d in pair]  # interleaved
+    for ranked in (tiny.rank("q", docs), Reranker(tiny).rerank("q", docs)):
+        order = [r["corpus_id"] for r in ranked]
+        assert order[:40] == sorted(order[:40]) and order[40:] == sorted(order[40:])
+        assert len({r["score"] for r in ranked[:40]}) == 1
+
+
+def test_batches_fill_a_batch_exactly_to_max_tokens(tiny):
+    assert tiny._batches([3, 9, 5], 3, 14) == [[1, 2], [0]]  # 9 + 5 == 14 fits
+    assert tiny._batches([4, 4, 4, 4], 4, 8) == [[0, 1], [2, 3]]
+
+
+def test_plan_bucket_by_hand_edges():
+    # one spare token, one spare sequence slot: a single dummy of one token
+    lay = plan_bucket([5, 5, 5], (16, 32), (4, 8), (64,))
+    assert (lay.tokens, lay.seqs, lay.max_seqlen, lay.dummy_lens) == (16, 4, 64, [1])
+    # the sequence bucket asks for 7 dummies but only 5 tokens are spare: the next token bucket
+    # that gives each dummy a token (>= 27 + 7 = 34), not 33
+    lay = plan_bucket([3] * 9, (32, 33, 64), (16, 32), (64,))
+    assert (lay.tokens, lay.seqs, lay.dummy_lens) == (64, 16, [6, 6, 5, 5, 5, 5, 5])
+
+
+def test_geometric_buckets_are_distinct_where_steps_are_finer_than_the_multiple():
+    # ratio 1.05 from 256: each step is < 64, so several land on one multiple of 64; listed once
+    assert _geometric(256, 1024, 1.05, multiple=64) == tuple(range(256, 1025, 64))
+
+
+def test_a_too_long_sequence_is_named_by_its_place(tiny):
+    good = tiny.encode_pairs([("q", "d")])[0]
+    too_long = (list(range(5, 5 + tiny.max_length + 1)), 2)
+    for scorer in (tiny.score_encoded, Reranker(tiny).score_encoded):
+        with pytest.raises(ValueError, match="sequence 1 has .* more than max_length"):
+            scorer([good, too_long])

@@ -646,3 +646,90 @@ def test_an_empty_deal_of_warmup_groups_is_dealt_again():
     assert next(batches) == ["g1", "g2"]
     with pytest.raises(ValueError, match=f"no pseudo-query groups in {_WARMUP_DEALS} deals"):
         next(_dealt_batches(lambda: [], 2, "pseudo-query"))
+
+
+# ------------------------------------------------------------------ mutation-test additions
+# (paired_ndcg10 and RANKER are imported inside their test)
+def test_query_split_follows_split_seed_not_seed():
+    by_query = {f"q{i:02d}": [Judgment(f"q{i:02d}", f"query {i}", "p", 1)] for i in range(20)}
+    texts = {q: v[0].query for q, v in by_query.items()}
+    splits = set()
+    for s in range(4):
+        cfg = RankerTrainConfig(out="x", val_fraction=0.25, split_seed=s)
+        got = query_split(by_query, cfg)
+        assert got == split_queries(list(by_query), 0.25, s, query_texts=texts)
+        other_seed = RankerTrainConfig(out="x", val_fraction=0.25, split_seed=s, seed=7)
+        assert query_split(by_query, other_seed) == got
+        splits.add(tuple(got[1]))
+    assert len(splits) > 1  # split_seed is used
+
+
+def test_make_groups_drops_a_group_of_one_grade():
+    # 1 E and 7 I in groups of 4: dealt by grade, one group is all I and carries no signal
+    by_query = {"a": [Judgment("a", "q", f"a{i}", g) for i, g in enumerate([3] + [0] * 7)]}
+    for seed in range(5):
+        groups = make_groups(by_query, ["a"], 4, random.Random(seed))
+        assert len(groups) == 1 and len(groups[0]) == 4 and {j.grade for j in groups[0]} == {0, 3}
+
+
+def test_make_groups_shuffle_candidates_and_group_order():
+    by_query = {q: [Judgment(q, "q", f"{q}{i}", i % 2) for i in range(16)] for q in "abcdef"}
+    members, orders = set(), set()
+    for seed in range(6):
+        groups = make_groups(by_query, list(by_query), 4, random.Random(seed))
+        members.add(frozenset(frozenset(j.product_id for j in g) for g in groups))
+        orders.add(tuple(g[0].query_id for g in groups))
+    assert len(members) > 1  # which candidates share a group changes with the draw
+    assert len(orders) > 1 and any(list(o) != sorted(o) for o in orders)  # queries interleaved
+
+
+def test_pseudo_query_lengths_cover_two_to_five_distinct_words():
+    rng = random.Random(0)
+    title = "Red Red Cotton Shirt Long Sleeve Slim Fit Red Shirt"
+    seen = set()
+    for _ in range(300):
+        q = pseudo_query(title, rng).split()
+        assert len(set(q)) == len(q)  # a word repeated in the title is one term
+        seen.add(len(q))
+    assert seen == {2, 3, 4, 5}
+
+
+def test_add_attribute_words_adds_one_or_two():
+    rng = random.Random(0)
+    title = "Organic Bone Broth"
+    text = title + " | Grain-free, for dogs. Chicken broth; 12 oz."
+    counts = {len(add_attribute_words("bone broth", text, title, rng).split()) - 2 for _ in range(60)}
+    assert counts == {1, 2}
+
+
+def test_candidate_groups_use_every_full_group_and_shuffle_them():
+    j = lambda q, p: Judgment(q, f"query {q}", p, 1)
+    by_query = {"a": [j("a", f"a{i}") for i in range(8)]}  # exactly two groups of 4
+    groups = candidate_groups(by_query, ["a"], 4, random.Random(0))
+    assert sorted(x.product_id for g in groups for x in g) == [f"a{i}" for i in range(8)]
+    many = {q: [j(q, f"{q}{i}") for i in range(4)] for q in "abcdef"}
+    orders = {tuple(g[0].query_id for g in candidate_groups(many, list(many), 4, random.Random(s)))
+              for s in range(6)}
+    assert len(orders) > 1  # groups of several queries are dealt in a random order
+
+
+def test_paired_ndcg10_by_hand():
+    from relsum_core.trainers.ranker import RANKER, paired_ndcg10
+
+    def scorer(at5, at10):
+        return {f"{v}/ndcg@{k}": dict(zip("ab", vals)) for v in ("title", "title+64")
+                for k, vals in ((5, at5), (10, at10))}
+
+    per_query = {RANKER: scorer((0.0, 0.0), (0.9, 0.5)), "BM25": scorer((1.0, 1.0), (0.6, 0.7))}
+    got = paired_ndcg10(per_query)
+    assert set(got) == {"BM25"}  # never the ranker against itself
+    d = got["BM25"]["title+64"]
+    assert (d["n"], d["wins"], d["losses"]) == (2, 1, 1) and d["mean"] == pytest.approx(0.05)
+
+
+def test_freeze_lower_zero_freezes_nothing(tiny_base):
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=1)
+    freeze_lower(model, 0)
+    assert all(p.requires_grad for p in model.parameters())
+    freeze_lower(model, 2)  # every layer of the 2-layer encoder: allowed
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith("bert.encoder."))
