@@ -733,3 +733,12 @@ def test_freeze_lower_zero_freezes_nothing(tiny_base):
     assert all(p.requires_grad for p in model.parameters())
     freeze_lower(model, 2)  # every layer of the 2-layer encoder: allowed
     assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith("bert.encoder."))
+
+
+def test_group_ids_with_a_gap_average_over_the_groups_present():
+    """Groups 0 and 2 only: the mean is over those two, not over three with an empty group 1."""
+    scores = torch.tensor([2.0, 0.0, 1.0, -1.0])
+    grades = torch.tensor([3, 0, 2, 1])
+    contiguous = listwise_loss(scores, grades, torch.tensor([0, 0, 1, 1]))
+    gapped = listwise_loss(scores, grades, torch.tensor([0, 0, 2, 2]))
+    assert gapped.item() == pytest.approx(contiguous.item())

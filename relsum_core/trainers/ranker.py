@@ -160,7 +160,7 @@ def group_cross_entropy(scores: torch.Tensor, group_ids: torch.Tensor,
     the group, or None to skip the group) and softmax(scores) within the group."""
     scores = scores.float()
     total, used = scores.new_zeros(()), 0
-    for g in range(int(group_ids.max()) + 1):
+    for g in torch.unique(group_ids).tolist():  # ids need not be contiguous: a missing one is no group
         m = group_ids == g
         target = target_of(m)
         if target is None:
