@@ -361,6 +361,8 @@ def _rerank(args: argparse.Namespace) -> int:
 
     if args.top_k is not None and not args.rank:
         raise ValueError("--top-k needs --rank")
+    if sys.stdin is None:
+        raise ValueError("stdin is closed: pipe the lines in")
     request = parse(read_lines(sys.stdin.buffer), rank=args.rank)  # a malformed line costs no model load
     from transformers.utils import logging as hf_logging
 
@@ -368,12 +370,19 @@ def _rerank(args: argparse.Namespace) -> int:
     hf_logging.disable_progress_bar()  # its "Loading weights" bar would land beside the scores in a terminal
     try:
         ranker = CrossEncoder.from_pretrained(args.model, device=resolve_device(args.device),
-                                              dtype=getattr(torch, args.dtype))
+                                              dtype=getattr(torch, args.dtype), max_length=args.max_length)
     finally:
         if bar:
             hf_logging.enable_progress_bar()
     run(ranker, request, sys.stdout, top_k=args.top_k, batch_size=args.batch_size, max_tokens=args.max_tokens)
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _add_rerank(sub) -> None:
@@ -382,9 +391,14 @@ def _add_rerank(sub) -> None:
     p.add_argument("--model", required=True, help="HF BERT-family checkpoint folder (e.g. runs/ranker/best)")
     p.add_argument("--rank", action="store_true",
                    help="stdin: the query, then a candidate a line; stdout: CORPUS_ID<TAB>SCORE, best first")
-    p.add_argument("--top-k", type=int, default=None, help="--rank: keep the best K")
-    p.add_argument("--batch-size", type=int, default=128, help="pairs a forward")
-    p.add_argument("--max-tokens", type=int, default=16384, help="packed tokens a forward")
+    p.add_argument("--top-k", type=_positive_int, default=None, help="--rank: keep the best K")
+    p.add_argument("--batch-size", type=_positive_int, default=128, help="pairs a forward")
+    p.add_argument("--max-tokens", type=_positive_int, default=16384,
+                   help="packed tokens a forward, at least the pair length cap (the C++ tool counts padded "
+                   "tokens, default 2048)")
+    p.add_argument("--max-length", type=_positive_int, default=None,
+                   help="pair length cap in tokens (default: the checkpoint's, as export-ranker's); give "
+                   "the --max-length an export was made with to compare with it")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="bfloat16: faster on CPUs with bf16 dot products (scores move ~1e-2)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -435,6 +449,14 @@ def main(argv: list[str] | None = None) -> int:
         # checkpoints and outputs are written atomically, so what was saved before this is intact
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`| head`): stop quietly, with the status of a tool SIGPIPE ended; stdout
+        # points at /dev/null so that the exit's own flush does not fail on the closed pipe again
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor
+            pass
+        return 141
     except _input_errors() as e:
         if os.environ.get("RELSUM_TRACEBACK", "") not in ("", "0"):
             raise

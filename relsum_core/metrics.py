@@ -40,7 +40,7 @@ def gains_of(grades: Sequence[int], scheme: str = "esci") -> np.ndarray:
         out = []
         for g in grades:  # ESCI_GAINS[int(2.7)] would quietly read grade 2
             if g not in ESCI_GAINS:
-                raise ValueError(f"grade {g!r} has no ESCI gain (grades are the integers 0..3)")
+                raise ValueError(f"grade {g} has no ESCI gain (grades are the integers 0..3)")
             out.append(ESCI_GAINS[g])
         return np.array(out, dtype=np.float64)
     if scheme == "grade":

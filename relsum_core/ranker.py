@@ -34,6 +34,7 @@ MINILM_ENV = "RELSUM_MINILM"
 
 QUERY_MAX_TOKENS = 64
 BERT_FAMILY = ("bert",)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")  # a BERT checkpoint's WordPiece tokenizer, fast or slow
 SETTINGS_FILE = "relsum_ranker.json"  # max_length and query budget, next to the HF files
 SPECIAL_TOKENS = 3  # [CLS], [SEP], [SEP]
 
@@ -433,6 +434,10 @@ class CrossEncoder:
         read_checkpoint_config(path)
         model, info = load_bert_classifier(path, dtype=torch.float32)
         _init_head(model, info.get("missing_keys", ()), head_seed)
+        if not any((path / f).is_file() for f in TOKENIZER_FILES):
+            # transformers would build an empty WordPiece tokenizer: every text one [UNK], every score alike
+            raise ValueError(f"{path} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): save the model's "
+                             "tokenizer beside its weights (tokenizer.save_pretrained)")
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         settings = read_ranker_settings(path)
         if max_length is None:
@@ -613,6 +618,7 @@ class CrossEncoder:
         first), cut to ``top_k`` when given; batched as :meth:`predict`."""
         _check_text(query, "query")
         docs = _check_docs(docs)
+        _check_top_k(top_k)  # before the scoring it would otherwise waste
         scores = self.predict([(query, d) for d in docs], batch_size=batch_size, max_tokens=max_tokens)
         return _ranked(scores, docs, top_k, return_documents)
 
@@ -662,11 +668,16 @@ def _check_docs(docs) -> list[str]:
     return [_check_text(d, f"candidates[{i}]") for i, d in enumerate(docs)]
 
 
+def _check_top_k(top_k) -> int | None:
+    if top_k is None:
+        return None
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:  # numpy ints pass
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    return int(top_k)
+
+
 def _ranked(scores: np.ndarray, docs: Sequence[str], top_k: int | None, return_documents: bool) -> list[dict]:
-    if top_k is not None:  # numpy integers are Integral too
-        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
-            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-        top_k = int(top_k)
+    top_k = _check_top_k(top_k)
     order = np.argsort(-scores, kind="stable")
     if top_k is not None:
         order = order[:top_k]
@@ -847,6 +858,7 @@ class Reranker:
                return_documents: bool = False) -> list[dict]:
         """Like :meth:`CrossEncoder.rank`."""
         docs = _check_docs(candidates)
+        _check_top_k(top_k)
         return _ranked(self.score(query, docs), docs, top_k, return_documents)
 
     def clear(self) -> None:

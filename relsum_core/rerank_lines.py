@@ -39,7 +39,7 @@ def read_lines(stream: BinaryIO) -> list[str]:
         try:
             lines.append(raw.decode("utf-8"))
         except UnicodeDecodeError as e:
-            raise ValueError(f"line {number}: not valid UTF-8 at byte {e.start}") from None
+            raise ValueError(f"line {number}: not valid UTF-8 at byte offset {e.start}") from None
     return lines
 
 

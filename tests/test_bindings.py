@@ -257,6 +257,10 @@ def test_cli_bad_input_is_a_clear_error(binaries, exported, tmp_path):
     missing = _run(binaries, [str(tmp_path / "nope")], ["q\td"])
     assert missing.returncode == 1 and "cannot read" in missing.stderr and "settings.txt" in missing.stderr
     assert _run(binaries, [str(exported), "--frobnicate"], []).returncode == 2
+    negative = _run(binaries, [str(exported), "--rank", "--top-k", "-1"], ["q", "d"])
+    assert negative.returncode == 1 and "--top-k needs a count (digits only), got -1" in negative.stderr
+    not_ranking = _run(binaries, [str(exported), "--top-k", "2"], ["q\td"])
+    assert not_ranking.returncode == 1 and "--top-k needs --rank" in not_ranking.stderr
 
     newer = tmp_path / "newer"
     shutil.copytree(exported, newer)

@@ -909,3 +909,29 @@ def test_a_too_long_sequence_is_named_by_its_place(tiny):
     for scorer in (tiny.score_encoded, Reranker(tiny).score_encoded):
         with pytest.raises(ValueError, match="sequence 1 has .* more than max_length"):
             scorer([good, too_long])
+
+
+def test_a_checkpoint_without_tokenizer_files_is_refused(tiny_ranker_dir, tmp_path):
+    """transformers would build an empty WordPiece tokenizer: every text one [UNK], every score alike."""
+    import shutil
+
+    bare = tmp_path / "weights_only"
+    bare.mkdir()
+    for f in tiny_ranker_dir.iterdir():
+        if f.name not in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+            shutil.copy(f, bare / f.name)
+    with pytest.raises(ValueError, match="has no tokenizer \\(tokenizer.json or vocab.txt\\)"):
+        CrossEncoder.from_pretrained(bare, device="cpu")
+
+
+def test_rank_checks_top_k_before_scoring(tiny, monkeypatch):
+    def scored(*args, **kwargs):
+        raise AssertionError("scored before checking top_k")
+
+    monkeypatch.setattr(CrossEncoder, "predict", scored)
+    monkeypatch.setattr(Reranker, "score", scored)
+    for top_k in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="top_k must be a positive int"):
+            tiny.rank("q", ["a", "b"], top_k=top_k)
+        with pytest.raises(ValueError, match="top_k must be a positive int"):
+            Reranker(tiny).rerank("q", ["a", "b"], top_k=top_k)

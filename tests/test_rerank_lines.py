@@ -32,7 +32,7 @@ def test_unescape_reads_other_backslashes_as_the_c_plus_plus_tool_does():
 def test_read_lines_keeps_carriage_returns_and_names_bad_utf8():
     assert read_lines(io.BytesIO(b"a\tb\r\nlast")) == ["a\tb\r", "last"]
     assert read_lines(io.BytesIO(b"")) == []
-    with pytest.raises(ValueError, match=r"line 2: not valid UTF-8 at byte 3"):
+    with pytest.raises(ValueError, match=r"line 2: not valid UTF-8 at byte offset 3"):
         read_lines(io.BytesIO(b"ok\ncaf\xc3\tdoc\n"))
 
 
@@ -95,7 +95,34 @@ def test_rerank_cli_refuses_bad_input_before_loading_a_model(tmp_path, monkeypat
     assert rc == 2 and "no-such-model" in err  # well-formed input: now the model is the problem
 
 
-def test_rerank_cli_bad_top_k_is_a_clear_error(tiny_ranker_dir, monkeypatch, capsys):
+def test_rerank_cli_refuses_bad_counts_and_a_closed_stdin_before_loading(tmp_path, monkeypatch, capsys):
+    missing = ["--model", str(tmp_path / "no-such-model")]
+    for flag in ("--top-k", "--batch-size", "--max-tokens", "--max-length"):
+        rc, _, err = _cli(monkeypatch, capsys, [*missing, "--rank", flag, "0"], b"q\nd\n")
+        assert rc == 2 and f"argument {flag}: must be >= 1, got 0" in err
+    monkeypatch.setattr(sys, "stdin", None)  # started with stdin closed (`<&-`)
+    with pytest.raises(SystemExit) as e:
+        main(["rerank", *missing])
+    assert e.value.code == 2 and "stdin is closed" in capsys.readouterr().err
+
+
+def test_rerank_cli_max_length_cuts_pairs_as_an_export_made_with_it(tiny_ranker_dir, monkeypatch, capsys):
+    pairs = [("red running shoes", " ".join(["waterproof jacket kitchen towel"] * 20))]
+    stdin = "".join(f"{q}\t{d}\n" for q, d in pairs).encode()
     model = ["--model", str(tiny_ranker_dir), "--device", "cpu"]
-    rc, _, err = _cli(monkeypatch, capsys, [*model, "--rank", "--top-k", "0"], b"q\nd\n")
-    assert rc == 2 and "top_k must be a positive int" in err
+    rc, out, _ = _cli(monkeypatch, capsys, [*model, "--max-length", "16"], stdin)
+    assert rc == 0
+    cut = CrossEncoder.from_pretrained(tiny_ranker_dir, device="cpu", max_length=16).predict(pairs)
+    whole = CrossEncoder.from_pretrained(tiny_ranker_dir, device="cpu").predict(pairs)
+    assert float(out) == pytest.approx(float(cut[0]), rel=1e-7) and abs(cut[0] - whole[0]) > 1e-4
+
+
+def test_rerank_cli_stops_quietly_when_the_reader_goes_away(tiny_ranker_dir, monkeypatch, capsys):
+    import relsum_core.rerank_lines as rerank_lines
+
+    def closed_pipe(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(rerank_lines, "run", closed_pipe)
+    rc, _, err = _cli(monkeypatch, capsys, ["--model", str(tiny_ranker_dir), "--device", "cpu"], b"q\td\n")
+    assert rc == 141 and "error" not in err  # as a shell tool SIGPIPE ended (`relsum rerank ... | head`)

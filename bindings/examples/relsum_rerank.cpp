@@ -62,8 +62,9 @@ void print_ids(const std::vector<int64_t>& ids) {
 
 std::size_t parse_count(const char* s, const char* flag) {
   char* end = nullptr;
-  const auto v = std::strtoull(s, &end, 10);
-  if (end == s || *end != '\0') throw std::invalid_argument(std::string(flag) + " needs a number, got " + s);
+  const auto v = std::strtoull(s, &end, 10);  // which reads "-1" as 2^64 - 1: refuse any sign
+  if (end == s || *end != '\0' || std::strchr(s, '-') != nullptr || std::strchr(s, '+') != nullptr)
+    throw std::invalid_argument(std::string(flag) + " needs a count (digits only), got " + s);
   return static_cast<std::size_t>(v);
 }
 
@@ -92,6 +93,7 @@ int main(int argc, char** argv) {
         return usage();
       }
     }
+    if (top_k && mode != "rank") throw std::invalid_argument("--top-k needs --rank");
     std::vector<std::string> lines;
     for (std::string line; std::getline(std::cin, line);) lines.push_back(line);
 

@@ -33,7 +33,7 @@ struct RankerOptions {
   // also clear oneDNN's primitive cache twice a call.)  Constructing a Ranker sets no thread count.
   // A service running several requests at once wants num_runners x num_threads <= cores.
   int num_threads = 0;
-  // After each predict()/rank() call, one that throws too: trim_freed_memory(trim_threshold_mib); 0 never trims.
+  // After each predict()/rank() call, one that fails while scoring too: trim_freed_memory(this); 0: never.
   std::size_t trim_threshold_mib = 256;
 };
 
