@@ -1,5 +1,6 @@
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -7,7 +8,14 @@ import torch
 from transformers import AutoTokenizer
 
 from relsum_core.data import Judgment, split_queries
-from relsum_core.evaluate import Evaluation, evaluate_summaries, parse_named, read_summaries
+from relsum_core.evaluate import (
+    N_BOOTSTRAP,
+    Evaluation,
+    _markdown,
+    evaluate_summaries,
+    parse_named,
+    read_summaries,
+)
 from relsum_core.metrics import ndcg_at_k, recall_at_precision
 from relsum_core.policy import load_policy
 from relsum_core.precision import resolve_precision
@@ -587,3 +595,79 @@ def test_a_policy_evaluated_under_other_budgets_than_it_trained_with_is_warned(t
                 evaluate_summaries(tmp_path / "e", ranker=str(tiny_ranker_dir), data=str(data_dir),
                                    **{kind: {"mine": str(policy)}}, val_fraction=0.34, device="cpu",
                                    plot=False, progress=False)
+
+
+def test_parse_named_splits_at_the_first_equals_sign():
+    assert parse_named(["a=runs/lr=1e-5/s.jsonl"], "--summaries") == {"a": "runs/lr=1e-5/s.jsonl"}
+
+
+def test_read_summaries_rows_need_an_id_and_a_summary_or_skipped(tmp_path):
+    path = tmp_path / "s.jsonl"
+    for row, why in (({"summary": "x"}, "a row needs a string 'product_id'"),
+                     ({"product_id": 7, "summary": "x"}, "a row needs a string 'product_id'"),
+                     (["p1", "x"], "a row needs a string 'product_id'"),
+                     ({"product_id": "p1"}, "a row needs a string 'summary'")):
+        path.write_text(json.dumps(row) + "\n")
+        with pytest.raises(ValueError, match=rf"s.jsonl:1: {why}"):
+            read_summaries(path)
+
+
+def test_metrics_skip_queries_whose_metric_is_undefined():
+    # q1 has no relevant product (NDCG undefined) and no E pair (no recall): resamples of q1 alone
+    # are skipped, so the means and intervals stay finite
+    js = [Judgment("q1", "x", "a", 0), Judgment("q1", "x", "b", 0),
+          Judgment("q2", "y", "c", 3), Judgment("q2", "y", "d", 0)]
+    ev = Evaluation(lambda pairs: np.zeros(len(pairs)), js, queries=["q1", "q2"])
+    assert any((r == 0).all() for r in ev.resamples)  # the seed draws q1 alone at least once
+    s = np.array([0.5, 0.4, 1.0, 0.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the all-NaN resamples, which are skipped
+        m = ev.metrics(s, np.array([0.5, 0.4, 0.0, 1.0]))
+    assert m["ndcg@10"] == pytest.approx(1.0)  # the mean of the defined query
+    for key in ("ndcg@5", "ndcg@10", "ndcg@10_delta", "recall@p90"):
+        assert math.isfinite(m[f"{key}_lo"]) and math.isfinite(m[f"{key}_hi"]), key
+
+
+def test_resamples_are_seeded_and_draw_every_query_count():
+    js = [Judgment(q, text, p, g) for q, text, p, g in JUDGMENTS]
+    a, b = (Evaluation(_overlap_scorer, js, queries=["q1", "q2", "q3"], seed=0) for _ in range(2))
+    c = Evaluation(_overlap_scorer, js, queries=["q1", "q2", "q3"], seed=1)
+    assert a.resamples.shape == (N_BOOTSTRAP, 3)  # a bootstrap resample is as large as the sample
+    assert (a.resamples == b.resamples).all() and not (a.resamples == c.resamples).all()
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # no E pair: recall is NaN
+def test_a_query_graded_only_complement_is_evaluable():
+    # C (grade 1) still has a positive ESCI gain: NDCG is defined
+    judged = [Judgment("q", "x", "p1", 1), Judgment("q", "x", "p2", 0)]
+    ev = Evaluation(_overlap_scorer, judged, queries=["q"])
+    assert ev.metrics(np.array([1.0, 0.0]))["ndcg@10"] == pytest.approx(1.0)
+
+
+def test_queries_in_any_order_slice_their_own_pairs():
+    js = [Judgment("q1", "x", "a", 3), Judgment("q2", "y", "b", 0), Judgment("q2", "y", "c", 3),
+          Judgment("q2", "y", "d", 0)]
+    ev = Evaluation(lambda pairs: np.zeros(len(pairs)), js, queries=["q2", "q1"])
+    assert [j.query_id for j in ev.pairs] == ["q2", "q2", "q2", "q1"]
+    assert [ev.grades[s].tolist() for s in ev.slices] == [[0, 3, 0], [3]]
+
+
+def test_markdown_report_table():
+    m = {"ndcg@5": 0.5, "ndcg@5_lo": 0.4, "ndcg@5_hi": 0.6, "ndcg@10": 0.55, "ndcg@10_lo": 0.45,
+         "ndcg@10_hi": 0.65, "recall@p90": 0.2, "recall@p90_lo": 0.1, "recall@p90_hi": 0.3,
+         "mean_doc_tokens": 12.0}
+    report = {"ranker": "r", "n_queries": 3, "split": "all", "n_pairs": 6, "n_products": 6,
+              "ranker_trained_queries": 0, "policy_trained_products": {"a": 0, "b": None, "c": 2},
+              "variants": {"title": m, "title+a": {**m, "ndcg@10_delta": 0.01, "ndcg@10_delta_lo": -0.02,
+                                                    "ndcg@10_delta_hi": 0.03, "mean_words": 7.25}}}
+    text = _markdown(report)
+    assert text.endswith("|\n")
+    assert "ranker trained on" not in text  # 0 queries: nothing to say
+    assert "`a`" not in text and "`b` has no policy training record" in text
+    assert "The policy behind `c` trained on 2 of these products." in text
+    rows = text.splitlines()[-2:]
+    assert rows[0] == ("| title | 0.5000 [0.400, 0.600] | 0.5500 [0.450, 0.650] |  | 0.200 [0.100, 0.300] "
+                       "|  | 12.0 |")
+    assert rows[1] == ("| title+a | 0.5000 [0.400, 0.600] | 0.5500 [0.450, 0.650] "
+                       "| +0.0100 [-0.0200, +0.0300] | 0.200 [0.100, 0.300] | 7.2 | 12.0 |")
+    assert "The ranker trained on 2 of these queries." in _markdown({**report, "ranker_trained_queries": 2})
