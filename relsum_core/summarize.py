@@ -57,8 +57,10 @@ def summary_files(path: str | Path) -> list[Path]:
     path = Path(path)
     if path.is_file():
         return [path]
-    found = sorted(path.parent.glob(f"{glob.escape(path.stem)}.shard*-of-*{glob.escape(path.suffix)}"))
-    counts = {int(m.group(1)) for f in found if (m := re.search(r"-of-(\d+)", f.name[len(path.stem):]))}
+    # exactly shard_path's names: a glob's `*` also took another file's shards (`s.shardtest.shard...`)
+    name = re.compile(rf"{re.escape(path.stem)}\.shard\d+-of-(\d+){re.escape(path.suffix)}")
+    counts = {int(m.group(1)) for f in path.parent.glob(f"{glob.escape(path.stem)}.shard*")
+              if (m := name.fullmatch(f.name))}
     if len(counts) == 1:
         n = counts.pop()
         shards = [shard_path(path, k, n) for k in range(n)]

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from relsum_core.summarize import shard_path, summarize_catalog
+from relsum_core.summarize import shard_path, summarize_catalog, summary_files
 
 # U+2028 and U+0085 stay raw in the output (ensure_ascii=False) and are line breaks to str.splitlines()
 TITLES = ["red cotton shirt", "blue\u2028shirt", "steel water bottle", "dog\x85food", "kids bottle"]
@@ -253,3 +253,17 @@ def test_a_record_from_before_the_catalog_digest_still_resumes(tmp_path, catalog
     record.write_text(json.dumps(saved))
     summarize_catalog(out, **kw)
     assert len(_rows(out)) == 5
+
+
+def test_summary_files_take_no_other_files_shards(tmp_path):
+    """`s.shardtest.shard000-of-002.jsonl` are the shards of `s.shardtest.jsonl`, not of `s.jsonl`."""
+    for k in (0, 1):
+        shard_path(tmp_path / "s.shardtest.jsonl", k, 2).write_text("")
+    with pytest.raises(FileNotFoundError, match=r"s.jsonl does not exist$"):
+        summary_files(tmp_path / "s.jsonl")
+    own = [shard_path(tmp_path / "s.jsonl", k, 3) for k in range(3)]
+    for f in own:
+        f.write_text("")
+    assert summary_files(tmp_path / "s.jsonl") == own
+    assert summary_files(tmp_path / "s.shardtest.jsonl") == [tmp_path / f"s.shardtest.shard00{k}-of-002.jsonl"
+                                                             for k in (0, 1)]
