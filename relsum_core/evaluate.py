@@ -60,15 +60,18 @@ def read_summaries(path: str | Path, catalog: Mapping | None = None) -> dict[str
     skipped products map to ``""``.
 
     With ``catalog`` (product id -> Product), a row whose ``title`` differs from the catalog's for
-    its id is an error: summaries of another catalog whose ids happen to coincide.
+    its id is an error: summaries of another catalog whose ids happen to coincide. So are two rows
+    of one id with different summaries (files of two runs put together): neither can be chosen.
     """
     out: dict[str, str] = {}
+    where: dict[str, str] = {}
     for part in summary_files(path):
-        _read_summary_rows(part, catalog, out)
+        _read_summary_rows(part, catalog, out, where)
     return out
 
 
-def _read_summary_rows(path: Path, catalog: Mapping | None, out: dict[str, str]) -> None:
+def _read_summary_rows(path: Path, catalog: Mapping | None, out: dict[str, str],
+                       where: dict[str, str]) -> None:
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -87,7 +90,11 @@ def _read_summary_rows(path: Path, catalog: Mapping | None, out: dict[str, str])
             if isinstance(title, str) and ours is not None and ours != title:
                 raise ValueError(f"{path}:{n}: product {pid} is titled {title!r} here but {ours!r} in the "
                                  "data: summaries of another catalog?")
+            if pid in out and out[pid] != summary:
+                raise ValueError(f"{path}:{n}: product {pid} has another summary at {where[pid]}: "
+                                 "rows of two runs put together?")
             out[pid] = summary
+            where.setdefault(pid, f"{path}:{n}")
 
 
 def parse_named(items: Sequence[str], what: str) -> dict[str, str]:

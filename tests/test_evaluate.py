@@ -131,6 +131,25 @@ def test_read_summaries_and_named_arguments(tmp_path):
             parse_named(bad, "--summaries")
 
 
+def test_read_summaries_refuses_two_summaries_of_one_product(tmp_path):
+    from relsum_core.summarize import shard_path
+
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"product_id": "p1", "summary": "large"}\n{"product_id": "p2", "summary": "red"}\n'
+                    '{"product_id": "p1", "summary": "large"}\n')
+    assert read_summaries(path) == {"p1": "large", "p2": "red"}  # the same row twice: nothing to choose
+    path.write_text('{"product_id": "p1", "summary": "large"}\n{"product_id": "p1", "summary": "small"}\n')
+    with pytest.raises(ValueError, match=r"s.jsonl:2: product p1 has another summary at .*s.jsonl:1"):
+        read_summaries(path)
+    path.unlink()
+    # across the shards of one run: the message names the other shard's line
+    shard_path(path, 0, 2).write_text('{"product_id": "p1", "summary": "large"}\n')
+    shard_path(path, 1, 2).write_text('{"product_id": "p2", "summary": "red"}\n'
+                                      '{"product_id": "p1", "skipped": "no text"}\n')
+    with pytest.raises(ValueError, match=r"shard001-of-002.jsonl:2: product p1 .*shard000-of-002.jsonl:1"):
+        read_summaries(path)
+
+
 def test_evaluate_summaries_end_to_end(tmp_path, data_dir, tiny_ranker_dir, tiny_policy_dir, monkeypatch):
     scored = []  # the product texts each variant's scoring saw
     score = Evaluation.score
