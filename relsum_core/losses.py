@@ -14,10 +14,15 @@ import torch.nn.functional as F
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
 
 
+def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x where mask holds, else 0.  A select, not a product: a padding position holding -inf or NaN
+    would make x * 0 NaN, and its gradient NaN too."""
+    return torch.where(mask.to(torch.bool), x, x.new_zeros(()))
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of x over mask (0 when the mask is empty, never NaN)."""
-    mask = mask.to(x.dtype)
-    return (x * mask).sum() / mask.sum().clamp_min(1.0)
+    return _masked(x, mask).sum() / mask.to(x.dtype).sum().clamp_min(1.0)
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -60,7 +65,8 @@ def grpo_loss(
     aggregated as ``loss_type``: "dapo" sums over all tokens of the batch and divides by their count
     (or ``token_normalizer``, e.g. the token count of the whole accumulated batch); "grpo" averages
     each sequence over its own tokens, then over sequences; "dr_grpo" divides the sum by
-    B * max_completion_length (default T), a constant, so length carries no bias.
+    B * max_completion_length (default T), a constant, so length carries no bias.  Positions outside
+    ``mask`` are never read: padding may hold anything (-inf, NaN) without reaching loss or gradient.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -89,21 +95,23 @@ def grpo_loss(
 
     mask = mask.to(torch.bool)
     maskf = mask.to(logp.dtype)
-    adv = advantages[:, None] if advantages.dim() == 1 else advantages
+    adv = advantages[:, None] if advantages.dim() == 1 else _masked(advantages, mask)
     adv = adv.to(logp.dtype)
-    old = logp.detach() if old_logp is None else old_logp
+    logp = _masked(logp, mask)
+    old = logp.detach() if old_logp is None else _masked(old_logp, mask)
     ratio = torch.exp(logp - old)
     clipped_ratio = ratio.clamp(1.0 - epsilon_low, 1.0 + eps_high)
     per_token = -torch.minimum(ratio * adv, clipped_ratio * adv)
     metrics: dict[str, torch.Tensor] = {}
     if ref_logp is not None:
         _check_token_tensor("ref_logp", ref_logp, logp.shape)
-        kl = kl_k3(logp, ref_logp)
+        kl = kl_k3(logp, _masked(ref_logp, mask))
         metrics["kl"] = masked_mean(kl.detach(), mask)
         if beta != 0.0:
             per_token = per_token + beta * kl
     if entropy is not None:
         _check_token_tensor("entropy", entropy, logp.shape)
+        entropy = _masked(entropy, mask)
         metrics["entropy"] = masked_mean(entropy.detach(), mask)
         if entropy_coef != 0.0:
             per_token = per_token - entropy_coef * entropy
@@ -132,9 +140,10 @@ def grpo_loss(
 
 
 def sequence_logprob(token_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum of per-token log-probs over each sequence's completion tokens: [B, T] -> [B]."""
+    """Sum of per-token log-probs over each sequence's completion tokens: [B, T] -> [B] (what lies
+    outside the mask is never read)."""
     _check_token_tensor("mask", mask, token_logp.shape)
-    return (token_logp * mask.to(token_logp.dtype)).sum(-1)
+    return _masked(token_logp, mask).sum(-1)
 
 
 def dpo_loss(

@@ -281,3 +281,31 @@ def test_nan_or_negative_settings_are_refused():
         dpo_loss(x, x, x, x, beta=math.nan)
     with pytest.raises(ValueError, match="label_smoothing"):
         dpo_loss(x, x, x, x, label_smoothing=math.nan)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+@pytest.mark.parametrize("pad", [float("nan"), float("-inf"), float("inf")])
+def test_padding_values_never_reach_loss_metrics_or_gradient(loss_type, pad):
+    # An eager log-softmax leaves -inf (or NaN) at padding; x * 0 would carry it into the sums.
+    g = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    logp0, old, ref, ent = (-torch.rand(2, 4, generator=g, dtype=torch.float64) for _ in range(4))
+    adv_tok = torch.randn(2, 4, generator=g, dtype=torch.float64)
+
+    def run(fill):
+        def dirty(t):
+            return t.masked_fill(~mask, pad) if fill else t.clone()
+        logp = dirty(logp0).requires_grad_()
+        loss, metrics = grpo_loss(logp, dirty(old), dirty(adv_tok), mask, ref_logp=dirty(ref), beta=0.1,
+                                  entropy=dirty(ent), entropy_coef=0.01, loss_type=loss_type)
+        loss.backward()
+        return loss.detach(), metrics, logp.grad, sequence_logprob(dirty(logp0), mask)
+
+    clean, dirty_run = run(False), run(True)
+    assert torch.isfinite(dirty_run[0]) and torch.equal(dirty_run[0], clean[0])
+    assert dirty_run[1].keys() == clean[1].keys()
+    for k in clean[1]:
+        assert torch.equal(dirty_run[1][k], clean[1][k]), k
+    assert torch.equal(dirty_run[2], clean[2]) and not dirty_run[2][~mask].any()
+    assert torch.equal(dirty_run[3], clean[3])
+    assert masked_mean(torch.tensor([2.0, pad]), torch.tensor([True, False])) == 2.0
