@@ -16,7 +16,6 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results/gpu-$(date +%Y%m%d)}"
-work="$(mktemp -d)"
 mkdir -p "$out"
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
@@ -31,6 +30,11 @@ for s in "${sections[@]}"; do
     fi
 done
 tag=$(IFS=-; echo "${sections[*]}")
+# Raw logs and JSON under $OUT, not /tmp: a run killed by the caller's time limit mid-section (the
+# section limits add up to 300 / 290 s, the header, installs, kill grace and summaries come on top)
+# still hands back what the running section wrote so far.
+work="$out/raw-$tag"
+mkdir -p "$work"
 # The repo imports without installing: relsum_core from the root, relsum_kernels through a link.
 mkdir -p /tmp/relsum_shim && ln -sfn "$PWD/kernels" /tmp/relsum_shim/relsum_kernels
 export PYTHONPATH="$PWD:/tmp/relsum_shim:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -91,7 +95,7 @@ bench() {  # suite name
         --benchmark-json="$work/${suite}.json"
     if [ -s "$work/${suite}.json" ]; then
         local args=()
-        for b in ${baselines[$suite]}; do args+=(--baseline "$b"); done
+        for b in ${baselines[$suite]:-}; do args+=(--baseline "$b"); done
         python3 benchmarks/summarize.py "$work/${suite}.json" "${args[@]}" | tee -a "$summary"
     fi
 }

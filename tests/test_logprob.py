@@ -330,7 +330,8 @@ def test_error_bad_rank_bias_temperature_impl():
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_double_backward_is_refused_not_silently_wrong(impl):
-    h, w, t = _ok()
+    # Triton needs CUDA tensors on a GPU machine (the interpreter only takes CPU ones)
+    h, w, t = (x.to(impl_device(impl)) for x in _ok())
     h.requires_grad_(True)
     (g,) = torch.autograd.grad(fused_logprob(h, w, t, impl=impl).sum(), h, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
