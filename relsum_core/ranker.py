@@ -929,7 +929,7 @@ class Reranker:
         dev = self.ce.device
         host = batch.stage(torch.empty(batch.staged_size, dtype=torch.int64).pin_memory())
         # Static inputs live outside the graph pool so no other graph's replay can overwrite them.
-        inputs = host.to(dev)
+        inputs = host.to(dev, copy=True)  # its own buffer on any device (a CPU test emulates graphs)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(device=dev)

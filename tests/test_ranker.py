@@ -798,6 +798,90 @@ def test_reranker_cuda_graphs(tiny_dir):
     np.testing.assert_allclose(Reranker(ce16).score("garden hose", cands), ref, rtol=0, atol=5e-2)
 
 
+class _FakeCUDAGraph:
+    """Stands in for torch.cuda.CUDAGraph on the CPU: capture records the forward the Reranker runs
+    under it, replay runs it again on the same static input buffer and writes the same static output,
+    as a real graph does.  So the graph path's bookkeeping runs here: staging into the static
+    buffers, one capture per bucket shape, replays, recapture when the weights move."""
+
+    recording = None
+    captures = 0
+
+    def replay(self):
+        with torch.inference_mode():
+            self.out.copy_(self.forward())
+
+
+def test_reranker_graph_path_bookkeeping_with_a_fake_graph_on_cpu(tiny_dir, monkeypatch):
+    import contextlib
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    @contextlib.contextmanager
+    def graph(g, pool=None, stream=None, capture_error_mode=None):
+        assert _FakeCUDAGraph.recording is None, "one capture at a time"
+        _FakeCUDAGraph.recording, _FakeCUDAGraph.captures = g, _FakeCUDAGraph.captures + 1
+        try:
+            yield
+        finally:
+            _FakeCUDAGraph.recording = None
+
+    forward = Reranker._forward_static
+
+    def recorded_forward(self, inputs, layout):
+        out = forward(self, inputs, layout)
+        g = _FakeCUDAGraph.recording
+        if g is not None:
+            g.forward, g.out = (lambda: forward(self, inputs, layout)), out
+        return out
+
+    monkeypatch.setattr(Reranker, "_forward_static", recorded_forward)
+    monkeypatch.setattr(_FakeCUDAGraph, "captures", 0)
+    for name, value in (("graph", graph), ("CUDAGraph", _FakeCUDAGraph), ("Stream", Stream),
+                        ("graph_pool_handle", object), ("current_stream", lambda device=None: Stream()),
+                        ("stream", lambda s: contextlib.nullcontext())):
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
+
+    ce = CrossEncoder.from_pretrained(tiny_dir, device="cpu")
+    rr = Reranker(ce, cuda_graphs=False, use_buckets=True)
+    rr.cuda_graphs = True  # the graph branch, which the constructor keeps for CUDA
+    rng = random.Random(5)
+    cands = [text(rng, rng.randint(0, 150)) for _ in range(50)]
+    pairs = [("garden hose", c) for c in cands]
+    want = ce.predict(pairs)
+    first = rr.score("garden hose", cands)
+    np.testing.assert_allclose(first, want, rtol=0, atol=1e-5)
+    n_graphs = len(rr._graphs)
+    assert n_graphs >= 1 and _FakeCUDAGraph.captures == n_graphs
+    np.testing.assert_array_equal(rr.score("garden hose", cands), first)  # replays only
+    other = [" ".join(reversed(c.split())) for c in cands]  # same lengths: same buckets, new inputs
+    np.testing.assert_allclose(rr.score("garden hose", other),
+                               ce.predict([("garden hose", c) for c in other]), rtol=0, atol=1e-5)
+    assert _FakeCUDAGraph.captures == n_graphs and len(rr._graphs) == n_graphs
+    # A fuller query (another bucket) adds its own graph; the earlier ones stay.
+    many = [text(rng, rng.randint(0, 150)) for _ in range(120)]
+    np.testing.assert_allclose(rr.score("garden hose", many), ce.predict([("garden hose", c) for c in many]),
+                               rtol=0, atol=1e-5)
+    assert len(rr._graphs) > n_graphs and _FakeCUDAGraph.captures == len(rr._graphs)
+    # An in-place weight edit (the version counter) and a refresh (new joined copies) recapture.
+    v = ce.model.bert.encoder.layer[0].attention.self.value.weight
+    for edit in (lambda: v.add_(torch.randn_like(v)), ce.refresh):
+        before = _FakeCUDAGraph.captures
+        with torch.no_grad():
+            edit()
+        np.testing.assert_allclose(rr.score("garden hose", cands), ce.predict(pairs), rtol=0, atol=1e-5)
+        assert _FakeCUDAGraph.captures > before
+    # Token ids as numpy arrays take the same path.
+    arrays = [(np.asarray(ids), split) for ids, split in ce.encode_pairs(pairs)]
+    np.testing.assert_allclose(rr.score_encoded(arrays), ce.predict(pairs), rtol=0, atol=1e-5)
+
+
 def test_minilm_rankings_agree_with_hf_on_esci_validation_queries(minilm):
     """Every validation query of the default split, title + 64 attribute tokens: same order as HF."""
     from relsum_core.data import group_by_query, load_dataset, split_queries
