@@ -221,6 +221,12 @@ def load_catalog(path: str | Path | None = None) -> dict[str, Product]:
             raise DataError(f"{where}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected a JSON object")
+        if "\\u" in line:  # only an escape makes a lone surrogate (half an emoji cut by a scraper),
+            try:  # which no tokenizer takes and no UTF-8 file can hold
+                json.dumps(row, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise DataError(f"{where}: a lone UTF-16 surrogate (a \\udXXX escape without its pair); "
+                                "fix or drop that character") from None
         pid = row.get("product_id")
         if pid is not None and not isinstance(pid, str):  # pandas' to_json writes numeric ids as numbers
             raise DataError(f"{where}: 'product_id' must be a string, got {type(pid).__name__} {pid!r} "

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 
@@ -77,3 +79,97 @@ def test_cosine_mean_pooling_ignores_padding(cosine):
     short = cosine.embed(["red shoe"])[0]
     padded = cosine.embed(["red shoe", "a much longer text about stainless steel kitchen towel racks"])[0]
     np.testing.assert_allclose(padded, short, atol=1e-5)
+
+
+# ---------------------------------------------------------------- from mutation testing
+def _hand_bm25(query_terms, doc_terms, k1, b):
+    """Lucene BM25, written out: idf = ln(1 + (N - df + 0.5) / (df + 0.5)),
+    tf part = tf / (tf + k1 * (1 - b + b * |d| / avgdl))  (no (k1 + 1) factor in Lucene's variant)."""
+    n = len(doc_terms)
+    avgdl = sum(map(len, doc_terms)) / n
+    out = []
+    for d in doc_terms:
+        s = 0.0
+        for t in query_terms:
+            df = sum(t in x for x in doc_terms)
+            tf = d.count(t)
+            s += math.log(1 + (n - df + 0.5) / (df + 0.5)) * tf / (tf + k1 * (1 - b + b * len(d) / avgdl))
+        out.append(s)
+    return out
+
+
+def test_bm25_matches_a_hand_computation():
+    # kills B01 (k1 default), B02 (b default), B07 (no stemmer), B12 (float32), and B03-B05/B13
+    pytest.importorskip("Stemmer")
+    docs = ["Running shoes for the marathon", "shoe rack", "red running shoe, red laces", "kitchen towel"]
+    # what the English stop words and the Snowball stemmer leave of each document
+    terms = [["run", "shoe", "marathon"], ["shoe", "rack"], ["red", "run", "shoe", "red", "lace"],
+             ["kitchen", "towel"]]
+    s = bm25_scores("running shoes", docs)  # defaults: k1 1.5, b 0.75
+    assert s.dtype == np.float64 and s.shape == (4,)
+    np.testing.assert_allclose(s, _hand_bm25(["run", "shoe"], terms, 1.5, 0.75), rtol=1e-5)
+    np.testing.assert_allclose(bm25_scores("running shoes", docs, k1=1.2, b=0.5),
+                               _hand_bm25(["run", "shoe"], terms, 1.2, 0.5), rtol=1e-5)
+    # case and punctuation do not matter; a term twice in a document saturates through k1
+    np.testing.assert_allclose(bm25_scores("RED!", docs), _hand_bm25(["red"], terms, 1.5, 0.75), rtol=1e-5)
+
+
+def test_bm25_ignores_english_stop_words_in_query_and_documents():
+    # kills B06 (stopwords=None): "the" would match the first document
+    s = bm25_scores("the red shoe", ["the the the towel", "red shoe"])
+    assert s[0] == 0.0 and s[1] > 0.0
+
+
+def test_bm25_empty_and_punctuation_only_text_ties():
+    # kills B09 (an all-empty corpus reached bm25s, which raises on an empty vocabulary)
+    for docs in (["", ""], ["!!!", "..."], ["a", "", "?"]):  # nothing left after tokenising
+        s = bm25_scores("red shoe", docs)
+        assert s.dtype == np.float64 and s.tolist() == [0.0] * len(docs)
+    for query in ("", "   ", "?!", "a"):  # an empty query, punctuation or a 1-letter word: no terms
+        assert bm25_scores(query, ["red shoe", "blue towel"]).tolist() == [0.0, 0.0]
+    # an empty document among others scores 0 and counts in the average length
+    s = bm25_scores("red", ["", "red"], k1=1.5, b=0.75)
+    assert s[0] == 0.0
+    assert s[1] == pytest.approx(math.log(2) / (1 + 1.5 * (0.25 + 0.75 * 1 / 0.5)), rel=1e-5)
+
+
+def test_cosine_scores_are_one_per_document(tiny_base):
+    # kills B18 (an (n, 1) column instead of n scores)
+    scorer = CosineScorer.from_pretrained(str(tiny_base))
+    s = scorer.scores("red shoe", ["red shoe", "blue towel", "steel bottle"])
+    assert s.shape == (3,) and s.dtype == np.float64
+    assert s[0] == pytest.approx(1.0, abs=1e-5)  # the query's own text: cosine 1
+
+
+def test_cosine_embeddings_are_the_masked_mean_of_the_last_hidden_state(tiny_base):
+    # kills B22 (a token left out of the mean); B23 (sum, not mean) is equivalent after normalising
+    import torch
+
+    scorer = CosineScorer.from_pretrained(str(tiny_base))
+    texts = ["red shoe", "a much longer text about steel kitchen towel racks"]
+    enc = scorer.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = scorer.model(**enc).last_hidden_state
+    want = []
+    for row, mask in zip(hidden, enc["attention_mask"]):
+        mean = row[mask.bool()].mean(0)
+        want.append((mean / mean.norm()).numpy())
+    np.testing.assert_allclose(scorer.embed(texts), np.stack(want), atol=1e-5)
+
+
+def test_cosine_scorer_puts_a_training_mode_model_in_eval_mode(tiny_base):
+    # kills B19: a model built or loaded in training mode kept its dropout on, so the same text
+    # embedded twice gave two embeddings
+    from transformers import AutoTokenizer, BertModel
+
+    model = BertModel.from_pretrained(tiny_base).train()
+    scorer = CosineScorer(model, AutoTokenizer.from_pretrained(tiny_base))
+    texts = ["red running shoe with laces", "blue towel"]
+    np.testing.assert_array_equal(scorer.embed(texts), scorer.embed(texts))
+
+
+def test_cosine_from_pretrained_names_a_bad_folder_and_keeps_max_length(tmp_path, tiny_base):
+    # kills B20 (the folder not named) and B21 (max_length dropped)
+    with pytest.raises(ValueError, match=f"{tmp_path}: cannot load the encoder"):
+        CosineScorer.from_pretrained(str(tmp_path))  # an empty folder: no config.json
+    assert CosineScorer.from_pretrained(str(tiny_base), max_length=16).max_length == 16

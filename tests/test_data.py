@@ -116,6 +116,8 @@ def test_a_catalog_of_blank_lines_is_empty(tmp_path):
         ({"product_id": "x", "title": "t", "description": 3}, "'description' must be a string"),
         ({"product_id": 7, "title": "t"}, r"'product_id' must be a string, got int 7 \(quote ids"),
         ({"product_id": "x", "title": 8675309}, "product 'x': 'title' must be a string, got int"),
+        # half an emoji cut by a scraper: json.loads makes a lone surrogate the tokenizer fails on
+        ('{"product_id": "x", "title": "red shirt \\ud83d"}', "lone UTF-16 surrogate"),
     ],
 )
 def test_bad_catalog_rows_name_file_and_line(tmp_path, row, message):
@@ -381,6 +383,11 @@ def test_wands_product_texts_may_span_lines_but_names_may_not(wands_repo):
     path.write_text(WANDS_PRODUCTS + '3\t"lamp\tLamps\t\t\t\t\t\t\n4\tdesk"\tDesks\t\t\t\t\t\t\n')
     with pytest.raises(DataError, match="field 'product_name' holds a line break"):
         load_catalog(path)
+
+
+def test_a_whole_surrogate_pair_escape_loads(tmp_path):
+    path = write_catalog(tmp_path / "p.jsonl", ['{"product_id": "x", "title": "smile \\ud83d\\ude00"}'])
+    assert load_catalog(path)["x"].title == "smile \U0001f600"
 
 
 def test_catalog_ids_are_stripped_like_the_judgments_ids(data_dir):

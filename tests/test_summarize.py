@@ -267,3 +267,193 @@ def test_summary_files_take_no_other_files_shards(tmp_path):
     assert summary_files(tmp_path / "s.jsonl") == own
     assert summary_files(tmp_path / "s.shardtest.jsonl") == [tmp_path / f"s.shardtest.shard00{k}-of-002.jsonl"
                                                              for k in (0, 1)]
+
+
+# ---------------------------------------------------------------- from mutation testing
+def _started(out, catalog, policy, **kw):
+    """A summaries file and its settings record as a run with ``kw`` leaves them, without sampling:
+    a run over no products writes the record, then one hand-written row stands for its output."""
+    summarize_catalog(out, policy=str(policy), catalog=str(catalog), product_ids=[], progress=False, **kw)
+    out.write_text(json.dumps({"product_id": "p0", "title": TITLES[0], "summary": "red"}) + "\n")
+
+
+def test_bad_shard_batch_and_token_arguments_leave_no_file(tmp_path, catalog, tiny_policy_dir):
+    # kills S26 (shard -1 took wanted[-1::n]), S27 (batch_size 0: range() fails after the record
+    # and the model load), S28 (max_product_tokens 0)
+    out = tmp_path / "x.jsonl"
+    for bad, why in ((dict(shard=-1, num_shards=2), "shard"), (dict(batch_size=0), "batch_size must be >= 1"),
+                     (dict(max_product_tokens=0), "max_product_tokens must be >= 1"),
+                     (dict(shard=0, num_shards=0), "shard")):
+        with pytest.raises(ValueError, match=why):
+            summarize_catalog(out, policy=str(tiny_policy_dir), catalog=str(catalog), progress=False, **bad)
+    assert list(tmp_path.iterdir()) == [catalog]
+
+
+def test_torchrun_world_size_and_rank_pick_the_shard(tmp_path, catalog, tiny_policy_dir, monkeypatch):
+    # kills S29/S30: the global WORLD_SIZE/RANK, not the node-local ones, pick the shard (2 nodes x 2)
+    for k, v in dict(WORLD_SIZE="4", RANK="3", LOCAL_WORLD_SIZE="2", LOCAL_RANK="1").items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "s.jsonl"
+    p = summarize_catalog(out, policy=str(tiny_policy_dir), catalog=str(catalog), product_ids=[],
+                          progress=False, device="cpu")
+    assert p == shard_path(out, 3, 4) and p.name == "s.shard003-of-004.jsonl" and p.is_file()
+
+
+@pytest.mark.parametrize("change, why", [
+    (dict(temperature=0.7), r"temperature 0\.0 -> 0\.7"), (dict(seed=1, temperature=1.0), r"seed 0 -> 1"),
+    (dict(max_product_tokens=64), r"max_product_tokens 32 -> 64"),
+    (dict(precision="bf16"), r"precision 'fp32' -> 'bf16'")])
+def test_each_recorded_setting_is_checked_on_resume(tmp_path, catalog, tiny_policy_dir, change, why):
+    # kills S35-S39 dropping a setting from the record (temperature, seed when sampling,
+    # max_product_tokens, precision)
+    out = tmp_path / "s.jsonl"
+    base = dict(budget=4, temperature=1.0 if "seed" in change else 0.0, seed=0, max_product_tokens=32,
+                precision="fp32")
+    _started(out, catalog, tiny_policy_dir, **base)
+    before = out.read_bytes()
+    with pytest.raises(ValueError, match=f"other settings \\(.*{why}"):
+        summarize_catalog(out, policy=str(tiny_policy_dir), catalog=str(catalog), product_ids=["p0"],
+                          progress=False, **{**base, **change})
+    assert out.read_bytes() == before
+
+
+def test_a_greedy_run_resumes_under_another_seed(tmp_path, catalog, tiny_policy_dir):
+    # kills S35 (the seed recorded when greedy: the same greedy command with another --seed refused)
+    out = tmp_path / "s.jsonl"
+    _started(out, catalog, tiny_policy_dir, budget=4, seed=0)
+    summarize_catalog(out, policy=str(tiny_policy_dir), catalog=str(catalog), product_ids=["p0"], budget=4,
+                      seed=7, progress=False)
+    assert json.loads((tmp_path / "s.jsonl.settings.json").read_text())["seed"] is None
+
+
+def test_relative_and_absolute_paths_of_the_same_policy_and_catalog_resume(tmp_path, catalog,
+                                                                           tiny_policy_dir, monkeypatch):
+    # kills S40/S41: the record holds resolved paths, so the same command from another folder (or
+    # with the absolute path) resumes, and a relative path means what it meant when it was written
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "s.jsonl"
+    summarize_catalog(out, policy=os.path.relpath(tiny_policy_dir), catalog="products.jsonl",
+                      product_ids=[], budget=4, progress=False)
+    out.write_text(json.dumps({"product_id": "p0", "summary": "red"}) + "\n")
+    summarize_catalog(out, policy=str(tiny_policy_dir), catalog=str(catalog), product_ids=["p0"], budget=4,
+                      progress=False)
+    settings = json.loads((tmp_path / "s.jsonl.settings.json").read_text())
+    assert settings["policy"] == str(tiny_policy_dir.resolve())
+    assert settings["catalog"] == str(catalog.resolve())
+
+
+def test_resuming_from_an_old_record_does_not_rewrite_it(tmp_path, catalog, tiny_policy_dir):
+    # kills S21: a record from before the weights were recorded must not gain them on a resume (the
+    # rows written before are of unknown weights: the record is written only with a new file)
+    out = tmp_path / "s.jsonl"
+    _started(out, catalog, tiny_policy_dir, budget=4)
+    record = tmp_path / "s.jsonl.settings.json"
+    old = {k: v for k, v in json.loads(record.read_text()).items()
+           if k not in ("policy_weights", "catalog_digest")}
+    record.write_text(json.dumps(old))
+    summarize_catalog(out, policy=str(tiny_policy_dir), catalog=str(catalog), product_ids=["p0"], budget=4,
+                      progress=False)
+    assert json.loads(record.read_text()) == old
+
+
+def test_rows_need_a_string_product_id(tmp_path, catalog, tiny_policy_dir):
+    # kills S12: {"product_id": 7, ...} is not a summaries row (evaluate refuses it too)
+    out = tmp_path / "s.jsonl"
+    _started(out, catalog, tiny_policy_dir, budget=4)
+    out.write_text('{"product_id": 7, "summary": "x"}\n')
+    with pytest.raises(ValueError, match=f"{out}:1: not a summaries row"):
+        summarize_catalog(out, policy=str(tiny_policy_dir), catalog=str(catalog), product_ids=[], budget=4,
+                          progress=False)
+    assert out.read_text() == '{"product_id": 7, "summary": "x"}\n'
+
+
+def test_summary_files_ignore_a_deleted_runs_leftover_records(tmp_path):
+    # kills S05: the shards of a 3-shard run were deleted (as the refusal says) but their
+    # .settings.json records stay; the new 2-shard run's files are the set
+    for k in range(3):
+        (tmp_path / f"s.shard{k:03d}-of-003.jsonl.settings.json").write_text("{}")
+    own = [shard_path(tmp_path / "s.jsonl", k, 2) for k in range(2)]
+    for f in own:
+        f.write_text("")
+    assert summary_files(tmp_path / "s.jsonl") == own
+
+
+def test_summary_files_refuse_a_directory(tmp_path):
+    # kills S04 (a folder passed for the file: read as one, IsADirectoryError deep in a reader)
+    (tmp_path / "s.jsonl").mkdir()
+    with pytest.raises(FileNotFoundError, match="s.jsonl does not exist"):
+        summary_files(tmp_path / "s.jsonl")
+
+
+def test_summary_files_of_a_name_with_glob_characters(tmp_path):
+    # kills S08 (the stem used as a glob pattern: "[" is a character class there)
+    own = [shard_path(tmp_path / "run[1].jsonl", k, 2) for k in range(2)]
+    for f in own:
+        f.write_text("")
+    assert summary_files(tmp_path / "run[1].jsonl") == own
+
+
+def test_repeated_product_ids_are_summarised_once(tmp_path, catalog, tiny_policy_dir):
+    # kills S31/S32 (a product asked for twice was written twice)
+    out = tmp_path / "s.jsonl"
+    summarize_catalog(out, policy=str(tiny_policy_dir), catalog=str(catalog), product_ids=["p2", "p1", "p2"],
+                      budget=2, progress=False)
+    assert [r["product_id"] for r in _rows(out)] == ["p1", "p2"]  # id order, each once
+    assert all("task" not in r for r in _rows(out))  # kills S45: only doc2query rows name their task
+
+
+def test_a_product_with_no_text_is_recorded_as_skipped_and_not_retried(tmp_path, tiny_policy_dir,
+                                                                       monkeypatch):
+    # kills S44 (a product with no text left out, so every rerun retried it and the file never
+    # covered the catalog)
+    import relsum_core.summarize as summarize
+
+    catalog = tmp_path / "products.jsonl"
+    catalog.write_text(json.dumps({"product_id": "p0", "title": " red cotton shirt  "}) + "\n"
+                       + json.dumps({"product_id": "p1", "title": "<br>"}) + "\n")  # no text once cleaned
+    out = tmp_path / "s.jsonl"
+    kw = dict(policy=str(tiny_policy_dir), catalog=str(catalog), budget=2, progress=False)
+    summarize_catalog(out, **kw)
+    rows = {r["product_id"]: r for r in _rows(out)}
+    assert set(rows) == {"p0", "p1"} and "summary" in rows["p0"]
+    assert rows["p0"]["title"] == " red cotton shirt  "  # S54: as in the catalog (evaluate compares)
+    assert rows["p1"]["title"] == "<br>" and "no text" in rows["p1"]["skipped"]
+    assert "summary" not in rows["p1"]
+    monkeypatch.setattr(summarize, "load_policy", lambda *a, **k: pytest.fail("nothing left to do"))
+    summarize_catalog(out, **kw)
+    assert len(_rows(out)) == 2
+
+
+def test_sampling_follows_the_temperature(tmp_path, catalog, tiny_policy_dir):
+    # kills S46 (sampling always greedy): the tiny random policy samples other tokens than its argmax
+    kw = dict(policy=str(tiny_policy_dir), catalog=str(catalog), budget=4, batch_size=5, progress=False)
+    greedy = _rows(summarize_catalog(tmp_path / "g.jsonl", **kw))
+    sampled = _rows(summarize_catalog(tmp_path / "t.jsonl", temperature=1.0, seed=3, **kw))
+    assert [r["summary"] for r in greedy] != [r["summary"] for r in sampled]
+
+
+def test_each_batch_is_on_disk_before_the_next_is_sampled_and_a_crash_loses_no_row(tmp_path, catalog,
+                                                                                     tiny_policy_dir,
+                                                                                     monkeypatch):
+    # kills S48 (no flush) and S49 (rows written only at the end: a crash lost the whole run)
+    import relsum_core.summarize as summarize
+
+    out = tmp_path / "s.jsonl"
+    kw = dict(policy=str(tiny_policy_dir), catalog=str(catalog), budget=2, batch_size=2, progress=False)
+    real, seen = summarize.sample, []
+
+    def crashing_sample(*args, **kwargs):
+        seen.append(len(_rows(out)))  # what another process (or a crash now) would find on disk
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(summarize, "sample", crashing_sample)
+    with pytest.raises(KeyboardInterrupt):
+        summarize_catalog(out, **kw)
+    assert seen == [0, 2, 4] and [r["product_id"] for r in _rows(out)] == ["p0", "p1", "p2", "p3"]
+    monkeypatch.setattr(summarize, "sample", real)
+    summarize_catalog(out, **kw)
+    assert [r["product_id"] for r in _rows(out)] == [f"p{i}" for i in range(5)]
