@@ -5,10 +5,12 @@ Costs about a minute and a half: one C++ build, two AOTInductor compiles of a ti
 and three of a one-line stand-in model."""
 
 import os
+import platform
 import random
 import re
 import shutil
 import subprocess
+import types
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,18 +20,24 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from relsum_core import cli  # noqa: E402
+from relsum_core import export as export_module  # noqa: E402
 from relsum_core.data import load_dataset  # noqa: E402
 from relsum_core.export import (  # noqa: E402
     FORMAT_VERSION,
     MAX_PACKED_TOKENS,
+    X86_64_V3_FLAGS,
     ExportEncoder,
     _check_tokenizer,
     _settings,
     _vocab_lines,
+    _wordpiece_vocab_size,
     check_export_dir,
     checksum_lines,
+    cpu_isa_flags,
     export_inputs,
     export_ranker,
+    fnv1a64,
+    package_metadata,
     text_rules,
 )
 from relsum_core.io import _exchange  # noqa: E402
@@ -723,3 +731,235 @@ def test_fnv1a64_known_answers():
     assert fnv1a64(b"a") == "af63dc4c8601ec8c"
     assert fnv1a64(b"foobar") == "85944171f73967e8"
     assert checksum_lines({"vocab.txt": b"a"}) == ["fnv1a64 vocab.txt af63dc4c8601ec8c"]
+
+
+# ---------------------------------------------------------------- export's helpers (from mutation testing)
+# kills E53 (hex not zero-padded), E54 (checksum lines dropped / reordered)
+def test_fnv1a64_keeps_leading_zeros_and_checksums_every_file():
+    assert fnv1a64(b"aa") == "089c4307b54596b7"  # a leading 0: the C++ compares all 16 digits
+    assert checksum_lines({"vocab.txt": b"aa", "text_rules.tsv": b"a"}) == [
+        "fnv1a64 vocab.txt 089c4307b54596b7", "fnv1a64 text_rules.tsv af63dc4c8601ec8c"]
+
+
+def _fake_tokenizer(vocab: dict[str, int]):
+    backend = types.SimpleNamespace(get_vocab=lambda with_added_tokens: dict(vocab))
+    return types.SimpleNamespace(backend_tokenizer=backend)
+
+
+# kills E37 (duplicate ids), E38 (negative ids), E39 (a CR inside a token)
+def test_vocab_lines_refuses_what_vocab_txt_cannot_hold():
+    assert _vocab_lines(_fake_tokenizer({"b": 1, "a": 0})) == ["a", "b"]
+    for vocab in ({"a": 0, "b": 0}, {"a": 0, "b": -1}, {"a": 0, "b": 2}):
+        with pytest.raises(ValueError, match="ids are not 0..1"):
+            _vocab_lines(_fake_tokenizer(vocab))
+    for bad in ("x\ny", "x\ry"):
+        with pytest.raises(ValueError, match="contains a line break"):
+            _vocab_lines(_fake_tokenizer({"a": 0, bad: 1}))
+
+
+# kills E41 (gapped WordPiece ids accepted), E42 (the largest id for the count)
+def test_wordpiece_vocab_size_needs_ids_0_to_n():
+    assert _wordpiece_vocab_size({"model": {"vocab": {"c": 2, "a": 0, "b": 1}}}) == 3
+    with pytest.raises(ValueError, match="not 0..N-1"):
+        _wordpiece_vocab_size({"model": {"vocab": {"a": 0, "b": 2}}})
+
+
+# kills E49 (a line break in a settings value written as two lines)
+def test_settings_refuse_a_value_with_a_line_break(ranker):
+    spec = _check_tokenizer(ranker.tokenizer)
+    assert f"query_max_tokens {ranker.query_max_tokens}" in _settings(ranker, spec, torch.float32)
+    for bad in ("#\n#", "#\r"):
+        spec["model"]["continuing_subword_prefix"] = bad
+        with pytest.raises(ValueError, match="continuing_subword_prefix .* contains a line break"):
+            _settings(ranker, spec, torch.float32)
+
+
+# kills E43 (max_seqlen, the package's bound, taken from the position table instead of max_length)
+def test_settings_bound_the_sequences_by_the_rankers_max_length(ranker_dir):
+    ce = CrossEncoder.from_pretrained(ranker_dir, device="cpu", max_length=40)
+    ce.query_max_tokens = 9
+    settings = _settings(ce, _check_tokenizer(ce.tokenizer), torch.bfloat16)
+    for line in ("max_length 40", "max_seqlen 40", "query_max_tokens 9", "dtype bfloat16"):
+        assert line in settings
+
+
+# kills E47 (two_token_types written as 1 for a model with one token type)
+def test_settings_record_a_single_token_type(ranker_dir):
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(ranker_dir)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=16, max_position_embeddings=32, type_vocab_size=1, num_labels=1)
+    ce = CrossEncoder(BertForSequenceClassification(cfg), tok)
+    assert "two_token_types 0" in _settings(ce, _check_tokenizer(tok), torch.float32)
+
+
+# kills E20 (a slow tokenizer fails with AttributeError), E21 (a non-BERT normalizer / pre-tokenizer
+# accepted), E22 / E23 (either split_special_tokens flag missed), E24 / E25 (normalized or lstrip
+# added tokens accepted)
+def test_check_tokenizer_refuses_what_the_cpp_tokenizer_cannot_follow(ranker_dir):
+    from tokenizers import AddedToken, normalizers, pre_tokenizers
+    from transformers import AutoTokenizer
+
+    with pytest.raises(ValueError, match="needs a fast \\(Rust\\) tokenizer, got SimpleNamespace"):
+        _check_tokenizer(types.SimpleNamespace())
+    for part, value in (("normalizer", normalizers.Lowercase()),
+                        ("pre_tokenizer", pre_tokenizers.Whitespace())):
+        tok = AutoTokenizer.from_pretrained(ranker_dir)
+        setattr(tok.backend_tokenizer, part, value)
+        with pytest.raises(ValueError, match=f"BERT WordPiece.*'{part}'"):
+            _check_tokenizer(tok)
+    tok = AutoTokenizer.from_pretrained(ranker_dir)
+    tok.split_special_tokens = True  # the Python-side flag alone
+    with pytest.raises(ValueError, match="split_special_tokens"):
+        _check_tokenizer(tok)
+    tok = AutoTokenizer.from_pretrained(ranker_dir)
+    tok.backend_tokenizer.encode_special_tokens = True  # the Rust-side flag alone
+    with pytest.raises(ValueError, match="split_special_tokens"):
+        _check_tokenizer(tok)
+    for option in ("normalized", "lstrip", "rstrip", "single_word"):
+        tok = AutoTokenizer.from_pretrained(ranker_dir)
+        tok.add_tokens([AddedToken("zzqx", **{"normalized": False, option: True})])
+        with pytest.raises(ValueError, match="added token 'zzqx' needs matching rules"):
+            _check_tokenizer(tok)
+
+
+# kills E26 (code points past the BMP left out), E28/E29/E30/E32/E33/E35 (rules that disagree with
+# the tokenizer they were read off: merged across gaps or replacements, kinds swapped, empty fields)
+def test_text_rules_agree_with_the_tokenizer_code_point_by_code_point(ranker):
+    import bisect
+
+    backend = ranker.tokenizer.backend_tokenizer
+    normalize, pre_tokenize = backend.normalizer.normalize_str, backend.pre_tokenizer.pre_tokenize_str
+    rows = [line.split("\t") for line in text_rules(ranker.tokenizer) if not line.startswith("#")]
+    tables = {"norm": [], "split": []}
+    for table, first, last, kind, *rep in rows:
+        assert (len(rep) == 1) == (table == "norm" and kind == "map") and all(rep), (table, first, kind, rep)
+        tables[table].append((int(first, 16), int(last, 16), kind, rep[0] if rep else ""))
+
+    def rule(table, cp):
+        spans = tables[table]
+        i = bisect.bisect_right(spans, (cp, 0x110000)) - 1
+        return spans[i][2:] if i >= 0 and spans[i][0] <= cp <= spans[i][1] else None
+
+    def want_norm(c):
+        r = normalize(c)
+        if r == c:
+            return None
+        return ("drop", "") if r == "" else ("isolate", "") if r == f" {c} " else \
+            ("map", " ".join(f"{ord(x):X}" for x in r))
+
+    def want_split(c):
+        return {1: None, 2: ("space", ""), 3: ("punct", "")}[len(pre_tokenize(f"a{c}a"))]
+
+    for spans in tables.values():  # sorted, disjoint
+        assert all(a[1] < b[0] and a[0] <= a[1] for a, b in zip(spans, spans[1:]))
+    # every code point of the first blocks (Latin, Greek, Cyrillic, ..., CJK punctuation), both ends of
+    # every run and its middle, and some past the BMP
+    probe = set(range(0x3100)) | {0x1D400, 0x1D56C, 0x1F600, 0x20000, 0x2A6DF, 0xE0001, 0xE0020}
+    for a, b, *_ in tables["norm"] + tables["split"]:
+        probe |= {a, b, (a + b) // 2}
+    for cp in sorted(probe - set(range(0xD800, 0xE000))):
+        c = chr(cp)
+        assert rule("norm", cp) == want_norm(c), hex(cp)
+        assert rule("split", cp) == want_split(c), hex(cp)
+    assert rule("norm", 0x20000) == ("isolate", "")  # CJK extension B, isolated like the BMP ideographs
+
+
+# kills E55 (no /proc/cpuinfo -> every flag), E57 (the first line read), E58 (flags this CPU lacks)
+def test_cpu_isa_flags_reads_the_flags_line(monkeypatch):
+    import pathlib
+
+    cpuinfo = ["processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu sse4_1 avx avx2 fma sse4_2 nosuch\n"
+               "bugs\t\t: avx512f\n"]
+    real = pathlib.Path.read_text
+
+    def read_text(self, *a, **k):
+        if str(self) != "/proc/cpuinfo":
+            return real(self, *a, **k)
+        if cpuinfo[0] is None:
+            raise PermissionError("no access")
+        return cpuinfo[0]
+
+    monkeypatch.setattr(pathlib.Path, "read_text", read_text)
+    assert cpu_isa_flags() == ["sse4_1", "sse4_2", "fma", "avx", "avx2"]  # ISA_FLAGS' order
+    cpuinfo[0] = None
+    assert cpu_isa_flags() == []
+
+
+# kills E59 (Windows' "AMD64" not x86), E62 (an x86 target compiled off x86)
+def test_targets_follow_the_machine(monkeypatch):
+    monkeypatch.setattr(platform, "machine", lambda: "AMD64")
+    assert export_module._resolve_target("auto") == "x86-64-v3"
+    assert export_module._target_configs("x86-64-v3") == {"cpp.march": "x86-64-v3", "cpp.simdlen": 256}
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert export_module._resolve_target("auto") == "native"
+    assert export_module._target_configs("native") == {}
+    with pytest.raises(ValueError, match="x86-64-v3 is an x86 target; this machine is aarch64"):
+        export_module._target_configs("x86-64-v3")
+
+
+# kills E64 (an x86-64-v3 package recording this CPU's AVX-512 / AMX flags)
+def test_package_metadata_of_an_x86_64_v3_package(ranker):
+    meta = package_metadata(ranker.model, "x86-64-v3")
+    assert meta["relsum_cpu_flags"] == " ".join(X86_64_V3_FLAGS)
+    assert package_metadata(ranker.model, "native")["relsum_cpu_flags"] == " ".join(cpu_isa_flags())
+
+
+# kills E67 ("new/.." kept unresolved: atomic_write_dir would rename onto "..")
+def test_export_dir_check_resolves_a_parent_reference(tmp_path):
+    got = check_export_dir(tmp_path / "missing" / "..")
+    assert got == tmp_path.resolve() and got.name == tmp_path.name
+
+
+# kills E13 (token_multiple 0 a ZeroDivisionError), E15 (padding added to an already full stream),
+# E10 (a one-pair batch scored as a 0-d tensor)
+def test_export_inputs_layout(ranker):
+    enc = ranker.encode_pairs([("red shoe", "a red running shoe"), ("q", "d")])
+    n = sum(len(ids) for ids, _ in enc)
+    ids, types_, pos, pad_index, slot, cls = export_inputs(enc)
+    assert ids.numel() == types_.numel() == pos.numel() == slot.numel() == n  # no padding unasked
+    assert export_inputs(enc, token_multiple=n)[0].numel() == n  # already a multiple
+    assert export_inputs(enc, token_multiple=n + 1)[0].numel() == n + 1
+    assert cls.tolist() == [0, len(enc[0][0])] and cls.dtype == torch.long
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="token_multiple must be >= 1"):
+            export_inputs(enc, token_multiple=bad)
+    with torch.inference_mode():
+        assert ExportEncoder(ranker.model).eval()(*export_inputs(enc[:1])).shape == (1,)
+
+
+@pytest.fixture
+def stub_compile(monkeypatch):
+    """export_ranker up to the AOTInductor compile, which is replaced by a recorder (seconds, not a
+    minute): what it would compile and with which settings."""
+    seen = {}
+
+    def compile_(program, package_path, inductor_configs):
+        seen.update(program=program, configs=inductor_configs)
+        with open(package_path, "wb") as f:
+            f.write(b"stub package")
+        return package_path
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_)
+    return seen
+
+
+# kills E77 (the CrossEncoder's own model cast to bf16), E78 (bf16 asked, fp32 compiled),
+# E80 (vocab.txt without its last newline), E82 (an x86-64-v3 package recording this CPU's flags),
+# E86 (settings.txt's dtype not the package's)
+def test_bf16_export_compiles_a_bf16_copy_with_its_target(ranker, tmp_path, stub_compile):
+    out = export_ranker(ranker, tmp_path / "bf16", dtype=torch.bfloat16, target="native")
+    assert ranker.model.classifier.weight.dtype == torch.float32  # the ranker is left as it was
+    assert {p.dtype for p in stub_compile["program"].state_dict.values() if p.is_floating_point()} \
+        == {torch.bfloat16}
+    settings = (out / "settings.txt").read_text().splitlines()
+    assert "dtype bfloat16" in settings and "target native" in settings
+    meta = stub_compile["configs"]["aot_inductor.metadata"]
+    assert meta["relsum_cpu_flags"] == " ".join(cpu_isa_flags())
+    assert (out / "vocab.txt").read_text(encoding="utf-8") == "\n".join(_vocab_lines(ranker.tokenizer)) + "\n"
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        export_ranker(ranker, tmp_path / "v3", target="x86-64-v3")
+        meta = stub_compile["configs"]["aot_inductor.metadata"]
+        assert meta["relsum_cpu_flags"] == " ".join(X86_64_V3_FLAGS)
+        assert stub_compile["configs"]["cpp.march"] == "x86-64-v3"

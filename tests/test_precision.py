@@ -65,3 +65,28 @@ def test_claim_device_fills_the_index_and_makes_it_current(monkeypatch):
     assert precision.claim_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
     assert made == [torch.device("cuda", 3), torch.device("cuda", 1)]
     assert precision.claim_device(torch.device("cpu")) == torch.device("cpu") and len(made) == 2
+
+
+# kills P01 (both extensions required), P02 (a torch without the probes counted as bf16), P03 (AMX only)
+def test_cpu_has_bf16_dot_takes_either_extension(monkeypatch):
+    for avx512_bf16, amx in ((True, False), (False, True), (True, True), (False, False)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        assert precision.cpu_has_bf16_dot() == (avx512_bf16 or amx)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert precision.cpu_has_bf16_dot() is False
+
+
+# kills P04 (None always the CPU), P05 (a non-string device a TypeError), P06 / P07 (an index past the
+# GPUs accepted)
+def test_resolve_device_with_cuda_present(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert precision.resolve_device(None) == torch.device("cuda")
+    assert precision.resolve_device("cuda:1") == torch.device("cuda", 1)
+    for bad in ("cuda:2", "cuda:3"):
+        with pytest.raises(ValueError, match="only 2 CUDA device"):
+            precision.resolve_device(bad)
+    with pytest.raises(ValueError, match="unknown device 3.5"):
+        precision.resolve_device(3.5)
