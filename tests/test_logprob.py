@@ -371,3 +371,20 @@ def test_kernels_compile_for_sm90():
                          **opts, spill_ok=64 if old_triton and dt != "fp32" else 0)
     """)
     assert out.count("compiled") == 6
+
+
+# ===================================================================== kernels/logprob.py: the fp64 reference
+# target: tests/test_logprob.py
+# kills: K06 (the reference computes in fp32: the fp32 checks at 1e-5 cannot tell), K08 (the
+#        reference ignores -100 whatever ignore_index says)
+def test_reference_is_fp64_and_honours_a_custom_ignore_index():
+    h, w = torch.randn(5, 16), torch.randn(50, 16)
+    t = torch.randint(0, 50, (5,))
+    t[1], t[3] = 7, 9
+    lr, er = logprob_reference(h, w, t, ignore_index=7)
+    assert lr.dtype == er.dtype == torch.float64
+    full = torch.log_softmax(h.double() @ w.double().t(), -1)  # the exact values, rounded once at the end
+    assert torch.equal(lr[[0, 2, 3, 4]], full[[0, 2, 3, 4], t[[0, 2, 3, 4]]])
+    assert lr[1].item() == 0.0 and er[1].item() == 0.0 and lr[3].item() != 0.0 and er[3].item() != 0.0
+    lp, ent = fused_logprob(h, w, t, ignore_index=7, with_entropy=True, impl="torch")
+    assert rel_err(lp, lr) < 1e-5 and rel_err(ent, er) < 1e-5

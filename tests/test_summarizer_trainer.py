@@ -3,15 +3,20 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
-from relsum_core.data import load_dataset
-from relsum_core.policy import TRAINING_RECORD
+import relsum_core.trainers.summarizer as summarizer_mod
+from relsum_core.data import Judgment, load_dataset
+from relsum_core.losses import grpo_loss
+from relsum_core.policy import TRAINING_RECORD, Rollouts, sample
+from relsum_core.rewards import COMPONENTS
 from relsum_core.trainers.summarizer import (
     KL_GAIN,
     SummarizerConfig,
     SummarizerTrainer,
+    _split_products,
     adapt_beta,
     run_sources,
     train_summarizer,
@@ -560,3 +565,426 @@ def test_resume_follows_the_models_and_data_not_their_path_strings(tmp_path, dat
     rewrite(policy)
     with pytest.raises(ValueError, match=r"the base policy's weights at .*policy differ"):
         SummarizerTrainer(_cfg(tmp_path, data_dir, policy, ranker, **one))
+
+
+# ---------------------------------------------------------------- from mutation testing
+def _rows(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def _group_rollouts(t, seeds, budget=6, temperature=1.5):
+    """Rollouts of the step-0 products, ``group_size`` consecutive rows per product."""
+    pids = [p for p in t._step_products(0) for _ in range(t.cfg.group_size)]
+    return sample(
+        t.sampler, t.tok, t._prompts(pids), max_new_tokens=budget, temperature=temperature, seed=seeds
+    )
+
+
+def _ragged(r: Rollouts, keep: list[int]) -> Rollouts:
+    """The rollouts with row i cut to its first keep[i] completion tokens (mask 0 after them)."""
+    mask = r.completion_mask.clone()
+    for i, k in enumerate(keep):
+        mask[i, k:] = 0
+    assert (mask.sum(1) > 0).all() and (mask.sum(1) != r.completion_mask.sum(1)).any()
+    return Rollouts(r.prompt_ids, r.prompt_mask, r.completion_ids, mask, r.texts)
+
+
+def _rewards(total):
+    total = np.asarray(total, dtype=np.float64)
+    return {"total": total, **{c: np.zeros_like(total) for c in COMPONENTS}}
+
+
+# ===================================================================== config validation
+# target: tests/test_summarizer_trainer.py (next to test_bad_config)
+# kills: c05 (steps dropped from the >= 1 checks), c06 (products_per_step / grad_accum dropped),
+#        c07 (the grad_accum divisibility rule applied to dpo too)
+def test_bad_config_counts_must_be_positive(tmp_path):
+    for name in ("steps", "products_per_step", "grad_accum", "group_size"):
+        with pytest.raises(ValueError, match=f"{name} must be >= 1|needs group_size >= 2"):
+            SummarizerConfig(out=str(tmp_path), ranker="x", **{name: 0})
+
+
+def test_dpo_splits_its_pairs_so_grad_accum_need_not_divide_the_rollouts(tmp_path):
+    # dpo splits the step's pairs with array_split: only grpo's equal micro-batches need divisibility
+    SummarizerConfig(
+        out=str(tmp_path), ranker="x", algo="dpo", products_per_step=3, group_size=3, grad_accum=2
+    )
+
+
+# ===================================================================== product split / eval set
+# target: tests/test_summarizer_trainer.py (next to test_product_split_keeps_one_query_text_on_one_side)
+# kills: s01 (train -= val dropped), s02 (no error when no product is left to train on)
+def test_product_judged_for_a_validation_query_never_trains():
+    judgments = [Judgment(f"q{i}", f"query {i}", f"p{i}", 3) for i in range(6)]
+    judgments += [Judgment(f"q{i}", f"query {i}", "shared", 2) for i in range(6)]  # judged for every query
+    for seed in range(4):
+        train, val = _split_products(judgments, SummarizerConfig(out="x", ranker="r", split_seed=seed))
+        assert "shared" in val and "shared" not in train and not set(train) & set(val)
+    only_shared = [Judgment(f"q{i}", f"query {i}", "shared", 2) for i in range(4)]
+    with pytest.raises(ValueError, match="no training products after the query split"):
+        _split_products(only_shared, SummarizerConfig(out="x", ranker="r"))
+
+
+# kills: s03 (products_per_step equal to the training products refused), s04 (eval draw seeded by
+#        --seed), s05 (eval_products above the validation products not capped)
+def test_step_may_take_every_training_product_and_the_eval_set_is_fixed(
+    tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir
+):
+    t = SummarizerTrainer(
+        _cfg(
+            tmp_path / "all",
+            data_dir,
+            tiny_policy_dir,
+            tiny_ranker_dir,
+            products_per_step=4,
+            eval_products=50,
+        )
+    )
+    assert len(t.train_ids) == 4 and sorted(t._step_products(0)) == t.train_ids
+    assert t.eval_ids == t.val_ids  # more asked for than there are: all of them, once
+    # the evaluation products do not move with --seed (runs of several seeds compare on one set)
+    picked = {
+        tuple(
+            SummarizerTrainer(
+                _cfg(tmp_path / f"s{s}", data_dir, tiny_policy_dir, tiny_ranker_dir, seed=s, eval_products=1)
+            ).eval_ids
+        )
+        for s in range(6)
+    }
+    assert len(picked) == 1
+
+
+# ===================================================================== step draws and rollouts
+# target: tests/test_summarizer_trainer.py
+# kills: s06 / s07 (every step draws the same products), t01 (rollout seeds ignore the step),
+#        t02 (top_p not passed to the sampler), t03 (sampling past the budget)
+def test_each_step_draws_its_own_products_and_seeds_and_samples_as_configured(
+    tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir, monkeypatch
+):
+    t = SummarizerTrainer(
+        _cfg(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir, top_p=0.9, temperature=1.3)
+    )
+    draws = [t._step_products(s) for s in range(12)]
+    assert len({tuple(sorted(d)) for d in draws}) > 1 and all(len(set(d)) == 2 for d in draws)
+    again = SummarizerTrainer(
+        _cfg(tmp_path / "again", data_dir, tiny_policy_dir, tiny_ranker_dir, top_p=0.9, temperature=1.3)
+    )
+    assert [again._step_products(s) for s in range(12)] == draws  # what a resume relies on
+    calls = []
+    real = summarizer_mod.sample
+
+    def spy(*a, **k):
+        calls.append(k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(summarizer_mod, "sample", spy)
+    t.train_step()
+    t.train_step()
+    s1, s2 = calls[0]["seed"], calls[1]["seed"]
+    assert len(set(s1)) == len(s1) == 6 and not set(s1) & set(s2)  # a seed per row, new each step
+    for k in calls:
+        assert (k["top_p"], k["temperature"], k["max_new_tokens"]) == (0.9, 1.3, 6)
+
+
+# ===================================================================== optimizer and schedule
+# target: tests/test_summarizer_trainer.py
+# kills: m04 (weight_decay ignored), m05 (warmup factor s / w: the first step at lr 0),
+#        m06 (warmup factor not capped at 1), m07 (warmup_steps 0 divides by zero),
+#        t06 (the scheduler never stepped)
+def test_warmup_then_constant_lr_and_weight_decay(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir):
+    t = SummarizerTrainer(
+        _cfg(
+            tmp_path,
+            data_dir,
+            tiny_policy_dir,
+            tiny_ranker_dir,
+            warmup_steps=3,
+            weight_decay=0.05,
+            eval_products=0,
+        )
+    )
+    assert t.opt.param_groups[0]["weight_decay"] == 0.05
+    used, step = [], t.opt.step
+
+    def recording_step(*a, **k):
+        used.append(t.opt.param_groups[0]["lr"])
+        return step(*a, **k)
+
+    t.opt.step = recording_step
+    logged = [t.train_step()["lr"] for _ in range(4)]
+    assert used == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3])
+    assert logged == used  # a row's lr is the one its step used, not the next step's
+    none = SummarizerTrainer(
+        _cfg(tmp_path / "w0", data_dir, tiny_policy_dir, tiny_ranker_dir, warmup_steps=0)
+    )
+    assert none.opt.param_groups[0]["lr"] == pytest.approx(1e-3)  # no warmup: the full lr at once
+
+
+# ===================================================================== gradient clipping
+# target: tests/test_summarizer_trainer.py
+# kills: t04 (max_grad_norm ignored: Adam's first step hides the scale from the weights)
+def test_the_optimizer_sees_gradients_clipped_to_max_grad_norm(
+    tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir
+):
+    t = SummarizerTrainer(
+        _cfg(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir, max_grad_norm=1e-4, eval_products=0)
+    )
+    grads = _record_grads(t)
+    row = t.train_step()
+    seen = float(torch.linalg.vector_norm(torch.stack([g.double().norm() for g in grads.values()])))
+    assert row["grad_norm"] > 1e-3  # the logged norm is the one before clipping
+    assert seen == pytest.approx(1e-4, rel=1e-3)
+
+
+# ===================================================================== the GRPO loss
+# target: tests/test_summarizer_trainer.py
+# kills: g03 (the loss uses the configured beta, not the adapted self.beta), g04 (entropy_coef
+#        dropped), g05 (dapo divides by every token slot, masked ones too), g08 (metrics of
+#        micro-batches averaged, not weighted by their tokens)
+def test_grpo_loss_is_the_token_mean_over_unmasked_tokens_with_the_current_beta(
+    tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir
+):
+    kw = dict(temperature=1.5, entropy_coef=0.3, eval_products=0, advantage="total")
+    t = SummarizerTrainer(_cfg(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir, **kw))
+    t.train_step()  # the policy leaves the reference: the KL term has a value and a gradient
+    r = _ragged(_group_rollouts(t, list(range(40, 46))), [2, 6, 1, 6, 3, 4])
+    rewards = _rewards([1.0, 0.0, -1.0, 0.5, 0.2, -0.4])
+
+    def update(trainer):
+        trainer.opt.zero_grad(set_to_none=True)
+        return trainer._grpo_update(r, rewards)
+
+    t.beta = 0.7  # what an adapted (kl_target) weight would be by now
+    m = update(t)
+    with torch.no_grad():
+        logp, ent = t._policy_logprobs(r, with_entropy=True)
+        ref = t._ref_logprobs(r)
+    adv = torch.tensor(t._advantages(rewards), dtype=torch.float32)
+    want, _ = grpo_loss(
+        logp,
+        None,
+        adv,
+        r.completion_mask,
+        ref_logp=ref,
+        beta=0.7,
+        entropy=ent,
+        entropy_coef=0.3,
+        loss_type="dapo",
+    )
+    assert m["kl"] > 0 and m["loss"] == pytest.approx(float(want), rel=1e-5)
+    # grad_accum splits the batch, not the means: token-weighted metrics equal the one-batch ones
+    t.cfg.grad_accum = 2
+    m2 = update(t)
+    for key in ("loss", "kl", "entropy", "clip_fraction"):
+        assert m2[key] == pytest.approx(m[key], rel=1e-5, abs=1e-7), key
+
+
+# ===================================================================== DPO pairs
+# target: tests/test_summarizer_trainer.py (next to test_dpo_pairs_best_and_worst_of_each_group)
+# kills: d01 (a tied group gives a pair), d02 (chosen and rejected swapped), d03 (the pair's rows
+#        taken from the first group whatever group they belong to)
+def test_dpo_pairs_each_groups_own_best_and_worst_rows_and_ties_give_none(
+    tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir, monkeypatch
+):
+    t = SummarizerTrainer(
+        _cfg(
+            tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir, algo="dpo", temperature=1.5, eval_products=0
+        )
+    )
+    r = _group_rollouts(t, list(range(20, 26)))
+    rows, real = [], summarizer_mod._rollout_rows
+    monkeypatch.setattr(
+        summarizer_mod, "_rollout_rows", lambda ro, which: rows.append(which.tolist()) or real(ro, which)
+    )
+    m = t._dpo_update(r, _rewards([0.5, 0.5, 0.5, 0.2, 0.9, -0.3]))  # group 0 tied: nothing to prefer
+    assert m["pairs"] == 1 and rows == [[4, 5]]  # group 1's rows: chosen 3 + 1, rejected 3 + 2
+    # every group tied: no pair, no gradient, no loss
+    t.opt.zero_grad(set_to_none=True)
+    rows.clear()
+    assert t._dpo_update(r, _rewards([0.1] * 6)) == {"pairs": 0.0}
+    assert rows == [] and all(p.grad is None for p in t.policy.parameters())
+
+
+# kills: d04 (dpo_beta not used), d05 (each micro-batch's mean added up, not the step's mean),
+#        d06 (metrics of micro-batches added, not weighted by their pairs)
+def test_dpo_gradient_scales_with_dpo_beta_and_grad_accum_matches_one_batch(
+    tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir
+):
+    def run(name, **kw):
+        t = SummarizerTrainer(
+            _cfg(
+                tmp_path / name,
+                data_dir,
+                tiny_policy_dir,
+                tiny_ranker_dir,
+                algo="dpo",
+                temperature=1.5,
+                eval_products=0,
+                **kw,
+            )
+        )
+        r = _group_rollouts(t, list(range(20, 26)))
+        m = t._dpo_update(r, _rewards([0.3, 0.1, 0.8, 0.2, 0.9, -0.3]))
+        return m, {n: p.grad.clone() for n, p in t.policy.named_parameters() if p.grad is not None}
+
+    m1, g1 = run("one", dpo_beta=0.1)
+    m5, g5 = run("five", dpo_beta=0.5)
+    ma, ga = run("accum", dpo_beta=0.1, grad_accum=2)
+    assert m1["pairs"] == 2 and g1
+    # policy = reference: d loss / d margin = -beta / 2, so the gradient is proportional to beta
+    for n, g in g1.items():
+        assert rel_err(g5[n], 5 * g) < 1e-4, n
+        assert rel_err(ga[n], g) < 1e-4, n
+    for key in ("loss", "reward_accuracy", "reward_margin", "pairs"):
+        assert ma[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-7), key
+
+
+# ===================================================================== the frozen reference
+# target: tests/test_summarizer_trainer.py
+# kills: m03 (reference left trainable), r13 (a resumed run's reference is the checkpoint, not the
+#        initial policy)
+def test_reference_stays_the_initial_policy_frozen_also_after_a_resume(
+    tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir
+):
+    from relsum_core.policy import load_policy
+
+    base = dict(load_policy(str(tiny_policy_dir), device="cpu")[0].named_parameters())
+    t = SummarizerTrainer(
+        _cfg(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir, steps=1, eval_products=0)
+    )
+    t.train()
+    resumed = SummarizerTrainer(
+        _cfg(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir, steps=2, eval_products=0)
+    )
+    assert resumed.step == 1
+    for trainer in (t, resumed):
+        assert all(not p.requires_grad for p in trainer.ref.parameters())
+        for n, p in trainer.ref.named_parameters():
+            assert torch.equal(p, base[n]), n
+    assert any(not torch.equal(p, base[n]) for n, p in resumed.policy.named_parameters())
+
+
+# ===================================================================== resume
+# target: tests/test_summarizer_trainer.py (next to test_resume_gives_the_same_next_step)
+# kills: r10 (the scheduler's state not restored: a resume inside the warmup restarts it after one step),
+#        r11 (AdamW's state not restored)
+def test_resume_inside_the_warmup_continues_the_schedule(
+    tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir
+):
+    kw = dict(warmup_steps=4, eval_products=0)
+    SummarizerTrainer(_cfg(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir, steps=2, **kw)).train()
+    resumed = SummarizerTrainer(_cfg(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir, steps=4, **kw))
+    assert resumed.step == 2 and resumed.opt.state  # AdamW's moments came back too
+    used, step = [], resumed.opt.step
+
+    def recording_step(*a, **k):
+        used.append(resumed.opt.param_groups[0]["lr"])
+        return step(*a, **k)
+
+    resumed.opt.step = recording_step
+    resumed.train()
+    # steps 3 and 4 of a 4-step warmup, as the uninterrupted run: the optimizer's state alone
+    # would give step 3 right and restart the schedule after it
+    assert used == pytest.approx([1e-3 * 3 / 4, 1e-3])
+
+
+# ===================================================================== checkpoints and the log
+# target: tests/test_summarizer_trainer.py
+# kills: v01 (checkpoint written in place), v02 (old checkpoint removed, then written)
+def test_a_save_that_fails_leaves_the_previous_checkpoint_whole(
+    tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir, monkeypatch
+):
+    from safetensors.torch import load_file
+
+    t = SummarizerTrainer(
+        _cfg(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir, steps=1, eval_products=0)
+    )
+    t.train()
+    ckpt = tmp_path / "run" / "checkpoint"
+    saved = {n: w.clone() for n, w in load_file(ckpt / "model.safetensors").items()}
+    t.train_step()  # step 2, the weights move
+
+    def crash(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(t.tok, "save_pretrained", crash)  # after the weights are written, before trainer.pt
+    with pytest.raises(RuntimeError, match="disk full"):
+        t.save()
+    assert torch.load(ckpt / "trainer.pt", weights_only=False)["step"] == 1
+    now = load_file(ckpt / "model.safetensors")
+    assert now.keys() == saved.keys() and all(torch.equal(now[n], saved[n]) for n in saved)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint", "metrics.jsonl"]
+
+
+# kills: l02 (a fresh run appends to a crashed run's log), l03 (a resumed run logs its config again),
+#        l06 (no eval at the last step), l09 (evaluations follow save_every), l11 (a resumed
+#        run's progress bar starts at 0), l12 (progress=False still shows the bar)
+def test_log_rows_of_a_rerun_and_a_resume_and_the_progress_bar(
+    tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir, capsys
+):
+    run = tmp_path / "run"
+    kw = dict(eval_products=1, eval_every=5, save_every=1)
+    train_summarizer(_cfg(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir, steps=1, **kw))
+    assert "grpo (float32)" not in capsys.readouterr().err  # --no-progress: no bar
+    import shutil
+
+    shutil.rmtree(run / "checkpoint")  # a crash before the first checkpoint: the same command again
+    train_summarizer(_cfg(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir, steps=1, **kw))
+    assert [(r["event"], r.get("step")) for r in _rows(run / "metrics.jsonl")] == [
+        ("config", None),
+        ("eval", 0),
+        ("train", 1),
+        ("eval", 1),
+    ]  # a new log, the last step evaluated
+    capsys.readouterr()
+    train_summarizer(_cfg(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir, steps=3, progress=True, **kw))
+    # one config row; evaluations at the start and the last step only (eval_every 5), not per save
+    assert [(r["event"], r.get("step")) for r in _rows(run / "metrics.jsonl")] == [
+        ("config", None),
+        ("eval", 0),
+        ("train", 1),
+        ("eval", 1),
+        ("train", 2),
+        ("train", 3),
+        ("eval", 3),
+    ]
+    err = capsys.readouterr().err
+    assert "grpo (float32)" in err and "3/3" in err and "1/3" in err and "0/3" not in err
+
+
+# ===================================================================== evaluation
+# target: tests/test_summarizer_trainer.py
+# kills: e01 (evaluation samples at the training temperature instead of greedily)
+def test_evaluation_scores_the_greedy_summaries(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir):
+    t = SummarizerTrainer(_cfg(tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir, temperature=1.5))
+    greedy = sample(t.sampler, t.tok, t._prompts(t.eval_ids), max_new_tokens=6, temperature=0.0).texts
+    for _ in range(3):
+        assert [s["summary"] for s in t.evaluate()["samples"]] == greedy
+
+
+# ================================================================ rerun after a crash before a checkpoint
+# target: tests/test_summarizer_trainer.py
+#         (next to test_resume_refuses_other_settings_and_a_fresh_run_another_runs_log)
+# kills: r06 (the rerun's check ignores rewritten models), r07 (the rerun's check compares the
+#        path strings even though the log recorded the models' content)
+def test_rerun_before_a_checkpoint_follows_the_models_not_their_paths(
+    tmp_path, data_dir, tiny_policy_dir, tiny_ranker_dir
+):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    ranker = tmp_path / "ranker"
+    shutil.copytree(tiny_ranker_dir, ranker)
+    one = dict(steps=1, eval_products=0)
+    SummarizerTrainer(_cfg(tmp_path, data_dir, tiny_policy_dir, ranker, **one)).train()
+    shutil.rmtree(tmp_path / "run" / "checkpoint")  # crashed before its first save
+    (tmp_path / "link").symlink_to(ranker)
+    SummarizerTrainer(_cfg(tmp_path, data_dir, tiny_policy_dir, tmp_path / "link", **one))  # the same ranker
+    w = next(ranker.glob("*.safetensors"))  # what train-ranker --overwrite does to the folder
+    tensors = load_file(w)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 0.5
+    save_file(tensors, w, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"other settings or models \(the ranker's weights at .*ranker\)"):
+        SummarizerTrainer(_cfg(tmp_path, data_dir, tiny_policy_dir, ranker, **one))

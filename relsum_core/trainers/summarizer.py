@@ -467,6 +467,7 @@ class SummarizerTrainer:
         metrics_acc = update(rollouts, rewards)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
         self.opt.step()
+        lr = self.sched.get_last_lr()[0]  # the rate this step used (after sched.step() it is the next one's)
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         self._refresh_sampler()
@@ -489,7 +490,7 @@ class SummarizerTrainer:
             row["beta"] = self.beta  # the weight this step's loss used
             if cfg.kl_target is not None:  # the global mean KL, so every process moves beta alike
                 self.beta = adapt_beta(self.beta, row["kl"], cfg.kl_target, floor=cfg.beta)
-        return {"step": self.step, "lr": self.sched.get_last_lr()[0], "grad_norm": float(grad_norm), **row}
+        return {"step": self.step, "lr": lr, "grad_norm": float(grad_norm), **row}
 
     def _advantages(self, rewards: dict[str, np.ndarray]) -> np.ndarray:
         cfg = self.cfg
