@@ -28,8 +28,9 @@ setup(
         "scipy>=1.10",
     ],
     extras_require={
-        # setuptools and wheel: tests/test_packaging.py builds the wheel users install
-        "test": ["pytest>=7", "ruff>=0.5", "setuptools>=64", "wheel"],
+        # setuptools and wheel: tests/test_packaging.py builds the wheel users install;
+        # pytest-timeout: a test that hangs fails (pyproject's timeout) instead of holding CI
+        "test": ["pytest>=7", "pytest-timeout>=2", "ruff>=0.5", "setuptools>=64", "wheel"],
         "bench": ["pytest-benchmark>=4"],
         # reading the packaged SmolLM2 GGUF once (then cached as safetensors)
         "policy": ["gguf>=0.10", "accelerate>=1.0"],
