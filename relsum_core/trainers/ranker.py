@@ -573,11 +573,11 @@ def run_warmup(ce, cfg: RankerTrainConfig, batch_loss: Callable[[], torch.Tensor
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        lr = scheduler.get_last_lr()[0]  # the rate this step used (after scheduler.step(), the next one's)
+        step_lr = scheduler.get_last_lr()[0]  # this step's (after scheduler.step(): the next one's)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if step % cfg.log_every == 0 or step == cfg.pseudo_steps:
-            log.write(event, step=step, loss=loss.item(), lr=lr)
+            log.write(event, step=step, loss=loss.item(), lr=step_lr)
 
 
 # A deal of pseudo-query groups is random (the positive, its words, the negatives that lack them):
@@ -888,7 +888,7 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            lr = scheduler.get_last_lr()[0]  # this step's encoder rate (first group: embeddings come first)
+            step_lr = scheduler.get_last_lr()[0]  # this step's encoder rate (group 0: embeddings)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -904,7 +904,7 @@ def train_ranker(cfg: RankerTrainConfig) -> dict:
                     listwise_loss=listwise.item(),
                     pointwise_loss=pointwise.item(),  # logged even at weight 0: how calibrated
                     **({"distill_loss": distill.item()} if teacher is not None else {}),
-                    lr=lr,
+                    lr=step_lr,
                     grad_norm=float(grad_norm),
                     pairs=pairs_seen,
                     pairs_per_s=round(pairs_seen / (time.time() - t_train), 2),
